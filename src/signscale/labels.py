@@ -119,6 +119,9 @@ GTSRB: tuple[SignClass, ...] = (
 
 CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB}
 
+# Country codes a record can carry (shards store the index into this table; append only).
+COUNTRIES: tuple[str, ...] = ("de", "cn", "be", "fr", "nl", "us", "other")
+
 
 class LabelError(ValueError):
     """A label, key or country that the label space cannot place."""

@@ -1,0 +1,195 @@
+"""Weather and sensor corruptions of sign images: snow, rain, fog, night, glare, blur, noise, contrast.
+
+One implementation serves three users: the synthetic renderer (to tag samples with a condition),
+training augmentation, and robustness evaluation (accuracy per condition and severity). Sharing it
+means a model is evaluated on exactly the corruptions it may have been trained with, and the
+report can say so.
+
+Every corruption is pure numpy on a float32 NxHxWx3 batch in [0, 1], draws all randomness from
+the caller's ``np.random.Generator`` (same generator state -> same pixels, in any process) and
+scales its spatial parameters with the image size, so severity 3 looks alike at 32 and 128 px.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+CORRUPTIONS: tuple[str, ...] = ("snow", "rain", "fog", "night", "glare", "blur", "noise", "contrast")
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+# Sizes below are tuned at 32 px, the usual classifier input; larger images scale them up.
+_REFERENCE_PX = 32.0
+
+Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
+
+
+def apply_corruption(img: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Corrupt one HxWx3 uint8 image or an NxHxWx3 batch; returns a new uint8 array of the same shape."""
+    if kind not in _CORRUPTIONS:
+        raise ValueError(f"unknown corruption {kind!r}; valid kinds: {', '.join(CORRUPTIONS)}")
+    if severity not in SEVERITIES:
+        raise ValueError(f"corruption severity must be an integer 1..5, got {severity!r}")
+    if img.dtype != np.uint8 or img.ndim not in (3, 4) or img.shape[-1] != 3:
+        raise ValueError(f"expected an HxWx3 or NxHxWx3 uint8 array, got {img.dtype} {img.shape}")
+    batch = img if img.ndim == 4 else img[None]
+    x = batch.astype(np.float32) * np.float32(1 / 255)
+    out = _CORRUPTIONS[kind](x, int(severity), rng)
+    out = np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out if img.ndim == 4 else out[0]
+
+
+def _scale(x: np.ndarray) -> float:
+    """How much larger than the 32 px reference this batch is (spatial sizes grow with it)."""
+    return min(x.shape[1], x.shape[2]) / _REFERENCE_PX
+
+
+def _pick(table: tuple[float, ...], severity: int) -> float:
+    return table[severity - 1]
+
+
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an NxHxWxC float batch, reflecting at the borders."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(np.ceil(2.5 * sigma)))
+    taps = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    for axis in (1, 2):
+        x = _convolve_axis(x, kernel, axis)
+    return x
+
+
+def _convolve_axis(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    """Correlate along one axis as a weighted sum of shifted views (fast for short kernels)."""
+    radius = len(kernel) // 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius, radius)
+    padded = np.pad(x, pad, mode="reflect" if x.shape[axis] > radius else "edge")
+    n = x.shape[axis]
+    out = np.zeros_like(x)
+    index: list[slice] = [slice(None)] * x.ndim
+    for k, w in enumerate(kernel):
+        index[axis] = slice(k, k + n)
+        out += w * padded[tuple(index)]
+    return out
+
+
+def _smooth_field(rng: np.random.Generator, n: int, h: int, w: int, cells: int = 4) -> np.ndarray:
+    """Low-frequency random field in [0, 1] of shape NxHxWx1: bilinear upsampling of a coarse grid."""
+    grid = rng.random((n, cells, cells), dtype=np.float32)
+    ys = np.linspace(0, cells - 1, h, dtype=np.float32)
+    xs = np.linspace(0, cells - 1, w, dtype=np.float32)
+    y0 = np.minimum(ys.astype(np.int64), cells - 2)
+    x0 = np.minimum(xs.astype(np.int64), cells - 2)
+    fy = (ys - y0)[None, :, None]
+    fx = (xs - x0)[None, None, :]
+    top = grid[:, y0][:, :, x0] * (1 - fx) + grid[:, y0][:, :, x0 + 1] * fx
+    bottom = grid[:, y0 + 1][:, :, x0] * (1 - fx) + grid[:, y0 + 1][:, :, x0 + 1] * fx
+    return (top * (1 - fy) + bottom * fy)[..., None]
+
+
+def _sprinkle(rng: np.random.Generator, shape: tuple[int, int, int], density: float) -> np.ndarray:
+    """Random seed points (NxHxW float mask) with opacity in [0.6, 1] where present."""
+    hit = rng.random(shape, dtype=np.float32) < density
+    return hit * rng.uniform(0.6, 1.0, size=shape).astype(np.float32)
+
+
+def _smear(mask: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Grow seed points into flakes or streaks: the maximum over shifted copies of the mask."""
+    out = mask.copy()
+    for dy, dx in offsets:
+        np.maximum(out, np.roll(mask, (dy, dx), axis=(1, 2)), out=out)
+    return out
+
+
+def snow(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Whitened, low-contrast scene with white flakes; flakes grow with severity and image size."""
+    n, h, w, _ = x.shape
+    whiten = _pick((0.12, 0.2, 0.28, 0.36, 0.45), severity)
+    x = x * (1 - whiten) + whiten * 0.85
+    flakes = _sprinkle(rng, (n, h, w), _pick((0.012, 0.02, 0.03, 0.04, 0.055), severity))
+    size = max(1, int(round((1 + (severity >= 3)) * _scale(x))))
+    flakes = _smear(flakes, [(dy, dx) for dy in range(size) for dx in range(size) if dy or dx])
+    flakes = gaussian_blur(flakes[..., None], 0.3 * _scale(x))
+    flakes = np.minimum(flakes * 1.3, 1.0)
+    return x * (1 - flakes) + flakes * 0.97
+
+
+def rain(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Darker, hazier scene crossed by slanted light streaks."""
+    n, h, w, _ = x.shape
+    x = x * (1 - 0.07 * severity)
+    haze = 0.04 * severity
+    x = x * (1 - haze) + haze * 0.55
+    seeds = _sprinkle(rng, (n, h, w), _pick((0.008, 0.012, 0.018, 0.025, 0.032), severity))
+    length = max(2, int(round((2 + severity) * _scale(x))))
+    slant = rng.choice((-1, 1))  # one wind direction per call, shared by the whole batch
+    streaks = _smear(seeds, [(k, int(slant) * (k // 3)) for k in range(1, length)])
+    opacity = _pick((0.3, 0.38, 0.45, 0.52, 0.6), severity)
+    streaks = streaks[..., None] * opacity
+    return x * (1 - streaks) + streaks * 0.82
+
+
+def fog(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Blend towards light grey, thicker towards the top and in uneven patches."""
+    n, h, w, _ = x.shape
+    base = _pick((0.25, 0.35, 0.45, 0.55, 0.65), severity)
+    vertical = np.linspace(1.15, 0.85, h, dtype=np.float32)[None, :, None, None]
+    patches = 0.75 + 0.5 * _smooth_field(rng, n, h, w)
+    alpha = np.clip(base * vertical * patches, 0.0, 0.92)
+    grey = np.float32(rng.uniform(0.68, 0.82))
+    return x * (1 - alpha) + alpha * grey
+
+
+def night(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Gamma darkening with a blue cast and sensor noise, as with a dashcam after dusk."""
+    gamma = 1.3 + 0.3 * severity
+    gain = 0.95 - 0.11 * severity
+    tint = np.array([1 - 0.04 * severity, 1 - 0.02 * severity, 1 + 0.03 * severity], dtype=np.float32)
+    x = gain * np.power(x, gamma) * tint
+    sigma = 0.008 + 0.008 * severity
+    return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
+
+
+def glare(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """A bright warm radial blob (low sun, headlight) at a random place, washing out what it covers."""
+    n, h, w, _ = x.shape
+    cy = rng.uniform(0, h, size=(n, 1, 1, 1)).astype(np.float32)
+    cx = rng.uniform(0, w, size=(n, 1, 1, 1)).astype(np.float32)
+    radius = _pick((0.22, 0.28, 0.34, 0.4, 0.48), severity) * min(h, w)
+    ys = np.arange(h, dtype=np.float32)[None, :, None, None]
+    xs = np.arange(w, dtype=np.float32)[None, None, :, None]
+    blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * radius**2))
+    strength = _pick((0.5, 0.7, 0.9, 1.1, 1.3), severity)
+    colour = np.array([1.0, 0.96, 0.82], dtype=np.float32)
+    washed = x * (1 - 0.05 * severity) + 0.05 * severity * 0.8
+    return washed + strength * blob * colour
+
+
+def blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Defocus blur; needs no randomness but takes ``rng`` like every corruption."""
+    sigma = _pick((0.6, 0.9, 1.3, 1.8, 2.4), severity) * _scale(x)
+    return gaussian_blur(x, sigma)
+
+
+def noise(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian sensor noise."""
+    sigma = _pick((0.04, 0.07, 0.1, 0.14, 0.19), severity)
+    return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
+
+
+def contrast(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Pull every pixel towards the image mean (haze, cheap sensor, overcast)."""
+    keep = _pick((0.75, 0.6, 0.45, 0.32, 0.22), severity)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    return mean + (x - mean) * keep
+
+
+_CORRUPTIONS: dict[str, Corruption] = {
+    "snow": snow, "rain": rain, "fog": fog, "night": night, "glare": glare,
+    "blur": blur, "noise": noise, "contrast": contrast,
+}
+assert tuple(_CORRUPTIONS) == CORRUPTIONS

@@ -1,0 +1,625 @@
+"""ShardStream: every sample exactly once per epoch, on every rank and worker, resumable.
+
+The epoch plan (docs/format.md has the long version):
+
+1. **Segments.** Each dataset's records are cut into blocks of ``block_size`` consecutive records.
+   With mixing weights a dataset contributes its share of the epoch as whole blocks from its own
+   shuffled block order (cycled if it is oversampled; the last one truncated).
+2. **Segment order.** Segments are interleaved by a jittered "virtual time" ``(j + u) / n_d``, so
+   every stretch of the epoch holds the datasets in their proportions, not only the whole epoch.
+3. **Window shuffle.** The resulting sequence is cut into windows of ``window_blocks * block_size``
+   positions, and each window is permuted. This is the shuffle buffer, made a pure function of
+   (seed, epoch, position), so any position's sample can be computed without replaying a buffer.
+   Steps 1-3 define the *global sequence* ``g[0..T)``: it depends on the seed, the epoch and the
+   datasets, never on the number of ranks or workers.
+4. **Partition.** The positions not yet consumed this epoch (``remaining``, a list of intervals;
+   all of ``[0, T)`` at an epoch's start) are laid end to end; rank ``r`` takes the ``r``-th equal
+   share (``drop``: the tail that does not divide is left out; ``pad``: the last positions repeat,
+   flagged ``pad``). A rank's share is cut into batches; worker ``w`` of ``W`` takes a contiguous
+   run of those batches, so each worker reads a compact region of shards.
+
+**Resume** records, per rank and worker, how many batches the training loop consumed. Consumed
+positions are prefixes of each worker's run, so they map back to global positions; ``remaining``
+minus them is what the resumed epoch yields. Because step 4 is redone from ``remaining`` with the
+*new* world size and worker count, resuming elastically (2 ranks -> 1, 2 workers -> 4) still
+yields each remaining sample exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from signscale import images, storage
+from signscale.shards import Manifest, ShardError, ShardReader
+from signscale.world import World
+
+Intervals = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How to read one or more packed datasets."""
+
+    datasets: tuple[str, ...]
+    weights: tuple[float, ...] = ()  # empty: every sample of every dataset once per epoch
+    epoch_size: int = 0  # with weights: samples per epoch (0: the datasets' total)
+    batch_size: int = 256
+    shuffle: bool = True
+    seed: int = 0
+    block_size: int = 256
+    window_blocks: int = 8
+    remainder: Literal["drop", "pad"] = "drop"
+    image_size: int = 0  # encoded datasets: decode and resize to this (0: the raw shards' size)
+    cache_dir: str = ""  # remote shards: whole-shard cache; empty: ranged reads
+    cache_bytes: int = 8 << 30
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("datasets: give at least one manifest URL")
+        if self.weights and len(self.weights) != len(self.datasets):
+            raise ValueError(f"weights: {len(self.weights)} weights for {len(self.datasets)} datasets")
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
+            raise ValueError("weights: must be >= 0 and not all zero")
+        if self.batch_size < 1 or self.block_size < 1 or self.window_blocks < 1:
+            raise ValueError("batch_size, block_size and window_blocks must be >= 1")
+        if self.remainder not in ("drop", "pad"):
+            raise ValueError(f"remainder: expected drop or pad, got {self.remainder!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: pure functions of (config, dataset sizes, epoch)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+@dataclass
+class EpochPlan:
+    """Segments of the global sequence for one epoch; positions map to (dataset, record)."""
+
+    seg_ds: np.ndarray  # dataset of each segment, in sequence order
+    seg_start: np.ndarray  # first record of each segment within its dataset
+    seg_pos: np.ndarray  # first global position of each segment (len = segments + 1)
+    window: int  # window size in positions (0: no shuffle)
+    seed: int
+    epoch: int
+    _perms: "collections.OrderedDict[int, np.ndarray]" = field(default_factory=collections.OrderedDict)
+
+    @property
+    def total(self) -> int:
+        return int(self.seg_pos[-1])
+
+    def _window_perm(self, w: int) -> np.ndarray:
+        perm = self._perms.get(w)
+        if perm is None:
+            start = w * self.window
+            n = min(self.window, self.total - start)
+            perm = _rng(self.seed, self.epoch, 7, w).permutation(n)
+            self._perms[w] = perm
+            if len(self._perms) > 64:
+                self._perms.popitem(last=False)
+        return perm
+
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, record) for global positions."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if self.window > 0 and len(pos):
+            wins = pos // self.window
+            src = pos.copy()
+            for w in np.unique(wins):
+                sel = wins == w
+                src[sel] = w * self.window + self._window_perm(int(w))[pos[sel] - w * self.window]
+            pos = src
+        seg = np.searchsorted(self.seg_pos, pos, side="right") - 1
+        return self.seg_ds[seg], self.seg_start[seg] + (pos - self.seg_pos[seg])
+
+
+def plan_epoch(sizes: Sequence[int], cfg: StreamConfig, epoch: int) -> EpochPlan:
+    """Build the epoch's segment order: O(blocks) memory, never O(samples)."""
+    B = cfg.block_size
+    per_ds = _samples_per_dataset(sizes, cfg)
+    seg_ds, seg_start, seg_len, times = [], [], [], []
+    for d, (n, want) in enumerate(zip(sizes, per_ds)):
+        if n == 0 or want == 0:
+            continue
+        nb = -(-n // B)
+        starts_all, lens_all = [], []
+        taken, cycle = 0, 0
+        while taken < want:  # oversampled datasets cycle through fresh block orders
+            order = _rng(cfg.seed, epoch, 1, d, cycle).permutation(nb) if cfg.shuffle else np.arange(nb)
+            starts = order * B
+            lens = np.minimum(B, n - starts)
+            cum = np.cumsum(lens)
+            k = int(np.searchsorted(cum, want - taken, side="left")) + 1
+            starts, lens = starts[:k], lens[:k].copy()
+            over = int(lens.sum()) - (want - taken)
+            if over > 0:
+                lens[-1] -= over
+            starts_all.append(starts)
+            lens_all.append(lens)
+            taken += int(lens.sum())
+            cycle += 1
+        st, ln = np.concatenate(starts_all), np.concatenate(lens_all)
+        m = len(st)
+        jitter = _rng(cfg.seed, epoch, 2, d).random(m) if cfg.shuffle else np.full(m, 0.5)
+        times.append((np.arange(m) + jitter) / m)
+        seg_ds.append(np.full(m, d, dtype=np.int32))
+        seg_start.append(st.astype(np.int64))
+        seg_len.append(ln.astype(np.int64))
+    if not seg_ds:
+        z = np.zeros(0, np.int64)
+        return EpochPlan(z.astype(np.int32), z, np.zeros(1, np.int64), 0, cfg.seed, epoch)
+    t = np.concatenate(times)
+    order = np.argsort(t, kind="stable") if len(seg_ds) > 1 else np.arange(len(t))
+    ds, start, ln = np.concatenate(seg_ds)[order], np.concatenate(seg_start)[order], np.concatenate(seg_len)[order]
+    pos = np.concatenate([[0], np.cumsum(ln)]).astype(np.int64)
+    window = cfg.window_blocks * B if cfg.shuffle else 0
+    return EpochPlan(ds, start, pos, window, cfg.seed, epoch)
+
+
+def _samples_per_dataset(sizes: Sequence[int], cfg: StreamConfig) -> list[int]:
+    if not cfg.weights:
+        return list(sizes)
+    total = cfg.epoch_size or sum(sizes)
+    w = np.asarray(cfg.weights, dtype=np.float64) / sum(cfg.weights)
+    exact = w * total
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts))[: total - int(counts.sum())]] += 1  # largest remainders
+    return [int(c) for c in counts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals: positions not yet consumed
+
+
+def _interval_lengths(iv: Intervals) -> np.ndarray:
+    return np.array([b - a for a, b in iv], dtype=np.int64)
+
+
+def virtual_to_global(iv: Intervals, virtual: np.ndarray) -> np.ndarray:
+    """Map positions in the end-to-end concatenation of ``iv`` to global positions."""
+    starts = np.array([a for a, _ in iv], dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum(_interval_lengths(iv))])
+    k = np.searchsorted(cum, virtual, side="right") - 1
+    return starts[k] + (virtual - cum[k])
+
+
+def virtual_range_to_intervals(iv: Intervals, a: int, b: int) -> Intervals:
+    """Global intervals covered by virtual positions [a, b)."""
+    out: Intervals = []
+    cum = 0
+    for s, e in iv:
+        n = e - s
+        lo, hi = max(a, cum), min(b, cum + n)
+        if lo < hi:
+            out.append((s + lo - cum, s + hi - cum))
+        cum += n
+        if cum >= b:
+            break
+    return out
+
+
+def subtract(iv: Intervals, cut: Intervals) -> Intervals:
+    """``iv`` minus ``cut`` (both lists of half-open intervals)."""
+    points = sorted(cut)
+    out: Intervals = []
+    for a, b in iv:
+        cur = a
+        for c, d in points:
+            if d <= cur or c >= b:
+                continue
+            if c > cur:
+                out.append((cur, c))
+            cur = max(cur, d)
+        if cur < b:
+            out.append((cur, b))
+    return out
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """The virtual positions one rank owns, and how its batches are split among workers."""
+
+    start: int  # first virtual position of this rank (pad positions wrap around)
+    count: int  # positions this rank yields, including pad
+    real: int  # of which real (the rest are padding)
+    batch_size: int
+    num_workers: int
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.count // self.batch_size)
+
+    def worker_batches(self, w: int) -> range:
+        """Contiguous batch indices of worker ``w``; the first ``rem`` workers get one more."""
+        q, rem = divmod(self.num_batches, self.num_workers)
+        lo = w * q + min(w, rem)
+        return range(lo, lo + q + (1 if w < rem else 0))
+
+    def batch_positions(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(virtual positions, pad flags) of batch ``j``."""
+        lo = j * self.batch_size
+        hi = min(lo + self.batch_size, self.count)
+        offs = np.arange(lo, hi, dtype=np.int64)
+        return self.start + offs, offs >= self.real
+
+
+def rank_share(total: int, rank: int, world_size: int, remainder: str, batch_size: int, num_workers: int
+               ) -> RankShare:
+    if remainder == "drop":
+        per = total // world_size
+        return RankShare(rank * per, per, per, batch_size, num_workers)
+    per = -(-total // world_size)
+    real = max(0, min(per, total - rank * per))
+    return RankShare(rank * per, per, real, batch_size, num_workers)
+
+
+def consumed_intervals(remaining: Intervals, consumed: Sequence[Sequence[int]], world_size: int,
+                       remainder: str, batch_size: int) -> Intervals:
+    """Global intervals consumed, from per-rank, per-worker counts of consumed batches."""
+    total = int(_interval_lengths(remaining).sum())
+    out: Intervals = []
+    for r, per_worker in enumerate(consumed):
+        share = rank_share(total, r, world_size, remainder, batch_size, len(per_worker))
+        for w, n in enumerate(per_worker):
+            batches = share.worker_batches(w)
+            if n <= 0 or not len(batches):
+                continue
+            lo = batches.start * batch_size
+            hi = min(share.real, min((batches.start + n) * batch_size, share.count))
+            if hi > lo:
+                out += virtual_range_to_intervals(remaining, share.start + lo, share.start + hi)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
+
+
+class ShardCache:
+    """Whole-shard local cache for remote datasets: LRU by size, sha256-checked, multi-process safe.
+
+    Files are named by their sha256, downloaded to a unique temp name and renamed into place, so a
+    reader never sees a torn file and a crash leaves no lock behind (there are no locks). A cached
+    file is re-hashed the first time each process opens it, so a corrupted copy is re-fetched.
+    """
+
+    def __init__(self, root: str, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._verified: set[str] = set()
+        os.makedirs(root, exist_ok=True)
+
+    def path(self, url: str, sha256: str, nbytes: int) -> str:
+        if nbytes > self.max_bytes:
+            raise ShardError(f"{url}: shard of {nbytes} bytes does not fit the cache bound {self.max_bytes}; "
+                             "raise cache_bytes or pack smaller shards (--shard-mb)")
+        final = os.path.join(self.root, f"{sha256}.sgs")
+        if os.path.exists(final) and final in self._verified:
+            os.utime(final)
+            return final
+        if os.path.exists(final) and _sha256_file(final) == sha256:
+            self._verified.add(final)
+            os.utime(final)
+            return final
+        self._evict(nbytes, keep=final)
+        data = storage.read_bytes(url)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ShardError(f"{url}: downloaded shard does not match its manifest sha256 (corrupt in storage); "
+                             f"run `signscale data verify` on the dataset")
+        tmp = os.path.join(self.root, f".{sha256}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, final)
+        self._verified.add(final)
+        return final
+
+    def _evict(self, incoming: int, keep: str) -> None:
+        entries = []
+        for name in os.listdir(self.root):
+            p = os.path.join(self.root, name)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            if name.endswith(".tmp") and time.time() - st.st_mtime > 3600:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(p)  # left by a crashed download
+                continue
+            if name.endswith(".sgs") and p != keep:
+                entries.append((st.st_atime if st.st_atime > st.st_mtime else st.st_mtime, st.st_size, p))
+        used = sum(e[1] for e in entries)
+        for _, sz, p in sorted(entries):
+            if used + incoming <= self.max_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)  # readers holding it open keep their mapping (POSIX)
+            used -= sz
+            self._verified.discard(p)
+
+    def used_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.root, n)) for n in os.listdir(self.root) if n.endswith(".sgs"))
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(8 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+class _DatasetReader:
+    """Reads records of one dataset by record index, grouping by shard; keeps a few shards open."""
+
+    def __init__(self, manifest: Manifest, cache: ShardCache | None) -> None:
+        self.m = manifest
+        self.cache = cache
+        self._readers: "collections.OrderedDict[int, ShardReader]" = collections.OrderedDict()
+        self._local = storage.is_local(manifest.root)
+
+    def reader(self, s: int) -> ShardReader:
+        r = self._readers.get(s)
+        if r is None:
+            url = self.m.shard_url(s)
+            info = self.m.shards[s]
+            local = self.cache.path(url, info.sha256, info.bytes) if (self.cache and not self._local) else None
+            r = ShardReader(url, local=local)
+            if r.count != info.count:
+                raise ShardError(f"{url}: shard holds {r.count} records, manifest says {info.count}")
+            self._readers[s] = r
+            if len(self._readers) > 16:
+                self._readers.popitem(last=False)
+        else:
+            self._readers.move_to_end(s)
+        return r
+
+    def take(self, records: np.ndarray) -> tuple[np.ndarray, list[bytes] | None]:
+        """Structured records (and encoded blobs) for dataset record indices, in the given order."""
+        shard_of = np.searchsorted(self.m.starts, records, side="right") - 1
+        out: np.ndarray | None = None
+        blobs: list[bytes] | None = [b""] * len(records) if self.m.encoding == "encoded" else None
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            local_idx = records[sel] - self.m.starts[s]
+            r = self.reader(int(s))
+            lo, hi = int(local_idx.min()), int(local_idx.max()) + 1
+            recs = r.records(lo, hi)  # one ranged read covers the needed span
+            part = recs[local_idx - lo]
+            if out is None:
+                out = np.empty(len(records), dtype=part.dtype)
+            out[sel] = part
+            if blobs is not None:
+                span = r.blobs(lo, hi)
+                for k, i in zip(sel, local_idx - lo):
+                    blobs[k] = span[i]
+        assert out is not None
+        return out, blobs
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+
+
+class ShardStream(IterableDataset):
+    """An IterableDataset of *batches* (dicts of tensors) over one or more packed datasets.
+
+    Batches are assembled in the workers with numpy slicing, no per-sample Python, and carry
+    ``id`` (sample id in its source), ``dataset`` (index into ``cfg.datasets``), ``pad``, and the
+    ``worker``/``batch`` that produced them so the loader can account for consumption exactly.
+    """
+
+    def __init__(self, cfg: StreamConfig, *, rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.manifests = [Manifest.load(u) for u in cfg.datasets]
+        spaces = {m.label_space.fingerprint() for m in self.manifests}
+        if len(spaces) > 1:
+            names = ", ".join(f"{u} ({m.label_space.name}, {len(m.label_space)} classes)"
+                              for u, m in zip(cfg.datasets, self.manifests))
+            raise ShardError(f"datasets have different label spaces: {names}; merge them into one label space first")
+        self.label_space = self.manifests[0].label_space
+        encodings = {m.encoding for m in self.manifests}
+        shapes = {m.image_shape for m in self.manifests if m.encoding == "raw"}
+        if len(shapes) > 1 or (encodings == {"raw", "encoded"} and not cfg.image_size):
+            raise ShardError(f"datasets mix image shapes {sorted(map(str, shapes))}; set image_size to decode all "
+                             "to one size, or pack them at one --size")
+        self.image_size = cfg.image_size or (next(iter(shapes))[0] if shapes else 0)
+        if not self.image_size:
+            raise ShardError("encoded datasets need image_size (the size to decode to)")
+        self.sizes = [m.count for m in self.manifests]
+        self._rank, self._world = rank, world_size
+        self.epoch = 0
+        self.remaining: Intervals | None = None  # None: the whole epoch
+        self._readers: list[_DatasetReader] | None = None
+
+    # -- plan ---------------------------------------------------------------------------------
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        return plan_epoch(self.sizes, self.cfg, self.epoch if epoch is None else epoch)
+
+    def epoch_remaining(self, plan: EpochPlan) -> Intervals:
+        return self.remaining if self.remaining is not None else [(0, plan.total)]
+
+    def world(self) -> World:
+        return World.current(self._rank, self._world)
+
+    def share(self, plan: EpochPlan, world: World) -> RankShare:
+        total = int(_interval_lengths(self.epoch_remaining(plan)).sum())
+        return rank_share(total, world.rank, world.world_size, self.cfg.remainder, self.cfg.batch_size,
+                          world.num_workers)
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch (over all workers)."""
+        plan = self.plan()
+        return self.share(plan, World.current(self._rank, self._world)).num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.remaining = None
+        self.epoch = epoch
+
+    # -- iterate ------------------------------------------------------------------------------
+
+    def _dataset_readers(self) -> list[_DatasetReader]:
+        if self._readers is None:
+            cache = ShardCache(self.cfg.cache_dir, self.cfg.cache_bytes) if self.cfg.cache_dir else None
+            self._readers = [_DatasetReader(m, cache) for m in self.manifests]
+        return self._readers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        world = self.world()
+        plan = self.plan()
+        remaining = self.epoch_remaining(plan)
+        share = self.share(plan, world)
+        for j in share.worker_batches(world.worker):
+            yield self.batch(plan, remaining, share, j, world.worker)
+
+    def batch(self, plan: EpochPlan, remaining: Intervals, share: RankShare, j: int, worker: int = 0
+              ) -> dict[str, Any]:
+        virtual, pad = share.batch_positions(j)
+        total = int(_interval_lengths(remaining).sum())
+        if total == 0:
+            raise ShardError("nothing left to read this epoch")
+        virtual = np.where(virtual >= total, virtual % total, virtual)
+        ds, rec = plan.lookup(virtual_to_global(remaining, virtual))
+        return self._assemble(ds, rec, pad, worker, j)
+
+    def _assemble(self, ds: np.ndarray, rec: np.ndarray, pad: np.ndarray, worker: int, j: int) -> dict[str, Any]:
+        n = len(ds)
+        S = self.image_size
+        image = np.empty((n, S, S, 3), dtype=np.uint8)
+        meta = {k: np.empty(n, dtype=np.int64) for k in ("id", "label", "track", "condition", "country")}
+        roi = np.empty((n, 4), dtype=np.int16)
+        readers = self._dataset_readers()
+        for d in np.unique(ds):
+            sel = np.nonzero(ds == d)[0]
+            recs, blobs = readers[int(d)].take(rec[sel])
+            if blobs is None and recs["image"].shape[1] == S:
+                image[sel] = recs["image"]
+            elif blobs is None:
+                image[sel] = np.stack([images.resize(im, S) for im in recs["image"]])
+            else:
+                image[sel] = np.stack([images.resize(images.decode(b), S) for b in blobs])
+            for k in meta:
+                meta[k][sel] = recs[k]
+            roi[sel] = recs["roi"]
+        out: dict[str, Any] = {"image": torch.from_numpy(image), "pad": torch.from_numpy(pad.copy()),
+                               "dataset": torch.from_numpy(ds.astype(np.int64)), "roi": torch.from_numpy(roi),
+                               "worker": worker, "batch": j}
+        out.update({k: torch.from_numpy(v) for k, v in meta.items()})
+        return out
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def state_after(self, consumed: Sequence[Sequence[int]], world_size: int) -> dict[str, Any]:
+        """Stream state once ranks consumed ``consumed[rank][worker]`` batches of the current epoch."""
+        plan = self.plan()
+        remaining = self.epoch_remaining(plan)
+        used = consumed_intervals(remaining, consumed, world_size, self.cfg.remainder, self.cfg.batch_size)
+        left = subtract(remaining, used)
+        epoch = self.epoch
+        if not left or (self.cfg.remainder == "drop" and _interval_lengths(left).sum() < world_size):
+            epoch, left = epoch + 1, None  # epoch finished (what drop leaves over is not owed)
+        return {"format": 1, "epoch": epoch, "seed": self.cfg.seed, "total": plan.total,
+                "remaining": [list(x) for x in left] if left is not None else None,
+                "datasets": list(self.cfg.datasets), "sizes": self.sizes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != 1:
+            raise ValueError(f"stream state format {state.get('format')!r} is not supported")
+        if state["sizes"] != self.sizes or state["seed"] != self.cfg.seed:
+            raise ValueError(f"stream state was saved for datasets of sizes {state['sizes']} and seed "
+                             f"{state['seed']}, not {self.sizes} and seed {self.cfg.seed}; resume with the same "
+                             "datasets and seed")
+        self.epoch = int(state["epoch"])
+        self.remaining = [tuple(x) for x in state["remaining"]] if state["remaining"] is not None else None
+
+
+class StreamLoader:
+    """A DataLoader over a ShardStream that knows exactly what was consumed, for resume.
+
+    Use ``for batch in loader`` once per epoch (``loader.set_epoch(e)`` first), and
+    ``loader.state_dict()`` at any point; with several ranks, gather every rank's
+    ``local_state()`` and pass the list to :meth:`global_state`.
+    """
+
+    def __init__(self, stream: ShardStream, *, num_workers: int = 2, pin_memory: bool | None = None,
+                 prefetch_factor: int = 4, timeout: float = 0) -> None:
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.timeout = timeout
+        self._consumed = [0] * max(1, num_workers)
+        self._epoch_of_counts = stream.epoch
+
+    def _dataloader(self) -> DataLoader:
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": _mp_context()}
+        # Workers are re-created every epoch so each one sees the epoch and resume position the main
+        # process set; the stream is cheap to fork.
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=False, timeout=self.timeout, **kw)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self._consumed = [0] * max(1, self.num_workers)
+        self._epoch_of_counts = self.stream.epoch
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._epoch_of_counts != self.stream.epoch:
+            self._reset_counts()
+        for b in self._dataloader():
+            self._consumed[b["worker"]] += 1
+            yield b
+        # epoch finished: the next one starts from the full plan
+        self.stream.remaining = None
+        self.stream.epoch += 1
+        self._reset_counts()
+
+    def local_state(self) -> list[int]:
+        return list(self._consumed)
+
+    def state_dict(self, all_local_states: list[list[int]] | None = None, world_size: int | None = None
+                   ) -> dict[str, Any]:
+        """Resume state; in a multi-rank run pass every rank's ``local_state()`` (rank order)."""
+        states = all_local_states if all_local_states is not None else [self.local_state()]
+        return self.stream.state_after(states, world_size or len(states))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._reset_counts()
+
+
+def _mp_context() -> str:
+    import multiprocessing as mp
+
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def open_stream(datasets: str | Sequence[str], *, num_workers: int = 2, rank: int | None = None,
+                world_size: int | None = None, **cfg: Any) -> StreamLoader:
+    """Convenience: ``open_stream("s3://bucket/gtsrb", batch_size=512)`` -> a StreamLoader."""
+    urls = (datasets,) if isinstance(datasets, str) else tuple(datasets)
+    stream = ShardStream(StreamConfig(datasets=urls, **cfg), rank=rank, world_size=world_size)
+    return StreamLoader(stream, num_workers=num_workers)

@@ -12,7 +12,7 @@ scales its spatial parameters with the image size, so severity 3 looks alike at 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def snow(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     whiten = _pick((0.12, 0.2, 0.28, 0.36, 0.45), severity)
     x = x * (1 - whiten) + whiten * 0.85
     flakes = _sprinkle(rng, (n, h, w), _pick((0.012, 0.02, 0.03, 0.04, 0.055), severity))
-    size = max(1, int(round((1 + (severity >= 3)) * _scale(x))))
+    size = max(1, round((1 + (severity >= 3)) * _scale(x)))
     flakes = _smear(flakes, [(dy, dx) for dy in range(size) for dx in range(size) if dy or dx])
     flakes = gaussian_blur(flakes[..., None], 0.3 * _scale(x))
     flakes = np.minimum(flakes * 1.3, 1.0)
@@ -125,7 +125,7 @@ def rain(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     haze = 0.04 * severity
     x = x * (1 - haze) + haze * 0.55
     seeds = _sprinkle(rng, (n, h, w), _pick((0.008, 0.012, 0.018, 0.025, 0.032), severity))
-    length = max(2, int(round((2 + severity) * _scale(x))))
+    length = max(2, round((2 + severity) * _scale(x)))
     slant = rng.choice((-1, 1))  # one wind direction per call, shared by the whole batch
     streaks = _smear(seeds, [(k, int(slant) * (k // 3)) for k in range(1, length)])
     opacity = _pick((0.3, 0.38, 0.45, 0.52, 0.6), severity)
@@ -159,11 +159,11 @@ def glare(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     n, h, w, _ = x.shape
     cy = rng.uniform(0, h, size=(n, 1, 1, 1)).astype(np.float32)
     cx = rng.uniform(0, w, size=(n, 1, 1, 1)).astype(np.float32)
-    radius = _pick((0.22, 0.28, 0.34, 0.4, 0.48), severity) * min(h, w)
+    radius = _pick((0.18, 0.23, 0.28, 0.33, 0.38), severity) * min(h, w)
     ys = np.arange(h, dtype=np.float32)[None, :, None, None]
     xs = np.arange(w, dtype=np.float32)[None, None, :, None]
     blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * radius**2))
-    strength = _pick((0.5, 0.7, 0.9, 1.1, 1.3), severity)
+    strength = _pick((0.45, 0.6, 0.75, 0.9, 1.05), severity)
     colour = np.array([1.0, 0.96, 0.82], dtype=np.float32)
     washed = x * (1 - 0.05 * severity) + 0.05 * severity * 0.8
     return washed + strength * blob * colour
@@ -177,7 +177,7 @@ def blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
 
 def noise(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """Additive Gaussian sensor noise."""
-    sigma = _pick((0.04, 0.07, 0.1, 0.14, 0.19), severity)
+    sigma = _pick((0.03, 0.05, 0.08, 0.11, 0.15), severity)
     return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
 
 

@@ -1,0 +1,235 @@
+"""``signscale ...``: one subcommand per library function: parse -> config -> call -> print summary.
+
+Nothing here does work of its own; every command is a call Python code can make too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False, highlight=False)
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@command("version")
+def _version(args: argparse.Namespace) -> int:
+    import signscale
+
+    console.print(f"signscale {signscale.__version__}")
+    return 0
+
+
+@command("sources")
+def _sources(args: argparse.Namespace) -> int:
+    from signscale.sources import SOURCES
+
+    table = Table(title="sources (use as KIND:LOCATION?options)")
+    for col in ("kind", "what", "example"):
+        table.add_column(col)
+    for kind, info in SOURCES.items():
+        table.add_row(kind, info.help, info.example)
+    console.print(table)
+    return 0
+
+
+@command("show")
+def _show(args: argparse.Namespace) -> int:
+    from signscale.show import show
+
+    s = show(args.source, out=args.out or "", per_class=args.per_class)
+    table = Table(title=f"{args.source}: samples per class")
+    table.add_column("id", justify="right")
+    table.add_column("key")
+    table.add_column("samples", justify="right")
+    from signscale.sources import open_source
+
+    space = open_source(args.source).label_space
+    for i, n in enumerate(s.per_class):
+        table.add_row(str(i), space[i].key, f"{n:,}")
+    if args.verbose:
+        console.print(table)
+    console.print(s.summary())
+    return 0
+
+
+@command("pack")
+def _pack(args: argparse.Namespace) -> int:
+    from signscale import config
+    from signscale.pack import PackConfig, pack
+
+    opts = {k: v for k, v in {"encoding": args.encoding, "size": args.size, "shard_mb": args.shard_mb,
+                              "workers": args.workers, "strict": args.strict, "crop": args.crop,
+                              "name": args.name, "rank": args.rank, "world_size": args.world_size}.items()
+            if v is not None}
+    cfg = config.load(PackConfig, args.config, args.overrides, base={"source": args.source, "out": args.out, **opts})
+    from signscale import distributed
+
+    distributed.init()
+    result = pack(cfg)
+    console.print(result.summary())
+    if result.quarantined:
+        console.print(f"[yellow]warning:[/] {result.quarantined} sample(s) quarantined; see "
+                      f"{cfg.out.rstrip('/')}/quarantine.jsonl")
+        if cfg.strict:
+            return 3
+    return 0
+
+
+@command("data")
+def _data(args: argparse.Namespace) -> int:
+    from signscale import shards, show
+
+    if args.data_cmd == "info":
+        info = show.dataset_info(args.url, histogram=args.histogram or "")
+        table = Table(title=f"{args.url}")
+        table.add_column("field")
+        table.add_column("value")
+        m = info.manifest
+        for k in ("name", "version", "created", "encoding", "image_shape"):
+            table.add_row(k, str(m.get(k)))
+        table.add_row("samples", f"{info.count:,}")
+        table.add_row("shards", str(info.shards))
+        table.add_row("bytes", f"{info.bytes:,}")
+        table.add_row("label space", f"{m['label_space']['name']} ({len(m['label_space']['classes'])} classes)")
+        table.add_row("quarantined", str(m["quarantine"]))
+        table.add_row("source", str(m["source"]))
+        console.print(table)
+        console.print(info.summary())
+        return 0
+    if args.data_cmd == "verify":
+        m = shards.Manifest.load(args.url)
+        problems = shards.verify(args.url)
+        if problems:
+            for p in problems:
+                console.print(f"[red]BAD[/] {p}")
+            console.print(f"{args.url}: {len(problems)} of {len(m.shards)} shard(s) failed verification")
+            return 1
+        console.print(f"{args.url}: all {len(m.shards)} shard(s) verified ({m.count:,} samples, sha256 OK)")
+        return 0
+    if args.data_cmd == "sample":
+        out = show.dataset_sample(args.url, n=args.n, out=args.out, seed=args.seed)
+        console.print(f"wrote {out}")
+        return 0
+    raise AssertionError(args.data_cmd)
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    from signscale import bench
+
+    return bench.main(args.bench_cmd, args)
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from signscale.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(out=args.out, samples=args.samples))
+    console.print(result.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="signscale", description="Traffic-sign recognition from a laptop to a cluster.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.add_parser("version", help="print the version")
+    sub.add_parser("sources", help="list the data sources and their spec syntax")
+
+    s = sub.add_parser("show", help="count a source's samples per class and write a contact sheet")
+    s.add_argument("source", help="e.g. gtsrb:GTSRB_Final_Training_Images.zip")
+    s.add_argument("--out", help="contact sheet PNG path or URL")
+    s.add_argument("--per-class", type=int, default=2)
+    s.add_argument("-v", "--verbose", action="store_true", help="print the per-class table")
+
+    s = sub.add_parser("pack", help="pack a source into checksummed shards at any storage URL")
+    s.add_argument("source")
+    s.add_argument("out", help="dataset folder: local path, s3://, gs://, az://")
+    s.add_argument("--config", help="YAML file with PackConfig keys")
+    s.add_argument("--encoding", choices=["raw", "encoded"])
+    s.add_argument("--size", type=int)
+    s.add_argument("--crop", choices=["none", "roi"])
+    s.add_argument("--shard-mb", type=float)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--name")
+    s.add_argument("--strict", action="store_true", default=None, help="exit non-zero if anything is quarantined")
+    s.add_argument("--rank", type=int, help="this rank (without torchrun)")
+    s.add_argument("--world-size", type=int)
+    s.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
+
+    d = sub.add_parser("data", help="inspect packed datasets")
+    dsub = d.add_subparsers(dest="data_cmd", metavar="SUBCOMMAND", required=True)
+    x = dsub.add_parser("info", help="summary of a dataset")
+    x.add_argument("url")
+    x.add_argument("--histogram", help="write a class-histogram PNG here")
+    x = dsub.add_parser("verify", help="re-hash every shard; non-zero exit naming a bad shard")
+    x.add_argument("url")
+    x = dsub.add_parser("sample", help="a picture of what the loader yields")
+    x.add_argument("url")
+    x.add_argument("--n", type=int, default=16)
+    x.add_argument("--out", default="grid.png")
+    x.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="benchmarks that print side-by-side figures")
+    bsub = b.add_subparsers(dest="bench_cmd", metavar="BENCH", required=True)
+    x = bsub.add_parser("io", help="pack and read throughput: raw files vs shards vs loader, local vs S3")
+    x.add_argument("--source", default="synthetic:?n=20000&size=32",
+                   help="what to benchmark on, e.g. gtsrb:../shared/data/GTSRB_Final_Training_Images.zip")
+    x.add_argument("--size", type=int, default=32)
+    x.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
+    x.add_argument("--limit", type=int, default=0, help="use only the first N samples (0: all)")
+    x.add_argument("--no-s3", action="store_true", help="skip the S3 rows (needs moto[server] and s3fs)")
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--workdir", default="", help="where to write the benchmark data (default: a temp dir)")
+    x = bsub.add_parser("synthetic", help="synthetic render rate on one core")
+    x.add_argument("--n", type=int, default=5000)
+    x.add_argument("--size", type=int, default=32)
+
+    s = sub.add_parser("demo", help="the main job on the built-in synthetic data, end to end")
+    s.add_argument("--out", default="signscale-demo")
+    s.add_argument("--samples", type=int, default=4000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.cmd:
+        parser.print_help()
+        return 0
+    from signscale.config import ConfigError
+    from signscale.labels import LabelError
+    from signscale.shards import ShardError
+    from signscale.sources import SourceError
+    from signscale.storage import StorageError
+
+    try:
+        return COMMANDS[args.cmd](args)
+    except (ConfigError, SourceError, ShardError, LabelError, StorageError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+def run() -> Any:
+    sys.exit(main())

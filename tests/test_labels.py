@@ -1,0 +1,126 @@
+"""The sign catalogue and label space: ids, keys, flip rules, serialisation and error messages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from signscale.labels import CATEGORIES, GTSRB, LabelError, LabelSpace, SignClass, category_ids
+
+SPACE = LabelSpace.for_country("de")
+
+# Manifests and models store this fingerprint; if it changes, every packed dataset and trained model
+# would be read against a different numbering. Change it only together with a label-space format bump.
+DE_FINGERPRINT = "ccbd91badb27a59e"
+
+
+def test_gtsrb_has_43_classes_numbered_in_order():
+    assert len(SPACE) == 43
+    assert [c.country_id for c in SPACE.classes] == list(range(43))
+    assert all(c.country == "de" for c in SPACE.classes)
+
+
+def test_keys_are_unique_and_indexable():
+    assert len(set(SPACE.keys)) == len(SPACE)
+    for i, key in enumerate(SPACE.keys):
+        assert SPACE.index(key) == i
+    assert SPACE.index("stop") == 14 and SPACE[14].shape == "octagon"
+
+
+def test_every_class_has_a_known_shape_and_category():
+    shapes = {"circle", "triangle", "inverted_triangle", "octagon", "diamond"}
+    assert {c.shape for c in SPACE.classes} <= shapes
+    assert {c.category for c in SPACE.classes} <= set(CATEGORIES)
+
+
+def test_mirror_relation_is_symmetric():
+    for c in SPACE.classes:
+        if c.flip == "mirror":
+            partner = SPACE[SPACE.index(c.mirror)]
+            assert partner.flip == "mirror" and partner.mirror == c.key, c.key
+            assert partner.key != c.key
+        else:
+            assert c.mirror is None, c.key
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("keep_right", "keep_left"), ("keep_left", "keep_right"), ("turn_right_ahead", "turn_left_ahead"),
+    ("dangerous_curve_left", "dangerous_curve_right"), ("straight_or_right", "straight_or_left"),
+    ("priority_road", "priority_road"), ("no_entry", "no_entry"), ("yield", "yield"),
+    ("speed_limit_30", None), ("stop", None), ("roundabout", None), ("end_all_limits", None),
+])
+def test_flip_map_on_known_classes(key, expected):
+    m = SPACE.flip_map()
+    assert m[SPACE.index(key)] == (-1 if expected is None else SPACE.index(expected))
+
+
+def test_flip_map_is_an_involution():
+    m = SPACE.flip_map()
+    assert m.dtype == np.int64 and m.shape == (43,)
+    flippable = m >= 0
+    np.testing.assert_array_equal(m[m[flippable]], np.flatnonzero(flippable))
+
+
+def test_round_trip_through_json_keeps_the_label_space_and_fingerprint():
+    back = LabelSpace.from_dict(json.loads(json.dumps(SPACE.to_dict())))
+    assert back == SPACE
+    assert back.fingerprint() == SPACE.fingerprint() == DE_FINGERPRINT
+    np.testing.assert_array_equal(back.flip_map(), SPACE.flip_map())
+
+
+def test_fingerprint_changes_with_numbering_or_content():
+    reordered = LabelSpace(classes=tuple(reversed(GTSRB)), name="de")
+    assert reordered.fingerprint() != SPACE.fingerprint()
+    renamed = LabelSpace(classes=(replace(GTSRB[0], name="Speed limit 20"), *GTSRB[1:]), name="de")
+    assert renamed.fingerprint() != SPACE.fingerprint()
+
+
+def test_from_dict_refuses_an_unknown_format():
+    with pytest.raises(LabelError, match="format 99"):
+        LabelSpace.from_dict({**SPACE.to_dict(), "format": 99})
+
+
+def test_unknown_country_lists_the_known_ones():
+    with pytest.raises(LabelError, match=r"unknown country 'xx'.*known catalogues: de"):
+        LabelSpace.for_country("xx")
+
+
+def test_unknown_key_names_the_label_space():
+    with pytest.raises(LabelError, match="'speed_limit_130' is not in label space 'de'"):
+        SPACE.index("speed_limit_130")
+
+
+def test_check_id_names_where_the_bad_id_came_from():
+    assert SPACE.check_id(42) == 42 and SPACE.check_id(np.int64(0)) == 0
+    with pytest.raises(LabelError, match=r"^GT-final_test.csv row 7: class id 43 is outside .*\(0\.\.42\)"):
+        SPACE.check_id(43, "GT-final_test.csv row 7")
+    with pytest.raises(LabelError, match="class id -1"):
+        SPACE.check_id(-1)
+
+
+def test_label_space_refuses_duplicate_keys_and_dangling_mirrors():
+    with pytest.raises(LabelError, match="appears twice"):
+        LabelSpace(classes=(GTSRB[0], GTSRB[0]), name="bad")
+    with pytest.raises(LabelError, match="mirrors to 'keep_left'"):
+        LabelSpace(classes=(GTSRB[38],), name="bad")
+
+
+def test_sign_class_requires_mirror_exactly_for_mirror_flips():
+    with pytest.raises(ValueError, match="'mirror' must be set"):
+        SignClass(key="x", name="x", country="de", country_id=0, category="other", shape="circle",
+                  colours=("white",), flip="mirror")
+    with pytest.raises(ValueError, match="flip must be"):
+        SignClass(key="x", name="x", country="de", country_id=0, category="other", shape="circle",
+                  colours=("white",), flip="sometimes")  # type: ignore[arg-type]
+
+
+def test_category_ids_follow_the_category_order():
+    ids = category_ids(SPACE)
+    assert ids.shape == (43,)
+    assert ids[SPACE.index("speed_limit_30")] == CATEGORIES.index("prohibitory")
+    assert ids[SPACE.index("general_caution")] == CATEGORIES.index("danger")
+    assert ids[SPACE.index("keep_right")] == CATEGORIES.index("mandatory")
+    assert ids[SPACE.index("stop")] == CATEGORIES.index("other")

@@ -1,0 +1,172 @@
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from signscale import shards, storage
+from signscale.pack import PackConfig, pack
+from signscale.sources import open_source
+
+SPEC = "synthetic:?n=240&size=16&seed=3"
+
+
+def _pack(out, **kw):
+    kw = {"size": 16, "shard_mb": 0.04, "workers": 0, "progress": False, **kw}
+    return pack(PackConfig(source=kw.pop("source", SPEC), out=str(out), **kw))
+
+
+def test_pack_manifest_and_readback(tmp_path):
+    res = _pack(tmp_path / "ds")
+    assert res.finalized and res.count == 240 and res.quarantined == 0 and res.shards > 2
+    m = shards.Manifest.load(str(tmp_path / "ds"))
+    assert m.count == 240 and m.label_space.name == "de"
+    assert sum(m.class_histogram()) == 240
+    assert shards.verify(str(tmp_path / "ds")) == []
+    src = open_source(SPEC)
+    first = shards.ShardReader(m.shard_url(0)).records(0, 5)
+    for rec in first:
+        s = src.read(int(rec["id"]))
+        assert rec["label"] == s.label
+        assert np.array_equal(rec["image"], s.image)  # already 16x16: stored unchanged
+
+
+def test_verify_names_flipped_and_truncated_shards(tmp_path):
+    out = tmp_path / "ds"
+    _pack(out)
+    m = shards.Manifest.load(str(out))
+    p1 = out / m.shards[1].path
+    data = bytearray(p1.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p1.write_bytes(bytes(data))
+    p2 = out / m.shards[2].path
+    p2.write_bytes(p2.read_bytes()[:-10])
+    problems = shards.verify(str(out))
+    assert len(problems) == 2
+    assert m.shards[1].path in problems[0] and "sha256" in problems[0]
+    assert m.shards[2].path in problems[1] and "truncated" in problems[1]
+    cli = subprocess.run([sys.executable, "-m", "signscale", "data", "verify", str(out)], capture_output=True,
+                         text=True)
+    assert cli.returncode == 1 and m.shards[1].path in cli.stdout
+
+
+_KILLER = r"""
+import os, signal, sys
+import signscale.pack as p
+orig = p._pack_range
+def dying(start, stop):
+    if start >= int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # a real crash: nothing gets to clean up
+    return orig(start, stop)
+p._pack_range = dying
+p.pack(p.PackConfig(source=sys.argv[1], out=sys.argv[2], size=16, shard_mb=0.04, workers=0, progress=False))
+"""
+
+
+def test_killed_pack_resumes_to_the_same_dataset(tmp_path):
+    ref = _pack(tmp_path / "ref")
+    out = tmp_path / "crashed"
+    rps = shards.Manifest.load(str(tmp_path / "ref")).data["records_per_chunk"]
+    proc = subprocess.run([sys.executable, "-c", _KILLER, SPEC, str(out), str(2 * rps)])
+    assert proc.returncode == -9
+    assert not (out / "manifest.json").exists()
+    assert not [f for f in os.listdir(out / "shards") if ".tmp" in f]  # nothing half-written in place
+    resumed = _pack(out)
+    assert resumed.chunks_reused == 2
+    assert resumed.checksum == ref.checksum
+
+
+def test_two_ranks_equal_one_rank(tmp_path):
+    ref = _pack(tmp_path / "one")
+    out = tmp_path / "two"
+    procs = [subprocess.Popen([sys.executable, "-m", "signscale", "pack", SPEC, str(out), "--size", "16",
+                               "--shard-mb", "0.04", "--workers", "0", "--rank", str(r), "--world-size", "2"])
+             for r in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    m = shards.Manifest.load(str(out))
+    assert m.checksum() == ref.checksum and m.count == ref.count
+
+
+def _png(color, size=(20, 20)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _truncated_jpeg():
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buf, format="JPEG")
+    data = buf.getvalue()
+    return data[: len(data) * 2 // 3]  # headers intact, scan data cut
+
+
+def _pixel_bomb():
+    """A valid PNG whose header claims 60000 x 60000 pixels."""
+    data = bytearray(_png((1, 2, 3)))
+    ihdr = data[12:29]  # type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", 60000, 60000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+BAD_FILES = {
+    # file name: (bytes or None for "not on disk", label, expected quarantine reason)
+    "empty.png": (b"", "1", "empty"),
+    "random.png": (bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8)), "1", "not_an_image"),
+    "notes.png": (b"this is a text file, not an image\n", "1", "not_an_image"),
+    "truncated.png": (_png((200, 0, 0), (64, 64))[:60], "1", "truncated"),
+    "truncated.jpg": (_truncated_jpeg(), "1", "truncated"),
+    "bomb.png": (_pixel_bomb(), "1", "too_many_pixels"),
+    "label99.png": (_png((9, 9, 9)), "99", "unknown_label"),
+    "badkey.png": (_png((8, 8, 8)), "not_a_sign", "unknown_label"),
+    "missing.png": (None, "1", "missing_file"),
+    "dup.png": (_png((10, 20, 30)), "1", "duplicate"),
+}
+
+
+def test_ten_kinds_of_bad_files_are_quarantined(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rows = ["path,label"]
+    for i in range(12):
+        (d / f"good{i}.png").write_bytes(_png((10 + i, 20, 30)))  # good0 is dup.png's original
+        rows.append(f"good{i}.png,{i % 43}")
+    for name, (data, label, _) in BAD_FILES.items():
+        if data is not None:
+            (d / name).write_bytes(data)
+        rows.append(f"{name},{label}")
+    (d / "list.csv").write_text("\n".join(rows) + "\n")
+    res = _pack(tmp_path / "ds", source=f"folder:{d}/list.csv")
+    assert res.count == 12
+    lines = [json.loads(x) for x in (tmp_path / "ds" / "quarantine.jsonl").read_text().splitlines()]
+    got = {os.path.basename(q["key"]): q["reason"] for q in lines}
+    assert got == {name: reason for name, (_, _, reason) in BAD_FILES.items()}
+    assert all(q["detail"] for q in lines)
+    assert sorted(os.listdir(d)) == sorted([f"good{i}.png" for i in range(12)] + ["list.csv"]
+                                           + [n for n, v in BAD_FILES.items() if v[0] is not None])  # untouched
+    strict = subprocess.run([sys.executable, "-m", "signscale", "pack", f"folder:{d}/list.csv",
+                             str(tmp_path / "strict"), "--workers", "0", "--strict"], capture_output=True, text=True)
+    assert strict.returncode != 0 and "quarantined" in strict.stdout
+
+
+def test_pack_to_s3_info_verify_and_read_back(tmp_path, s3_bucket):
+    url = f"{s3_bucket}/datasets/syn"
+    local = _pack(tmp_path / "local")
+    remote = _pack(url, workers=2)
+    assert remote.checksum == local.checksum
+    assert storage.exists(f"{url}/manifest.json")
+    assert shards.verify(url) == []
+    m = shards.Manifest.load(url)
+    r = shards.ShardReader(m.shard_url(1))
+    lm = shards.Manifest.load(str(tmp_path / "local"))
+    assert np.array_equal(r.records(3, 9), shards.ShardReader(lm.shard_url(1)).records(3, 9))
+    for cmd in (["data", "info", url], ["data", "verify", url]):
+        cli = subprocess.run([sys.executable, "-m", "signscale", *cmd], capture_output=True, text=True)
+        assert cli.returncode == 0, cli.stdout + cli.stderr

@@ -129,6 +129,23 @@ def _data(args: argparse.Namespace) -> int:
     raise AssertionError(args.data_cmd)
 
 
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from signscale import config
+    from signscale.train import TrainConfig, train
+
+    path = args.items[0] if args.items and not args.items[0].startswith("-") and "=" not in args.items[0] else None
+    overrides = [a for a in args.items if a != path] + args.extra
+    cfg = config.load(TrainConfig, path, overrides)
+    result = train(cfg)
+    from signscale import distributed
+
+    if distributed.rank() == 0:
+        console.print(result.summary())
+    distributed.shutdown()
+    return 0
+
+
 @command("bench")
 def _bench(args: argparse.Namespace) -> int:
     from signscale import bench
@@ -188,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default="grid.png")
     x.add_argument("--seed", type=int, default=0)
 
+    s = sub.add_parser("train", help="train a classifier on packed datasets (also under torchrun)",
+                       description="signscale train [CONFIG.yaml] [--key=value ...]: keys of TrainConfig, e.g. "
+                                   "--data=runs/gtsrb/train --val=runs/gtsrb/val --model=msnet --epochs=10 "
+                                   "--precision=bf16 --augment.flip=0.5")
+    s.add_argument("items", nargs="*", help="optional YAML config, then key=value overrides")
+    s.set_defaults(extra=[])
+
     b = sub.add_parser("bench", help="benchmarks that print side-by-side figures")
     bsub = b.add_subparsers(dest="bench_cmd", metavar="BENCH", required=True)
     x = bsub.add_parser("io", help="pack and read throughput: raw files vs shards vs loader, local vs S3")
@@ -211,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "cmd", None) == "train":
+        args.extra = unknown  # --key=value overrides
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.cmd:
         parser.print_help()
         return 0

@@ -174,8 +174,10 @@ class LabelSpace:
 
     def check_id(self, label: int, where: str = "") -> int:
         """Return ``label`` if it is a valid id, else raise an error naming ``where``."""
+        at = f"{where}: " if where else ""
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise LabelError(f"{at}class id {label!r} is not an integer")
         if not 0 <= int(label) < len(self.classes):
-            at = f"{where}: " if where else ""
             raise LabelError(f"{at}class id {label} is outside label space {self.name!r} (0..{len(self) - 1})")
         return int(label)
 

@@ -19,7 +19,7 @@ The epoch plan (docs/format.md has the long version):
    run of those batches, so each worker reads a compact region of shards.
 
 **Resume** records, per rank and worker, how many batches the training loop consumed. Consumed
-positions are prefixes of each worker's run, so they map back to global positions; ``remaining``
+batches are a prefix of each worker's list, so they map back to global positions; ``remaining``
 minus them is what the resumed epoch yields. Because step 4 is redone from ``remaining`` with the
 *new* world size and worker count, resuming elastically (2 ranks -> 1, 2 workers -> 4) still
 yields each remaining sample exactly once.
@@ -63,6 +63,7 @@ class StreamConfig:
     image_size: int = 0  # encoded datasets: decode and resize to this (0: the raw shards' size)
     cache_dir: str = ""  # remote shards: whole-shard cache; empty: ranged reads
     cache_bytes: int = 8 << 30
+    rank_layout: Literal["contiguous", "interleaved"] = "contiguous"  # see RankShare
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -71,6 +72,8 @@ class StreamConfig:
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.datasets)} datasets")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ValueError("weights: must be >= 0 and not all zero")
+        if self.rank_layout not in ("contiguous", "interleaved"):
+            raise ValueError(f"rank_layout: expected contiguous or interleaved, got {self.rank_layout!r}")
         if self.batch_size < 1 or self.block_size < 1 or self.window_blocks < 1:
             raise ValueError("batch_size, block_size and window_blocks must be >= 1")
         if self.remainder not in ("drop", "pad"):
@@ -230,57 +233,98 @@ def subtract(iv: Intervals, cut: Intervals) -> Intervals:
 
 @dataclass(frozen=True)
 class RankShare:
-    """The virtual positions one rank owns, and how its batches are split among workers."""
+    """The virtual positions one rank owns, and how its batches are split among workers.
 
-    start: int  # first virtual position of this rank (pad positions wrap around)
+    ``contiguous`` (default): rank ``r`` owns one run of positions, so each rank reads a compact
+    region of the shards. ``interleaved``: global batch ``g`` (``batch_size`` consecutive positions)
+    goes to rank ``g % world_size``, so one process with ``accumulate = world_size`` sees exactly
+    the global batches a ``world_size``-rank run sees: results that do not depend on the GPU count,
+    paid for with more scattered reads.
+    """
+
+    start: int  # first virtual position of this rank (contiguous layout; pad positions wrap around)
     count: int  # positions this rank yields, including pad
     real: int  # of which real (the rest are padding)
     batch_size: int
     num_workers: int
+    rank: int = 0
+    world_size: int = 1
+    interleaved: bool = False
 
     @property
     def num_batches(self) -> int:
         return -(-self.count // self.batch_size)
 
     def worker_batches(self, w: int) -> range:
-        """Contiguous batch indices of worker ``w``; the first ``rem`` workers get one more."""
-        q, rem = divmod(self.num_batches, self.num_workers)
-        lo = w * q + min(w, rem)
-        return range(lo, lo + q + (1 if w < rem else 0))
+        """Batches of worker ``w``: every ``num_workers``-th, the order in which DataLoader collects them.
+
+        So the loader yields batch 0, 1, 2, ... whatever the worker count: the sample order of a run
+        does not depend on ``num_workers``, and what was consumed is always a prefix.
+        """
+        return range(w, self.num_batches, self.num_workers)
+
+    def batch_range(self, j: int) -> tuple[int, int]:
+        """Virtual positions [lo, hi) of this rank's batch ``j`` (hi may pass ``real``: padding)."""
+        if self.interleaved:
+            lo = (j * self.world_size + self.rank) * self.batch_size
+            return lo, lo + self.batch_size
+        lo = j * self.batch_size
+        return self.start + lo, self.start + min(lo + self.batch_size, self.count)
 
     def batch_positions(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(virtual positions, pad flags) of batch ``j``."""
-        lo = j * self.batch_size
-        hi = min(lo + self.batch_size, self.count)
-        offs = np.arange(lo, hi, dtype=np.int64)
-        return self.start + offs, offs >= self.real
+        lo, hi = self.batch_range(j)
+        virtual = np.arange(lo, hi, dtype=np.int64)
+        limit = lo + self.batch_size if self.interleaved else self.start + self.real
+        return virtual, virtual >= limit
+
+    def consumed(self, w: int, n: int) -> list[tuple[int, int]]:
+        """Virtual ranges of real samples in the first ``n`` batches of worker ``w``."""
+        out = []
+        for j in list(self.worker_batches(w))[:n]:
+            lo, hi = self.batch_range(j)
+            if not self.interleaved:
+                hi = min(hi, self.start + self.real)
+            if hi > lo:
+                out.append((lo, hi))
+        return out
 
 
-def rank_share(total: int, rank: int, world_size: int, remainder: str, batch_size: int, num_workers: int
-               ) -> RankShare:
+def rank_share(total: int, rank: int, world_size: int, remainder: str, batch_size: int, num_workers: int,
+               interleaved: bool = False) -> RankShare:
+    if interleaved:  # whole global batches only; the rest of the epoch is dropped
+        per = (total // (batch_size * world_size)) * batch_size
+        return RankShare(0, per, per, batch_size, num_workers, rank, world_size, True)
     if remainder == "drop":
         per = total // world_size
-        return RankShare(rank * per, per, per, batch_size, num_workers)
+        return RankShare(rank * per, per, per, batch_size, num_workers, rank, world_size)
     per = -(-total // world_size)
     real = max(0, min(per, total - rank * per))
-    return RankShare(rank * per, per, real, batch_size, num_workers)
+    return RankShare(rank * per, per, real, batch_size, num_workers, rank, world_size)
+
+
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def consumed_intervals(remaining: Intervals, consumed: Sequence[Sequence[int]], world_size: int,
-                       remainder: str, batch_size: int) -> Intervals:
+                       remainder: str, batch_size: int, interleaved: bool = False) -> Intervals:
     """Global intervals consumed, from per-rank, per-worker counts of consumed batches."""
     total = int(_interval_lengths(remaining).sum())
-    out: Intervals = []
+    virtual: list[tuple[int, int]] = []
     for r, per_worker in enumerate(consumed):
-        share = rank_share(total, r, world_size, remainder, batch_size, len(per_worker))
+        share = rank_share(total, r, world_size, remainder, batch_size, len(per_worker), interleaved)
         for w, n in enumerate(per_worker):
-            batches = share.worker_batches(w)
-            if n <= 0 or not len(batches):
-                continue
-            lo = batches.start * batch_size
-            hi = min(share.real, min((batches.start + n) * batch_size, share.count))
-            if hi > lo:
-                out += virtual_range_to_intervals(remaining, share.start + lo, share.start + hi)
+            virtual += share.consumed(w, n)
+    out: Intervals = []
+    for a, b in _coalesce(virtual):
+        out += virtual_range_to_intervals(remaining, a, b)
     return sorted(out)
 
 
@@ -314,7 +358,6 @@ class ShardCache:
             self._verified.add(final)
             os.utime(final)
             return final
-        self._evict(nbytes, keep=final)
         data = storage.read_bytes(url)
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ShardError(f"{url}: downloaded shard does not match its manifest sha256 (corrupt in storage); "
@@ -322,12 +365,15 @@ class ShardCache:
         tmp = os.path.join(self.root, f".{sha256}.{uuid.uuid4().hex[:8]}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
+        # Evict after the temp file exists: every process counts every other's in-flight download,
+        # so concurrent downloads cannot together push the cache over its bound.
+        self._evict(keep={final, tmp})
         os.replace(tmp, final)
         self._verified.add(final)
         return final
 
-    def _evict(self, incoming: int, keep: str) -> None:
-        entries = []
+    def _evict(self, keep: set[str]) -> None:
+        entries, used = [], 0
         for name in os.listdir(self.root):
             p = os.path.join(self.root, name)
             try:
@@ -338,11 +384,11 @@ class ShardCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(p)  # left by a crashed download
                 continue
-            if name.endswith(".sgs") and p != keep:
-                entries.append((st.st_atime if st.st_atime > st.st_mtime else st.st_mtime, st.st_size, p))
-        used = sum(e[1] for e in entries)
+            used += st.st_size
+            if name.endswith(".sgs") and p not in keep:
+                entries.append((max(st.st_atime, st.st_mtime), st.st_size, p))
         for _, sz, p in sorted(entries):
-            if used + incoming <= self.max_bytes:
+            if used <= self.max_bytes:
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.remove(p)  # readers holding it open keep their mapping (POSIX)
@@ -459,7 +505,7 @@ class ShardStream(IterableDataset):
     def share(self, plan: EpochPlan, world: World) -> RankShare:
         total = int(_interval_lengths(self.epoch_remaining(plan)).sum())
         return rank_share(total, world.rank, world.world_size, self.cfg.remainder, self.cfg.batch_size,
-                          world.num_workers)
+                          world.num_workers, self.cfg.rank_layout == "interleaved")
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (over all workers)."""
@@ -528,10 +574,13 @@ class ShardStream(IterableDataset):
         """Stream state once ranks consumed ``consumed[rank][worker]`` batches of the current epoch."""
         plan = self.plan()
         remaining = self.epoch_remaining(plan)
-        used = consumed_intervals(remaining, consumed, world_size, self.cfg.remainder, self.cfg.batch_size)
+        used = consumed_intervals(remaining, consumed, world_size, self.cfg.remainder, self.cfg.batch_size,
+                                  self.cfg.rank_layout == "interleaved")
         left = subtract(remaining, used)
         epoch = self.epoch
-        if not left or (self.cfg.remainder == "drop" and _interval_lengths(left).sum() < world_size):
+        leftover = int(_interval_lengths(left).sum())
+        minimum = self.cfg.batch_size * world_size if self.cfg.rank_layout == "interleaved" else world_size
+        if not left or (self.cfg.remainder == "drop" and leftover < minimum):
             epoch, left = epoch + 1, None  # epoch finished (what drop leaves over is not owed)
         return {"format": 1, "epoch": epoch, "seed": self.cfg.seed, "total": plan.total,
                 "remaining": [list(x) for x in left] if left is not None else None,

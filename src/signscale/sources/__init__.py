@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import parse_qsl
@@ -62,6 +63,8 @@ def open_source(spec: str) -> Source:
     kind, location, options = parse_spec(spec)
     factory = SOURCES[kind].load()
     try:
-        return factory(location, spec=spec, **options)
-    except TypeError as exc:  # unknown option keyword
-        raise SourceError(f"{spec!r}: {exc}. Options for {kind!r}: see `signscale sources`.") from None
+        inspect.signature(factory).bind(location, spec=spec, **options)
+    except TypeError as exc:  # an option the source does not take
+        valid = [p for p in inspect.signature(factory).parameters if p not in ("location", "spec")]
+        raise SourceError(f"{spec!r}: {exc}; options of {kind!r}: {', '.join(valid) or 'none'}") from None
+    return factory(location, spec=spec, **options)

@@ -17,9 +17,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from signscale.corruptions import CORRUPTIONS
 from signscale.labels import LabelSpace
 
-CONDITIONS: tuple[str, ...] = ("clear", "snow", "rain", "fog", "night", "glare", "blur", "noise", "contrast")
+# Shards store a condition as its index here: append only.
+CONDITIONS: tuple[str, ...] = ("clear", *CORRUPTIONS)
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,17 @@ def test_s3_reads_match_local_and_cache_is_bounded(tmp_path, s3_bucket):
     import hashlib
 
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == victim.name[:-4]
+
+
+def test_encoded_shards_stream_the_same_pixels_locally_and_from_s3(tmp_path, s3_bucket):
+    spec = "synthetic:?n=90&size=16&seed=4"
+    raw, enc_local, enc_s3 = str(tmp_path / "raw"), str(tmp_path / "enc"), f"{s3_bucket}/enc"
+    pack(PackConfig(source=spec, out=raw, size=16, shard_mb=0.02, workers=0, progress=False))
+    for out in (enc_local, enc_s3):
+        pack(PackConfig(source=spec, out=out, encoding="encoded", shard_mb=0.01, workers=0, progress=False))
+    kw = dict(num_workers=0, batch_size=16, block_size=8, seed=2)
+    ref = list(open_stream(raw, **kw))
+    for url in (enc_local, enc_s3):
+        got = list(open_stream(url, image_size=16, **kw))
+        assert [b["id"].tolist() for b in got] == [b["id"].tolist() for b in ref]
+        assert all(np.array_equal(a["image"].numpy(), b["image"].numpy()) for a, b in zip(got, ref))

@@ -231,8 +231,12 @@ def _write_shard(out: str, c: int, recs: np.ndarray, blobs: list[bytes], n_label
             "class_histogram": [int(x) for x in hist]}
 
 
-def _chunk_done(out: str, c: int, fingerprint: str) -> dict[str, Any] | None:
-    """The chunk's sidecar if it and its shard are complete and match this config."""
+def _chunk_done(out: str, c: int, fingerprint: str, verify_hash: bool = True) -> dict[str, Any] | None:
+    """The chunk's sidecar if it and its shard are complete and match this config.
+
+    ``verify_hash`` re-hashes the shard (resuming a crashed pack); finalising after live ranks
+    finished checks sizes only, so a pack to object storage does not download every shard again.
+    """
     url = _sidecar_url(out, c)
     if not storage.exists(url):
         return None
@@ -245,7 +249,7 @@ def _chunk_done(out: str, c: int, fingerprint: str) -> dict[str, Any] | None:
     shard_url = storage.join(out, side["shard"]["path"])
     if not storage.exists(shard_url) or storage.size(shard_url) != side["shard"]["bytes"]:
         return None
-    if storage.sha256_of(shard_url) != side["shard"]["sha256"]:
+    if verify_hash and storage.sha256_of(shard_url) != side["shard"]["sha256"]:
         return None
     return side
 
@@ -389,8 +393,11 @@ def pack(cfg: PackConfig) -> PackResult:
     workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
     result = PackResult(url=out)
     todo: list[int] = []
+    sides: dict[int, dict[str, Any]] = {}
     for c in mine:
-        if _chunk_done(out, c, fingerprint) is not None:
+        side = _chunk_done(out, c, fingerprint)
+        if side is not None:
+            sides[c] = side
             result.chunks_reused += 1
         else:
             todo.append(c)
@@ -404,8 +411,8 @@ def pack(cfg: PackConfig) -> PackResult:
     try:
         with progress_bar(f"pack rank {rank}" if world > 1 else "pack", total, enabled=cfg.progress) as advance:
             for c in todo:
-                _pack_chunk(c, (c * rps, min(len(source), (c + 1) * rps)), cfg, out, source, pool, fingerprint,
-                            advance)
+                sides[c] = _pack_chunk(c, (c * rps, min(len(source), (c + 1) * rps)), cfg, out, source, pool,
+                                       fingerprint, advance)
                 result.chunks_done += 1
     finally:
         if pool is not None:
@@ -414,11 +421,11 @@ def pack(cfg: PackConfig) -> PackResult:
     if distributed.is_initialized() and distributed.rank() != 0:
         distributed.barrier()
         return _load_result(out, result, started)
-    sides = [_chunk_done(out, c, fingerprint) for c in range(n_chunks)]
-    if any(s is None for s in sides):
+    all_sides = [sides.get(c) or _chunk_done(out, c, fingerprint, verify_hash=False) for c in range(n_chunks)]
+    if any(s is None for s in all_sides):
         result.seconds = time.perf_counter() - started
         return result  # other ranks still packing: the last one to finish writes the manifest
-    final = _finalize(cfg, out, source, sides, rps, started)  # type: ignore[arg-type]
+    final = _finalize(cfg, out, source, all_sides, rps, started)  # type: ignore[arg-type]
     final.chunks_done, final.chunks_reused = result.chunks_done, result.chunks_reused
     distributed.barrier()
     return final

@@ -48,8 +48,9 @@ def start() -> LocalS3:
         import moto.server  # noqa: F401
     except ImportError:
         raise RuntimeError("the local S3 server needs moto[server]: pip install 'signscale[test]'") from None
-    proc = subprocess.Popen([sys.executable, "-m", "signscale.s3local"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    # stdin stays open while we live: the server exits at EOF, so it cannot outlive a crashed parent
+    proc = subprocess.Popen([sys.executable, "-m", "signscale.s3local"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()  # blocks until the server has bound its port
     if not line.startswith("http://"):
@@ -80,7 +81,8 @@ def serve() -> None:  # pragma: no cover - runs in the child process
     server.start()
     host, port = server.get_host_and_port()
     print(f"http://{host}:{port}", flush=True)
-    server._thread.join()  # type: ignore[union-attr]  # serve until terminated
+    sys.stdin.read()  # returns at EOF: the parent closed the pipe or died
+    os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

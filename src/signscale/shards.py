@@ -211,6 +211,11 @@ class ShardReader:
         if self._local is not None:
             self._mm = np.memmap(self._local, dtype=np.uint8, mode="r")
 
+    @property
+    def mapped(self) -> bool:
+        """True when the shard is memory-mapped (local or cached): random access costs no request."""
+        return self._mm is not None
+
     def _read(self, start: int, stop: int) -> bytes | np.ndarray:
         if self._mm is not None:
             if stop > len(self._mm):
@@ -244,6 +249,12 @@ class ShardReader:
         chunk = bytes(self._read(blob_base + int(off[start]), blob_base + int(off[stop])))
         rel = off[start:stop + 1] - off[start]
         return [chunk[int(rel[i]):int(rel[i + 1])] for i in range(stop - start)]
+
+    def blobs_at(self, indices: np.ndarray) -> list[bytes]:
+        """Original image bytes of the given records, one slice each (no span copied)."""
+        off = self._image_offsets()
+        base = self._data + self.count * self.dtype.itemsize + 8 * (self.count + 1)
+        return [bytes(self._read(base + int(off[i]), base + int(off[i + 1]))) for i in indices]
 
     def extras(self, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
         """Per-record JSON metadata (e.g. boxes); empty dicts when the shard has none."""

@@ -408,12 +408,22 @@ def _sha256_file(path: str) -> str:
 
 
 class _DatasetReader:
-    """Reads records of one dataset by record index, grouping by shard; keeps a few shards open."""
+    """Reads records of one dataset by record index, grouping by shard; keeps a few shards open.
 
-    def __init__(self, manifest: Manifest, cache: ShardCache | None) -> None:
+    Local (and cached) shards are memory-mapped: a batch is one fancy-index gather. Remote shards
+    are read in aligned blocks of ``block`` records, one ranged GET per run of missing blocks, kept
+    in a small LRU: a shuffle window's blocks serve several consecutive batches, so each block is
+    fetched about once per worker instead of once per batch.
+    """
+
+    def __init__(self, manifest: Manifest, cache: ShardCache | None, block: int = 256, max_blocks: int = 32) -> None:
         self.m = manifest
         self.cache = cache
+        self.block = block
+        self.max_blocks = max_blocks
         self._readers: "collections.OrderedDict[int, ShardReader]" = collections.OrderedDict()
+        self._blocks: "collections.OrderedDict[tuple[int, int], tuple[np.ndarray, list[bytes] | None]]" = \
+            collections.OrderedDict()
         self._local = storage.is_local(manifest.root)
 
     def reader(self, s: int) -> ShardReader:
@@ -441,18 +451,56 @@ class _DatasetReader:
             sel = np.nonzero(shard_of == s)[0]
             local_idx = records[sel] - self.m.starts[s]
             r = self.reader(int(s))
-            lo, hi = int(local_idx.min()), int(local_idx.max()) + 1
-            recs = r.records(lo, hi)  # one ranged read covers the needed span
-            part = recs[local_idx - lo]
+            if r.mapped:
+                part = r.records()[local_idx]
+                part_blobs = r.blobs_at(local_idx) if blobs is not None else None
+            else:
+                part, part_blobs = self._from_blocks(int(s), r, local_idx)
             if out is None:
                 out = np.empty(len(records), dtype=part.dtype)
             out[sel] = part
-            if blobs is not None:
-                span = r.blobs(lo, hi)
-                for k, i in zip(sel, local_idx - lo):
-                    blobs[k] = span[i]
+            if blobs is not None and part_blobs is not None:
+                for k, b in zip(sel, part_blobs):
+                    blobs[k] = b
         assert out is not None
         return out, blobs
+
+    def _from_blocks(self, s: int, r: ShardReader, local_idx: np.ndarray
+                     ) -> tuple[np.ndarray, list[bytes] | None]:
+        B = self.block
+        needed = np.unique(local_idx // B)
+        missing = [int(b) for b in needed if (s, int(b)) not in self._blocks]
+        for lo_b, hi_b in _runs(missing):  # one ranged read per run of consecutive missing blocks
+            lo, hi = lo_b * B, min(hi_b * B, r.count)
+            recs = np.array(r.records(lo, hi))
+            span = r.blobs(lo, hi) if r.encoding == "encoded" else None
+            for b in range(lo_b, hi_b):
+                a, z = b * B - lo, min((b + 1) * B, r.count) - lo
+                self._blocks[(s, b)] = (recs[a:z], span[a:z] if span is not None else None)
+        parts = [self._blocks[(s, int(b))] for b in needed]
+        for b in needed:
+            self._blocks.move_to_end((s, int(b)))
+        while len(self._blocks) > max(self.max_blocks, len(needed)):
+            self._blocks.popitem(last=False)
+        sizes = np.array([len(p[0]) for p in parts], dtype=np.int64)
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        where = base[np.searchsorted(needed, local_idx // B)] + local_idx % B
+        recs = np.concatenate([p[0] for p in parts])[where]
+        if r.encoding != "encoded":
+            return recs, None
+        flat = [b for p in parts for b in p[1]]  # type: ignore[union-attr]
+        return recs, [flat[int(i)] for i in where]
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] -> [(3, 6), (9, 10)]"""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +570,8 @@ class ShardStream(IterableDataset):
     def _dataset_readers(self) -> list[_DatasetReader]:
         if self._readers is None:
             cache = ShardCache(self.cfg.cache_dir, self.cfg.cache_bytes) if self.cfg.cache_dir else None
-            self._readers = [_DatasetReader(m, cache) for m in self.manifests]
+            self._readers = [_DatasetReader(m, cache, block=self.cfg.block_size,
+                                            max_blocks=max(32, 4 * self.cfg.window_blocks)) for m in self.manifests]
         return self._readers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,731 @@
+"""Batch preprocessing and augmentation: uint8 NHWC batches in, normalised float32 NCHW out.
+
+Two entry points, both working on whole batches on whatever device the batch is on (CPU inside
+DataLoader workers, or the GPU after the transfer):
+
+* :func:`to_input` is *the* preprocessing. Evaluation, prediction and serving call exactly this
+  function, and :class:`BatchAugment` with augmentation disabled returns exactly its output, so a
+  model never sees a different resize or normalisation at serving time than it saw in training.
+* :class:`BatchAugment` is the training augmentation. On 32 px signs the per-sample Python of a
+  torchvision pipeline costs far more than the pixel work, so every stage here is one batched
+  operation for the whole batch:
+
+  1. geometry -- rotation, zoom, shift, mild perspective and the horizontal flip -- is one 3x3
+     matrix per sample and ONE ``grid_sample`` (which also does the NHWC -> NCHW layout change);
+  2. brightness, contrast, saturation and the normalisation are all linear in the colour
+     channels, so together they are one 3x3 matrix and offset per sample: ONE ``baddbmm``;
+  3. the occasional effects (blur, weather, occlusion) run only on the samples that drew them,
+     one batched call per effect;
+  4. one clamp to the range that [0, 255] pixels normalise to.
+
+Randomness comes only from the caller's ``torch.Generator``: same seed and same input give the
+same output on the same device. Draws happen on the generator's device and are moved to the
+batch's device, so pass ``torch.Generator(device="cuda")`` when augmenting on the GPU.
+
+Flips follow the label space's flip rules (:meth:`signscale.labels.LabelSpace.flip_map`): a
+mirrored ``keep_right`` is relabelled ``keep_left``, a symmetric ``priority_road`` keeps its label,
+and a ``speed_limit_30`` is never mirrored, since its mirror image is not a sign at all.
+
+The weather effects re-implement five of :mod:`signscale.corruptions` in torch with the same
+severity tables, so training can apply them on the GPU; robustness evaluation keeps using the
+numpy originals, which stay the reference definition of each condition (and rain and glare,
+which training does not use, remain unseen conditions there).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from signscale import config
+
+# Per-channel statistics of GTSRB training crops in [0, 1] (the figures commonly quoted for
+# GTSRB): sign crops are darker and flatter than ImageNet photos, whose statistics would leave the
+# inputs off-centre. Crops of road signs from other countries are close to these.
+GTSRB_MEAN: tuple[float, float, float] = (0.3403, 0.3121, 0.3214)
+GTSRB_STD: tuple[float, float, float] = (0.2724, 0.2608, 0.2669)
+
+# Luma weights (ITU-R BT.601), as torchvision's rgb_to_grayscale uses for saturation and contrast.
+_LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+# Spatial sizes are tuned at 32 px, as in signscale.corruptions, and grow with the image.
+_REFERENCE_PX = 32.0
+
+WEATHER_KINDS: tuple[str, ...] = ("fog", "night", "noise", "contrast", "snow")
+Padding = Literal["reflection", "border", "zeros"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What every model input goes through: resize to ``size`` and normalise per channel.
+
+    Saved with every checkpoint and model, so a predictor rebuilds exactly the training inputs.
+    """
+
+    size: int = 32
+    mean: tuple[float, float, float] = GTSRB_MEAN
+    std: tuple[float, float, float] = GTSRB_STD
+
+    def __post_init__(self) -> None:
+        if self.size < 4:
+            raise ValueError(f"size: expected at least 4 pixels, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean, std: expected 3 values each (RGB), got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std: every value must be > 0, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return config.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        return config.build(cls, d)
+
+    def scale_bias(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """[1, 3, 1, 1] tensors with ``x * scale + bias`` = normalised ``x / 255``: two cheap passes."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        return 1.0 / (255.0 * std), -mean / std
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation for sign crops; each magnitude is the maximum of a per-sample draw.
+
+    Defaults are mild on purpose: a sign crop is already centred and tight, and the model must still
+    tell a 30 from an 80, so large rotations, crops or occlusions would destroy the label. There is
+    no hue jitter, also on purpose: colour carries meaning (red prohibits, blue mandates).
+    """
+
+    enabled: bool = True
+    rotate: float = 12.0  # degrees, uniform in [-rotate, rotate]
+    scale: tuple[float, float] = (0.9, 1.1)  # zoom factor range (> 1 enlarges the sign)
+    translate: float = 0.1  # fraction of the image size, per axis
+    perspective: float = 0.06  # projective coefficient in [-1, 1] coordinates: up to ~12% tilt
+    flip: float = 0.5  # probability of a horizontal flip, for classes whose flip rule allows one
+    padding: Padding = "reflection"  # what fills the area a transform exposes ("zeros": mean colour)
+    brightness: float = 0.3  # factor in [1 - b, 1 + b]
+    contrast: float = 0.3
+    saturation: float = 0.3
+    blur: float = 0.1  # probability of a Gaussian blur (defocus, motion)
+    blur_sigma: tuple[float, float] = (0.4, 1.2)  # pixels at 32 px
+    weather: float = 0.1  # probability of one weather effect
+    weather_kinds: tuple[str, ...] = WEATHER_KINDS
+    weather_severity: int = 3  # severities drawn from 1..weather_severity (the corruptions' scale)
+    erase: float = 0.15  # probability of an occluding rectangle (sticker, branch, snow patch)
+    erase_area: tuple[float, float] = (0.02, 0.1)  # fraction of the image it covers
+
+    def __post_init__(self) -> None:
+        for name in ("flip", "blur", "weather", "erase"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: a probability must be in [0, 1], got {getattr(self, name)}")
+        for name in ("rotate", "translate", "brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be < 1 (a factor of 0 or less blanks the image), "
+                                 f"got {getattr(self, name)}")
+        if not 0 <= self.perspective < 0.5:
+            raise ValueError(f"perspective: must be in [0, 0.5) so the image never folds over, got {self.perspective}")
+        _check_range("scale", self.scale, low=0.01)
+        _check_range("blur_sigma", self.blur_sigma, low=0.0)
+        _check_range("erase_area", self.erase_area, low=0.0, high=1.0)
+        if self.padding not in ("reflection", "border", "zeros"):
+            raise ValueError(f"padding: expected reflection, border or zeros, got {self.padding!r}")
+        unknown = [k for k in self.weather_kinds if k not in WEATHER_KINDS]
+        if unknown or (self.weather > 0 and not self.weather_kinds):
+            raise ValueError(f"weather_kinds: got {list(self.weather_kinds)}; valid kinds: {', '.join(WEATHER_KINDS)}")
+        if not 1 <= self.weather_severity <= 5:
+            raise ValueError(f"weather_severity: expected 1..5, got {self.weather_severity}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return config.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AugmentConfig":
+        return config.build(cls, d)
+
+    @property
+    def geometric(self) -> bool:
+        """Whether any geometric op is on; without one the resampling pass is skipped."""
+        return bool(self.rotate or self.translate or self.perspective or self.flip or tuple(self.scale) != (1, 1))
+
+    @property
+    def colour(self) -> bool:
+        return bool(self.brightness or self.contrast or self.saturation)
+
+
+def _check_range(name: str, r: tuple[float, float], *, low: float, high: float = math.inf) -> None:
+    if len(r) != 2 or not low <= r[0] <= r[1] <= high:
+        raise ValueError(f"{name}: expected (min, max) with {low} <= min <= max <= {high}, got {r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing: shared by training, evaluation and serving
+
+
+def to_input(images_uint8_nhwc: Tensor, pre: Preprocess, *, channels_last: bool = False) -> Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, size, size], resized (antialiased) and normalised."""
+    _check_images(images_uint8_nhwc)
+    x = _resize(_to_float_nchw(images_uint8_nhwc, channels_last), pre.size)
+    scale, bias = pre.scale_bias(x.device)
+    return _layout(x.mul_(scale).add_(bias), channels_last)  # in place: x is a fresh tensor
+
+
+def _check_images(images: Tensor) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 [B, H, W, 3] image batch, got {images.dtype} {tuple(images.shape)}")
+
+
+def _to_float_nchw(images: Tensor, channels_last: bool) -> Tensor:
+    """uint8 NHWC -> a fresh float NCHW tensor in [0, 255].
+
+    The permuted view is already NCHW in channels-last memory order, so converting it keeps that
+    layout almost for free. For contiguous NCHW, one copy converts and transposes at once: a single
+    allocation matters on CPU, where each fresh buffer costs page faults.
+    """
+    x = images.permute(0, 3, 1, 2)
+    if channels_last:
+        return x.float()
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    """Antialiased bilinear resize: downscaling without aliasing, and no overshoot beyond [0, 255]."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _layout(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+# Columns of the per-sample draws. One [B, _NCOLS] uniform draw per batch means a sample's
+# parameters do not depend on which effects the other samples drew; one multiply-add then maps
+# every column to its natural unit (radians, zoom factor, pixels, ...), see _param_ranges.
+_ROT, _SCALE, _TX, _TY, _PX, _PY, _FLIP, _BRIGHT, _CONTRAST, _SAT = range(10)
+_BLUR, _BLUR_SIGMA, _WEATHER, _KIND, _SEVERITY, _WEATHER_VALUE = range(10, 16)
+_ERASE, _ERASE_AREA, _ERASE_ASPECT, _ERASE_Y, _ERASE_X, _ERASE_R, _ERASE_G, _ERASE_B = range(16, 24)
+_NCOLS = 24
+
+
+class BatchAugment:
+    """Random geometry, colour and weather for a whole batch at once; see the module docstring.
+
+    A plain picklable object with no parameters, so each DataLoader worker can hold its own copy.
+    It caches small constant tensors per device and, per thread, the two large intermediate
+    buffers (the float input and the sampling grid): on CPU every fresh multi-megabyte buffer
+    costs page faults, which on a virtual machine can take longer than the arithmetic.
+    """
+
+    def __init__(self, cfg: AugmentConfig, pre: Preprocess, flip_map: Tensor | np.ndarray, *,
+                 channels_last: bool = False) -> None:
+        self.cfg = cfg
+        self.pre = pre
+        self.channels_last = channels_last
+        fm = torch.as_tensor(np.asarray(flip_map), dtype=torch.int64).reshape(-1)
+        if fm.numel() and (fm.min() < -1 or fm.max() >= fm.numel()):
+            raise ValueError(f"flip_map: entries must be -1 (never flip) or a class id < {fm.numel()}")
+        self.flip_map = fm
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        self._consts: dict[torch.device, _Constants] = {}
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_consts", "_local")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    def __call__(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """(uint8 [B, H, W, 3], int64 [B]) -> (normalised float32 [B, 3, size, size], labels after flips).
+
+        Colour comes before geometry: both colour and normalisation are affine per pixel and bilinear
+        weights sum to one, so the order does not change the result, and this way grid_sample's
+        output is the batch returned, with no further full-size buffer. (The area a transform
+        exposes is therefore padded in normalised space: ``zeros`` shows the data set's mean colour.)
+        """
+        _check_images(images_uint8_nhwc)
+        self._check_labels(labels, images_uint8_nhwc.shape[0])
+        if not self.cfg.enabled or images_uint8_nhwc.shape[0] == 0:
+            return to_input(images_uint8_nhwc, self.pre, channels_last=self.channels_last), labels
+        cfg, device = self.cfg, images_uint8_nhwc.device
+        k = self._constants(device)
+        p = _uniform((images_uint8_nhwc.shape[0], _NCOLS), generator, device).mul_(k.span).add_(k.low)
+        flip = (p[:, _FLIP] < cfg.flip) & (k.flip_map[labels.to(device)] >= 0)
+        # Without geometry the colour step's output is the result, so it must be a fresh tensor.
+        x = self._normalised(images_uint8_nhwc, p, k, into_scratch=cfg.geometric)
+        if cfg.geometric:
+            m = _sampling_matrices(p, flip, x.shape[-2], x.shape[-1], projective=cfg.perspective > 0)
+            grid = self._scratch("grid", (x.shape[0], 2, x.shape[-2], x.shape[-1]), device)
+            x = _warp(x, m, cfg.padding, projective=cfg.perspective > 0, grid=grid)
+        x = self._occasional(x, p, k, generator)
+        for ch, (lo, hi) in enumerate(k.bounds):  # scalar bounds per channel: the fast clamp
+            x[:, ch].clamp_(lo, hi)
+        new_labels = torch.where(flip.to(labels.device), self.flip_map.to(labels.device)[labels], labels)
+        return _layout(x, self.channels_last), new_labels
+
+    def _normalised(self, images: Tensor, p: Tensor, k: "_Constants", *, into_scratch: bool) -> Tensor:
+        """uint8 NHWC -> resized, colour-jittered, normalised float NCHW."""
+        n, h, w, _ = images.shape
+        size = self.pre.size
+        resized = (h, w) != (size, size)
+        if into_scratch and not resized:
+            x = self._scratch("input", (n, 3, h, w), images.device).copy_(images.permute(0, 3, 1, 2))
+        else:
+            x = _resize(_to_float_nchw(images, channels_last=False), size)
+        if not self.cfg.colour:
+            return x.mul_(k.scale).add_(k.bias)
+        out = self._scratch("colour", x.shape, x.device) if into_scratch else torch.empty_like(x)
+        return self._colour(x, p, k, out)
+
+    def _scratch(self, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """This thread's reusable float buffer ``name``, viewed as ``shape`` (grown when too small)."""
+        store: dict[tuple[str, torch.device], Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buf = store.get((name, device))
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = store[(name, device)] = torch.empty(shape, dtype=torch.float32, device=device)
+        return buf[: shape[0]]
+
+    def _check_labels(self, labels: Tensor, n: int) -> None:
+        if labels.ndim != 1 or labels.shape[0] != n:
+            raise ValueError(f"labels: expected shape [{n}] to match the images, got {tuple(labels.shape)}")
+        if labels.numel():
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if lo < 0 or hi >= self.flip_map.numel():
+                raise ValueError(f"labels: class ids must be in 0..{self.flip_map.numel() - 1} (the flip map's "
+                                 f"label space), got {lo}..{hi}")
+
+    def _constants(self, device: torch.device) -> "_Constants":
+        c = self._consts.get(device)
+        if c is None:
+            c = self._consts[device] = _Constants.build(self.cfg, self.pre, self.flip_map, device)
+        return c
+
+    def _colour(self, x: Tensor, p: Tensor, k: "_Constants", out: Tensor) -> Tensor:
+        """[0, 255] -> normalised into ``out``, with brightness, contrast and saturation in the same pass.
+
+        Brightness b, then contrast c (towards the image's mean luma m), then saturation s (towards
+        each pixel's luma g) compose to ``y = s*c*b*x + (1-s)*c*b*g + (1-c)*b*m``, which is linear in
+        the channels, as is the normalisation after it: together one 3x3 matrix and offset per
+        sample. Unlike torchvision the order is fixed and there is no clamp between the steps; both
+        only matter at factors far beyond these defaults.
+        """
+        n = x.shape[0]
+        b, c, s = p[:, _BRIGHT, None, None], p[:, _CONTRAST, None, None], p[:, _SAT, None, None]
+        mean_luma = x.mean(dim=(2, 3)) @ k.luma  # [B], in [0, 255], of the whole unwarped crop
+        cb = c * b
+        matrix = (s * cb * k.eye + (1 - s) * cb * k.luma_rows) * k.scale3  # rows scaled by 1 / (255 std)
+        offset = ((b - cb)[:, :, 0] * mean_luma[:, None]) * k.scale3.view(1, 3) + k.bias3  # [B, 3]
+        flat = x.reshape(n, 3, -1)  # (an explicitly expanded offset is the fast path of baddbmm)
+        return torch.baddbmm(offset[:, :, None].expand_as(flat), matrix, flat, out=out.view_as(flat)).view_as(x)
+
+    def _occasional(self, x: Tensor, p: Tensor, k: "_Constants", g: torch.Generator | None) -> Tensor:
+        """Blur, weather and occlusion, each on just the samples that drew it, in place.
+
+        Blur and occlusion work directly on normalised values (a blur with weights summing to one
+        commutes with the normalisation); weather is defined on [0, 1] pixels, so its subset is
+        un-normalised and re-normalised around it -- a pass over a tenth of the batch.
+        """
+        cfg = self.cfg
+        scale = min(x.shape[-2:]) / _REFERENCE_PX
+        if cfg.blur > 0:
+            rows, cols = (_blur_bank(n, cfg.blur_sigma, scale, x.device) for n in x.shape[-2:])
+            _on_subset(x, p, p[:, _BLUR] < cfg.blur, lambda xs, ps: _separable(
+                xs, rows[ps[:, _BLUR_SIGMA].long()], cols[ps[:, _BLUR_SIGMA].long()]))
+        if cfg.weather > 0:
+            _on_subset(x, p, p[:, _WEATHER] < cfg.weather, lambda xs, ps: _weather(
+                xs.mul_(k.std).add_(k.mean), ps, cfg, g, scale).mul_(k.unit_scale).add_(k.unit_bias),
+                order=p[:, _KIND])
+        if cfg.erase > 0:
+            _on_subset(x, p, p[:, _ERASE] < cfg.erase, lambda xs, ps: _erase(xs, ps, (k.mean, k.std)))
+        return x
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """Small tensors :class:`BatchAugment` needs on one device, made once."""
+
+    flip_map: Tensor
+    luma: Tensor  # [3]
+    luma_rows: Tensor  # [3, 3], every row the luma weights
+    eye: Tensor
+    mean: Tensor  # [1, 3, 1, 1], in [0, 1] units
+    std: Tensor
+    scale: Tensor  # [1, 3, 1, 1]: [0, 255] -> normalised is x * scale + bias
+    bias: Tensor
+    scale3: Tensor  # [3, 1]
+    bias3: Tensor  # [1, 3]
+    unit_scale: Tensor  # [1, 3, 1, 1]: [0, 1] -> normalised is x * unit_scale + unit_bias
+    unit_bias: Tensor
+    bounds: tuple[tuple[float, float], ...]  # per channel: what 0 and 255 normalise to
+    low: Tensor  # [_NCOLS]: parameters = uniform draws * span + low
+    span: Tensor
+
+    @classmethod
+    def build(cls, cfg: AugmentConfig, pre: Preprocess, flip_map: Tensor, device: torch.device) -> "_Constants":
+        def t(v: Any) -> Tensor:
+            return torch.as_tensor(v, dtype=torch.float32).to(device)
+
+        luma = t(_LUMA)
+        scale, bias = pre.scale_bias(device)
+        return cls(flip_map=flip_map.to(device), luma=luma, luma_rows=luma.expand(3, 3).contiguous(),
+                   eye=torch.eye(3, device=device), mean=t(pre.mean).view(1, 3, 1, 1), std=t(pre.std).view(1, 3, 1, 1),
+                   scale=scale, bias=bias, scale3=scale.view(3, 1), bias3=bias.view(1, 3),
+                   unit_scale=scale * 255.0, unit_bias=bias,
+                   bounds=_pixel_bounds(scale, bias), **_param_ranges(cfg, pre.size, device))
+
+
+def _param_ranges(cfg: AugmentConfig, size: int, device: torch.device) -> dict[str, Tensor]:
+    """``low`` and ``span`` per draw column, so that ``u * span + low`` is each parameter in its unit."""
+    ranges = [(0.0, 1.0)] * _NCOLS  # probabilities and colours stay U[0, 1)
+    rotate, scale = math.radians(cfg.rotate), size / _REFERENCE_PX
+    ranges[_ROT] = (-rotate, 2 * rotate)  # radians
+    ranges[_SCALE] = (cfg.scale[0], cfg.scale[1] - cfg.scale[0])  # zoom factor
+    ranges[_TX] = ranges[_TY] = (-2 * cfg.translate, 4 * cfg.translate)  # [-1, 1] spans the image
+    ranges[_PX] = ranges[_PY] = (-cfg.perspective, 2 * cfg.perspective)
+    for col, amount in ((_BRIGHT, cfg.brightness), (_CONTRAST, cfg.contrast), (_SAT, cfg.saturation)):
+        ranges[col] = (1 - amount, 2 * amount)  # factor
+    ranges[_BLUR_SIGMA] = (0.0, _BLUR_LEVELS - 1e-3)  # floor: which of the blur bank's sigmas
+    ranges[_KIND] = (0.0, float(len(cfg.weather_kinds)))  # floor: index into weather_kinds
+    ranges[_SEVERITY] = (0.0, float(cfg.weather_severity))  # floor: severity - 1
+    ranges[_WEATHER_VALUE] = (0.68, 0.14)  # fog's grey, as corruptions.fog
+    ranges[_ERASE_AREA] = (cfg.erase_area[0], cfg.erase_area[1] - cfg.erase_area[0])  # fraction of the image
+    ranges[_ERASE_ASPECT] = (math.log(0.5), math.log(4.0))  # log of height / width, in [1/2, 2]
+    ranges[_ERASE_Y] = ranges[_ERASE_X] = (0.0, float(size))  # centre, pixels
+    low, span = torch.tensor(ranges, dtype=torch.float32, device=device).unbind(1)
+    return {"low": low, "span": span}
+
+
+def _pixel_bounds(scale: Tensor, bias: Tensor) -> tuple[tuple[float, float], ...]:
+    """Per channel, what pixels 0 and 255 normalise to, computed in float32 exactly as the data is.
+
+    (Bounds computed in double can sit one rounding step inside the float32 value of a black or
+    white pixel, and the clamp would then nudge pixels that augmentation never touched.)
+    """
+    pixels = torch.tensor([0.0, 255.0], device=scale.device).view(2, 1, 1, 1)
+    lo, hi = (pixels * scale + bias).view(2, 3).cpu().tolist()
+    return tuple(zip(lo, hi))
+
+
+def _uniform(shape: tuple[int, ...], g: torch.Generator | None, device: torch.device) -> Tensor:
+    """U[0, 1) drawn on the generator's device (so a seed means the same numbers) then moved."""
+    where = g.device if g is not None else device
+    return torch.rand(shape, generator=g, device=where).to(device)
+
+
+def _normal(shape: tuple[int, ...], g: torch.Generator | None, device: torch.device) -> Tensor:
+    where = g.device if g is not None else device
+    return torch.randn(shape, generator=g, device=where).to(device)
+
+
+def _on_subset(x: Tensor, p: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor],
+               order: Tensor | None = None) -> None:
+    """``x[mask] = fn(x[mask], p[mask])`` in place: work proportional to the chosen samples only.
+
+    With ``order``, the chosen rows reach ``fn`` sorted by it (stable), so ``fn`` can work on groups.
+    """
+    idx = mask.nonzero().squeeze(1)
+    if order is not None:
+        idx = idx[torch.argsort(order[idx], stable=True)]
+    if idx.numel():
+        x.index_copy_(0, idx, fn(x.index_select(0, idx), p.index_select(0, idx)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: one 3x3 matrix per sample, one grid_sample per batch
+
+
+def _sampling_matrices(p: Tensor, flip: Tensor, h: int, w: int, *, projective: bool) -> Tensor:
+    """[B, 3, 3] maps from output to input coordinates in grid_sample's [-1, 1] space.
+
+    The forward transform (what happens to the sign) is flip, zoom, rotate, shift, then tilt; the
+    sampler needs its inverse, so a zoom of 1.1 really enlarges the sign by 10%, and a flip is
+    exactly ``x -> -x``, which keeps a flipped image pixel-exact. Rotation happens in pixel units,
+    so non-square images rotate without shearing.
+    """
+    n = p.shape[0]
+    angle, zoom, shift = p[:, _ROT], p[:, _SCALE], p[:, _TX:_TY + 1]
+    mirror = 1.0 - 2.0 * flip.to(p.dtype)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # mirror @ (1 / zoom) @ rotation(-angle): the inverse of the linear part
+    a = torch.stack([mirror * cos, mirror * sin * (h / w), -sin * (w / h), cos], dim=1).view(n, 2, 2)
+    b = -(a @ shift[:, :, None])  # undo the shift before the linear part: [B, 2, 1]
+    last = torch.zeros(n, 1, 3, dtype=p.dtype, device=p.device)
+    last[:, 0, 2] = 1.0
+    if projective:
+        # the inverse of a tilt [[1, 0, 0], [0, 1, 0], [p, q, 1]] negates p and q; fold it in on the right
+        tilt = p[:, _PX:_PY + 1]
+        a = a - b * tilt[:, None, :]
+        last[:, 0, :2] = -tilt
+    return torch.cat([torch.cat([a, b], dim=2), last], dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _pixel_centres(size: int, device: torch.device) -> Tensor:
+    """Pixel centres in [-1, 1] (align_corners=False), written so that -c[i] == c[size-1-i] exactly."""
+    return (torch.arange(size, device=device, dtype=torch.float32) * 2 + (1 - size)) / size
+
+
+def _warp(x: Tensor, m: Tensor, padding: str, *, projective: bool, grid: Tensor | None = None) -> Tensor:
+    """Resample every image through its matrix with one grid_sample.
+
+    The grid is separable -- ``grid[b, :, i, j] = U[b, :, j] + V[b, :, i]`` -- so it is one
+    broadcast add into planar [B, 2, H, W] form, many times cheaper than ``affine_grid``'s batched
+    matmul (which at 32 px costs more than the sampling itself); grid_sample then reads the planar
+    grid through a permuted view, so it is never interleaved in memory.
+    """
+    h, w = x.shape[-2:]
+    xs, ys = _pixel_centres(w, x.device), _pixel_centres(h, x.device)
+    along_x = m[:, :, 0, None] * xs + m[:, :, 2, None]  # [B, 3, W]: homogeneous (x, y, depth) terms
+    along_y = m[:, :, 1, None] * ys  # [B, 3, H]
+    grid = torch.add(along_x[:, :2, None, :], along_y[:, :2, :, None], out=grid)  # [B, 2, H, W]
+    if projective:
+        grid = grid.div_(along_x[:, 2:, None, :] + along_y[:, 2:, :, None])  # depth > 0.5 by the config check
+    return F.grid_sample(x, grid.permute(0, 2, 3, 1), mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Occasional effects: each takes the [k, C, H, W] subset that drew it and its rows of draws
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
+    """Separable Gaussian blur with a per-sample sigma, reflecting at the borders."""
+    h, w = x.shape[-2:]
+    radius = max(1, math.ceil(2.5 * sigma_max))
+    rows = _blur_matrix(sigma, h, radius)
+    return _separable(x, rows, rows if w == h else _blur_matrix(sigma, w, radius))
+
+
+def _separable(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Filter each [k, C, H, W] image by its [k, H, H] matrix along columns and [k, W, W] along rows.
+
+    With banded blur matrices that have the border reflection folded in, this is a separable blur
+    as two batched matrix products, which on small images beats grouped convolutions several times.
+    """
+    n, c, h, w = x.shape
+    y = torch.bmm(x.reshape(n, c * h, w), cols.transpose(1, 2)).view(n, c, h, w)  # along each row
+    return torch.matmul(rows[:, None], y)  # along each column, the matrix shared by the channels
+
+
+# Blur strengths are drawn from a bank of this many sigmas, evenly spaced over blur_sigma: the
+# matrices are then built once, not per sample and batch.
+_BLUR_LEVELS = 8
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_bank(n: int, sigma: tuple[float, float], scale: float, device: torch.device) -> Tensor:
+    """[_BLUR_LEVELS, n, n] blur matrices for sigmas evenly spaced over ``sigma`` (pixels at 32 px)."""
+    sigmas = torch.linspace(sigma[0] * scale, sigma[1] * scale, _BLUR_LEVELS, device=device)
+    return _blur_matrix(sigmas, n, max(1, math.ceil(2.5 * sigma[1] * scale)))
+
+
+def _blur_matrix(sigma: Tensor, n: int, radius: int) -> Tensor:
+    """[k, n, n] with ``(G @ v)[i] = sum_t w(t) v[reflect(i + t)]`` over |t| <= radius, w per sample."""
+    radius = min(radius, n - 1)  # reflection reaches one image-width out at most
+    taps = torch.arange(-radius, radius + 1, device=sigma.device)
+    weights = torch.exp(-0.5 * (taps / sigma.clamp(min=1e-3)[:, None]) ** 2)
+    weights = weights / weights.sum(1, keepdim=True)  # [k, T]
+    src = torch.arange(n, device=sigma.device)[:, None] + taps  # [n, T]
+    src = torch.where(src < 0, -src, torch.where(src > n - 1, 2 * (n - 1) - src, src))
+    k = sigma.shape[0]
+    g = torch.zeros(k, n, n, dtype=weights.dtype, device=sigma.device)
+    return g.scatter_add_(2, src.expand(k, n, -1), weights[:, None, :].expand(k, n, -1))
+
+
+def _weather(x: Tensor, p: Tensor, cfg: AugmentConfig, g: torch.Generator | None, scale: float) -> Tensor:
+    """One weather condition per sample, of the kind and severity it drew, on [0, 1] pixels.
+
+    The rows arrive sorted by kind, so each kind works on a contiguous slice: the costly parts
+    (per-pixel random numbers, ``pow``) are paid only by the samples that need them.
+    """
+    kinds = cfg.weather_kinds
+    kind = p[:, _KIND].long().clamp_(max=len(kinds) - 1)
+    counts = torch.bincount(kind, minlength=len(kinds)).tolist()
+    level = p[:, _SEVERITY].long().clamp_(max=cfg.weather_severity - 1)  # severity - 1
+    y = x.clamp_(0.0, 1.0)  # x is the caller's fresh copy
+    start = 0
+    for name, count in zip(kinds, counts):
+        rows = slice(start, start + count)
+        if count:
+            effect, table = _WEATHER_EFFECTS[name]
+            y[rows] = effect(y[rows], table[x.device][level[rows]], p[rows, _WEATHER_VALUE], g, scale)
+        start += count
+    return y
+
+
+class _PerDevice(dict):
+    """A constant table, copied to each device on first use: ``table[device]``."""
+
+    def __init__(self, values: list[list[float]]) -> None:
+        super().__init__()
+        self.values = values
+
+    def __missing__(self, device: torch.device) -> Tensor:
+        t = self[device] = torch.tensor(self.values, dtype=torch.float32, device=device)
+        return t
+
+
+def _col(t: Tensor, i: int, width: int = 1) -> Tensor:
+    """Columns ``i:i+width`` of a per-sample parameter table, shaped to broadcast over [k, C, H, W]."""
+    return t[:, i:i + width, None, None]
+
+
+def _towards(x: Tensor, target: Tensor | float, amount: Tensor) -> Tensor:
+    """``x + amount * (target - x)``: what ``torch.lerp`` computes, but lerp and addcmul are several
+    times slower than plain arithmetic when an operand broadcasts (per sample or per channel)."""
+    return (target - x).mul_(amount).add_(x)
+
+
+# Each effect gets its rows of the subset, their rows of its table (one row per severity 1..5,
+# the values of signscale.corruptions), their U[0, 1) value, the generator and size / 32 px.
+Weather = Callable[[Tensor, Tensor, Tensor, torch.Generator | None, float], Tensor]
+
+_FOG_PARAMS = _PerDevice([[a] for a in (0.25, 0.35, 0.45, 0.55, 0.65)])  # thickness
+
+
+def _fog(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> Tensor:
+    """Blend towards light grey, thicker towards the top and in uneven patches (corruptions.fog)."""
+    n, _, h, w = x.shape
+    coarse = _uniform((n, 1, 4, 4), g, x.device).mul_(0.5).add_(0.75)  # patches in [0.75, 1.25]
+    # bilinear upsampling of the 4x4 grid (whose rows sum to one), with the top-to-bottom thinning
+    patches = _fog_rows(h, x.device) @ coarse @ _upsampler(w, 4, x.device).T
+    alpha = patches.mul_(_col(t, 0)).clamp_(0.0, 0.92)
+    return _towards(x, value.view(n, 1, 1, 1), alpha)
+
+
+@functools.lru_cache(maxsize=32)
+def _upsampler(n: int, cells: int, device: torch.device) -> Tensor:
+    """[n, cells] bilinear weights, as ``F.interpolate(align_corners=True)`` and corruptions._smooth_field.
+
+    Two tiny matrix products upsample a batch of coarse grids several times faster than interpolate.
+    """
+    pos = torch.linspace(0, cells - 1, n, device=device)
+    lo = pos.long().clamp_(max=cells - 2)
+    frac = pos - lo
+    m = torch.zeros(n, cells, device=device)
+    m[torch.arange(n, device=device), lo] = 1 - frac
+    m[torch.arange(n, device=device), lo + 1] = frac
+    return m
+
+
+@functools.lru_cache(maxsize=32)
+def _fog_rows(n: int, device: torch.device) -> Tensor:
+    """The row upsampler scaled by corruptions.fog's vertical profile (1.15 at the top to 0.85)."""
+    return torch.linspace(1.15, 0.85, n, device=device)[:, None] * _upsampler(n, 4, device)
+
+
+_NIGHT_PARAMS = _PerDevice([[1.3 + 0.3 * s, 0.008 + 0.008 * s] + [(0.95 - 0.11 * s) * c for c in
+                     (1 - 0.04 * s, 1 - 0.02 * s, 1 + 0.03 * s)] for s in range(1, 6)])  # gamma, sigma, gain * tint
+
+
+def _night(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> Tensor:
+    """Gamma darkening with a blue cast and sensor noise, as with a dashcam after dusk (corruptions.night)."""
+    dark = x.pow(_col(t, 0)).mul_(_col(t, 2, 3))
+    return dark.add_(_normal(tuple(x.shape), g, x.device).mul_(_col(t, 1)))
+
+
+_NOISE_PARAMS = _PerDevice([[s] for s in (0.03, 0.05, 0.08, 0.11, 0.15)])  # sigma
+
+
+def _noise(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> Tensor:
+    """Additive Gaussian sensor noise (corruptions.noise)."""
+    return _normal(tuple(x.shape), g, x.device).mul_(_col(t, 0)).add_(x)
+
+
+_CONTRAST_PARAMS = _PerDevice([[1 - k] for k in (0.75, 0.6, 0.45, 0.32, 0.22)])  # 1 - contrast kept
+
+
+def _contrast(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> Tensor:
+    """Pull every pixel towards the image mean: haze, cheap sensor, overcast (corruptions.contrast)."""
+    return _towards(x, x.mean(dim=(1, 2, 3), keepdim=True), _col(t, 0))
+
+
+_SNOW_PARAMS = _PerDevice([[wh, d, float(s >= 3)] for s, wh, d in zip(range(1, 6), (0.12, 0.2, 0.28, 0.36, 0.45),
+                                                                (0.012, 0.02, 0.03, 0.04, 0.055))])
+
+
+def _snow(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> Tensor:
+    """Whitened, low-contrast scene with white flakes that grow with severity (corruptions.snow)."""
+    n, _, h, w = x.shape
+    x = _towards(x, 0.85, _col(t, 0))
+    density = _col(t, 1)
+    draw = _uniform((n, 1, h, w), g, x.device)
+    # one draw per pixel: below `density` it is a seed, and draw / density is then U(0, 1) again
+    seeds = (draw < density) * draw.div_(density).mul_(0.4).add_(0.6)
+    small = _grow(seeds, max(1, round(scale)))
+    flakes = torch.where(_col(t, 2) > 0, _grow(seeds, max(1, round(2 * scale))), small)  # larger from severity 3
+    flakes = _soften(h, scale, x.device) @ flakes @ _soften(w, scale, x.device).T
+    return _towards(x, 0.97, flakes.mul_(1.3).clamp_(max=1.0))
+
+
+@functools.lru_cache(maxsize=32)
+def _soften(n: int, scale: float, device: torch.device) -> Tensor:
+    """The fixed [n, n] blur (sigma 0.3 px at 32 px) that rounds snow flakes, as corruptions.snow."""
+    sigma = torch.full((1,), 0.3 * scale, device=device)
+    return _blur_matrix(sigma, n, math.ceil(2.5 * 0.3 * scale))[0]
+
+
+def _grow(seeds: Tensor, size: int) -> Tensor:
+    """Each seed becomes a size x size flake, anchored like corruptions._smear: a running maximum
+    over shifted copies along each axis (a tenth of the cost of ``max_pool2d``)."""
+    if size <= 1:
+        return seeds
+    out = seeds
+    for axis in (-1, -2):
+        n = out.shape[axis]
+        grown = out.clone()
+        for shift in range(1, size):
+            dst = grown.narrow(axis, shift, n - shift)
+            torch.maximum(dst, out.narrow(axis, 0, n - shift), out=dst)
+        out = grown
+    return out
+
+
+_WEATHER_EFFECTS: dict[str, tuple[Weather, _PerDevice]] = {
+    "fog": (_fog, _FOG_PARAMS), "night": (_night, _NIGHT_PARAMS), "noise": (_noise, _NOISE_PARAMS),
+    "contrast": (_contrast, _CONTRAST_PARAMS), "snow": (_snow, _SNOW_PARAMS),
+}
+assert tuple(_WEATHER_EFFECTS) == WEATHER_KINDS
+
+
+def _erase(x: Tensor, p: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+    """Random-erasing-style occluder: a rectangle of random size, place and flat colour per sample.
+
+    Works on normalised values: the colour, drawn in [0, 1], is normalised instead of the image.
+    """
+    n, _, h, w = x.shape
+    frac, aspect = p[:, _ERASE_AREA], torch.exp(p[:, _ERASE_ASPECT])
+    half_h = (torch.sqrt(frac * aspect) * (h / 2)).view(n, 1, 1, 1)
+    half_w = (torch.sqrt(frac / aspect) * (w / 2)).view(n, 1, 1, 1)
+    cy, cx = p[:, _ERASE_Y].view(n, 1, 1, 1), p[:, _ERASE_X].view(n, 1, 1, 1)
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5).view(1, 1, h, 1)
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5).view(1, 1, 1, w)
+    # a rectangle is separable: rows inside times columns inside, as floats so plain arithmetic blends
+    inside = ((ys - cy).abs() < half_h).to(x.dtype) * ((xs - cx).abs() < half_w).to(x.dtype)
+    mean, std = stats
+    colour = (p[:, _ERASE_R:_ERASE_B + 1].view(n, 3, 1, 1) - mean) / std
+    return _towards(x, colour, inside)

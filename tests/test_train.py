@@ -1,0 +1,103 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from signscale import checkpoint, precision
+from signscale.config import ConfigError
+from signscale.train import TrainConfig, TrainError, train
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "train_worker.py")
+BASE = ["model=small_cnn", "batch_size=16", "workers=2", "ema=0.99", "lr=0.01", "progress=false",
+        "augment.enabled=true", "threads=1", "log_every=1"]
+
+
+def _run(out_json, nproc, action, k, *overrides, expect_rc=0):
+    args = [SCRIPT, str(out_json), action, str(k), *BASE, *overrides]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+           if nproc > 1 else [sys.executable, *args])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == expect_rc, proc.stderr[-3000:]
+    return json.loads(Path(out_json).read_text()) if expect_rc == 0 else None
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_accumulation(synthetic_dataset, tmp_path):
+    common = [f"data={synthetic_dataset}", "max_steps=5", "world_invariant=true"]
+    two = _run(tmp_path / "two.json", 2, "none", 0, *common, f"out={tmp_path / 'two'}")
+    one = _run(tmp_path / "one.json", 1, "none", 0, *common, "accumulate=2", f"out={tmp_path / 'one'}")
+    r0, r1 = two
+    assert r0["param_sums"] == r1["param_sums"]  # DDP keeps the ranks identical after every step
+    assert len(r0["losses"]) == 5
+    assert r0["losses"] == pytest.approx(one[0]["losses"], rel=1e-5, abs=1e-6)
+    assert r0["param_sums"] == pytest.approx(one[0]["param_sums"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(synthetic_dataset, tmp_path):
+    common = [f"data={synthetic_dataset}", "max_steps=9", "checkpoint_every=3", "epochs=3"]
+    ref = _run(tmp_path / "ref.json", 1, "none", 0, *common, f"out={tmp_path / 'ref'}")[0]
+    run = tmp_path / "run"
+    _run(tmp_path / "x.json", 1, "kill", 5, *common, f"out={run}", expect_rc=-9)
+    assert checkpoint.latest_checkpoint(str(run)).endswith("step-000000003.pt")
+    resumed = _run(tmp_path / "res.json", 1, "none", 0, *common, f"out={run}", "resume=auto")[0]
+    assert resumed["steps"] == 9
+    assert resumed["losses"] == pytest.approx(ref["losses"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(synthetic_dataset, tmp_path):
+    run = tmp_path / "run"
+    res = _run(tmp_path / "t.json", 1, "term", 2, f"data={synthetic_dataset}", "max_steps=50", f"out={run}")[0]
+    assert res["preempted"] and res["steps"] == 2
+    assert checkpoint.latest_checkpoint(str(run)).endswith("step-000000002.pt")
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_mixed_precision_paths_run(synthetic_dataset, tmp_path, name):
+    cfg = TrainConfig(data=(synthetic_dataset,), val=synthetic_dataset, out=str(tmp_path / name), model="small_cnn",
+                      batch_size=32, max_steps=3, workers=0, precision=name, progress=False)
+    res = train(cfg)
+    assert res.steps == 3 and all(l == l for l in res.losses)  # finite
+    assert 0.0 <= res.final_val_acc <= 1.0
+    assert res.peak_memory_mb > 0
+
+
+def test_fp16_step_is_skipped_on_inf_gradients():
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = precision.make_scaler("fp16", torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.full((3, 4), float("inf"))).sum()
+    precision.backward(loss, scaler)
+    res = precision.optimizer_step(opt, scaler, model.parameters(), clip_norm=1.0)
+    assert res.skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    loss = model(torch.ones(3, 4)).sum()
+    precision.backward(loss, scaler)
+    assert not precision.optimizer_step(opt, scaler, model.parameters()).skipped
+
+
+def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
+    with pytest.raises(ValueError, match="small_cnn"):
+        train(TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "x"), model="smal_cnn", max_steps=1,
+                          workers=0, progress=False))
+    with pytest.raises(ConfigError, match="data"):
+        train(TrainConfig(out=str(tmp_path / "y")))
+    cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "ok"), model="small_cnn", batch_size=32,
+                      max_steps=2, workers=0, progress=False)
+    res = train(cfg)
+    state, meta = checkpoint.load_model_artefact(res.model_url)
+    assert meta["label_space"]["name"] == "de" and meta["preprocess"]["size"] == 16
+    assert meta["model_config"]["name"] == "small_cnn"
+    # a corrupt checkpoint: clear error, nothing overwritten
+    latest = checkpoint.latest_checkpoint(str(tmp_path / "ok"))
+    Path(latest).write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
+        train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}))
+    assert Path(latest).read_bytes() == b"garbage"

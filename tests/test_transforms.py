@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from signscale import corruptions
 from signscale.labels import LabelSpace
 from signscale.transforms import (
+    _WEATHER_EFFECTS,
     WEATHER_KINDS,
     AugmentConfig,
     BatchAugment,
     Preprocess,
-    _WEATHER_EFFECTS,
     _gaussian_blur,
     to_input,
 )
@@ -27,9 +27,12 @@ FLIP_MAP = SPACE.flip_map()
 KEEP_RIGHT, KEEP_LEFT = SPACE.index("keep_right"), SPACE.index("keep_left")
 SPEED_30, PRIORITY = SPACE.index("speed_limit_30"), SPACE.index("priority_road")
 
+# Every sample gets at most one of blur, weather and erase; this makes all three common.
+MANY_EFFECTS = {"blur": 0.3, "weather": 0.4, "erase": 0.3}
+
 # Only the flip: every other op off, so the expected output can be written down exactly.
-FLIP_ONLY = AugmentConfig(flip=1.0, rotate=0.0, scale=(1.0, 1.0), translate=0.0, perspective=0.0, brightness=0.0,
-                          contrast=0.0, saturation=0.0, blur=0.0, weather=0.0, erase=0.0)
+FLIP_ONLY = AugmentConfig(flip=1.0, rotate=0.0, scale=(1.0, 1.0), translate=0.0, perspective=0.0,
+                          brightness=0.0, contrast=0.0, saturation=0.0, blur=0.0, weather=0.0, erase=0.0)
 
 
 def images(n: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -69,8 +72,11 @@ def test_preprocess_rejects_bad_values_naming_the_field(kwargs, field):
         Preprocess(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"flip": 1.5}, "flip"), ({"weather_kinds": ("hail",)}, "weather_kinds"),
-                                           ({"scale": (1.2, 0.9)}, "scale"), ({"perspective": 0.7}, "perspective")])
+@pytest.mark.parametrize("kwargs, field", [
+    ({"flip": 1.5}, "flip"), ({"weather_kinds": ("hail",)}, "weather_kinds"),
+    ({"scale": (1.2, 0.9)}, "scale"), ({"perspective": 0.7}, "perspective"),
+    ({"blur": 0.5, "weather": 0.4, "erase": 0.2}, "at most one"),
+])
 def test_augment_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AugmentConfig(**kwargs)
@@ -121,11 +127,11 @@ def test_disabled_augmentation_is_exactly_to_input():
 
 
 def test_same_seed_same_output_and_another_seed_another():
-    aug = BatchAugment(AugmentConfig(blur=0.5, weather=0.5, erase=0.5), Preprocess(), FLIP_MAP)
+    aug = BatchAugment(AugmentConfig(**MANY_EFFECTS), Preprocess(), FLIP_MAP)
     a, la = aug(images(64), labels(64), gen(7))
     b, lb = aug(images(64), labels(64), gen(7))
     assert torch.equal(a, b) and torch.equal(la, lb)
-    fresh = BatchAugment(AugmentConfig(blur=0.5, weather=0.5, erase=0.5), Preprocess(), FLIP_MAP)
+    fresh = BatchAugment(AugmentConfig(**MANY_EFFECTS), Preprocess(), FLIP_MAP)
     assert torch.equal(fresh(images(64), labels(64), gen(7))[0], a)  # no hidden state between calls
     c, _ = aug(images(64), labels(64), gen(8))
     assert not torch.equal(a, c)
@@ -133,7 +139,7 @@ def test_same_seed_same_output_and_another_seed_another():
 
 def test_output_is_normalised_float_nchw_within_the_pixel_range():
     pre = Preprocess()
-    aug = BatchAugment(AugmentConfig(blur=0.5, weather=0.5, erase=0.5), pre, FLIP_MAP)
+    aug = BatchAugment(AugmentConfig(**MANY_EFFECTS), pre, FLIP_MAP)
     out, new = aug(images(64), labels(64), gen())
     assert out.dtype == torch.float32 and out.shape == (64, 3, 32, 32) and out.is_contiguous()
     assert new.dtype == torch.int64 and new.shape == (64,)
@@ -162,7 +168,8 @@ def test_smaller_batches_after_larger_ones_are_unaffected_by_reused_buffers():
     aug = BatchAugment(AugmentConfig(), Preprocess(), FLIP_MAP)
     aug(images(64), labels(64), gen(1))
     small, _ = aug(images(5, seed=2), labels(5, seed=2), gen(3))
-    fresh, _ = BatchAugment(AugmentConfig(), Preprocess(), FLIP_MAP)(images(5, seed=2), labels(5, seed=2), gen(3))
+    fresh_aug = BatchAugment(AugmentConfig(), Preprocess(), FLIP_MAP)
+    fresh, _ = fresh_aug(images(5, seed=2), labels(5, seed=2), gen(3))
     assert torch.equal(small, fresh)
 
 
@@ -173,10 +180,12 @@ def test_a_pickled_copy_augments_identically():
     assert torch.equal(copy(images(), labels(), gen(5))[0], aug(images(), labels(), gen(5))[0])
 
 
-def test_empty_batch_and_bad_labels():
+def test_empty_batch_no_generator_and_bad_labels():
     aug = BatchAugment(AugmentConfig(), Preprocess(), FLIP_MAP)
     out, new = aug(images(0), labels(0), gen())
     assert out.shape == (0, 3, 32, 32) and new.shape == (0,)
+    out, _ = aug(images(4), labels(4))  # no generator: torch's global one
+    assert out.shape == (4, 3, 32, 32)
     with pytest.raises(ValueError, match="class ids"):
         aug(images(2), torch.tensor([0, len(SPACE)]), gen())
     with pytest.raises(ValueError, match="labels"):
@@ -194,7 +203,7 @@ def test_keep_right_is_mirrored_exactly_into_keep_left():
     x = images(1)
     out, new = BatchAugment(FLIP_ONLY, Preprocess(), FLIP_MAP)(x, torch.tensor([KEEP_RIGHT]), gen())
     assert new.tolist() == [KEEP_LEFT]
-    assert torch.equal(out, to_input(x.flip(2), Preprocess()))  # bit-exact mirror, then the usual preprocessing
+    assert torch.equal(out, to_input(x.flip(2), Preprocess()))  # a bit-exact mirror, then the usual inputs
 
 
 def test_speed_limit_is_never_flipped():
@@ -243,8 +252,9 @@ def test_flip_at_48_px_is_a_mirror():
 # -- sizes, effects ---------------------------------------------------------------------------
 
 
-def test_every_effect_runs_at_48_px_and_from_a_larger_input():
-    cfg = AugmentConfig(blur=1.0, weather=1.0, erase=1.0, weather_severity=5)
+@pytest.mark.parametrize("effect", ["blur", "weather", "erase"])
+def test_every_effect_runs_at_48_px_and_from_a_larger_input(effect):
+    cfg = AugmentConfig(weather_severity=5, **{"blur": 0.0, "weather": 0.0, "erase": 0.0, effect: 1.0})
     for pre, size in ((Preprocess(size=48), 48), (Preprocess(size=32), 64)):
         out, _ = BatchAugment(cfg, pre, FLIP_MAP)(images(16, size=size), labels(16), gen())
         assert out.shape == (16, 3, pre.size, pre.size) and torch.isfinite(out).all()
@@ -252,11 +262,11 @@ def test_every_effect_runs_at_48_px_and_from_a_larger_input():
 
 @pytest.mark.parametrize("kind", WEATHER_KINDS)
 def test_each_weather_kind_changes_the_image(kind):
-    base = dict(flip=0.0, rotate=0.0, scale=(1.0, 1.0), translate=0.0, perspective=0.0, brightness=0.0,
-                contrast=0.0, saturation=0.0, blur=0.0, erase=0.0, weather_severity=5)
+    cfg = AugmentConfig(flip=0.0, rotate=0.0, scale=(1.0, 1.0), translate=0.0, perspective=0.0,
+                        brightness=0.0, contrast=0.0, saturation=0.0, blur=0.0, erase=0.0, weather=1.0,
+                        weather_kinds=(kind,), weather_severity=5)
     x = images(8)
-    out, _ = BatchAugment(AugmentConfig(**base, weather=1.0, weather_kinds=(kind,)), Preprocess(), FLIP_MAP)(
-        x, labels(8), gen())
+    out, _ = BatchAugment(cfg, Preprocess(), FLIP_MAP)(x, labels(8), gen())
     clean = to_input(x, Preprocess())
     assert ((out - clean).abs().flatten(1).mean(1) > 0.02).all()
 
@@ -267,7 +277,8 @@ def test_weather_and_blur_follow_the_numpy_corruptions():
     nhwc = x.permute(0, 2, 3, 1).numpy()
     rng = np.random.default_rng(0)
     contrast, table = _WEATHER_EFFECTS["contrast"]
-    got = contrast(x.clone(), table[x.device][torch.arange(5)], torch.zeros(5), None, 1.0)  # severities 1..5
+    got = x.clone()
+    contrast(got, table[x.device][torch.arange(5)], torch.zeros(5), None, 1.0)  # in place, severities 1..5
     for s in range(1, 6):
         want = corruptions.contrast(nhwc[s - 1:s], s, rng)
         np.testing.assert_allclose(got[s - 1].permute(1, 2, 0).numpy(), want[0], atol=1e-5)
@@ -278,7 +289,7 @@ def test_weather_and_blur_follow_the_numpy_corruptions():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_the_gpu_and_is_deterministic_there():
-    aug = BatchAugment(AugmentConfig(blur=0.5, weather=0.5, erase=0.5), Preprocess(), FLIP_MAP)
+    aug = BatchAugment(AugmentConfig(**MANY_EFFECTS), Preprocess(), FLIP_MAP)
     x, y = images(64).cuda(), labels(64).cuda()
     a, la = aug(x, y, torch.Generator(device="cuda").manual_seed(1))
     b, lb = aug(x, y, torch.Generator(device="cuda").manual_seed(1))

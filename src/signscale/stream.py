@@ -34,7 +34,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -538,6 +538,8 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.remaining: Intervals | None = None  # None: the whole epoch
         self._readers: list[_DatasetReader] | None = None
+        # Optional batch transform run inside the workers (e.g. CPU augmentation): dict -> dict.
+        self.transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     # -- plan ---------------------------------------------------------------------------------
 
@@ -589,15 +591,26 @@ class ShardStream(IterableDataset):
         if total == 0:
             raise ShardError("nothing left to read this epoch")
         virtual = np.where(virtual >= total, virtual % total, virtual)
-        ds, rec = plan.lookup(virtual_to_global(remaining, virtual))
-        return self._assemble(ds, rec, pad, worker, j)
+        positions = virtual_to_global(remaining, virtual)
+        ds, rec = plan.lookup(positions)
+        out = self._assemble(ds, rec, pad, worker, j)
+        # A seed for this batch's random augmentation that depends only on where the batch sits in the
+        # epoch's global sequence: a resumed run, or N ranks vs 1 rank x accumulate N, draw the same.
+        out["seed"] = int(np.random.SeedSequence([self.cfg.seed, self.epoch, int(positions[0])]).generate_state(1)[0])
+        if self.transform is not None:
+            out = self.transform(out)
+        return out
 
     def _assemble(self, ds: np.ndarray, rec: np.ndarray, pad: np.ndarray, worker: int, j: int) -> dict[str, Any]:
+        """A batch as two tensors, the images and one int64 metadata matrix (columns ``META``).
+
+        Each tensor crossing from a worker costs a shared-memory handle and a pickle round trip, so
+        the metadata travels as one matrix; :func:`unpack_batch` gives it names again (as views).
+        """
         n = len(ds)
         S = self.image_size
         image = np.empty((n, S, S, 3), dtype=np.uint8)
-        meta = {k: np.empty(n, dtype=np.int64) for k in ("id", "label", "track", "condition", "country")}
-        roi = np.empty((n, 4), dtype=np.int16)
+        meta = np.empty((n, 11), dtype=np.int64)  # 7 scalar columns + 4 for the roi
         readers = self._dataset_readers()
         for d in np.unique(ds):
             sel = np.nonzero(ds == d)[0]
@@ -608,14 +621,12 @@ class ShardStream(IterableDataset):
                 image[sel] = np.stack([images.resize(im, S) for im in recs["image"]])
             else:
                 image[sel] = np.stack([images.resize(images.decode(b), S) for b in blobs])
-            for k in meta:
-                meta[k][sel] = recs[k]
-            roi[sel] = recs["roi"]
-        out: dict[str, Any] = {"image": torch.from_numpy(image), "pad": torch.from_numpy(pad.copy()),
-                               "dataset": torch.from_numpy(ds.astype(np.int64)), "roi": torch.from_numpy(roi),
-                               "worker": worker, "batch": j}
-        out.update({k: torch.from_numpy(v) for k, v in meta.items()})
-        return out
+            for c, k in enumerate(META[:5]):
+                meta[sel, c] = recs[k]
+            meta[sel, 7:11] = recs["roi"]
+        meta[:, 5] = ds
+        meta[:, 6] = pad
+        return {"image": torch.from_numpy(image), "meta": torch.from_numpy(meta), "worker": worker, "batch": j}
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -644,6 +655,21 @@ class ShardStream(IterableDataset):
                              "datasets and seed")
         self.epoch = int(state["epoch"])
         self.remaining = [tuple(x) for x in state["remaining"]] if state["remaining"] is not None else None
+
+
+META = ("id", "label", "track", "condition", "country", "dataset", "pad", "roi")  # roi spans 4 columns
+
+
+def unpack_batch(b: dict[str, Any]) -> dict[str, Any]:
+    """Name the columns of a worker's metadata matrix: ``id``, ``label``, ... (views, no copies)."""
+    if "meta" not in b:
+        return b
+    m = b.pop("meta")
+    for c, k in enumerate(META[:6]):
+        b[k] = m[:, c]
+    b["pad"] = m[:, 6].bool()
+    b["roi"] = m[:, 7:11]
+    return b
 
 
 class StreamLoader:
@@ -689,7 +715,7 @@ class StreamLoader:
             self._reset_counts()
         for b in self._dataloader():
             self._consumed[b["worker"]] += 1
-            yield b
+            yield unpack_batch(b)
         # epoch finished: the next one starts from the full plan
         self.stream.remaining = None
         self.stream.epoch += 1

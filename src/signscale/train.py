@@ -152,6 +152,21 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+class _WorkerAugment:
+    """Batch augmentation run inside a loader worker, seeded by the batch's own seed."""
+
+    def __init__(self, augment: BatchAugment) -> None:
+        self.augment = augment
+
+    def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(b["seed"])
+        x, y = self.augment(b["image"], b["meta"][:, 1], gen)
+        b["meta"][:, 1] = y
+        b["image"] = x
+        b["augmented"] = True
+        return b
+
+
 def _ema_update(decay: float) -> Callable[..., None]:
     """EMA with warm-up: the decay grows as (1 + n) / (10 + n) up to ``decay``, so early averages are not
     dominated by the random initial weights (a fixed 0.999 needs thousands of steps to forget them)."""
@@ -306,6 +321,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     sched = _scheduler(cfg, opt, total_steps)
     scaler = precision.make_scaler(cfg.precision, device)
     augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
+    if device.type == "cpu" and cfg.workers > 0:
+        # On a CPU box the loader workers augment while the main process trains; on a GPU the
+        # augmentation runs on the device after transfer. Same seed -> same pixels either way.
+        train_stream.transform = _WorkerAugment(augment)
 
     result = TrainResult(out=cfg.out, params=info["params"], macs=info["macs"], precision=cfg.precision,
                          world_size=world)
@@ -371,9 +390,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                 # one seed per global micro-batch: N ranks and 1 rank x accumulate N draw the same numbers
                 global_micro = (step * cfg.accumulate + (micro - 1) % cfg.accumulate) * world + rank
                 seed = _step_seed(cfg.seed, global_micro, 0)
-                torch.manual_seed(seed)
-                gen = torch.Generator(device=device).manual_seed(seed)
-                x, y = augment(batch["image"].to(device, non_blocking=True), batch["label"].to(device), gen)
+                torch.manual_seed(seed)  # dropout and anything else random in the step
+                if batch.get("augmented"):
+                    x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device)
+                else:
+                    gen = torch.Generator(device=device).manual_seed(batch["seed"])
+                    x, y = augment(batch["image"].to(device, non_blocking=True), batch["label"].to(device), gen)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 sync = nullcontext() if (last_micro or world == 1) else net.no_sync()  # type: ignore[operator]

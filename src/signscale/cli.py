@@ -146,6 +146,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from signscale import config, distributed
+    from signscale.evaluate import EvalConfig, evaluate
+
+    items = [f"model={args.model}", f"data={args.data}", f"out={args.out or ''}"]
+    if args.corruptions:
+        items.append(f"corruptions={args.corruptions}")
+    if args.severity:
+        items.append(f"severities={args.severity}")
+    cfg = config.load(EvalConfig, args.config, items + args.overrides)
+    distributed.init()
+    report = evaluate(cfg)
+    if distributed.rank() == 0:
+        console.print(report.summary())
+        if cfg.out:
+            console.print(f"report: {cfg.out.rstrip('/')}/report.html")
+    distributed.shutdown()
+    return 0
+
+
+@command("compare")
+def _compare(args: argparse.Namespace) -> int:
+    from signscale.evaluate import compare
+
+    c = compare(args.a, args.b, tolerance=args.tolerance, require_same_data=not args.any_data)
+    console.print("\n".join(c.lines(verbose=args.verbose)))
+    return 1 if c.worse else 0
+
+
 @command("bench")
 def _bench(args: argparse.Namespace) -> int:
     from signscale import bench
@@ -212,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("items", nargs="*", help="optional YAML config, then key=value overrides")
     s.set_defaults(extra=[])
 
+    s = sub.add_parser("evaluate", help="score a model on a dataset or source; HTML report, metrics.json")
+    s.add_argument("model", help="model artefact folder (local or any storage URL)")
+    s.add_argument("data", help="packed dataset URL or a source, e.g. gtsrb-test:GTSRB_Final_Test_Images.zip")
+    s.add_argument("--out", help="report folder")
+    s.add_argument("--corruptions", help="comma list of snow,rain,fog,night,glare,blur,noise,contrast or 'all'")
+    s.add_argument("--severity", help="comma list of severities 1..5 (default 3)")
+    s.add_argument("--config", help="YAML with EvalConfig keys")
+    s.add_argument("overrides", nargs="*", default=[], help="key=value EvalConfig overrides")
+
+    s = sub.add_parser("compare", help="differences between two reports; exit 1 when B is worse than A")
+    s.add_argument("a", help="report folder or metrics.json of the reference")
+    s.add_argument("b", help="report folder or metrics.json of the candidate")
+    s.add_argument("--tolerance", type=float, default=0.005)
+    s.add_argument("--any-data", action="store_true", help="allow comparing reports of different data")
+    s.add_argument("-v", "--verbose", action="store_true")
+
     b = sub.add_parser("bench", help="benchmarks that print side-by-side figures")
     bsub = b.add_subparsers(dest="bench_cmd", metavar="BENCH", required=True)
     x = bsub.add_parser("io", help="pack and read throughput: raw files vs shards vs loader, local vs S3")
@@ -223,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-s3", action="store_true", help="skip the S3 rows (needs moto[server] and s3fs)")
     x.add_argument("--batch-size", type=int, default=256)
     x.add_argument("--workdir", default="", help="where to write the benchmark data (default: a temp dir)")
+    x = bsub.add_parser("train", help="training samples/s and peak memory per model x precision")
+    x.add_argument("--data", help="packed dataset URL (default: a synthetic set)")
+    x.add_argument("--models", default="small_cnn,msnet,stn_msnet,resnet18_small")
+    x.add_argument("--precisions", default="fp32,bf16,fp16")
+    x.add_argument("--steps", type=int, default=30)
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--device", default="auto")
     x = bsub.add_parser("synthetic", help="synthetic render rate on one core")
     x.add_argument("--n", type=int, default=5000)
     x.add_argument("--size", type=int, default=32)
@@ -243,15 +296,26 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cmd:
         parser.print_help()
         return 0
+    from signscale.checkpoint import CheckpointError
     from signscale.config import ConfigError
     from signscale.labels import LabelError
     from signscale.shards import ShardError
     from signscale.sources import SourceError
     from signscale.storage import StorageError
 
+    errors: tuple[type[BaseException], ...] = (ConfigError, SourceError, ShardError, LabelError, StorageError,
+                                               CheckpointError, FileNotFoundError)
+    if args.cmd in ("evaluate", "compare"):
+        from signscale.evaluate import CompareError, EvalError
+
+        errors += (EvalError, CompareError)
+    if args.cmd == "train":
+        from signscale.train import TrainError
+
+        errors += (TrainError,)
     try:
         return COMMANDS[args.cmd](args)
-    except (ConfigError, SourceError, ShardError, LabelError, StorageError, FileNotFoundError) as exc:
+    except errors as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     except KeyboardInterrupt:

@@ -35,12 +35,14 @@ class DemoResult:
     seconds: float = 0.0
     val_acc: float = float("nan")
     train_summary: str = ""
+    eval_summary: str = ""
     files: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         files = "\n  ".join(f"{k}: {v}" for k, v in self.files.items())
         return (f"demo: packed {self.samples:,} synthetic signs into {self.shards} shard(s), trained {self.train_summary}"
                 f"\n  validation accuracy on unseen synthetic signs: {self.val_acc:.1%}  (total {self.seconds:.0f}s)"
+                f"\n  {self.eval_summary}"
                 f"\n  {files}")
 
 
@@ -70,6 +72,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     result.train_summary = (f"{cfg.model} for {trained.epochs} epochs in {trained.seconds:.0f}s "
                             f"({trained.samples_per_s:,.0f} samples/s)")
     result.files["model"] = trained.model_url
-    result.files["metrics"] = storage.join(run, "metrics.jsonl")
+    result.files["training metrics"] = storage.join(run, "metrics.jsonl")
+    from signscale.evaluate import EvalConfig, evaluate
+
+    report_dir = storage.join(out, "report")
+    report = evaluate(EvalConfig(model=trained.model_url, data=val, out=report_dir, workers=1,
+                                 corruptions=("snow", "fog", "night", "blur"), severities=(3,)))
+    result.eval_summary = report.summary()
+    result.files["evaluation report"] = storage.join(report_dir, "report.html")
     result.seconds = time.perf_counter() - started
     return result

@@ -13,8 +13,9 @@ What is scored, and how (docs/evaluation.md has the user's version):
   decode, labels outside the model's label space and, for packed data, what ``pack`` quarantined,
   are counted by reason under ``skipped`` and never scored.
 * **Metrics are sums.** Everything reported is computed from a confusion matrix, per-bin calibration
-  sums and per-group (count, correct) pairs, so ranks add their tallies with ``all_reduce_sum`` and
-  any number of processes gives the single-process numbers exactly.
+  sums and per-group (count, correct) pairs, all integers (float sums in fixed point, see
+  ``CONF_SCALE``), so ranks add their tallies with ``all_reduce_sum`` and any number of processes,
+  or any batch size, gives the single-process numbers to the last digit.
 * **Corruptions are a function of the sample.** Sample ``id`` under corruption ``k`` (its index in
   :data:`corruptions.CORRUPTIONS`) at severity ``s`` draws from
   ``np.random.default_rng([seed, k, s, id])``: the same image gets the same pixels whatever the

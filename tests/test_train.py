@@ -101,3 +101,20 @@ def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
         train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}))
     assert Path(latest).read_bytes() == b"garbage"
+
+
+def test_class_balanced_loss_weights(synthetic_dataset, tmp_path):
+    from signscale.shards import Manifest
+    from signscale.train import _class_weights
+
+    cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "cb"), model="small_cnn", batch_size=32,
+                      max_steps=2, workers=0, progress=False, class_balance="loss")
+    w = _class_weights(cfg, 43, torch.device("cpu")).double()
+    hist = torch.from_numpy(Manifest.load(synthetic_dataset).class_histogram()).double()
+    assert float((w * hist).sum() / hist.sum()) == pytest.approx(1.0)  # the average sample keeps weight 1
+    present = hist > 0
+    rare = int(torch.where(present, hist, torch.inf).argmin())
+    common = int(hist.argmax())
+    assert hist[rare] < hist[common] and w[rare] > w[common]
+    assert float(w[rare] * hist[rare]) == pytest.approx(float(w[common] * hist[common]))  # classes weigh equally
+    assert train(cfg).steps == 2

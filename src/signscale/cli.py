@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and getattr(args, "cmd", None) == "train":
         args.extra = unknown  # --key=value overrides
+    elif unknown and hasattr(args, "overrides") and all("=" in u for u in unknown):
+        args.overrides = [*args.overrides, *unknown]  # key=value overrides given after the options
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.cmd:

@@ -24,6 +24,8 @@ What is scored, and how (docs/evaluation.md has the user's version):
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import time
@@ -100,7 +102,8 @@ class EvalConfig:
     severities: tuple[int, ...] = (3,)  # 1..5
     seed: int = 0  # corruption randomness (see the module docstring)
     examples: int = 20  # most frequent confusions listed, each with example images
-    crop: Literal["none", "roi"] = "none"  # sources: crop to the sign's ROI before resizing (as `pack --crop roi`)
+    # sources: crop to the sign's ROI before resizing (as `pack --crop roi`); auto: as the model's training data
+    crop: Literal["auto", "none", "roi"] = "auto"
     threads: int = 0  # torch intra-op threads in this process while evaluating (0: torch's default)
     progress: bool = True
 
@@ -130,8 +133,8 @@ class EvalConfig:
             raise config_mod.ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.examples < 0:
             raise config_mod.ConfigError(f"examples: must be >= 0, got {self.examples}")
-        if self.crop not in ("none", "roi"):
-            raise config_mod.ConfigError(f"crop: expected none or roi, got {self.crop!r}")
+        if self.crop not in ("auto", "none", "roi"):
+            raise config_mod.ConfigError(f"crop: expected auto, none or roi, got {self.crop!r}")
         if self.threads < 0:
             raise config_mod.ConfigError(f"threads: must be >= 0, got {self.threads}")
 
@@ -766,7 +769,8 @@ def _load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelS
     info = {"url": url, "sha256": meta.get("sha256"), "name": cfg.get("name"), "num_classes": cfg.get("num_classes"),
             "params": sum(p.numel() for p in model.parameters()), "label_space": space.name,
             "label_space_fingerprint": space.fingerprint(), "preprocess": pre.to_dict(),
-            "train_metrics": _plain(meta.get("metrics", {})), "datasets": list(meta.get("datasets", []))}
+            "train_metrics": _plain(meta.get("metrics", {})), "datasets": list(meta.get("datasets", [])),
+            "data_crop": meta.get("data_crop", "none")}
     return model, space, pre, _plain(info)
 
 
@@ -806,6 +810,8 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     rank, world = distributed.rank(), distributed.world_size()
     device = _device(cfg.device)
     model, space, pre, model_info = _load_model(cfg.model, device)
+    if cfg.crop == "auto":  # score a source the way the model's training data was packed
+        cfg = dataclasses.replace(cfg, crop=model_info.get("data_crop", "none"))
     data = _open_data(cfg, pre, rank, world, pin=device.type == "cuda")
     lut_np, mapping = label_map(data.label_space, space)
     lut = torch.from_numpy(lut_np)

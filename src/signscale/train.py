@@ -57,6 +57,7 @@ class TrainConfig:
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_frac: float = 0.15
     label_smoothing: float = 0.1
+    class_balance: Literal["none", "loss"] = "none"  # loss: weight classes by 1/frequency (from the manifests)
     ema: float = 0.999  # 0: no EMA of the weights
     clip_norm: float = 5.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -320,6 +321,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     sched = _scheduler(cfg, opt, total_steps)
     scaler = precision.make_scaler(cfg.precision, device)
+    class_weight = _class_weights(cfg, len(space), device)
     augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
     if device.type == "cpu" and cfg.workers > 0:
         # On a CPU box the loader workers augment while the main process trains; on a GPU the
@@ -402,7 +404,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                 with sync:
                     with precision.autocast(cfg.precision, device):
                         logits = fwd(x)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                        loss = F.cross_entropy(logits.float(), y, weight=class_weight,
+                                               label_smoothing=cfg.label_smoothing)
                     if not torch.isfinite(loss):
                         raise TrainError(
                             f"non-finite loss at step {step} (epoch {epoch}) on a batch of sample ids "
@@ -472,11 +475,28 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             label_space=space.to_dict(), preprocess=pre.to_dict(),
             metrics={"val_acc": result.final_val_acc, "best_val_acc": result.best_val_acc, "steps": step},
             extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
-                   "dataset_checksums": manifest_checksums})
+                   "dataset_checksums": manifest_checksums,
+                   # how the training images were cut from their sources, so scoring a raw source matches
+                   "data_crop": Manifest.load(cfg.data[0]).data.get("pack_config", {}).get("crop", "none")})
         storage.write_json(storage.join(cfg.out, "result.json"), {k: v for k, v in result.__dict__.items()
                                                                   if k != "losses"})
     distributed.barrier()
     return result
+
+
+def _class_weights(cfg: TrainConfig, n: int, device: torch.device) -> torch.Tensor | None:
+    """Inverse-frequency class weights from the datasets' class histograms, or None.
+
+    Every present class then carries the same total weight, and the average sample keeps weight 1,
+    so the learning rate means the same with and without balancing.
+    """
+    if cfg.class_balance == "none":
+        return None
+    counts = sum(Manifest.load(u).class_histogram().astype("float64") for u in cfg.data)
+    present = counts > 0
+    w = torch.zeros(n, dtype=torch.float32)
+    w[torch.from_numpy(present)] = torch.from_numpy(counts[present].sum() / (present.sum() * counts[present])).float()
+    return w.to(device)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -42,6 +42,15 @@ def init(backend: str | None = None, timeout_s: float = 1800) -> bool:
     return True
 
 
+def device(name: str = "auto") -> torch.device:
+    """The device this process should use: ``auto`` picks this rank's GPU (LOCAL_RANK) or the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", env_world()[2])
+    return torch.device(name)
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

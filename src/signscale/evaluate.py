@@ -747,14 +747,6 @@ def _metrics(cfg: EvalConfig, t: _Tally, *, model_info: dict[str, Any], data: _D
 # evaluate()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", distributed.env_world()[2])
-    return torch.device(name)
-
-
 def _load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
     try:
         state, meta = checkpoint.load_model_artefact(url)
@@ -808,7 +800,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
 def _evaluate(cfg: EvalConfig) -> EvalReport:
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
-    device = _device(cfg.device)
+    device = distributed.device(cfg.device)
     model, space, pre, model_info = _load_model(cfg.model, device)
     if cfg.crop == "auto":  # score a source the way the model's training data was packed
         cfg = dataclasses.replace(cfg, crop=model_info.get("data_crop", "none"))

@@ -117,14 +117,6 @@ class TrainResult:
 # Pieces
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", distributed.env_world()[2])
-    return torch.device(name)
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weights of convs and linears only, never on norms or biases."""
     decay, no_decay = [], []
@@ -283,7 +275,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    device = _device(cfg.device)
+    device = distributed.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -187,7 +187,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from signscale.demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(out=args.out, samples=args.samples))
+    result = run_demo(DemoConfig(out=args.out, samples=args.samples, epochs=args.epochs))
     console.print(result.summary())
     return 0
 
@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the main job on the built-in synthetic data, end to end")
     s.add_argument("--out", default="signscale-demo")
-    s.add_argument("--samples", type=int, default=4000)
+    s.add_argument("--samples", type=int, default=8000, help="synthetic training signs")
+    s.add_argument("--epochs", type=int, default=10)
     return p
 
 

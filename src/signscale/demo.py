@@ -19,11 +19,11 @@ from signscale.show import dataset_info, dataset_sample, show
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "signscale-demo"
-    samples: int = 4000
+    samples: int = 8000
     val_samples: int = 1000
     size: int = 32
     seed: int = 0
-    epochs: int = 6
+    epochs: int = 10
     model: str = "small_cnn"
 
 

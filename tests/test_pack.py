@@ -170,3 +170,14 @@ def test_pack_to_s3_info_verify_and_read_back(tmp_path, s3_bucket):
     for cmd in (["data", "info", url], ["data", "verify", url]):
         cli = subprocess.run([sys.executable, "-m", "signscale", *cmd], capture_output=True, text=True)
         assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def test_torchrun_two_ranks_equal_one_rank(tmp_path):
+    ref = _pack(tmp_path / "one")
+    out = tmp_path / "tr"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "signscale", "pack", SPEC, str(out), "--size", "16", "--shard-mb", "0.04",
+                           "--workers", "0"], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shards.Manifest.load(str(out)).checksum() == ref.checksum

@@ -118,3 +118,18 @@ def test_class_balanced_loss_weights(synthetic_dataset, tmp_path):
     assert hist[rare] < hist[common] and w[rare] > w[common]
     assert float(w[rare] * hist[rare]) == pytest.approx(float(w[common] * hist[common]))  # classes weigh equally
     assert train(cfg).steps == 2
+
+
+def test_non_finite_loss_stops_naming_step_data_and_checkpoint(synthetic_dataset, tmp_path):
+    cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "nan"), model="small_cnn", batch_size=32,
+                      max_steps=6, checkpoint_every=2, workers=0, progress=False, ema=0)
+
+    def poison(step, loss, model):
+        if step == 3:
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainError) as info:
+        train(cfg, on_step=poison)
+    msg = str(info.value)
+    assert "non-finite loss at step 3" in msg and synthetic_dataset in msg and "step-000000002.pt" in msg

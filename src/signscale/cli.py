@@ -62,7 +62,7 @@ def _show(args: argparse.Namespace) -> int:
     space = open_source(args.source).label_space
     for i, n in enumerate(s.per_class):
         table.add_row(str(i), space[i].key, f"{n:,}")
-    if args.verbose:
+    if not args.quiet:
         console.print(table)
     console.print(s.summary())
     return 0
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", help="e.g. gtsrb:GTSRB_Final_Training_Images.zip")
     s.add_argument("--out", help="contact sheet PNG path or URL")
     s.add_argument("--per-class", type=int, default=2)
-    s.add_argument("-v", "--verbose", action="store_true", help="print the per-class table")
+    s.add_argument("-q", "--quiet", action="store_true", help="only the one-line summary, no per-class table")
 
     s = sub.add_parser("pack", help="pack a source into checksummed shards at any storage URL")
     s.add_argument("source")

@@ -8,6 +8,7 @@ an :class:`ImageError` with a short reason code that quarantine files and HTTP e
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -27,6 +28,11 @@ class ImageError(ValueError):
         self.detail = detail
 
 
+def _stable(exc: BaseException) -> str:
+    """The error text without object addresses, so the same bad file gives the same quarantine line."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", str(exc))
+
+
 def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open ``data`` as an image, refusing empty input, non-images and oversized headers."""
     if not data:
@@ -40,7 +46,7 @@ def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except Image.DecompressionBombWarning as exc:
         raise ImageError("too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError("not_an_image", f"{type(exc).__name__}: {exc}") from None
+        raise ImageError("not_an_image", f"{type(exc).__name__}: {_stable(exc)}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError("bad_size", f"{w}x{h}")

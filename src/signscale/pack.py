@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from signscale import config as config_mod
-from signscale import distributed, images, shards, storage
+from signscale import distributed, images, permutation, shards, storage
 from signscale.labels import COUNTRIES
 from signscale.sources import CONDITIONS, Problem, Sample, Source, open_source
 
@@ -207,37 +207,13 @@ def source_order(positions: np.ndarray, n: int, cfg: PackConfig) -> np.ndarray:
 
     Sources are often sorted (GTSRB by class, then track), and the loader shuffles blocks of
     consecutive records for locality: packed in source order, a batch would hold a handful of
-    classes. So pack stores records in a pseudo-random order: a seeded Feistel permutation with
-    cycle-walking, computed per position in O(1) memory (50M sources need no 400 MB index).
+    classes. So pack stores records in a pseudo-random order, computed per position in O(1)
+    memory by :mod:`signscale.permutation`.
     """
     positions = np.asarray(positions, dtype=np.uint64)
     if not cfg.shuffle or n <= 1:
         return positions.astype(np.int64)
-    return feistel_permute(positions, n, cfg.shuffle_seed).astype(np.int64)
-
-
-def feistel_permute(x: np.ndarray, n: int, seed: int, rounds: int = 4) -> np.ndarray:
-    """A bijection of [0, n) (vectorised): 4-round Feistel network on the smallest even bit width."""
-    bits = max(2, int(n - 1).bit_length())
-    bits += bits % 2
-    half = bits // 2
-    mask = np.uint64((1 << half) - 1)
-    keys = [np.uint64((seed * 0x9E3779B97F4A7C15 + r * 0xBF58476D1CE4E5B9 + 1) & 0xFFFFFFFF)
-            for r in range(rounds)]
-
-    def once(v: np.ndarray) -> np.ndarray:
-        left, right = v >> np.uint64(half), v & mask
-        for k in keys:
-            f = ((right * np.uint64(0x85EBCA6B) + k) ^ (right >> np.uint64(3))) * np.uint64(0xC2B2AE35)
-            left, right = right, (left ^ (f >> np.uint64(7))) & mask
-        return (left << np.uint64(half)) | right
-
-    out = once(x.astype(np.uint64))
-    bad = out >= np.uint64(n)
-    while bad.any():  # cycle-walk: re-apply until the value falls inside [0, n)
-        out[bad] = once(out[bad])
-        bad = out >= np.uint64(n)
-    return out
+    return permutation.permute(positions, n, cfg.shuffle_seed).astype(np.int64)
 
 
 def records_per_shard(cfg: PackConfig, source: Source) -> int:

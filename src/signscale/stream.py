@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from signscale import images, storage
+from signscale import images, permutation, storage
 from signscale.shards import Manifest, ShardError, ShardReader
 from signscale.world import World
 
@@ -104,26 +104,29 @@ class EpochPlan:
     def total(self) -> int:
         return int(self.seg_pos[-1])
 
-    def _window_perm(self, w: int) -> np.ndarray:
+    def _last_window_perm(self, w: int) -> np.ndarray:
         perm = self._perms.get(w)
         if perm is None:
-            start = w * self.window
-            n = min(self.window, self.total - start)
-            perm = _rng(self.seed, self.epoch, 7, w).permutation(n)
+            perm = _rng(self.seed, self.epoch, 7, w).permutation(self.total - w * self.window)
             self._perms[w] = perm
-            if len(self._perms) > 64:
-                self._perms.popitem(last=False)
         return perm
 
     def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(dataset, record) for global positions."""
+        """(dataset, record) for global positions (vectorised: no loop over windows)."""
         pos = np.asarray(positions, dtype=np.int64)
         if self.window > 0 and len(pos):
-            wins = pos // self.window
+            W = self.window
+            wins = pos // W
+            off = pos - wins * W
+            full = self.total // W  # windows [0, full) are complete; a last, shorter one is permuted apart
             src = pos.copy()
-            for w in np.unique(wins):
-                sel = wins == w
-                src[sel] = w * self.window + self._window_perm(int(w))[pos[sel] - w * self.window]
+            inside = wins < full
+            if inside.any():
+                key = np.random.SeedSequence([self.seed, self.epoch, 7]).generate_state(1, np.uint64)[0]
+                keys = (wins[inside].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ key
+                src[inside] = wins[inside] * W + permutation.permute(off[inside], W, keys).astype(np.int64)
+            if (~inside).any():
+                src[~inside] = full * W + self._last_window_perm(full)[off[~inside]]
             pos = src
         seg = np.searchsorted(self.seg_pos, pos, side="right") - 1
         return self.seg_ds[seg], self.seg_start[seg] + (pos - self.seg_pos[seg])

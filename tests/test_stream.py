@@ -165,3 +165,39 @@ def test_encoded_shards_stream_the_same_pixels_locally_and_from_s3(tmp_path, s3_
         got = list(open_stream(url, image_size=16, **kw))
         assert [b["id"].tolist() for b in got] == [b["id"].tolist() for b in ref]
         assert all(np.array_equal(a["image"].numpy(), b["image"].numpy()) for a, b in zip(got, ref))
+
+
+def test_planning_50m_records_for_64_ranks_x_8_workers_is_cheap_and_exact():
+    """Scale check of the epoch plan: no per-sample structure, every record exactly once, equal ranks."""
+    import time
+    import tracemalloc
+
+    from signscale.stream import rank_share
+
+    n, ranks, workers, bs = 50_000_000, 64, 8, 256
+    cfg = StreamConfig(datasets=("unused",), batch_size=bs, block_size=256, window_blocks=8)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    plan = plan_epoch([n], cfg, epoch=1)
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 1.0 and peak < 64 * 2**20
+    # segments cover [0, n) exactly once
+    order = np.argsort(plan.seg_start)
+    starts = plan.seg_start[order]
+    lengths = np.diff(plan.seg_pos)[order]
+    assert starts[0] == 0 and np.array_equal(starts[1:], (starts + lengths)[:-1]) and starts[-1] + lengths[-1] == n
+    # every window is a bijection of its positions (checked on a sample of windows, first and last included)
+    W = plan.window
+    for w in [0, 1, 777, 12_345, n // W - 1, n // W]:
+        pos = np.arange(w * W, min(n, (w + 1) * W))
+        _, rec = plan.lookup(pos)
+        assert len(np.unique(rec)) == len(pos)
+    # ranks: equal counts, disjoint, covering the epoch minus the dropped remainder; workers split the batches
+    shares = [rank_share(n, r, ranks, "drop", bs, workers) for r in range(ranks)]
+    assert len({s.count for s in shares}) == 1
+    assert [s.start for s in shares] == [r * shares[0].count for r in range(ranks)]
+    assert n - ranks * shares[0].count < ranks
+    batches = sorted(j for w in range(workers) for j in shares[0].worker_batches(w))
+    assert batches == list(range(shares[0].num_batches))

@@ -27,17 +27,8 @@ def s3_server():
     pytest.importorskip("s3fs", reason="needs s3fs (pip install 'signscale[test]')")
     from signscale import s3local
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                            "AWS_ENDPOINT_URL")}
-    server = s3local.start()
-    s3local.use(server)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3local.running() as server:
+        yield server
 
 
 _bucket_ids = itertools.count()

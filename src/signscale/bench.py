@@ -575,22 +575,20 @@ def _s3_rows(spec: str, pack_note: str, paths: list[str], labels: list[int], pla
         return [Row("S3 rows", S3, None, skipped=True, note="skipped: --no-s3")]
     try:
         import moto.server  # noqa: F401
-        import s3fs
+        import s3fs  # noqa: F401 - availability check
     except ImportError as exc:
         return [Row("S3 rows", S3, None, skipped=True,
                     note=f"skipped: the local S3 server needs moto[server] and s3fs ({exc.name} missing): "
                          "pip install 'signscale[test]'")]
     from signscale import s3local
 
-    saved = {k: os.environ.get(k) for k in (*s3local.CLIENT_ENV, "AWS_ENDPOINT_URL")}
     say("starting the local S3 server (moto) ...")
-    try:
-        server = s3local.start()
-    except RuntimeError as exc:
-        return [Row("S3 rows", S3, None, skipped=True, note=f"skipped: {exc}")]
     rows: list[Row] = []
-    try:
-        s3local.use(server)
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(s3local.running())
+        except RuntimeError as exc:  # the server did not start: say so in the table
+            return [Row("S3 rows", S3, None, skipped=True, note=f"skipped: {exc}")]
         bucket = server.make_bucket(BUCKET)
         fs, _ = storage.filesystem(bucket)
         k = len(paths) if not cfg.s3_plain_objects else min(len(paths), cfg.s3_plain_objects)
@@ -613,17 +611,6 @@ def _s3_rows(spec: str, pack_note: str, paths: list[str], labels: list[int], pla
         with counter.installed():
             rows += _read_rows(S3, plain=plain, plain_full=len(paths), raw_url=remote["raw"],
                                enc_url=remote["encoded"], cfg=cfg, counter=counter, plain_note=note)
-    finally:
-        server.stop()
-        for key, v in saved.items():
-            if v is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = v
-        with contextlib.suppress(ImportError):
-            import s3fs
-
-            s3fs.S3FileSystem.clear_instance_cache()
     return rows
 
 

@@ -8,10 +8,12 @@ Needs the ``test`` extra (moto[server], s3fs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterator
 
 CLIENT_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -65,11 +67,33 @@ def use(server: LocalS3) -> None:
     import fsspec
 
     fsspec.config.conf.setdefault("s3", {})
-    # s3fs caches clients per process: make sure new ones see the endpoint
+    _clear_clients()  # s3fs caches clients per process: make sure new ones see the endpoint
+
+
+@contextlib.contextmanager
+def running() -> Iterator[LocalS3]:
+    """Start a server, point this process at it, and on exit stop it and put the environment back."""
+    keys = (*CLIENT_ENV, "AWS_ENDPOINT_URL")
+    saved = {k: os.environ.get(k) for k in keys}
+    server = start()
+    try:
+        use(server)
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _clear_clients()
+
+
+def _clear_clients() -> None:
     try:
         import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem.clear_instance_cache()  # cached clients still point at the old endpoint
     except ImportError:
         pass
 

@@ -357,7 +357,7 @@ class ShardCache:
         if os.path.exists(final) and final in self._verified:
             os.utime(final)
             return final
-        if os.path.exists(final) and _sha256_file(final) == sha256:
+        if os.path.exists(final) and storage.sha256_of(final) == sha256:
             self._verified.add(final)
             os.utime(final)
             return final
@@ -400,14 +400,6 @@ class ShardCache:
 
     def used_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.root, n)) for n in os.listdir(self.root) if n.endswith(".sgs"))
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(8 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 class _DatasetReader:

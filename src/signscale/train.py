@@ -286,7 +286,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                                             rank_layout="interleaved" if cfg.world_invariant else "contiguous"))
     loader = StreamLoader(train_stream, num_workers=cfg.workers)
     space = train_stream.label_space
-    manifest_checksums = [Manifest.load(u).checksum() for u in cfg.data]
+    manifests = train_stream.manifests  # loaded once by the stream; reused for checksums, weights, crop
+    manifest_checksums = [m.checksum() for m in manifests]
     pre = Preprocess(size=train_stream.image_size)
     val_loader = None
     if cfg.val:
@@ -313,7 +314,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     sched = _scheduler(cfg, opt, total_steps)
     scaler = precision.make_scaler(cfg.precision, device)
-    class_weight = _class_weights(cfg, len(space), device)
+    class_weight = _class_weights(cfg.class_balance, manifests, len(space), device)
     augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
     if device.type == "cpu" and cfg.workers > 0:
         # On a CPU box the loader workers augment while the main process trains; on a GPU the
@@ -469,22 +470,22 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
                    "dataset_checksums": manifest_checksums,
                    # how the training images were cut from their sources, so scoring a raw source matches
-                   "data_crop": Manifest.load(cfg.data[0]).data.get("pack_config", {}).get("crop", "none")})
+                   "data_crop": manifests[0].data.get("pack_config", {}).get("crop", "none")})
         storage.write_json(storage.join(cfg.out, "result.json"), {k: v for k, v in result.__dict__.items()
                                                                   if k != "losses"})
     distributed.barrier()
     return result
 
 
-def _class_weights(cfg: TrainConfig, n: int, device: torch.device) -> torch.Tensor | None:
+def _class_weights(balance: str, manifests: list[Manifest], n: int, device: torch.device) -> torch.Tensor | None:
     """Inverse-frequency class weights from the datasets' class histograms, or None.
 
     Every present class then carries the same total weight, and the average sample keeps weight 1,
     so the learning rate means the same with and without balancing.
     """
-    if cfg.class_balance == "none":
+    if balance == "none":
         return None
-    counts = sum(Manifest.load(u).class_histogram().astype("float64") for u in cfg.data)
+    counts = sum(m.class_histogram().astype("float64") for m in manifests)
     present = counts > 0
     w = torch.zeros(n, dtype=torch.float32)
     w[torch.from_numpy(present)] = torch.from_numpy(counts[present].sum() / (present.sum() * counts[present])).float()

@@ -842,21 +842,3 @@ def bench_train(cfg: BenchTrainConfig, *, console: Console | None = None) -> lis
     con.print("peak memory: CUDA max_memory_allocated on a GPU, the process's peak RSS on a CPU "
               "(which includes the Python runtime and the loader)")
     return rows
-
-
-def main(cmd: str, args: Any) -> int:
-    """Entry point of ``signscale bench CMD`` (cli.py parses, this builds the config and calls)."""
-    if cmd == "io":
-        bench_io(BenchIOConfig(source=args.source, size=args.size, workers=parse_workers(args.workers),
-                               limit=args.limit, no_s3=args.no_s3, batch_size=args.batch_size,
-                               workdir=args.workdir or ""))
-        return 0
-    if cmd == "synthetic":
-        bench_synthetic(BenchSyntheticConfig(n=args.n, size=args.size))
-        return 0
-    if cmd == "train":
-        bench_train(BenchTrainConfig(data=args.data or "", models=tuple(args.models.split(",")),
-                                     precisions=tuple(args.precisions.split(",")), steps=args.steps,
-                                     batch_size=args.batch_size, device=args.device))
-        return 0
-    raise ConfigError(f"unknown benchmark {cmd!r}: expected io or synthetic")

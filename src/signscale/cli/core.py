@@ -1,33 +1,28 @@
-"""``signscale ...``: one subcommand per library function: parse -> config -> call -> print summary.
-
-Nothing here does work of its own; every command is a call Python code can make too.
-"""
+"""The core commands: sources, show, pack, data, train, evaluate, compare, demo."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any, Callable
 
-from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False, highlight=False)
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+from signscale.cli._registry import Registry, console
 
 
-def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = fn
-        return fn
-    return deco
+def errors() -> tuple[type[BaseException], ...]:
+    from signscale.checkpoint import CheckpointError
+    from signscale.config import ConfigError
+    from signscale.evaluate import CompareError, EvalError
+    from signscale.labels import LabelError
+    from signscale.shards import ShardError
+    from signscale.sources import SourceError
+    from signscale.storage import StorageError
+    from signscale.train import TrainError
+
+    return (ConfigError, SourceError, ShardError, LabelError, StorageError, CheckpointError, EvalError,
+            CompareError, TrainError)
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-@command("version")
 def _version(args: argparse.Namespace) -> int:
     import signscale
 
@@ -35,7 +30,6 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("sources")
 def _sources(args: argparse.Namespace) -> int:
     from signscale.sources import SOURCES
 
@@ -48,7 +42,6 @@ def _sources(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("show")
 def _show(args: argparse.Namespace) -> int:
     from signscale.show import show
 
@@ -68,7 +61,6 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("pack")
 def _pack(args: argparse.Namespace) -> int:
     from signscale import config
     from signscale.pack import PackConfig, pack
@@ -91,7 +83,6 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("data")
 def _data(args: argparse.Namespace) -> int:
     from signscale import shards, show
 
@@ -129,7 +120,6 @@ def _data(args: argparse.Namespace) -> int:
     raise AssertionError(args.data_cmd)
 
 
-@command("train")
 def _train(args: argparse.Namespace) -> int:
     from signscale import config
     from signscale.train import TrainConfig, train
@@ -146,7 +136,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("evaluate")
 def _evaluate(args: argparse.Namespace) -> int:
     from signscale import config, distributed
     from signscale.evaluate import EvalConfig, evaluate
@@ -167,7 +156,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("compare")
 def _compare(args: argparse.Namespace) -> int:
     from signscale.evaluate import compare
 
@@ -176,14 +164,6 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if c.worse else 0
 
 
-@command("bench")
-def _bench(args: argparse.Namespace) -> int:
-    from signscale import bench
-
-    return bench.main(args.bench_cmd, args)
-
-
-@command("demo")
 def _demo(args: argparse.Namespace) -> int:
     from signscale.demo import DemoConfig, run_demo
 
@@ -195,19 +175,17 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="signscale", description="Traffic-sign recognition from a laptop to a cluster.")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    sub.add_parser("version", help="print the version")
-    sub.add_parser("sources", help="list the data sources and their spec syntax")
+def register(r: Registry) -> None:
+    r.add("version", _version, "print the version")
+    r.add("sources", _sources, "list the data sources and their spec syntax")
 
-    s = sub.add_parser("show", help="count a source's samples per class and write a contact sheet")
+    s = r.add("show", _show, "count a source's samples per class and write a contact sheet")
     s.add_argument("source", help="e.g. gtsrb:GTSRB_Final_Training_Images.zip")
     s.add_argument("--out", help="contact sheet PNG path or URL")
     s.add_argument("--per-class", type=int, default=2)
     s.add_argument("-q", "--quiet", action="store_true", help="only the one-line summary, no per-class table")
 
-    s = sub.add_parser("pack", help="pack a source into checksummed shards at any storage URL")
+    s = r.add("pack", _pack, "pack a source into checksummed shards at any storage URL")
     s.add_argument("source")
     s.add_argument("out", help="dataset folder: local path, s3://, gs://, az://")
     s.add_argument("--config", help="YAML file with PackConfig keys")
@@ -222,27 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--world-size", type=int)
     s.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
 
-    d = sub.add_parser("data", help="inspect packed datasets")
-    dsub = d.add_subparsers(dest="data_cmd", metavar="SUBCOMMAND", required=True)
-    x = dsub.add_parser("info", help="summary of a dataset")
+    x = r.add("info", _data, "summary of a dataset", parent="data")
     x.add_argument("url")
     x.add_argument("--histogram", help="write a class-histogram PNG here")
-    x = dsub.add_parser("verify", help="re-hash every shard; non-zero exit naming a bad shard")
+    x = r.add("verify", _data, "re-hash every shard; non-zero exit naming a bad shard", parent="data")
     x.add_argument("url")
-    x = dsub.add_parser("sample", help="a picture of what the loader yields")
+    x = r.add("sample", _data, "a picture of what the loader yields", parent="data")
     x.add_argument("url")
     x.add_argument("--n", type=int, default=16)
     x.add_argument("--out", default="grid.png")
     x.add_argument("--seed", type=int, default=0)
 
-    s = sub.add_parser("train", help="train a classifier on packed datasets (also under torchrun)",
-                       description="signscale train [CONFIG.yaml] [--key=value ...]: keys of TrainConfig, e.g. "
-                                   "--data=runs/gtsrb/train --val=runs/gtsrb/val --model=msnet --epochs=10 "
-                                   "--precision=bf16 --augment.flip=0.5")
+    s = r.add("train", _train, "train a classifier on packed datasets (also under torchrun)",
+              description="signscale train [CONFIG.yaml] [--key=value ...]: keys of TrainConfig, e.g. "
+                          "--data=runs/gtsrb/train --val=runs/gtsrb/val --model=msnet --epochs=10 "
+                          "--precision=bf16 --augment.flip=0.5")
     s.add_argument("items", nargs="*", help="optional YAML config, then key=value overrides")
     s.set_defaults(extra=[])
 
-    s = sub.add_parser("evaluate", help="score a model on a dataset or source; HTML report, metrics.json")
+    s = r.add("evaluate", _evaluate, "score a model on a dataset or source; HTML report, metrics.json")
     s.add_argument("model", help="model artefact folder (local or any storage URL)")
     s.add_argument("data", help="packed dataset URL or a source, e.g. gtsrb-test:GTSRB_Final_Test_Images.zip")
     s.add_argument("--out", help="report folder")
@@ -251,80 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML with EvalConfig keys")
     s.add_argument("overrides", nargs="*", default=[], help="key=value EvalConfig overrides")
 
-    s = sub.add_parser("compare", help="differences between two reports; exit 1 when B is worse than A")
+    s = r.add("compare", _compare, "differences between two reports; exit 1 when B is worse than A")
     s.add_argument("a", help="report folder or metrics.json of the reference")
     s.add_argument("b", help="report folder or metrics.json of the candidate")
     s.add_argument("--tolerance", type=float, default=0.005)
     s.add_argument("--any-data", action="store_true", help="allow comparing reports of different data")
     s.add_argument("-v", "--verbose", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks that print side-by-side figures")
-    bsub = b.add_subparsers(dest="bench_cmd", metavar="BENCH", required=True)
-    x = bsub.add_parser("io", help="pack and read throughput: raw files vs shards vs loader, local vs S3")
-    x.add_argument("--source", default="synthetic:?n=20000&size=32",
-                   help="what to benchmark on, e.g. gtsrb:../shared/data/GTSRB_Final_Training_Images.zip")
-    x.add_argument("--size", type=int, default=32)
-    x.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
-    x.add_argument("--limit", type=int, default=0, help="use only the first N samples (0: all)")
-    x.add_argument("--no-s3", action="store_true", help="skip the S3 rows (needs moto[server] and s3fs)")
-    x.add_argument("--batch-size", type=int, default=256)
-    x.add_argument("--workdir", default="", help="where to write the benchmark data (default: a temp dir)")
-    x = bsub.add_parser("train", help="training samples/s and peak memory per model x precision")
-    x.add_argument("--data", help="packed dataset URL (default: a synthetic set)")
-    x.add_argument("--models", default="small_cnn,msnet,stn_msnet,resnet18_small")
-    x.add_argument("--precisions", default="fp32,bf16,fp16")
-    x.add_argument("--steps", type=int, default=30)
-    x.add_argument("--batch-size", type=int, default=256)
-    x.add_argument("--device", default="auto")
-    x = bsub.add_parser("synthetic", help="synthetic render rate on one core")
-    x.add_argument("--n", type=int, default=5000)
-    x.add_argument("--size", type=int, default=32)
-
-    s = sub.add_parser("demo", help="the main job on the built-in synthetic data, end to end")
+    s = r.add("demo", _demo, "the main job on the built-in synthetic data, end to end")
     s.add_argument("--out", default="signscale-demo")
     s.add_argument("--samples", type=int, default=8000, help="synthetic training signs")
     s.add_argument("--epochs", type=int, default=10)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and getattr(args, "cmd", None) == "train":
-        args.extra = unknown  # --key=value overrides
-    elif unknown and hasattr(args, "overrides") and all("=" in u for u in unknown):
-        args.overrides = [*args.overrides, *unknown]  # key=value overrides given after the options
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if not args.cmd:
-        parser.print_help()
-        return 0
-    from signscale.checkpoint import CheckpointError
-    from signscale.config import ConfigError
-    from signscale.labels import LabelError
-    from signscale.shards import ShardError
-    from signscale.sources import SourceError
-    from signscale.storage import StorageError
-
-    errors: tuple[type[BaseException], ...] = (ConfigError, SourceError, ShardError, LabelError, StorageError,
-                                               CheckpointError, FileNotFoundError)
-    if args.cmd in ("evaluate", "compare"):
-        from signscale.evaluate import CompareError, EvalError
-
-        errors += (EvalError, CompareError)
-    if args.cmd == "train":
-        from signscale.train import TrainError
-
-        errors += (TrainError,)
-    try:
-        return COMMANDS[args.cmd](args)
-    except errors as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-
-
-def run() -> Any:
-    sys.exit(main())

@@ -1,0 +1,55 @@
+"""``signscale bench ...``: io, train, synthetic (each prints its figures side by side)."""
+
+from __future__ import annotations
+
+import argparse
+
+from signscale.cli._registry import Registry
+
+
+def _io(args: argparse.Namespace) -> int:
+    from signscale.bench import BenchIOConfig, bench_io, parse_workers
+
+    bench_io(BenchIOConfig(source=args.source, size=args.size, workers=parse_workers(args.workers),
+                           limit=args.limit, no_s3=args.no_s3, batch_size=args.batch_size,
+                           workdir=args.workdir or ""))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from signscale.bench import BenchTrainConfig, bench_train
+
+    bench_train(BenchTrainConfig(data=args.data or "", models=tuple(args.models.split(",")),
+                                 precisions=tuple(args.precisions.split(",")), steps=args.steps,
+                                 batch_size=args.batch_size, device=args.device))
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from signscale.bench import BenchSyntheticConfig, bench_synthetic
+
+    bench_synthetic(BenchSyntheticConfig(n=args.n, size=args.size))
+    return 0
+
+
+def register(r: Registry) -> None:
+    x = r.add("io", _io, parent="bench", help="pack and read throughput: raw files vs shards vs loader, local vs S3")
+    x.add_argument("--source", default="synthetic:?n=20000&size=32",
+                   help="what to benchmark on, e.g. gtsrb:../shared/data/GTSRB_Final_Training_Images.zip")
+    x.add_argument("--size", type=int, default=32)
+    x.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
+    x.add_argument("--limit", type=int, default=0, help="use only the first N samples (0: all)")
+    x.add_argument("--no-s3", action="store_true", help="skip the S3 rows (needs moto[server] and s3fs)")
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--workdir", default="", help="where to write the benchmark data (default: a temp dir)")
+    x = r.add("train", _train, parent="bench", help="training samples/s and peak memory per model x precision")
+    x.add_argument("--data", help="packed dataset URL (default: a synthetic set)")
+    x.add_argument("--models", default="small_cnn,msnet,stn_msnet,resnet18_small")
+    x.add_argument("--precisions", default="fp32,bf16,fp16")
+    x.add_argument("--steps", type=int, default=30)
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--device", default="auto")
+    x = r.add("synthetic", _synthetic, parent="bench", help="synthetic render rate on one core")
+    x.add_argument("--n", type=int, default=5000)
+    x.add_argument("--size", type=int, default=32)
+

@@ -84,7 +84,7 @@ def test_from_dict_refuses_an_unknown_format():
 
 
 def test_unknown_country_lists_the_known_ones():
-    with pytest.raises(LabelError, match=r"unknown country 'xx'.*known catalogues: de"):
+    with pytest.raises(LabelError, match=r"unknown country 'xx'.*known catalogues: be, cn, de"):
         LabelSpace.for_country("xx")
 
 
@@ -101,7 +101,7 @@ def test_check_id_names_where_the_bad_id_came_from():
         SPACE.check_id(-1)
 
 
-def test_label_space_refuses_duplicate_keys_and_dangling_mirrors():
+def test_label_space_refuses_duplicate_keys_and_dangling_mirrors_in_the_gtsrb_catalogue():
     with pytest.raises(LabelError, match="appears twice"):
         LabelSpace(classes=(GTSRB[0], GTSRB[0]), name="bad")
     with pytest.raises(LabelError, match="mirrors to 'keep_left'"):
@@ -124,3 +124,82 @@ def test_category_ids_follow_the_category_order():
     assert ids[SPACE.index("general_caution")] == CATEGORIES.index("danger")
     assert ids[SPACE.index("keep_right")] == CATEGORIES.index("mandatory")
     assert ids[SPACE.index("stop")] == CATEGORIES.index("other")
+
+
+# ---------------------------------------------------------------------------------------------
+# Countries: catalogues and merged label spaces
+
+def _cls(country: str, cid: int, key: str, flip: str = "never", mirror: str | None = None,
+         uncertain: bool = False) -> SignClass:
+    return SignClass(key=key, name=key, country=country, country_id=cid, category="other", shape="circle",
+                     colours=("white",), flip=flip, mirror=mirror, uncertain=uncertain)  # type: ignore[arg-type]
+
+
+A = LabelSpace(classes=(_cls("aa", 0, "stop"), _cls("aa", 1, "keep_right", "mirror", "keep_left"),
+                        _cls("aa", 2, "keep_left", "mirror", "keep_right"), _cls("aa", 3, "only_a")), name="aa")
+B = LabelSpace(classes=(_cls("bb", 0, "only_b"), _cls("bb", 1, "stop"), _cls("bb", 2, "keep_right", "mirror", "keep_left"),
+                        _cls("bb", 3, "guess", uncertain=True)), name="bb")
+
+
+def test_merge_by_meaning_shares_outputs_for_the_same_key_and_appends_new_ones():
+    m = LabelSpace.merge([A, B], by="meaning")
+    assert m.keys == ["stop", "keep_right", "keep_left", "only_a", "only_b", "bb:guess"]
+    assert m.members_of(0) == (("aa", 0), ("bb", 1)) and m.members_of(4) == (("bb", 0),)
+    np.testing.assert_array_equal(m.map_from(A), [0, 1, 2, 3])  # the first space keeps its ids
+    np.testing.assert_array_equal(m.map_from(B), [4, 0, 1, 5])
+    # bb has keep_right without keep_left: in the merged space the mirror partner exists, so it flips
+    assert m.flip_map()[1] == 2 and m.flip_map()[0] == -1
+    assert LabelSpace.merge([A, B], by="meaning", trust_uncertain=True).keys[-1] == "guess"
+
+
+def test_merge_by_design_keeps_each_country_apart_but_reports_the_semantic_key():
+    m = LabelSpace.merge([A, B], by="design")
+    assert len(m) == 8 and m.keys[:2] == ["aa:stop", "aa:keep_right"] and m.keys[5] == "bb:stop"
+    assert m[5].key == "stop" and m[5].country == "bb"  # the meaning is still there
+    np.testing.assert_array_equal(m.map_from(B), [4, 5, 6, 7])
+    assert m.flip_map()[1] == 2 and m.flip_map()[6] == -1  # bb has no keep_left design: no flip
+
+
+def test_merged_space_round_trips_and_single_catalogues_keep_their_fingerprint():
+    m = LabelSpace.for_countries("de,cn", by="meaning")
+    back = LabelSpace.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert back == m and back.fingerprint() == m.fingerprint() != DE_FINGERPRINT
+    assert LabelSpace.for_countries("de").fingerprint() == DE_FINGERPRINT
+
+
+def test_de_cn_by_meaning_shares_the_common_signs_and_gives_cn_only_classes_new_ids():
+    m = LabelSpace.for_countries("de,cn", by="meaning")
+    cn = LabelSpace.for_country("cn")
+    lut = m.map_from(cn)
+    for key, de_id in [("speed_limit_60", 3), ("no_entry", 17), ("yield", 13), ("keep_right", 38),
+                       ("turn_right_ahead", 33)]:
+        assert lut[cn.index(key)] == de_id, key
+    for key in ("motor_vehicle_lane", "no_honking", "speed_limit_40"):
+        assert lut[cn.index(key)] >= 43, key
+    assert len(m) == 43 + 13
+    # cn yield carries text and must not flip; de yield may: the merged class takes the stricter rule
+    assert m.flip_map()[m.index("yield")] == -1
+
+
+def test_merge_refuses_contradicting_flip_rules_naming_both_classes():
+    bad = LabelSpace(classes=(_cls("bb", 0, "keep_right", "invariant"),), name="bb")
+    with pytest.raises(LabelError, match=r"aa:keep_right.*bb:keep_right"):
+        LabelSpace.merge([A, bad])
+
+
+def test_mapping_a_space_whose_class_lands_on_two_outputs_is_an_error():
+    merged = LabelSpace.merge([A, B], by="meaning")
+    by_design = LabelSpace.merge([A, B], by="design")
+    with pytest.raises(LabelError, match="maps to several classes"):
+        by_design.map_from(merged)  # merged 'stop' is both aa:stop and bb:stop
+
+
+def test_catalogues_ship_de_cn_be_with_their_own_ids_and_uncertainty_marked():
+    from signscale.labels import CATALOGUES
+
+    assert {k: len(v) for k, v in CATALOGUES.items()} == {"de": 43, "cn": 23, "be": 62}
+    for country, cat in CATALOGUES.items():
+        assert [c.country_id for c in cat] == list(range(len(cat)))
+        assert all(c.country == country for c in cat)
+    assert LabelSpace.for_country("cn")[15].uncertain and all(c.uncertain for c in CATALOGUES["be"])
+    assert len(LabelSpace.for_countries("de,cn,be")) > 56  # uncertain be classes stay apart

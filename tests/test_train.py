@@ -109,7 +109,7 @@ def test_class_balanced_loss_weights(synthetic_dataset, tmp_path):
 
     cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "cb"), model="small_cnn", batch_size=32,
                       max_steps=2, workers=0, progress=False, class_balance="loss")
-    w = _class_weights(cfg.class_balance, [Manifest.load(synthetic_dataset)], 43, torch.device("cpu")).double()
+    w = _class_weights(cfg.class_balance, [Manifest.load(synthetic_dataset)], [None], 43, torch.device("cpu")).double()
     hist = torch.from_numpy(Manifest.load(synthetic_dataset).class_histogram()).double()
     assert float((w * hist).sum() / hist.sum()) == pytest.approx(1.0)  # the average sample keeps weight 1
     present = hist > 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Literal
 
 import numpy as np
@@ -117,7 +117,124 @@ GTSRB: tuple[SignClass, ...] = (
     _de(42, "end_no_passing_trucks", "End of no passing by vehicles over 3.5 t", "other", "circle", _END),
 )
 
-CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB}
+def _cn(cid: int, key: str, name: str, cat: Category, shape: str, colours: str, flip: FlipRule = "never",
+        mirror: str | None = None, uncertain: bool = False) -> SignClass:
+    return SignClass(key=key, name=name, country="cn", country_id=cid, category=cat, shape=shape,
+                     colours=tuple(colours.split(",")), flip=flip, mirror=mirror, uncertain=uncertain)
+
+
+_CN_WARN = "yellow,black"
+_CN_MAND = "blue,white"
+
+# The 23 classes of the shared TSRD23 crops (ids are the file names' labels). The dataset has no
+# class-name file: these meanings were identified by eye (shared/data/README.md); the one the
+# README itself doubts (15) is marked uncertain. Keys equal GTSRB's where the meaning is the same,
+# whatever the design (cn yield carries the character "让", cn pedestrians is a yellow triangle).
+# Slashed prohibitions never flip: the slash would run the wrong way.
+TSRD23: tuple[SignClass, ...] = (
+    _cn(0, "motor_vehicle_lane", "Motor-vehicle lane", "mandatory", "circle", _CN_MAND),
+    _cn(1, "no_stopping", "No stopping / no parking", "prohibitory", "circle", "blue,red"),
+    _cn(2, "speed_limit_40", "Speed limit (40km/h)", "prohibitory", "circle", _PROHIB),
+    _cn(3, "no_left_turn", "No left turn", "prohibitory", "circle", _PROHIB),
+    _cn(4, "keep_right", "Keep right", "mandatory", "circle", _CN_MAND, "mirror", "keep_left"),
+    _cn(5, "speed_limit_60", "Speed limit (60km/h)", "prohibitory", "circle", _PROHIB),
+    _cn(6, "no_entry", "No entry", "other", "circle", "red,white", "invariant"),
+    _cn(7, "no_motor_vehicles", "No motor vehicles", "prohibitory", "circle", _PROHIB),
+    _cn(8, "no_honking", "No honking", "prohibitory", "circle", _PROHIB),
+    _cn(9, "speed_limit_80", "Speed limit (80km/h)", "prohibitory", "circle", _PROHIB),
+    _cn(10, "pedestrians", "Pedestrian crossing ahead", "danger", "triangle", _CN_WARN),
+    _cn(11, "t_junction", "T-junction ahead", "danger", "triangle", _CN_WARN, "invariant"),
+    _cn(12, "bicycle_lane", "Bicycle lane", "mandatory", "circle", _CN_MAND),
+    _cn(13, "speed_limit_50", "Speed limit (50km/h)", "prohibitory", "circle", _PROHIB),
+    _cn(14, "yield", "Yield (让)", "other", "inverted_triangle", "white,red,black"),
+    _cn(15, "no_u_turn", "No U-turn", "prohibitory", "circle", _PROHIB, uncertain=True),
+    _cn(16, "speed_limit_30", "Speed limit (30km/h)", "prohibitory", "circle", _PROHIB),
+    _cn(17, "speed_limit_5", "Speed limit (5km/h)", "prohibitory", "circle", _PROHIB),
+    _cn(18, "no_straight_ahead", "No straight ahead", "prohibitory", "circle", _PROHIB),
+    _cn(19, "no_right_turn", "No right turn", "prohibitory", "circle", _PROHIB),
+    _cn(20, "turn_right_ahead", "Turn right", "mandatory", "circle", _CN_MAND, "mirror", "turn_left_ahead"),
+    _cn(21, "no_left_or_right_turn", "No left and no right turn", "prohibitory", "circle", _PROHIB),
+    _cn(22, "speed_limit_70", "Speed limit (70km/h)", "prohibitory", "circle", _PROHIB),
+)
+
+
+def _be(cid: int, key: str, name: str, cat: Category, shape: str, colours: str) -> SignClass:
+    return SignClass(key=key, name=name, country="be", country_id=cid, category=cat, shape=shape,
+                     colours=tuple(colours.split(",")), flip="never", uncertain=True)
+
+
+_BE = (  # (key, name, category, shape, colours), in BelgiumTSC folder order 00000..00061
+    ("uneven_road", "Uneven road", "danger", "triangle", _DANGER),
+    ("speed_bump", "Speed bump", "danger", "triangle", _DANGER),
+    ("slippery_road", "Slippery road", "danger", "triangle", _DANGER),
+    ("dangerous_curve_left", "Dangerous curve to the left", "danger", "triangle", _DANGER),
+    ("dangerous_curve_right", "Dangerous curve to the right", "danger", "triangle", _DANGER),
+    ("double_curve", "Double curve (first left)", "danger", "triangle", _DANGER),
+    ("double_curve_right_first", "Double curve (first right)", "danger", "triangle", _DANGER),
+    ("children_crossing", "Children", "danger", "triangle", _DANGER),
+    ("bicycles_crossing", "Cyclists", "danger", "triangle", _DANGER),
+    ("cattle", "Cattle", "danger", "triangle", _DANGER),
+    ("road_work", "Road work", "danger", "triangle", _DANGER),
+    ("traffic_signals", "Traffic signals", "danger", "triangle", _DANGER),
+    ("level_crossing_gates", "Level crossing with gates", "danger", "triangle", _DANGER),
+    ("general_caution", "General caution", "danger", "triangle", _DANGER),
+    ("road_narrows", "Road narrows", "danger", "triangle", _DANGER),
+    ("road_narrows_left", "Road narrows on the left", "danger", "triangle", _DANGER),
+    ("road_narrows_right", "Road narrows on the right", "danger", "triangle", _DANGER),
+    ("right_of_way_next_intersection", "Priority at the next intersection", "danger", "triangle", _DANGER),
+    ("intersection_priority_right", "Intersection, priority to the right", "danger", "triangle", _DANGER),
+    ("yield", "Yield", "other", "inverted_triangle", "white,red"),
+    ("yield_to_oncoming", "Give way to oncoming traffic", "prohibitory", "circle", _PROHIB),
+    ("stop", "Stop", "other", "octagon", "red,white"),
+    ("no_vehicles", "No vehicles in both directions", "prohibitory", "circle", "white,red"),
+    ("no_bicycles", "No cyclists", "prohibitory", "circle", _PROHIB),
+    ("weight_limit", "Weight limit", "prohibitory", "circle", _PROHIB),
+    ("no_trucks", "No goods vehicles", "prohibitory", "circle", _PROHIB),
+    ("width_limit", "Width limit", "prohibitory", "circle", _PROHIB),
+    ("height_limit", "Height limit", "prohibitory", "circle", _PROHIB),
+    ("no_entry", "No entry", "other", "circle", "red,white"),
+    ("no_left_turn", "No left turn", "prohibitory", "circle", _PROHIB),
+    ("no_right_turn", "No right turn", "prohibitory", "circle", _PROHIB),
+    ("no_passing", "No overtaking", "prohibitory", "circle", _PROHIB),
+    ("speed_limit", "Maximum speed (any value)", "prohibitory", "circle", _PROHIB),
+    ("shared_path", "Shared path for pedestrians and cyclists", "mandatory", "circle", _MAND),
+    ("ahead_only", "Ahead only", "mandatory", "circle", _MAND),
+    ("turn_right_ahead", "Turn right", "mandatory", "circle", _MAND),
+    ("straight_or_right", "Go straight or right", "mandatory", "circle", _MAND),
+    ("roundabout", "Roundabout", "mandatory", "circle", _MAND),
+    ("bicycle_path", "Cycle path", "mandatory", "circle", _MAND),
+    ("pedestrian_bicycle_path", "Path for pedestrians and cyclists", "mandatory", "circle", _MAND),
+    ("no_parking", "No parking", "prohibitory", "circle", "blue,red"),
+    ("no_stopping", "No stopping or parking", "prohibitory", "circle", "blue,red"),
+    ("no_parking_days_1_15", "No parking from the 1st to the 15th", "prohibitory", "circle", "blue,red"),
+    ("no_parking_days_16_31", "No parking from the 16th to the 31st", "prohibitory", "circle", "blue,red"),
+    ("priority_over_oncoming", "Priority over oncoming traffic", "other", "square", "blue,white,red"),
+    ("parking", "Parking", "other", "square", "blue,white"),
+    ("parking_disabled", "Parking for the disabled", "other", "square", "blue,white"),
+    ("parking_cars", "Parking for cars", "other", "square", "blue,white"),
+    ("parking_trucks", "Parking for goods vehicles", "other", "square", "blue,white"),
+    ("parking_buses", "Parking for buses", "other", "square", "blue,white"),
+    ("parking_zone", "Parking zone", "other", "square", "blue,white"),
+    ("residential_zone", "Residential zone", "other", "square", "blue,white"),
+    ("end_residential_zone", "End of residential zone", "other", "square", "blue,white"),
+    ("one_way", "One-way road", "other", "square", "blue,white"),
+    ("dead_end", "Dead end", "other", "square", "blue,white,red"),
+    ("end_road_work", "End of road work", "other", "square", "white,black"),
+    ("pedestrian_crossing", "Pedestrian crossing", "other", "square", "blue,white"),
+    ("bicycle_crossing", "Bicycle crossing", "other", "square", "blue,white"),
+    ("parking_exit", "Parking exit", "other", "square", "blue,white"),
+    ("speed_bump_info", "Speed bump (information)", "other", "square", "blue,white"),
+    ("end_priority_road", "End of priority road", "other", "diamond", "white,yellow,black"),
+    ("priority_road", "Priority road", "other", "diamond", "white,yellow"),
+)
+
+# BelgiumTSC's 62 classes. The dataset ships no class names and no official list was at hand
+# when this table was written: meanings were assigned from the Belgian sign codes in folder
+# order and are NOT verified against the images, so every class is marked uncertain and never
+# flipped. Merging by meaning ignores uncertain classes' keys unless asked (``trust_uncertain``).
+BELGIUMTSC: tuple[SignClass, ...] = tuple(_be(i, *row) for i, row in enumerate(_BE))  # type: ignore[arg-type]
+
+CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB, "cn": TSRD23, "be": BELGIUMTSC}
 
 # Country codes a record can carry (shards store the index into this table; append only).
 COUNTRIES: tuple[str, ...] = ("de", "cn", "be", "fr", "nl", "us", "other")
@@ -127,30 +244,126 @@ class LabelError(ValueError):
     """A label, key or country that the label space cannot place."""
 
 
+Member = tuple[str, int]  # (country, that country's class id)
+MergeBy = Literal["meaning", "design"]
+
+
 @dataclass(frozen=True)
 class LabelSpace:
-    """The ordered classes a dataset or model predicts; output id ``i`` is ``classes[i]``."""
+    """The ordered classes a dataset or model predicts; output id ``i`` is ``classes[i]``.
+
+    A single-country space is that country's catalogue. A merged space (:meth:`merge`) also records,
+    per output, which (country, country id) pairs it stands for (``members``) and how it was merged
+    (``by``): by *meaning* one output per semantic key across countries, by *design* one output per
+    country's sign, addressed as ``country:key``, with the semantic key still reported.
+    """
 
     classes: tuple[SignClass, ...]
     name: str = "de"
+    by: str = ""  # "" (one catalogue) | "meaning" | "design"
+    members: tuple[tuple[Member, ...], ...] = ()  # per class; empty: each class stands for itself
     _index: dict[str, int] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if self.by not in ("", "meaning", "design"):
+            raise LabelError(f"label space {self.name!r}: by must be 'meaning' or 'design', got {self.by!r}")
+        if self.members and len(self.members) != len(self.classes):
+            raise LabelError(f"label space {self.name!r}: {len(self.members)} member lists for "
+                             f"{len(self.classes)} classes")
         index: dict[str, int] = {}
         for i, c in enumerate(self.classes):
-            if c.key in index:
-                raise LabelError(f"label space {self.name!r}: key {c.key!r} appears twice (ids {index[c.key]}, {i})")
-            index[c.key] = i
-        for c in self.classes:
-            if c.mirror is not None and c.mirror not in index:
-                raise LabelError(f"class {c.key!r} mirrors to {c.mirror!r}, which is not in label space {self.name!r}")
+            ident = self.ident(c)
+            if ident in index:
+                raise LabelError(f"label space {self.name!r}: key {ident!r} appears twice (ids {index[ident]}, {i})")
+            index[ident] = i
         object.__setattr__(self, "_index", index)
+        if not self.by:
+            for c in self.classes:
+                if c.mirror is not None and c.mirror not in index and c.country == "de":
+                    raise LabelError(f"class {c.key!r} mirrors to {c.mirror!r}, which is not in label space "
+                                     f"{self.name!r}")
+
+    def ident(self, c: SignClass) -> str:
+        """How a class is addressed in this space: its key, or ``country:key`` when merged by design."""
+        return f"{c.country}:{c.key}" if self.by == "design" else c.key
 
     @classmethod
     def for_country(cls, country: str) -> "LabelSpace":
         if country not in CATALOGUES:
             raise LabelError(f"unknown country {country!r}; known catalogues: {', '.join(sorted(CATALOGUES))}")
         return cls(classes=CATALOGUES[country], name=country)
+
+    @classmethod
+    def for_countries(cls, countries: Iterable[str] | str, by: MergeBy = "meaning",
+                      trust_uncertain: bool = False) -> "LabelSpace":
+        """One country's catalogue, or several merged: ``for_countries("de,cn", by="meaning")``."""
+        names = [c.strip() for c in countries.split(",")] if isinstance(countries, str) else list(countries)
+        spaces = [cls.for_country(c) for c in names if c]
+        if len(spaces) == 1:
+            return spaces[0]
+        return cls.merge(spaces, by=by, trust_uncertain=trust_uncertain)
+
+    @classmethod
+    def merge(cls, spaces: Iterable["LabelSpace"], by: MergeBy = "meaning", name: str = "",
+              trust_uncertain: bool = False) -> "LabelSpace":
+        """One label space over several catalogues; earlier spaces keep their ids first.
+
+        By meaning, classes with the same semantic key become one output; two catalogues that give
+        one key different flip rules are refused (augmentation would turn a sign into another). An
+        uncertain class never merges with another country's unless ``trust_uncertain``: it gets an
+        output of its own keyed ``country:key``, so a guessed meaning cannot pollute a known one.
+        """
+        if by not in ("meaning", "design"):
+            raise LabelError(f"merge by must be 'meaning' or 'design', got {by!r}")
+        spaces = list(spaces)
+        classes: list[SignClass] = []
+        members: list[list[Member]] = []
+        where: dict[str, int] = {}
+        for space in spaces:
+            for i, c in enumerate(space.classes):
+                for m in space.members_of(i):
+                    member_class = replace(c, country=m[0], country_id=m[1])
+                    key = _merge_key(member_class, by, trust_uncertain)
+                    if key in where:
+                        j = where[key]
+                        classes[j] = _merged_flip(classes[j], member_class, members[j][0])
+                        if m not in members[j]:
+                            members[j].append(m)
+                        continue
+                    where[key] = len(classes)
+                    classes.append(member_class if key == member_class.key or by == "design"
+                                   else replace(member_class, key=key, mirror=None, flip="never"))
+                    members.append([m])
+        countries = "+".join(dict.fromkeys(m[0] for ms in members for m in ms))
+        return cls(classes=tuple(classes), name=name or f"{countries}:{by}", by=by,
+                   members=tuple(tuple(ms) for ms in members))
+
+    def members_of(self, i: int) -> tuple[Member, ...]:
+        """The (country, country id) pairs output ``i`` stands for."""
+        if self.members:
+            return self.members[i]
+        c = self.classes[i]
+        return ((c.country, c.country_id),)
+
+    def countries(self) -> list[str]:
+        return list(dict.fromkeys(m[0] for i in range(len(self)) for m in self.members_of(i)))
+
+    def map_from(self, other: "LabelSpace") -> np.ndarray:
+        """``m[j]``: this space's id for ``other``'s class ``j``, or -1 where it has no place here.
+
+        Classes are matched through the (country, country id) pairs both spaces record, so a
+        model's space and a dataset's map onto each other whatever order or merge they were built in.
+        """
+        owner = {m: i for i in range(len(self)) for m in self.members_of(i)}
+        out = np.full(len(other), -1, dtype=np.int64)
+        for j in range(len(other)):
+            hits = {owner[m] for m in other.members_of(j) if m in owner}
+            if len(hits) == 1:
+                out[j] = hits.pop()
+            elif len(hits) > 1:
+                raise LabelError(f"class {other.ident(other[j])!r} of label space {other.name!r} maps to several "
+                                 f"classes of {self.name!r}: {sorted(self.ident(self[h]) for h in hits)}")
+        return out
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -160,7 +373,7 @@ class LabelSpace:
 
     @property
     def keys(self) -> list[str]:
-        return [c.key for c in self.classes]
+        return [self.ident(c) for c in self.classes]
 
     @property
     def names(self) -> list[str]:
@@ -182,25 +395,34 @@ class LabelSpace:
         return int(label)
 
     def flip_map(self) -> np.ndarray:
-        """``m[i]`` is the class a horizontally flipped image of class ``i`` shows, or -1 if it must not flip."""
+        """``m[i]`` is the class a horizontally flipped image of class ``i`` shows, or -1 if it must not flip.
+
+        A mirror partner missing from this space (cn has keep_right but no keep_left) means no flip.
+        """
         m = np.full(len(self.classes), -1, dtype=np.int64)
         for i, c in enumerate(self.classes):
             if c.flip == "invariant":
                 m[i] = i
             elif c.flip == "mirror":
-                m[i] = self._index[c.mirror]  # type: ignore[index]
+                partner = f"{c.country}:{c.mirror}" if self.by == "design" else c.mirror
+                m[i] = self._index.get(partner, -1)  # type: ignore[arg-type]
         return m
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": LABEL_SPACE_FORMAT, "name": self.name,
-                "classes": [{**asdict(c), "colours": list(c.colours)} for c in self.classes]}
+        d: dict[str, Any] = {"format": LABEL_SPACE_FORMAT, "name": self.name,
+                             "classes": [{**asdict(c), "colours": list(c.colours)} for c in self.classes]}
+        if self.by:  # single catalogues keep the exact dict (and fingerprint) they always had
+            d["by"] = self.by
+            d["members"] = [[list(m) for m in ms] for ms in self.members]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LabelSpace":
         if d.get("format") != LABEL_SPACE_FORMAT:
             raise LabelError(f"label space format {d.get('format')!r} is not supported (expected {LABEL_SPACE_FORMAT})")
         classes = tuple(SignClass(**{**c, "colours": tuple(c["colours"])}) for c in d["classes"])
-        return cls(classes=classes, name=d["name"])
+        members = tuple(tuple((str(m[0]), int(m[1])) for m in ms) for ms in d.get("members", ()))
+        return cls(classes=classes, name=d["name"], by=d.get("by", ""), members=members)
 
     def fingerprint(self) -> str:
         """Short stable hash: two label spaces with the same fingerprint number classes the same way."""
@@ -208,8 +430,45 @@ class LabelSpace:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def table(self) -> list[tuple[int, str, str, str, str]]:
-        return [(i, c.key, c.name, c.category, c.flip if c.flip != "mirror" else f"-> {c.mirror}")
+        return [(i, self.ident(c), c.name, c.category, c.flip if c.flip != "mirror" else f"-> {c.mirror}")
                 for i, c in enumerate(self.classes)]
+
+    def mapping_rows(self) -> list[dict[str, Any]]:
+        """One row per output: id, key, name, and each country's own id for it (``None``: absent)."""
+        countries = self.countries()
+        rows = []
+        for i, c in enumerate(self.classes):
+            ids: dict[str, list[int]] = {k: [] for k in countries}
+            for country, cid in self.members_of(i):
+                ids[country].append(cid)
+            rows.append({"id": i, "key": self.ident(c), "semantic_key": c.key, "name": c.name,
+                         "category": c.category, "uncertain": c.uncertain,
+                         "ids": {k: (v[0] if len(v) == 1 else v) if v else None for k, v in ids.items()}})
+        return rows
+
+
+def _merge_key(c: SignClass, by: str, trust_uncertain: bool) -> str:
+    if by == "design" or (c.uncertain and not trust_uncertain):
+        return f"{c.country}:{c.key}"
+    return c.key
+
+
+def _merged_flip(kept: SignClass, new: SignClass, kept_member: Member) -> SignClass:
+    """The flip rule of one meaning shared by two designs: the stricter one, or an error if they contradict.
+
+    Designs differ (de yield is an empty triangle and flips freely; cn yield carries "让" and must
+    not flip), so "never" in any catalogue wins: augmentation never produces a sign that one of the
+    countries does not have. Two rules that both allow flipping but disagree on the result
+    (invariant vs mirror, or mirrors to different keys) mean one catalogue is wrong.
+    """
+    if (kept.flip, kept.mirror) == (new.flip, new.mirror):
+        return kept
+    if "never" in (kept.flip, new.flip):
+        return replace(kept, flip="never", mirror=None)
+    raise LabelError(f"cannot merge {kept_member[0]}:{kept.key} (flip {kept.flip}"
+                     f"{' -> ' + kept.mirror if kept.mirror else ''}) with {new.country}:{new.key} (flip "
+                     f"{new.flip}{' -> ' + new.mirror if new.mirror else ''}): one meaning cannot flip into two "
+                     f"different signs; fix one catalogue's flip rule")
 
 
 def category_ids(space: LabelSpace, keys: Iterable[str] = CATEGORIES) -> np.ndarray:

@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from signscale import images, permutation, storage
+from signscale.labels import LabelSpace
 from signscale.shards import Manifest, ShardError, ShardReader
 from signscale.world import World
 
@@ -510,16 +511,22 @@ class ShardStream(IterableDataset):
     ``worker``/``batch`` that produced them so the loader can account for consumption exactly.
     """
 
-    def __init__(self, cfg: StreamConfig, *, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(self, cfg: StreamConfig, *, rank: int | None = None, world_size: int | None = None,
+                 label_space: LabelSpace | None = None) -> None:
+        """``label_space``: the space labels are reported in. Each dataset's ids are mapped onto it
+        (by country and class id, see :meth:`LabelSpace.map_from`), which is how datasets of different
+        countries train one model; without it all datasets must share one label space."""
         super().__init__()
         self.cfg = cfg
         self.manifests = [Manifest.load(u) for u in cfg.datasets]
         spaces = {m.label_space.fingerprint() for m in self.manifests}
-        if len(spaces) > 1:
+        if label_space is None and len(spaces) > 1:
             names = ", ".join(f"{u} ({m.label_space.name}, {len(m.label_space)} classes)"
                               for u, m in zip(cfg.datasets, self.manifests))
-            raise ShardError(f"datasets have different label spaces: {names}; merge them into one label space first")
-        self.label_space = self.manifests[0].label_space
+            raise ShardError(f"datasets have different label spaces: {names}; train on a merged label space "
+                             "(TrainConfig.merge_by=meaning|design) or pack them with one label space")
+        self.label_space = label_space or self.manifests[0].label_space
+        self.label_luts = [self._label_lut(u, m) for u, m in zip(cfg.datasets, self.manifests)]
         encodings = {m.encoding for m in self.manifests}
         shapes = {m.image_shape for m in self.manifests if m.encoding == "raw"}
         if len(shapes) > 1 or (encodings == {"raw", "encoded"} and not cfg.image_size):
@@ -535,6 +542,20 @@ class ShardStream(IterableDataset):
         self._readers: list[_DatasetReader] | None = None
         # Optional batch transform run inside the workers (e.g. CPU augmentation): dict -> dict.
         self.transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    def _label_lut(self, url: str, m: Manifest) -> np.ndarray | None:
+        """Data id -> reported id for one dataset (None: the same numbering); every class must have a place."""
+        if m.label_space.fingerprint() == self.label_space.fingerprint():
+            return None
+        lut = self.label_space.map_from(m.label_space)
+        counts = m.class_counts() if hasattr(m, "class_counts") else None
+        missing = [m.label_space.ident(m.label_space[j]) for j in np.flatnonzero(lut < 0)
+                   if counts is None or counts[j] > 0]
+        if missing:
+            raise ShardError(f"{url}: {len(missing)} class(es) of label space {m.label_space.name!r} have no place in "
+                             f"{self.label_space.name!r}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
+                             "train on a label space that includes them (merge the catalogues)")
+        return lut
 
     # -- plan ---------------------------------------------------------------------------------
 
@@ -618,6 +639,9 @@ class ShardStream(IterableDataset):
                 image[sel] = np.stack([images.resize(images.decode(b), S) for b in blobs])
             for c, k in enumerate(META[:5]):
                 meta[sel, c] = recs[k]
+            lut = self.label_luts[int(d)]
+            if lut is not None:
+                meta[sel, 1] = lut[recs["label"]]
             meta[sel, 7:11] = recs["roi"]
         meta[:, 5] = ds
         meta[:, 6] = pad

@@ -20,14 +20,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from signscale import checkpoint, distributed, precision, storage
 from signscale import config as config_mod
-from signscale.models import create_model, model_config, model_info
-from signscale.shards import Manifest
+from signscale.labels import LabelSpace
+from signscale.models import create_model, grow_head, model_config, model_info
+from signscale.shards import Manifest, ShardError
 from signscale.stream import StreamConfig, StreamLoader, ShardStream
 from signscale.transforms import AugmentConfig, BatchAugment, Preprocess, to_input
 
@@ -44,6 +46,9 @@ class TrainConfig:
     val: str = ""  # packed dataset URL for per-epoch validation (held-out tracks)
     out: str = "runs/train"  # run folder: checkpoints, metrics, model
     weights: tuple[float, ...] = ()  # mixing weights for several datasets (empty: all of each)
+    country_weights: dict[str, float] = field(default_factory=dict)  # e.g. {de: 1, cn: 2}: per-country mixing
+    merge_by: Literal["meaning", "design"] = "meaning"  # how datasets of different countries share outputs
+    init_from: str = ""  # model artefact to start from; its head grows to the data's label space
     model: str = "msnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
@@ -82,6 +87,9 @@ class TrainConfig:
             raise config_mod.ConfigError("batch_size and accumulate must be >= 1")
         if self.epochs < 1 and self.max_steps < 1:
             raise config_mod.ConfigError("epochs: must be >= 1 (or set max_steps)")
+        if self.weights and self.country_weights:
+            raise config_mod.ConfigError("weights and country_weights: give one of them (country_weights sets "
+                                         "each dataset's weight from the countries it holds)")
 
 
 @dataclass
@@ -280,25 +288,31 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
-    train_stream = ShardStream(StreamConfig(datasets=tuple(cfg.data), weights=tuple(cfg.weights),
+    manifests = [Manifest.load(u) for u in cfg.data]
+    init = _load_init(cfg.init_from) if cfg.init_from else None
+    space = training_space([m.label_space for m in manifests], cfg.merge_by, init[2] if init else None)
+    weights = country_mixing(manifests, cfg.country_weights) if cfg.country_weights else tuple(cfg.weights)
+    train_stream = ShardStream(StreamConfig(datasets=tuple(cfg.data), weights=weights,
                                             batch_size=cfg.batch_size, seed=cfg.seed, block_size=cfg.block_size,
                                             remainder="drop",
-                                            rank_layout="interleaved" if cfg.world_invariant else "contiguous"))
+                                            rank_layout="interleaved" if cfg.world_invariant else "contiguous"),
+                               label_space=space)
     loader = StreamLoader(train_stream, num_workers=cfg.workers)
-    space = train_stream.label_space
-    manifests = train_stream.manifests  # loaded once by the stream; reused for checksums, weights, crop
     manifest_checksums = [m.checksum() for m in manifests]
     pre = Preprocess(size=train_stream.image_size)
     val_loader = None
     if cfg.val:
-        vs = ShardStream(StreamConfig(datasets=(cfg.val,), batch_size=512, shuffle=False, remainder="pad",
-                                      block_size=cfg.block_size))
-        if vs.label_space.fingerprint() != space.fingerprint():
-            raise TrainError(f"val dataset {cfg.val} has label space {vs.label_space.name!r}, training data has "
-                             f"{space.name!r}: validate on data of the same label space")
+        try:
+            vs = ShardStream(StreamConfig(datasets=(cfg.val,), batch_size=512, shuffle=False, remainder="pad",
+                                          block_size=cfg.block_size), label_space=space)
+        except ShardError as exc:
+            raise TrainError(f"val dataset {cfg.val} cannot be scored in the training label space: {exc}") from None
         val_loader = StreamLoader(vs, num_workers=min(cfg.workers, 1))
 
-    model = create_model(cfg.model, len(space), **cfg.model_kwargs)
+    if init is not None:
+        model = _grown(init, space)
+    else:
+        model = create_model(cfg.model, len(space), **cfg.model_kwargs)
     info = model_info(model, train_stream.image_size)
     model.to(device)
     if cfg.channels_last:
@@ -314,7 +328,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     sched = _scheduler(cfg, opt, total_steps)
     scaler = precision.make_scaler(cfg.precision, device)
-    class_weight = _class_weights(cfg.class_balance, manifests, len(space), device)
+    class_weight = _class_weights(cfg.class_balance, manifests, train_stream.label_luts, len(space), device)
     augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
     if device.type == "cpu" and cfg.workers > 0:
         # On a CPU box the loader workers augment while the main process trains; on a GPU the
@@ -477,7 +491,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     return result
 
 
-def _class_weights(balance: str, manifests: list[Manifest], n: int, device: torch.device) -> torch.Tensor | None:
+def _class_weights(balance: str, manifests: list[Manifest], luts: list[np.ndarray | None], n: int,
+                   device: torch.device) -> torch.Tensor | None:
     """Inverse-frequency class weights from the datasets' class histograms, or None.
 
     Every present class then carries the same total weight, and the average sample keeps weight 1,
@@ -485,11 +500,62 @@ def _class_weights(balance: str, manifests: list[Manifest], n: int, device: torc
     """
     if balance == "none":
         return None
-    counts = sum(m.class_histogram().astype("float64") for m in manifests)
+    counts = np.zeros(n, dtype="float64")
+    for m, lut in zip(manifests, luts):  # each dataset's histogram, counted in the training label space
+        hist = m.class_histogram().astype("float64")
+        np.add.at(counts, lut if lut is not None else np.arange(len(hist)), hist)
     present = counts > 0
     w = torch.zeros(n, dtype=torch.float32)
     w[torch.from_numpy(present)] = torch.from_numpy(counts[present].sum() / (present.sum() * counts[present])).float()
     return w.to(device)
+
+
+def training_space(data_spaces: list[LabelSpace], merge_by: str, model_space: LabelSpace | None = None) -> LabelSpace:
+    """The label space a run trains in: the data's, merged across countries, after a starting model's.
+
+    A starting model's outputs come first and keep their ids, so growing its head keeps every old
+    row; when the data adds nothing new, the model's space is used as it is (same fingerprint).
+    """
+    unique = list({s.fingerprint(): s for s in data_spaces}.values())
+    if model_space is not None:
+        if all((model_space.map_from(s) >= 0).all() for s in unique):
+            return model_space
+        return LabelSpace.merge([model_space, *unique], by=model_space.by or merge_by)  # type: ignore[arg-type]
+    if len(unique) == 1:
+        return unique[0]
+    return LabelSpace.merge(unique, by=merge_by)  # type: ignore[arg-type]
+
+
+def country_mixing(manifests: list[Manifest], country_weights: dict[str, float]) -> tuple[float, ...]:
+    """Stream mixing weights from per-country weights: a dataset's weight is its samples' country weight.
+
+    The stream's weight w draws about ``w x size`` samples of a dataset per epoch, so weights here
+    scale each country's share; countries not named keep weight 1.
+    """
+    out = []
+    for m in manifests:
+        countries = m.label_space.countries()  # the catalogues its labels come from
+        ws = {country_weights.get(c, 1.0) for c in countries}
+        if len(ws) > 1:
+            raise config_mod.ConfigError(f"country_weights: {m.root} mixes countries {countries} with different "
+                                         "weights; pack one dataset per country to weight them apart")
+        out.append(float(ws.pop()))
+    return tuple(out)
+
+
+def _load_init(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], LabelSpace]:
+    state, meta = checkpoint.load_model_artefact(url)
+    return state, meta, LabelSpace.from_dict(meta["label_space"])
+
+
+def _grown(init: tuple[dict[str, torch.Tensor], dict[str, Any], LabelSpace], space: LabelSpace) -> torch.nn.Module:
+    """The starting model with one output per class of ``space``; old classes keep their head rows."""
+    state, meta, old = init
+    rows = [-1] * len(space)
+    for j, i in enumerate(space.map_from(old)):
+        if i >= 0:
+            rows[int(i)] = j
+    return grow_head(meta["model_config"], state, rows)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

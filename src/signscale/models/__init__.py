@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from signscale.models.cnn import MultiScaleNet, ResNet18Small, SmallCNN
 
-__all__ = ["MODELS", "MODEL_CONFIG_FORMAT", "ModelSpec", "create_model", "model_config", "model_info", "rebuild"]
+__all__ = ["MODELS", "MODEL_CONFIG_FORMAT", "ModelSpec", "create_model", "grow_head", "model_config", "model_info",
+           "rebuild"]
 
 MODEL_CONFIG_FORMAT = 1
 CONFIG_ATTR = "signscale_config"
@@ -159,3 +160,29 @@ def model_info(model: nn.Module, input_size: int = 32) -> dict[str, int]:
     finally:
         model.train(was_training)
     return {"params": int(params), "macs": int(counter.get_total_flops() // 2)}
+
+
+def grow_head(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+              source_rows: list[int]) -> nn.Module:
+    """A trained model with a new set of outputs: output ``i`` is old output ``source_rows[i]`` (-1: new).
+
+    Everything but the head loads unchanged, and kept outputs keep their weight rows, so before any
+    fine-tuning the logits of the old classes are exactly the old model's. New rows start as a fresh
+    ``nn.Linear`` would, which is how a model is extended to a new country's classes.
+    """
+    old = int(config["num_classes"])
+    bad = [r for r in source_rows if not -1 <= r < old]
+    if bad:
+        raise ValueError(f"grow_head: source rows {bad[:5]} are outside the old head's 0..{old - 1}")
+    model = rebuild({**config, "num_classes": len(source_rows)})
+    fresh = model.state_dict()
+    merged = dict(state_dict)
+    for name in ("head.weight", "head.bias"):
+        rows = fresh[name].clone()
+        kept = [(i, r) for i, r in enumerate(source_rows) if r >= 0]
+        if kept:
+            new_i, old_i = zip(*kept)
+            rows[list(new_i)] = state_dict[name][list(old_i)].to(rows.dtype)
+        merged[name] = rows
+    model.load_state_dict(merged)
+    return model

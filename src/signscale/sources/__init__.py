@@ -40,6 +40,12 @@ SOURCES: dict[str, SourceKind] = {
     "gtsrb-test": SourceKind("signscale.sources.gtsrb", "open_gtsrb_test",
                              "GTSRB official test layout: Final_Test/Images/*.ppm + GT-final_test.csv",
                              "gtsrb-test:GTSRB_Final_Test_Images.zip"),
+    "tsrd23": SourceKind("signscale.sources.countries", "open_tsrd23",
+                         "Chinese sign crops TSRD23/{label}_{index}.png (cn catalogue), split by index blocks",
+                         "tsrd23:TSRD23_crops_64px.zip?split=train&val_fraction=0.2&block=10"),
+    "belgiumtsc": SourceKind("signscale.sources.countries", "open_belgiumtsc",
+                             "BelgiumTSC official layout (be catalogue; its swapped CSV axes put right), "
+                             "pole-held-out split", "belgiumtsc:BelgiumTSC_Training.zip?split=train"),
     "folder": SourceKind("signscale.sources.folder", "open_folder",
                          "one sub-folder per class (key or id), or a CSV/JSONL list of path,label",
                          "folder:/data/my_signs  or  folder:/data/list.csv"),

@@ -336,7 +336,7 @@ def _training_track(class_folder: str) -> Callable[[str], str | None]:
     return track_of
 
 
-def scan_training(tree: Tree, space: LabelSpace, location: str) -> tuple[str, Table]:
+def scan_training(tree: Tree, space: LabelSpace, location: str, kind: str = KIND_TRAIN) -> tuple[str, Table]:
     """(root prefix, entries) from the listing and the 43 small CSVs; no image is opened."""
     names = [n for n in tree.names() if not is_junk(n)]
     root = find_training_root(names, location)
@@ -352,12 +352,12 @@ def scan_training(tree: Tree, space: LabelSpace, location: str) -> tuple[str, Ta
             csvs[m["cls"]] = name
     rows: list[_Row] = []
     for cls in sorted(set(csvs) | set(images)):
-        rows.extend(_class_rows(tree, cls, csvs.get(cls), images.get(cls, set()), root, space))
+        rows.extend(_class_rows(tree, cls, csvs.get(cls), images.get(cls, set()), root, space, kind))
     return root, Table.from_rows(rows)
 
 
 def _class_rows(tree: Tree, cls: str, csv_name: str | None, images: set[str], root: str,
-                space: LabelSpace) -> list[_Row]:
+                space: LabelSpace, kind: str = KIND_TRAIN) -> list[_Row]:
     track_of = _training_track(cls)
     labelled: set[str] = set()
     rows: list[_Row] = []
@@ -366,14 +366,14 @@ def _class_rows(tree: Tree, cls: str, csv_name: str | None, images: set[str], ro
             parsed = parse_gt_csv(tree.read(csv_name))
         except CsvHeaderError as exc:  # one class unusable is a problem to report, not a reason to stop
             key = f"{cls}/{posixpath.basename(csv_name)}:1"
-            rows = [_problem_row(key, Problem(key, "bad_csv_row", f"{csv_name} line 1: {exc}", KIND_TRAIN),
+            rows = [_problem_row(key, Problem(key, "bad_csv_row", f"{csv_name} line 1: {exc}", kind),
                                  int(cls))]
         else:
             rows, labelled = _rows_from_csv(parsed, csv_name, images=images, key_prefix=f"{cls}/",
-                                            kind=KIND_TRAIN, space=space, track_of=track_of,
+                                            kind=kind, space=space, track_of=track_of,
                                             folder_class=int(cls))
     where = csv_name or f"{root}{cls}/GT-{cls}.csv (missing)"
-    return rows + _unlabelled_rows(images - labelled, f"{cls}/", where, KIND_TRAIN, int(cls), track_of)
+    return rows + _unlabelled_rows(images - labelled, f"{cls}/", where, kind, int(cls), track_of)
 
 
 def find_test_images(names: Sequence[str], location: str) -> str:
@@ -455,6 +455,8 @@ def scan_test(tree: Tree, space: LabelSpace, location: str, gt: str | None) -> t
 class GtsrbSource(Source):
     """Either GTSRB layout; entries come from the CSVs, pixels from :meth:`read`."""
 
+    country = COUNTRY
+
     def __init__(self, tree: Tree, prefix: str, table: Table, *, kind: str, label_space: LabelSpace,
                  spec: str, location: str) -> None:
         super().__init__(label_space, spec)
@@ -489,7 +491,7 @@ class GtsrbSource(Source):
         w, h, x1, y1, x2, y2 = self.table.boxes[index].tolist()
         return Sample(key=self.table.keys[index], label=int(self.table.labels[index]), image=image,
                       source=self.kind, track=self.table.tracks[index], roi=roi, condition="clear",
-                      country=COUNTRY, meta={"csv_size": (w, h), "csv_roi": (x1, y1, x2, y2)})
+                      country=self.country, meta={"csv_size": (w, h), "csv_roi": (x1, y1, x2, y2)})
 
     def entries(self) -> list[Sample | Problem]:
         """All entries from the CSVs alone: ``roi`` is None (see the module docstring), meta has the CSV box."""

@@ -1,0 +1,43 @@
+"""``signscale labels``: the catalogues and how they merge into one label space."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.table import Table
+
+from signscale.cli._registry import Registry, console
+
+
+def _labels(args: argparse.Namespace) -> int:
+    from signscale.labels import LabelSpace
+
+    space = LabelSpace.for_countries(args.countries, by=args.by, trust_uncertain=args.trust_uncertain)
+    rows = space.mapping_rows()
+    if args.json:
+        console.print_json(json.dumps({"name": space.name, "by": space.by, "classes": rows}))
+        return 0
+    countries = space.countries()
+    table = Table(title=f"label space {space.name}: {len(space)} classes")
+    for col in ("id", "key", "name", *countries):
+        table.add_column(col, justify="right" if col == "id" or col in countries else "left")
+    for r in rows:
+        ids = ["" if r["ids"][c] is None else str(r["ids"][c]) for c in countries]
+        name = r["name"] + (" [yellow](uncertain)[/]" if r["uncertain"] else "")
+        table.add_row(str(r["id"]), r["key"], name, *ids)
+    console.print(table)
+    shared = sum(1 for r in rows if sum(v is not None for v in r["ids"].values()) > 1)
+    console.print(f"{space.name}: {len(space)} classes from {', '.join(countries)}; {shared} shared by more than "
+                  f"one country; fingerprint {space.fingerprint()}")
+    return 0
+
+
+def register(r: Registry) -> None:
+    p = r.add("labels", _labels, "print a country's catalogue or several merged into one label space, as a table")
+    p.add_argument("--countries", default="de", help="comma list of catalogues, e.g. de,cn,be")
+    p.add_argument("--by", choices=["meaning", "design"], default="meaning",
+                   help="meaning: one output per semantic key; design: one per country's sign")
+    p.add_argument("--trust-uncertain", action="store_true",
+                   help="let classes whose meaning is marked uncertain merge with other countries' classes")
+    p.add_argument("--json", action="store_true", help="the mapping as JSON")

@@ -164,3 +164,43 @@ def test_train_on_two_countries_then_extend_a_one_country_model(two_countries, t
     space = LabelSpace.from_dict(meta["label_space"])
     assert space.keys[:43] == LabelSpace.for_country("de").keys  # old outputs keep their ids
     assert len(space) == 56 and state["head.weight"].shape[0] == 56  # the whole cn catalogue joins
+    from signscale.transfer import TransferConfig, transfer_matrix
+
+    res = transfer_matrix(TransferConfig(models={"de": de_only.model_url, "de+cn": r.model_url},
+                                         data={"de": de, "cn": cn}, out=str(tmp_path / "transfer"), workers=0))
+    assert res.cells["de"]["cn"]["error"]  # the fixture's cn classes have no meaning in common with de
+    assert res.cells["de+cn"]["cn"]["scored"] == 48 and res.cells["de+cn"]["cn"]["skipped"] == 0  # 49 less the byte copy
+    assert res.cells["de"]["de"]["scored"] == res.cells["de+cn"]["de"]["scored"] > 0
+    assert "no shared class" in res.table() and (tmp_path / "transfer" / "transfer.png").stat().st_size > 1000
+
+
+def test_labels_command_prints_the_merged_table_and_names_bad_countries():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "signscale", "labels", "--countries", "de,cn", "--by", "meaning",
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rows = {row["key"]: row for row in json.loads(r.stdout)["classes"]}
+    for key in ("speed_limit_60", "no_entry", "yield", "keep_right", "turn_right_ahead"):
+        assert rows[key]["ids"]["de"] is not None and rows[key]["ids"]["cn"] is not None, key
+    assert rows["no_honking"]["ids"] == {"de": None, "cn": 8} and rows["no_honking"]["id"] >= 43
+    r = subprocess.run([sys.executable, "-m", "signscale", "labels", "--countries", "de,xx"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "unknown country 'xx'" in r.stdout
+
+
+@pytest.mark.skipif(not SHARED_TSRD.exists(), reason=f"real TSRD23 crops not found at {SHARED_TSRD}")
+def test_real_tsrd23_has_4896_samples_23_classes_and_a_split_without_shared_content():
+    src = open_source(f"tsrd23:{SHARED_TSRD}")
+    assert len(src) == 4896 and len({s.label for s in src.entries()}) == 23
+    train = open_source(f"tsrd23:{SHARED_TSRD}?split=train")
+    val = open_source(f"tsrd23:{SHARED_TSRD}?split=val")
+    import hashlib
+
+    def digests(s):
+        return {hashlib.sha256(src.tree.read(f"TSRD23/{e.key}")).hexdigest() for e in s.entries()}
+
+    assert not digests(train) & digests(val)  # no byte-identical image on both sides

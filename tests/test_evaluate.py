@@ -170,7 +170,11 @@ def test_label_spaces_map_by_key_and_refuse_when_nothing_maps() -> None:
     assert how == "identity" and lut.tolist() == list(range(43))
     sub = LabelSpace(classes=(de[14], de[1], de[2]), name="three")  # stop, 30, 50 in another order
     lut, how = label_map(sub, de)
-    assert how == "by_key" and lut.tolist() == [14, 1, 2]
+    assert how == "by_country_id" and lut.tolist() == [14, 1, 2]
+    cn = LabelSpace.for_country("cn")
+    lut, how = label_map(cn, de)  # another country's designs: scored over the meanings both catalogues share
+    assert how == "by_key" and lut[cn.index("speed_limit_60")] == 3 and lut[cn.index("yield")] == 13
+    assert lut[cn.index("no_honking")] == -1
     lut, _ = label_map(de, sub)
     assert lut[14] == 0 and lut[1] == 1 and (lut == -1).sum() == 40
     other = LabelSpace(classes=(de[0],), name="x")

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from signscale import __version__, checkpoint, distributed, images, precision, storage
 from signscale import config as config_mod
 from signscale.corruptions import CORRUPTIONS, SEVERITIES, apply_corruption
-from signscale.labels import COUNTRIES, LabelSpace
+from signscale.labels import COUNTRIES, LabelError, LabelSpace
 from signscale.models import rebuild
 from signscale.transforms import Preprocess, to_input
 
@@ -267,19 +267,45 @@ def _summary_numbers(t: _Tally) -> dict[str, float]:
 def label_map(data_space: LabelSpace, model_space: LabelSpace) -> tuple[np.ndarray, str]:
     """(lut, how): ``lut[data id]`` is the model's id for that class, or -1 where the model lacks it.
 
-    Identical label spaces map by id; different ones by semantic key (``speed_limit_30`` is the same
-    sign whatever a catalogue numbers it). Raises EvalError when no class maps at all.
+    Identical label spaces map by id. Otherwise a class maps to the model output that stands for
+    the same (country, country id), which is exact for models trained on merged spaces; classes left
+    over map by semantic key, so a German model is scored on Chinese data over the meanings both
+    share (``speed_limit_60`` is the same sign whatever its design). Raises EvalError when no class
+    maps at all.
     """
     if data_space.fingerprint() == model_space.fingerprint():
         return np.arange(len(data_space), dtype=np.int64), "identity"
-    lut = np.array([model_space.keys.index(k) if k in model_space.keys else -1 for k in data_space.keys],
-                   dtype=np.int64)
+    try:
+        lut = model_space.map_from(data_space)
+    except LabelError:
+        lut = np.full(len(data_space), -1, dtype=np.int64)
+    how = "by_country_id" if (lut >= 0).all() else "by_key"
+    by_meaning: dict[str, int] = {}
+    for i, c in enumerate(model_space.classes):
+        by_meaning.setdefault(c.key, i)  # by design, one meaning has several outputs: the first stands for it
+    for j in np.flatnonzero(lut < 0):
+        lut[j] = by_meaning.get(data_space[int(j)].key, -1)
     if not (lut >= 0).any():
         raise EvalError(f"no class of the data's label space {data_space.name!r} ({len(data_space)} classes, e.g. "
                         f"{', '.join(data_space.keys[:3])}) is in the model's label space {model_space.name!r} "
                         f"({len(model_space)} classes): nothing to evaluate. Evaluate on data of the classes the "
                         f"model was trained on.")
-    return lut, "by_key"
+    return lut, how
+
+
+def cross_country_confusions(confusion: np.ndarray, space: LabelSpace, limit: int = 10) -> list[dict[str, Any]]:
+    """Mistakes whose predicted class belongs to no country of the true class (e.g. a cn sign taken for
+    a de-only sign): the errors a merged model makes because it knows other countries' designs."""
+    if len(space.countries()) < 2:
+        return []
+    countries = [{m[0] for m in space.members_of(i)} for i in range(len(space))]
+    rows = []
+    for tr, pr in zip(*np.nonzero(confusion)):
+        if tr != pr and not countries[tr] & countries[pr]:
+            rows.append({"true": space.ident(space[tr]), "predicted": space.ident(space[pr]),
+                         "true_countries": sorted(countries[tr]), "predicted_countries": sorted(countries[pr]),
+                         "count": int(confusion[tr, pr])})
+    return sorted(rows, key=lambda r: (-r["count"], r["true"], r["predicted"]))[:limit]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,6 +760,7 @@ def _metrics(cfg: EvalConfig, t: _Tally, *, model_info: dict[str, Any], data: _D
         "calibration": {"bins": ECE_BINS, "ece": _num(head["ece"]), "reliability": bins},
         "conditions": _groups(t.conditions, data.conditions),
         "countries": _groups(t.countries, data.countries),
+        "cross_country_confusions": cross_country_confusions(t.confusion, space),
         "sources": _groups(t.sources, data.source_names),
         "robustness": robustness,
         "top_confusions": top,

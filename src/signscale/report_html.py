@@ -510,6 +510,14 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
                 [label, "images", "correct", "accuracy"],
                 [[_e(k), f"{g['count']:,}", f"{g['correct']:,}", _acc_bar(g["accuracy"])] for k, g in groups.items()],
                 [False, True, True, True], cls="narrow"))
+    cross = m.get("cross_country_confusions") or []
+    if cross:
+        parts.append("<h3>Confusions across countries</h3><p>Mistakes whose predicted class belongs to no country "
+                     "of the true class: a sign taken for another country's design.</p>" + _table(
+                         ["true", "countries", "predicted as", "countries", "images"],
+                         [[_e(c["true"]), _e(",".join(c["true_countries"])), _e(c["predicted"]),
+                           _e(",".join(c["predicted_countries"])), f"{c['count']:,}"] for c in cross],
+                         [False, False, False, False, True], cls="narrow"))
 
     if rob:
         parts.append("<h2>Robustness to corruptions</h2>")

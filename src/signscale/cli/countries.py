@@ -33,6 +33,28 @@ def _labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    from signscale.config import ConfigError
+
+    out = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise ConfigError(f"--{what} {item!r}: expected NAME=URL, e.g. --{what} de=runs/de/model")
+        out[name] = url
+    return out
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from signscale.transfer import TransferConfig, transfer_matrix
+
+    res = transfer_matrix(TransferConfig(models=_pairs(args.model, "model"), data=_pairs(args.data, "data"),
+                                         out=args.out or "", workers=args.workers))
+    console.print(res.table())
+    console.print(res.summary() + (f"; written to {args.out}" if args.out else ""))
+    return 0
+
+
 def register(r: Registry) -> None:
     p = r.add("labels", _labels, "print a country's catalogue or several merged into one label space, as a table")
     p.add_argument("--countries", default="de", help="comma list of catalogues, e.g. de,cn,be")
@@ -41,3 +63,9 @@ def register(r: Registry) -> None:
     p.add_argument("--trust-uncertain", action="store_true",
                    help="let classes whose meaning is marked uncertain merge with other countries' classes")
     p.add_argument("--json", action="store_true", help="the mapping as JSON")
+
+    p = r.add("transfer", _transfer, "transfer matrix: every model scored on every country's data, over shared meanings")
+    p.add_argument("--model", action="append", default=[], required=True, help="NAME=MODEL_URL (repeat)")
+    p.add_argument("--data", action="append", default=[], required=True, help="NAME=DATASET_URL_OR_SOURCE (repeat)")
+    p.add_argument("--out", help="folder for transfer.json, transfer.md, transfer.png")
+    p.add_argument("--workers", type=int, default=1)

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 
 import pytest
 
@@ -73,3 +74,65 @@ def test_json_roundtrip_and_corrupt_json(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(storage.StorageError, match="bad.json"):
         storage.read_json(str(tmp_path / "bad.json"))
+
+
+def test_missing_extra_is_named_even_where_installed(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "adlfs", None)  # import adlfs now raises ImportError
+    with pytest.raises(storage.StorageError, match=r"signscale\[azure\]"):
+        storage.exists("az://container/x")
+
+
+def _client_error(status, code):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+def test_transient_errors_are_those_each_store_documents():
+    """Classified by status / error code / exception class, never by words in a message."""
+    pytest.importorskip("botocore")
+    for status, code, want in [(503, "SlowDown", True), (500, "InternalError", True), (400, "RequestTimeout", True),
+                               (409, "ConditionalRequestConflict", True), (403, "AccessDenied", False),
+                               (404, "NoSuchKey", False), (412, "PreconditionFailed", False),
+                               (409, "BucketAlreadyExists", False), (400, "InvalidArgument", False)]:
+        assert storage.is_transient(_client_error(status, code)) is want, (status, code)
+    s3fs_errors = pytest.importorskip("s3fs.errors")
+    wrapped = s3fs_errors.translate_boto_error(_client_error(503, "SlowDown"))  # what s3fs raises: an OSError
+    assert isinstance(wrapped, OSError) and storage.is_transient(wrapped)
+    assert not storage.is_transient(s3fs_errors.translate_boto_error(_client_error(403, "AccessDenied")))
+
+    assert storage.is_transient(ConnectionResetError("reset by peer"))
+    assert storage.is_transient(TimeoutError())
+    assert not storage.is_transient(OSError("wrote 500 bytes, connection fine"))  # words don't count
+    assert not storage.is_transient(storage.PreconditionFailed("x"))
+    assert not storage.is_transient(FileNotFoundError("x"))
+
+
+def test_transient_classification_for_gcs_and_azure_errors():
+    retry_mod = pytest.importorskip("gcsfs.retry")
+    for code, want in [(503, True), (429, True), (408, True), (504, True), (400, False), (401, False), (409, False)]:
+        assert storage.is_transient(retry_mod.HttpError({"code": code, "message": "m"})) is want, code
+    exc_mod = pytest.importorskip("azure.core.exceptions")
+    for status, want in [(503, True), (500, True), (403, False), (404, False), (412, False)]:
+        err = exc_mod.HttpResponseError(message="m")
+        err.status_code = status
+        assert storage.is_transient(err) is want, status
+    assert storage.is_transient(exc_mod.ServiceRequestError("connection refused"))
+    assert not storage.is_transient(exc_mod.ClientAuthenticationError(message="denied"))
+
+
+def test_pointer_on_unsupported_store_is_refused():
+    with pytest.raises(storage.StorageError, match="conditional writes are not supported on memory://"):
+        storage.write_pointer("memory://bucket/head", b"x", expect=None)
+
+
+def test_local_pointer_tokens_and_lock_file(tmp_path):
+    url = str(tmp_path / "aliases" / "prod")
+    t1 = storage.write_pointer(url, b"v1", expect=None)
+    assert storage.read_pointer(url) == (b"v1", t1)
+    with pytest.raises(storage.PreconditionFailed, match="prod"):
+        storage.write_pointer(url, b"v2", expect="not-a-token")
+    assert sorted(os.listdir(tmp_path / "aliases")) == [".prod.lock", "prod"]  # no temp files left behind

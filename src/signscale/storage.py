@@ -7,12 +7,17 @@ Guarantees the rest of the package relies on:
   on object stores an object only becomes visible when its upload completes, so the final key is
   written once, whole.
 * **Checksums.** Writes return the sha256 of what was written; :func:`sha256_of` streams a file.
-* **Retries.** Reads and writes retry with exponential backoff on errors that are transient by
-  nature (connection resets, timeouts, throttling, 5xx); a missing file or a denied permission is
-  raised at once.
+* **Conditional writes.** :func:`read_pointer` / :func:`write_pointer` replace a small object only
+  if it is unchanged (or create it only if absent), using each store's own primitive (S3 and Azure
+  ETag If-Match / If-None-Match, GCS generation preconditions, a lock file locally); a lost race
+  raises :class:`PreconditionFailed`, never overwrites.
+* **Retries.** Reads and writes retry with exponential backoff on the errors each store documents
+  as transient (:func:`is_transient`: 5xx, throttling, timeouts, connection failures); a missing
+  file, a denied permission or a failed precondition is raised at once.
 
 Credentials and endpoints come from each SDK's standard chain (environment variables such as
-``AWS_ENDPOINT_URL``, profiles, application-default credentials); nothing here reads or logs them.
+``AWS_ENDPOINT_URL``, profiles, application-default credentials, connection strings); nothing here
+reads or logs them. docs/storage.md has the details per store.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ BACKOFF_S = 0.2
 
 class StorageError(OSError):
     """A storage operation failed for good; the message names the URL."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost a race (the object changed or already exists)."""
 
 
 def protocol(url: str) -> str:
@@ -79,24 +88,86 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+# Transient by each provider's documentation, and nothing else:
+#  S3   https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html : 500 InternalError,
+#       503 SlowDown / ServiceUnavailable, 400 RequestTimeout, throttling codes, and 409
+#       ConditionalRequestConflict ("retry the request") on conditional writes.
+#  GCS  https://cloud.google.com/storage/docs/retry-strategy : 408, 429, 500, 502, 503, 504.
+#  Azure https://learn.microsoft.com/rest/api/storageservices/blob-service-error-codes : 500
+#       InternalError / OperationTimedOut, 503 ServerBusy, 408, 429, 502, 504.
+# Plus connection-level failures (reset, refused, timed out) on every store. A 4xx that is not
+# listed (400 bad request, 401/403 denied, 404 missing, 409 conflict, 412 precondition) is final.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout",
+                              "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                              "ConditionalRequestConflict", "ServerBusy", "OperationTimedOut"})
+# Connection-level exception classes of the SDKs, matched by name so none has to be imported.
+_TRANSIENT_CLASSES = frozenset({"ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError",
+                                "ClientOSError", "HTTPClientError", "EndpointConnectionError",
+                                "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                                "ServiceRequestError", "ServiceResponseError", "FSTimeoutError",
+                                "IncompleteRead", "ChunkedEncodingError", "ProxyError"})
+_FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what it was raised from (fsspec back-ends wrap SDK errors in OSError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def http_status(exc: BaseException) -> tuple[int | None, str]:
+    """(HTTP status, provider error code) carried by an SDK error or its causes; (None, "") if none.
+
+    botocore's ClientError keeps them in ``response``, azure-core's HttpResponseError in
+    ``status_code``/``error_code``, gcsfs's HttpError in ``code``.
+    """
+    for e in _causes(exc):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and isinstance(resp.get("Error"), dict):
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return (int(status) if status else None), str(resp["Error"].get("Code", ""))
+        status = getattr(e, "status_code", None)
+        if isinstance(status, int):
+            return status, str(getattr(e, "error_code", "") or "")
+        code = getattr(e, "code", None)
+        if type(e).__name__ == "HttpError" and isinstance(code, int):
+            return code, ""
+    return None, ""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for the errors the stores document as transient (see above); False for everything else."""
+    if isinstance(exc, (_FINAL, PreconditionFailed)):
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = ("timeout", "timed out", "connection", "throttl", "slowdown", "slow down", "503", "500",
-               "502", "504", "internalerror", "serviceunavailable", "temporarily", "reset by peer")
-    return any(m in text for m in markers)
+    status, code = http_status(exc)
+    if status is not None or code:
+        return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+    for e in _causes(exc):
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if any(k.__name__ in _TRANSIENT_CLASSES for k in type(e).__mro__):
+            return True
+    return False
+
+
+_is_transient = is_transient  # the name older callers used
 
 
 def retry(fn: Callable[[], T], *, what: str, attempts: int = RETRIES) -> T:
-    """Call ``fn`` and retry transient failures with jittered exponential backoff."""
+    """Call ``fn`` and retry transient failures (:func:`is_transient`) with jittered exponential backoff.
+
+    Only the exception's type is ever looked at: messages can hold signed URLs, so nothing is logged.
+    """
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not _is_transient(exc) or attempt == attempts - 1:
+            if not is_transient(exc) or attempt == attempts - 1:
                 raise
             time.sleep(BACKOFF_S * (2 ** attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
@@ -266,3 +337,272 @@ def sha256_of(url: str, chunk: int = 8 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointers: small objects replaced only by compare-and-swap (dataset heads, registry aliases)
+#
+# Each store's own primitive does the compare-and-swap, so two writers never both win:
+#   local  an exclusive flock on ``.NAME.lock`` beside the file, compare, write temp, os.replace;
+#          token = sha256 of the content
+#   s3     PutObject with If-None-Match: * (create) or If-Match: <ETag>; token = ETag
+#   gs     JSON-API media upload with ifGenerationMatch=0 (create) or =<generation>; token = generation
+#   az     Put Blob with If-None-Match: * or If-Match: <ETag>; token = ETag
+# Tokens are opaque strings: compare them only with ``==`` and pass them back as ``expect``.
+
+
+def read_pointer(url: str) -> tuple[bytes, str]:
+    """(content, version token) of a small object; FileNotFoundError if absent."""
+    proto = protocol(url)
+    if is_local(url):
+        return _local_read_pointer(local_path(url) or url)
+    if proto in ("s3", "s3a"):
+        return retry(lambda: _s3_read_pointer(url), what=url)
+    if proto in ("gs", "gcs"):
+        return retry(lambda: _gcs_read_pointer(url), what=url)
+    if proto in ("az", "abfs", "abfss"):
+        return retry(lambda: _az_read_pointer(url), what=url)
+    raise StorageError(f"{url}: conditional writes are not supported on {proto}:// "
+                       "(use a local path, s3://, gs:// or az://)")
+
+
+def write_pointer(url: str, data: bytes, *, expect: str | None) -> str:
+    """expect=None: create only if absent (If-None-Match: *); else replace only if the current
+    version token equals expect (If-Match ETag / GCS ifGenerationMatch / Azure If-Match).
+    Returns the new token. Raises PreconditionFailed on a lost race, never overwrites silently."""
+    proto = protocol(url)
+    data = bytes(data)
+    if is_local(url):
+        return _local_write_pointer(local_path(url) or url, data, expect)
+    writers = {"s3": _s3_write_pointer, "s3a": _s3_write_pointer, "gs": _gcs_write_pointer,
+               "gcs": _gcs_write_pointer, "az": _az_write_pointer, "abfs": _az_write_pointer,
+               "abfss": _az_write_pointer}
+    if proto not in writers:
+        raise StorageError(f"{url}: conditional writes are not supported on {proto}:// "
+                           "(use a local path, s3://, gs:// or az://)")
+    attempts = 0
+
+    def once() -> str:
+        nonlocal attempts
+        attempts += 1
+        return writers[proto](url, data, expect)
+
+    try:
+        token = retry(once, what=url)
+    except PreconditionFailed:
+        # A retried write whose first attempt landed but whose reply was lost sees its own write
+        # as "changed". Only after a retry, and only if the object now holds exactly our bytes,
+        # is that a win; otherwise the race is lost.
+        if attempts > 1:
+            with contextlib.suppress(FileNotFoundError):
+                current, tok = read_pointer(url)
+                if current == data:
+                    return tok
+        raise
+    _invalidate_url(url)
+    return token
+
+
+def _lost(url: str, expect: str | None, why: str = "") -> PreconditionFailed:
+    why = f" {why}" if why else ""
+    if expect is None:
+        return PreconditionFailed(f"{url}: already exists, so create-if-absent lost the race{why}; "
+                                  "read_pointer() it and retry with its token")
+    return PreconditionFailed(f"{url}: changed since version {expect!r} was read{why}; "
+                              "read_pointer() it again and redo the update")
+
+
+def _invalidate_url(url: str) -> None:
+    with contextlib.suppress(Exception):
+        fs, path = filesystem(url)
+        _invalidate(fs, path)
+
+
+# -- local disk
+
+_THREAD_LOCKS: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """Exclusive lock for ``path`` across processes (flock) and threads (flock is per open file,
+    but on NFS it degrades to per-process fcntl locks, so threads also share a threading.Lock)."""
+    import threading
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        raise StorageError(f"{path}: local conditional writes need POSIX file locks (fcntl)") from None
+    key = os.path.abspath(path)
+    tlock = _THREAD_LOCKS.setdefault(key, threading.Lock())
+    d, base = os.path.split(key)
+    os.makedirs(d, exist_ok=True)
+    with tlock:
+        fd = os.open(os.path.join(d, f".{base}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+
+def _local_read_pointer(path: str) -> tuple[bytes, str]:
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _local_write_pointer(path: str, data: bytes, expect: str | None) -> str:
+    with _local_lock(path):
+        try:
+            _, current = _local_read_pointer(path)
+        except FileNotFoundError:
+            current = None
+        if expect is None and current is not None:
+            raise _lost(path, expect)
+        if expect is not None and current != expect:
+            raise _lost(path, expect, "(it was deleted)" if current is None else "")
+        write_bytes(path, data)  # temp + fsync + os.replace: readers (who take no lock) see old or new
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- S3 (s3fs / aiobotocore)
+
+def _is_412(exc: BaseException) -> bool:
+    return http_status(exc)[0] == 412 or http_status(exc)[1] == "PreconditionFailed"
+
+
+def _s3_read_pointer(url: str) -> tuple[bytes, str]:
+    from fsspec.asyn import sync
+
+    fs, path = filesystem(url)
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> tuple[bytes, str]:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await resp["Body"].read(), str(resp["ETag"])
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)
+
+
+def _s3_write_pointer(url: str, data: bytes, expect: str | None) -> str:
+    fs, path = filesystem(url)
+    bucket, key, _ = fs.split_path(path)
+    cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+    try:
+        resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
+    except FileNotFoundError as exc:  # If-Match on a deleted key: 404 NoSuchKey
+        if expect is None or http_status(exc)[1] == "NoSuchBucket":
+            raise
+        raise _lost(url, expect, "(it was deleted)") from None
+    except Exception as exc:
+        if _is_412(exc):
+            raise _lost(url, expect) from None
+        raise
+    return str(resp["ETag"])
+
+
+# -- Google Cloud Storage (gcsfs, JSON API)
+
+def _gcs_object(url: str) -> tuple[Any, str, str]:
+    fs, path = filesystem(url)
+    bucket, key, _ = fs.split_path(path)
+    return fs, bucket, key
+
+
+def _gcs_read_pointer(url: str) -> tuple[bytes, str]:
+    fs, bucket, key = _gcs_object(url)
+    headers, data = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+    generation = headers.get("x-goog-generation")
+    if generation:  # the real service names the generation it served: one request, consistent
+        return bytes(data), str(generation)
+    # Servers that omit the header (gcp-storage-emulator): metadata, media, metadata; the pair is
+    # consistent when the generation did not move in between.
+    for _ in range(20):
+        before = fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)["generation"]
+        _, data = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+        after = fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)["generation"]
+        if before == after:
+            return bytes(data), str(after)
+    raise StorageError(f"{url}: the object kept changing while it was read; try again")
+
+
+def _gcs_write_pointer(url: str, data: bytes, expect: str | None) -> str:
+    from urllib.parse import quote
+
+    fs, bucket, key = _gcs_object(url)
+    # ifGenerationMatch=0 means "only if no live object exists"; =N "only if generation N is live".
+    # A stale or missing generation gets 412, which gcsfs raises as FileExistsError.
+    try:
+        out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
+                      uploadType="media", name=key, ifGenerationMatch="0" if expect is None else expect,
+                      data=data, headers={"Content-Type": "application/octet-stream"}, json_out=True)
+    except FileExistsError:
+        raise _lost(url, expect) from None
+    return str(out["generation"])
+
+
+# -- Azure Blob (adlfs / azure-storage-blob)
+
+def _az_object(url: str) -> tuple[Any, str, str]:
+    fs, path = filesystem(url)
+    container, blob, _ = fs.split_path(path)
+    return fs, container, blob
+
+
+# The SDK's own retry policy waits 15 s, then 45 s; pointer calls turn it off and use ours, which
+# also lets write_pointer tell a lost race from its own retried write (see write_pointer).
+_AZ_NO_SDK_RETRY = {"retry_total": 0}
+
+
+def _az_read_pointer(url: str) -> tuple[bytes, str]:
+    from azure.core.exceptions import ResourceNotFoundError
+    from fsspec.asyn import sync
+
+    fs, container, blob = _az_object(url)
+
+    async def get() -> tuple[bytes, str]:
+        async with fs.service_client.get_blob_client(container, blob) as bc:
+            stream = await bc.download_blob(**_AZ_NO_SDK_RETRY)
+            return await stream.readall(), str(stream.properties.etag)
+
+    try:
+        return sync(fs.loop, get)
+    except ResourceNotFoundError:
+        raise FileNotFoundError(url) from None
+
+
+def _az_write_pointer(url: str, data: bytes, expect: str | None) -> str:
+    from azure.core import MatchConditions
+    from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+    from fsspec.asyn import sync
+
+    fs, container, blob = _az_object(url)
+    # overwrite=False sends If-None-Match: *; the etag + IfNotModified pair sends If-Match: <etag>.
+    cond: dict[str, Any] = ({"overwrite": False} if expect is None else
+                            {"overwrite": True, "etag": expect, "match_condition": MatchConditions.IfNotModified})
+
+    async def put() -> str:
+        async with fs.service_client.get_blob_client(container, blob) as bc:
+            resp = await bc.upload_blob(data, **cond, **_AZ_NO_SDK_RETRY)
+            return str(resp["etag"])
+
+    try:
+        return sync(fs.loop, put)
+    except (ResourceExistsError, ResourceModifiedError) as exc:  # 409 BlobAlreadyExists / 412 ConditionNotMet
+        if http_status(exc)[0] not in (409, 412):
+            raise
+        raise _lost(url, expect) from None
+    except ResourceNotFoundError as exc:
+        if expect is None or http_status(exc)[1] == "ContainerNotFound":
+            raise FileNotFoundError(url) from None
+        raise _lost(url, expect, "(it was deleted)") from None

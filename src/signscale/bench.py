@@ -11,7 +11,14 @@ in one process tree, with every row measured the same way:
     consecutive blocks of ``batch_size`` records, no epoch plan;
   - the *signscale loader* (``StreamLoader`` over the raw dataset), shuffled as in training and
     in order, so its own overhead and the cost of the shuffle can be told apart;
-  - *litdata*, as a reference, when it is installed.
+  - *litdata*, as a reference, when it is installed;
+* **augment**: samples/s of training inputs (normalised float32 NCHW, augmented) from the raw
+  shards, two ways: *per sample* -- a map-style Dataset applying torchvision v2 random affine, colour
+  jitter and the flip rules to one image at a time, collated by the DataLoader (what a torchvision
+  recipe does) -- and *per batch* -- the signscale loader slicing records with numpy and running
+  :class:`~signscale.transforms.BatchAugment` on each whole batch inside the workers (what
+  ``signscale train`` does on a CPU host). The batch path does strictly more work (it adds perspective,
+  blur, weather and occluders), so the ratio understates its advantage.
 
 Each read row is one epoch or ``max_seconds`` of it, whichever ends first; samples/s is over what was
 read, counted from the moment the iterator is created (worker start-up included, as an epoch pays
@@ -54,6 +61,8 @@ LOADER = "loader (shuffled)"
 LOADER_SEQ = "loader (in order)"
 LOADER_CACHED = "loader (shard cache)"
 LITDATA = "litdata"
+AUG_SAMPLE = "augment per sample (torchvision v2)"
+AUG_BATCH = "augment per batch (BatchAugment)"
 PACK_RAW = "pack raw"
 PACK_ENCODED = "pack encoded"
 PACK_LITDATA = "litdata optimize"
@@ -82,6 +91,7 @@ class BenchIOConfig:
     pack_workers: int = -1  # pack()'s decode processes (-1: one per core)
     shard_mb: float = 64.0  # pack()'s shard size (its default)
     litdata: bool = True  # add litdata rows when `import litdata` works
+    augment: bool = True  # add the per-sample vs per-batch augmentation rows
 
     def __post_init__(self) -> None:
         if not 4 <= self.size <= 1024:
@@ -208,6 +218,123 @@ class ShardBlocks(IterableDataset):
             yield {"image": torch.from_numpy(img), "label": torch.from_numpy(recs["label"].astype(np.int64))}
 
 
+class PerSampleAugment(Dataset):
+    """Raw-shard records augmented one at a time with torchvision v2, as a torchvision recipe would.
+
+    Random affine (the same rotation, shift and zoom ranges as :class:`AugmentConfig`), colour
+    jitter, a horizontal flip that obeys the label space's flip rules, then float conversion and
+    normalisation; the DataLoader collates the per-sample tensors into a batch.
+    """
+
+    def __init__(self, url: str, size: int) -> None:
+        from signscale.shards import Manifest
+        from signscale.transforms import AugmentConfig, Preprocess
+
+        m = Manifest.load(url)
+        self.urls = [m.shard_url(i) for i in range(len(m.shards))]
+        self.starts = np.concatenate([[0], np.cumsum([s.count for s in m.shards])])
+        self.flip_map = m.label_space.flip_map()
+        self.aug, self.pre, self.size = AugmentConfig(), Preprocess(size=size), size
+        self._readers: dict[int, Any] = {}
+        self._tf: Any = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _transform(self) -> Any:
+        if self._tf is None:  # built lazily: torchvision is imported in the process that augments
+            from torchvision.transforms import v2
+
+            a = self.aug
+            self._tf = v2.Compose([
+                v2.RandomAffine(degrees=a.rotate, translate=(a.translate, a.translate), scale=a.scale),
+                v2.ColorJitter(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation),
+                v2.Resize(self.size, antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.pre.mean), std=list(self.pre.std)),
+            ])
+        return self._tf
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from signscale.shards import ShardReader
+
+        s = int(np.searchsorted(self.starts, i, side="right") - 1)
+        r = self._readers.get(s)
+        if r is None:
+            r = self._readers[s] = ShardReader(self.urls[s])
+        rec = r.records(i - int(self.starts[s]), i - int(self.starts[s]) + 1)[0]
+        img = torch.from_numpy(np.array(rec["image"])).permute(2, 0, 1)  # uint8 CHW
+        label = int(rec["label"])
+        x = self._transform()(img)
+        if self.flip_map[label] >= 0 and torch.rand(()) < self.aug.flip:
+            x, label = x.flip(-1), int(self.flip_map[label])
+        return {"image": x, "label": label}
+
+
+class WorkerBatchAugment:
+    """The loader's batch transform: :class:`BatchAugment` on the whole batch, seeded by the batch's
+    own seed (as ``signscale train`` runs it in the workers on a CPU host)."""
+
+    def __init__(self, size: int, flip_map: np.ndarray) -> None:
+        from signscale.transforms import AugmentConfig, BatchAugment, Preprocess
+
+        self.augment = BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map))
+
+    def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(b["seed"])
+        b["image"], b["meta"][:, 1] = self.augment(b["image"], b["meta"][:, 1], gen)
+        return b
+
+
+def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
+    """Per-sample (torchvision v2) vs per-batch (BatchAugment in the loader) training inputs, local."""
+    from signscale.shards import Manifest
+
+    m = Manifest.load(raw_url)
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return [Row(AUG_SAMPLE, LOCAL, None, skipped=True, note="skipped: torchvision is not installed")]
+    per_sample = PerSampleAugment(raw_url, cfg.size)
+    threads = torch.get_num_threads()
+    # One intra-op thread in this process too, as DataLoader workers have: the 0-worker rows then
+    # measure one core, and tiny per-sample ops do not spin a thread pool on a loaded machine.
+    torch.set_num_threads(1)
+    try:
+        rows = _augment_rows(raw_url, cfg, m, per_sample)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampleAugment) -> list[Row]:
+    from signscale.stream import open_stream
+
+    rows: list[Row] = []
+    for w in cfg.workers:
+        def per_batch(w: int = w) -> Iterable[dict[str, Any]]:
+            loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
+            loader.stream.transform = WorkerBatchAugment(cfg.size, m.label_space.flip_map())
+            return loader
+
+        cpu0 = time.process_time()
+        sample_row = _read_row(AUG_SAMPLE, LOCAL, w, lambda w=w: _dataloader(per_sample, w, batch_size=cfg.batch_size,
+                                                                           shuffle=True),
+                               cfg=cfg, epoch=m.count, check=_check_input,
+                               note="affine + colour jitter + flip rules, one image at a time")
+        cpu1 = time.process_time()
+        batch_row = _read_row(AUG_BATCH, LOCAL, w, per_batch, cfg=cfg, epoch=m.count, check=_check_input,
+                              note="numpy slicing + affine, perspective, colour, blur/weather/erase per batch")
+        cpu2 = time.process_time()
+        for row, cpu in ((sample_row, cpu1 - cpu0), (batch_row, cpu2 - cpu1)):
+            if row.samples_per_s and w > 1:
+                row.note = _join(row.note, f"{row.samples_per_s / w:,.0f}/s per worker")
+            if w == 0 and cpu > 0:  # all in this process: samples per CPU-second do not depend on the load
+                row.note = _join(row.note, f"{row.samples / cpu:,.0f} per CPU-second")
+        rows += [sample_row, batch_row]
+    return rows
+
+
 def _mp_context() -> str | None:
     # fork, as StreamLoader uses: workers inherit the request counters (spawn would not count them)
     return "fork" if "fork" in mp.get_all_start_methods() else None
@@ -232,9 +359,22 @@ class _Reads:
     snaps: list[tuple[int, int, int]]  # (samples, requests, bytes) after each batch
 
 
+def _check_uint8(img: torch.Tensor, size: int) -> None:
+    if img.dtype != torch.uint8 or tuple(img.shape[1:]) != (size, size, 3):
+        raise RuntimeError(f"reader yielded {tuple(img.shape)} {img.dtype}, expected (N, {size}, {size}, 3) uint8")
+
+
+def _check_input(img: torch.Tensor, size: int) -> None:
+    if img.dtype != torch.float32 or tuple(img.shape[1:]) != (3, size, size):
+        raise RuntimeError(f"augmenting reader yielded {tuple(img.shape)} {img.dtype}, expected (N, 3, {size}, "
+                           f"{size}) float32")
+
+
 def _measure(make: Callable[[], Iterable[dict[str, Any]]], *, size: int, epoch: int, max_seconds: float,
-             counter: _RequestCounter | None = None) -> _Reads:
-    """Iterate batches for one epoch or ``max_seconds``; checks each batch is uint8 (N, size, size, 3)."""
+             counter: _RequestCounter | None = None,
+             check: Callable[[torch.Tensor, int], None] = _check_uint8) -> _Reads:
+    """Iterate batches for one epoch or ``max_seconds``; ``check`` validates each batch's images
+    (default: uint8 (N, size, size, 3))."""
     snap = counter.snapshot if counter is not None else (lambda: (0, 0))
     t0 = time.perf_counter()
     it = iter(make())
@@ -243,9 +383,7 @@ def _measure(make: Callable[[], Iterable[dict[str, Any]]], *, size: int, epoch: 
     try:
         for batch in it:
             img = batch["image"]
-            if img.dtype != torch.uint8 or tuple(img.shape[1:]) != (size, size, 3):
-                raise RuntimeError(f"reader yielded {tuple(img.shape)} {img.dtype}, expected (N, {size}, {size}, 3) "
-                                   "uint8")
+            check(img, size)
             samples += int(img.shape[0])
             now = time.perf_counter()
             if first is None:
@@ -317,12 +455,13 @@ class _RequestCounter:
 
 def _read_row(what: str, where: str, workers: int, make: Callable[[], Iterable[dict[str, Any]]], *,
               cfg: BenchIOConfig, epoch: int, counter: _RequestCounter | None = None,
-              subset_of: int = 0, note: str = "") -> Row:
+              subset_of: int = 0, note: str = "",
+              check: Callable[[torch.Tensor, int], None] = _check_uint8) -> Row:
     """Measure one reader over an epoch of ``epoch`` samples; per-epoch counts are for a dataset of
     ``subset_of`` samples when the reader sees only the first ``epoch`` of them (linear: one GET each)."""
     if counter is not None:
         counter.reset()
-    r = _measure(make, size=cfg.size, epoch=epoch, max_seconds=cfg.max_seconds, counter=counter)
+    r = _measure(make, size=cfg.size, epoch=epoch, max_seconds=cfg.max_seconds, counter=counter, check=check)
     row = Row(what, where, workers, samples=r.samples, seconds=r.seconds, first_batch_s=r.first_batch_s, note=note)
     if r.first_batch_s is not None and r.samples > r.first_samples and r.seconds > r.first_batch_s:
         row.steady_per_s = (r.samples - r.first_samples) / (r.seconds - r.first_batch_s)
@@ -545,6 +684,9 @@ def bench_io(cfg: BenchIOConfig, *, console: Console | None = None) -> list[Row]
         say("local reads ...")
         rows += _read_rows(LOCAL, plain=PlainFiles(paths, labels, cfg.size, remote=False), plain_full=len(paths),
                            raw_url=local["raw"], enc_url=local["encoded"], cfg=cfg, counter=None)
+        if cfg.augment:
+            say("augmentation: per sample (torchvision v2) vs per batch (BatchAugment in the loader) ...")
+            rows += augment_rows(local["raw"], cfg)
         rows += _litdata(paths, os.path.join(os.path.abspath(work), "litdata"), cfg, say)
         rows += _s3_rows(spec, pack_note, paths, labels, plain_dir, cfg, say)
     finally:
@@ -678,6 +820,8 @@ def ratios(rows: list[Row]) -> list[Ratio]:
             _find(rows, LOADER, LOCAL, w))
         add(f"S3 loader with shard cache / plain files from S3 ({ws})", _find(rows, LOADER_CACHED, S3, w),
             _find(rows, PLAIN, S3, w))
+        add(f"augment per batch / per sample (local, {ws})", _find(rows, AUG_BATCH, LOCAL, w),
+            _find(rows, AUG_SAMPLE, LOCAL, w))
         add(f"raw shards / litdata (local, {ws})", _find(rows, RAW, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
         add(f"loader / litdata (local, {ws})", _find(rows, LOADER, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
     add("pack raw / pack encoded (local)", _find(rows, PACK_RAW, LOCAL), _find(rows, PACK_ENCODED, LOCAL))

@@ -1,0 +1,140 @@
+"""Using a model: ``predict``, ``serve``, ``export`` and ``bench serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from signscale.cli._registry import Registry, console
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    from signscale.checkpoint import CheckpointError
+    from signscale.config import ConfigError
+    from signscale.export import ExportError
+    from signscale.predict import PredictError
+    from signscale.serve import ServeError
+
+    return (CheckpointError, ConfigError, ExportError, PredictError, ServeError)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from signscale.predict import PredictConfig, Predictor, collect_inputs
+
+    cfg = PredictConfig(model=args.model, top_k=args.top_k, batch_size=args.batch_size, backend=args.backend,
+                        device=args.device, detector=args.detector or "")
+    predictor = Predictor.load(cfg)
+    inputs = collect_inputs(args.inputs)
+    results = _scenes(predictor, inputs) if args.detector else predictor.classify_files(inputs)
+    failed = 0
+    for r in results:
+        failed += "error" in r
+        if args.json:
+            print(json.dumps(r), flush=False)
+        elif "error" in r:
+            console.print(f"{escape(r['input'])}: [red]{r['error']['reason']}[/] {escape(r['error']['message'])}")
+        elif "boxes" in r:
+            found = ", ".join(f"{b.get('key')} {100 * float(b.get('confidence', b.get('score', 0))):.0f}% "
+                              f"at {[round(float(v)) for v in b['box']]}" for b in r["boxes"])
+            console.print(f"{escape(r['input'])}: {escape(found) or 'no sign found'}")
+        else:
+            tops = ", ".join(f"{t['key']} {100 * t['probability']:.1f}%" for t in r["top_k"])
+            console.print(f"{escape(r['input'])}: {tops}")
+    if not args.json:
+        console.print(f"{len(results) - failed} of {len(results)} image(s) classified with model "
+                      f"{predictor.version} ({predictor.backend})" + (f"; {failed} could not be read" if failed else ""))
+    return 0
+
+
+def _scenes(predictor, inputs: list[str]) -> list[dict]:
+    from signscale import images, storage
+    from signscale.serve import _plain
+
+    out = []
+    for url in inputs:
+        try:
+            scene = images.decode(storage.read_bytes(url), max_pixels=predictor.max_pixels)
+        except (images.ImageError, OSError) as exc:
+            out.append({"input": url, "error": {"reason": getattr(exc, "reason", "unreadable"), "message": str(exc)}})
+            continue
+        out.append({"input": url, "boxes": _plain(predictor.detect([scene])[0])})
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from signscale import config
+    from signscale.serve import ServeConfig, serve
+
+    opts = {k: v for k, v in {"host": args.host, "port": args.port, "workers": args.workers, "backend": args.backend,
+                              "detector": args.detector, "threads": args.threads,
+                              "reload_interval_s": args.reload_interval}.items() if v is not None}
+    cfg = config.load(ServeConfig, args.config, args.overrides, base={"model": args.model, **opts})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve(cfg, on_listening=lambda url: print(f"serving {cfg.model} on {url} (page: {url}/, API: {url}/docs)",
+                                              flush=True))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from signscale.export import ExportConfig, export
+
+    result = export(ExportConfig(model=args.model, out=args.out or "", format=args.format, opset=args.opset,
+                                 exporter=args.exporter, samples=args.samples, tolerance=args.tolerance))
+    console.print(result.summary())
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from signscale.serve_bench import BenchServeConfig, bench_serve
+
+    bench_serve(BenchServeConfig(model=args.model or "", concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                                 seconds=args.seconds, rows=tuple(args.rows.split(",")), threads=args.threads,
+                                 reference_threads=args.reference_threads, rounds=args.rounds))
+    return 0
+
+
+def register(r: Registry) -> None:
+    p = r.add("predict", _predict, help="classify images (files, folders, globs, URLs) with a model")
+    p.add_argument("model", help="model folder, ONNX export folder, or REGISTRY_URL@ALIAS")
+    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files, folders, globs or URLs")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--detector", help="detector model URL: treat inputs as scenes, print boxes")
+
+    p = r.add("serve", _serve, help="HTTP service and a page to try the model (FastAPI + uvicorn)")
+    p.add_argument("model", help="model folder, ONNX export folder, or REGISTRY_URL@ALIAS (reloaded when it moves)")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="default 8000; 0 picks a free port")
+    p.add_argument("--workers", type=int, help="server processes sharing the port (each loads the model)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"))
+    p.add_argument("--detector", help="detector model URL: enables POST /v1/detect")
+    p.add_argument("--threads", type=int, help="model runner threads (0: the back-end's default)")
+    p.add_argument("--reload-interval", type=float, help="seconds between checks of a registry alias (0: never)")
+    p.add_argument("--config", help="YAML file with ServeConfig fields (max_batch, max_queue, max_body_bytes, ...)")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value ServeConfig overrides, e.g. max_batch=64")
+
+    p = r.add("export", _export, help="export a model to ONNX and check parity with PyTorch")
+    p.add_argument("model", help="model artefact folder")
+    p.add_argument("--format", default="onnx", choices=("onnx",))
+    p.add_argument("--out", help="export folder (default: MODEL-onnx)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
+    p.add_argument("--samples", type=int, default=64, help="inputs for the parity check")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed probability difference")
+
+    p = r.add("serve", _bench_serve, parent="bench",
+              help="service req/s and p50/p95/p99: PyTorch vs onnxruntime, batching on/off, vs a plain FastAPI app")
+    p.add_argument("--model", help="model folder (default: a fresh msnet at 32 px)")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved passes over the rows")
+    p.add_argument("--rows", default="reference,torch,torch+batch,onnx,onnx+batch")
+    p.add_argument("--threads", type=int, default=1, help="model threads in signscale's servers (0: default)")
+    p.add_argument("--reference-threads", type=int, default=0, help="torch threads in the reference app (0: default)")

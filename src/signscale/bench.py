@@ -68,7 +68,8 @@ PACK_ENCODED = "pack encoded"
 PACK_LITDATA = "litdata optimize"
 WRITE_PLAIN = "write plain files"
 UPLOAD_PLAIN = "upload plain files"
-LOCAL, S3 = "local", "S3"
+LOCAL, S3, GCS, AZURE = "local", "S3", "GCS", "Azure"
+STORES = {"s3": S3, "gcs": GCS, "azure": AZURE}  # --stores name -> the "where" column
 
 BUCKET = "bench"
 
@@ -81,7 +82,8 @@ class BenchIOConfig:
     size: int = 32  # images are decoded (and resized) to size x size x 3
     workers: tuple[int, ...] = (0, 2)  # DataLoader worker counts to try
     limit: int = 0  # use only the first N samples of the source (0: all)
-    no_s3: bool = False  # skip the S3 rows
+    no_s3: bool = False  # skip every object-store row
+    stores: tuple[str, ...] = ("s3",)  # object stores to measure on local emulators: s3, gcs, azure
     batch_size: int = 256
     workdir: str = ""  # where the benchmark data goes (kept); empty: a temp dir, removed afterwards
     max_seconds: float = 15.0  # time box of one read measurement
@@ -96,6 +98,9 @@ class BenchIOConfig:
     def __post_init__(self) -> None:
         if not 4 <= self.size <= 1024:
             raise ConfigError(f"size: {self.size} is outside 4..1024")
+        unknown = [k for k in self.stores if k not in STORES]
+        if unknown:
+            raise ConfigError(f"stores: unknown store {unknown[0]!r}; expected a comma list of {', '.join(STORES)}")
         if not self.workers or any(w < 0 for w in self.workers):
             raise ConfigError(f"workers: expected a comma list of counts >= 0, e.g. 0,2; got {self.workers!r}")
         if self.limit < 0:
@@ -634,7 +639,7 @@ def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, 
             def make(w: int = w, shuffle: bool = shuffle) -> Iterable[dict[str, Any]]:
                 return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=shuffle)
             rows.append(_read_row(what, where, w, make, cfg=cfg, epoch=raw_m.count, counter=counter))
-        if where == S3:  # whole shards downloaded once into a local cache, then memory-mapped
+        if where != LOCAL:  # whole shards downloaded once into a local cache, then memory-mapped
             def cached(w: int = w) -> Iterable[dict[str, Any]]:
                 return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size,
                                    cache_dir=tempfile.mkdtemp(prefix="signscale-cache-"))
@@ -688,7 +693,8 @@ def bench_io(cfg: BenchIOConfig, *, console: Console | None = None) -> list[Row]
             say("augmentation: per sample (torchvision v2) vs per batch (BatchAugment in the loader) ...")
             rows += augment_rows(local["raw"], cfg)
         rows += _litdata(paths, os.path.join(os.path.abspath(work), "litdata"), cfg, say)
-        rows += _s3_rows(spec, pack_note, paths, labels, plain_dir, cfg, say)
+        for store in ([] if cfg.no_s3 else cfg.stores):
+            rows += _store_rows(store, spec, pack_note, paths, labels, plain_dir, cfg, say)
     finally:
         if not cfg.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -711,47 +717,41 @@ def _litdata(paths: list[str], out: str, cfg: BenchIOConfig, say: Callable[[str]
         return [Row(LITDATA, LOCAL, None, skipped=True, note=f"skipped: litdata failed ({type(exc).__name__}: {exc})")]
 
 
-def _s3_rows(spec: str, pack_note: str, paths: list[str], labels: list[int], plain_dir: str, cfg: BenchIOConfig,
-             say: Callable[[str], None]) -> list[Row]:
-    if cfg.no_s3:
-        return [Row("S3 rows", S3, None, skipped=True, note="skipped: --no-s3")]
-    try:
-        import moto.server  # noqa: F401
-        import s3fs  # noqa: F401 - availability check
-    except ImportError as exc:
-        return [Row("S3 rows", S3, None, skipped=True,
-                    note=f"skipped: the local S3 server needs moto[server] and s3fs ({exc.name} missing): "
-                         "pip install 'signscale[test]'")]
-    from signscale import s3local
+def _store_rows(kind: str, spec: str, pack_note: str, paths: list[str], labels: list[int], plain_dir: str,
+                cfg: BenchIOConfig, say: Callable[[str], None]) -> list[Row]:
+    """The pack and read rows against one object store's emulator (moto, gcp-storage-emulator, Azurite)."""
+    from signscale import emulators
 
-    say("starting the local S3 server (moto) ...")
+    where = STORES[kind]
+    say(f"starting the local {where} emulator ...")
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
         try:
-            server = stack.enter_context(s3local.running())
-        except RuntimeError as exc:  # the server did not start: say so in the table
-            return [Row("S3 rows", S3, None, skipped=True, note=f"skipped: {exc}")]
+            server = stack.enter_context(emulators.running(kind))
+        except (emulators.EmulatorUnavailable, RuntimeError, ImportError) as exc:  # say so in the table
+            return [Row(f"{where} rows", where, None, skipped=True, note=f"skipped: {exc}")]
         bucket = server.make_bucket(BUCKET)
         fs, _ = storage.filesystem(bucket)
         k = len(paths) if not cfg.s3_plain_objects else min(len(paths), cfg.s3_plain_objects)
         rel = [os.path.relpath(p, plain_dir) for p in paths[:k]]
         say(f"uploading {k:,} plain files (one object each) ...")
         t0 = time.perf_counter()
-        fs.put(paths[:k], [f"{BUCKET}/plain/{r}" for r in rel])
-        rows.append(Row(UPLOAD_PLAIN, S3, None, kind="setup", samples=k, seconds=time.perf_counter() - t0,
-                        requests=k, note="s3fs put, concurrent" + (f"; first {k:,} of {len(paths):,}"
-                                                                    if k < len(paths) else "")))
+        root = bucket.split("://", 1)[1]
+        fs.put(paths[:k], [f"{root}/plain/{r}" for r in rel])
+        rows.append(Row(UPLOAD_PLAIN, where, None, kind="setup", samples=k, seconds=time.perf_counter() - t0,
+                        requests=k, note="fsspec put, concurrent" + (f"; first {k:,} of {len(paths):,}"
+                                                                      if k < len(paths) else "")))
         remote: dict[str, str] = {}
         for enc in ("raw", "encoded"):
-            say(f"pack {enc} to S3 ...")
-            row, remote[enc] = _pack_row(spec, f"{bucket}/{enc}", enc, S3, cfg, pack_note)
+            say(f"pack {enc} to {where} ...")
+            row, remote[enc] = _pack_row(spec, f"{bucket}/{enc}", enc, where, cfg, pack_note)
             rows.append(row)
         plain = PlainFiles([f"{bucket}/plain/{r}" for r in rel], labels[:k], cfg.size, remote=True)
         note = f"{k:,} of {len(paths):,} objects uploaded" if k < len(paths) else ""
-        say("S3 reads ...")
+        say(f"{where} reads ...")
         counter = _RequestCounter()
         with counter.installed():
-            rows += _read_rows(S3, plain=plain, plain_full=len(paths), raw_url=remote["raw"],
+            rows += _read_rows(where, plain=plain, plain_full=len(paths), raw_url=remote["raw"],
                                enc_url=remote["encoded"], cfg=cfg, counter=counter, plain_note=note)
     return rows
 
@@ -805,7 +805,7 @@ def ratios(rows: list[Row]) -> list[Ratio]:
     workers = sorted({r.workers for r in rows if r.kind == "read" and r.workers is not None})
     for w in workers:
         ws = _ws(w)
-        for where in (LOCAL, S3):
+        for where in (LOCAL, S3, GCS, AZURE):
             add(f"raw shards / plain files ({where}, {ws})", _find(rows, RAW, where, w), _find(rows, PLAIN, where, w))
             add(f"encoded shards / plain files ({where}, {ws})", _find(rows, ENCODED, where, w),
                 _find(rows, PLAIN, where, w))
@@ -813,7 +813,9 @@ def ratios(rows: list[Row]) -> list[Ratio]:
                 _find(rows, RAW, where, w), percent=True)
             add(f"loader in order / raw shards direct ({where}, {ws})", _find(rows, LOADER_SEQ, where, w),
                 _find(rows, RAW, where, w), percent=True)
-        add(f"S3 raw shards / local raw shards ({ws})", _find(rows, RAW, S3, w), _find(rows, RAW, LOCAL, w))
+        for remote in (S3, GCS, AZURE):
+            add(f"{remote} raw shards / local raw shards ({ws})", _find(rows, RAW, remote, w),
+                _find(rows, RAW, LOCAL, w))
         add(f"S3 plain files / local plain files ({ws})", _find(rows, PLAIN, S3, w), _find(rows, PLAIN, LOCAL, w))
         add(f"S3 loader / local loader ({ws})", _find(rows, LOADER, S3, w), _find(rows, LOADER, LOCAL, w))
         add(f"S3 loader with shard cache / local loader ({ws})", _find(rows, LOADER_CACHED, S3, w),

@@ -11,7 +11,7 @@ def _io(args: argparse.Namespace) -> int:
     from signscale.bench import BenchIOConfig, bench_io, parse_workers
 
     bench_io(BenchIOConfig(source=args.source, size=args.size, workers=parse_workers(args.workers),
-                           limit=args.limit, no_s3=args.no_s3, batch_size=args.batch_size,
+                           limit=args.limit, no_s3=args.no_s3, stores=tuple(args.stores.split(",")), batch_size=args.batch_size,
                            workdir=args.workdir or ""))
     return 0
 
@@ -39,7 +39,8 @@ def register(r: Registry) -> None:
     x.add_argument("--size", type=int, default=32)
     x.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
     x.add_argument("--limit", type=int, default=0, help="use only the first N samples (0: all)")
-    x.add_argument("--no-s3", action="store_true", help="skip the S3 rows (needs moto[server] and s3fs)")
+    x.add_argument("--no-s3", action="store_true", help="skip every object-store row")
+    x.add_argument("--stores", default="s3", help="object stores to measure on local emulators: s3,gcs,azure")
     x.add_argument("--batch-size", type=int, default=256)
     x.add_argument("--workdir", default="", help="where to write the benchmark data (default: a temp dir)")
     x = r.add("train", _train, parent="bench", help="training samples/s and peak memory per model x precision")

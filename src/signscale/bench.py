@@ -693,6 +693,8 @@ def bench_io(cfg: BenchIOConfig, *, console: Console | None = None) -> list[Row]
             say("augmentation: per sample (torchvision v2) vs per batch (BatchAugment in the loader) ...")
             rows += augment_rows(local["raw"], cfg)
         rows += _litdata(paths, os.path.join(os.path.abspath(work), "litdata"), cfg, say)
+        if cfg.no_s3:
+            rows.append(Row("object-store rows", S3, None, skipped=True, note="skipped: --no-s3"))
         for store in ([] if cfg.no_s3 else cfg.stores):
             rows += _store_rows(store, spec, pack_note, paths, labels, plain_dir, cfg, say)
     finally:

@@ -1,7 +1,9 @@
 """signscale: traffic-sign recognition from a laptop to a GPU cluster.
 
 The pipeline, in the order data flows: ``sources`` -> ``pack`` (shards on any ``storage`` URL)
--> ``stream`` (exactly-once loader) -> ``models`` -> ``train`` -> ``evaluate`` / ``reports``.
+-> ``stream`` (exactly-once loader) -> ``models`` -> ``train`` -> ``evaluate`` / ``reports`` ->
+``registry`` -> ``predict`` / ``serve``; beside them ``detect`` (road scenes) and ``ingest`` /
+``continual`` (the learning loop).
 
 The public names below are imported lazily, so ``import signscale`` (and ``signscale --help``)
 stays fast. The entry points share their module's name, so they are called through it:
@@ -29,6 +31,12 @@ _PUBLIC = {
     "TrainConfig": "signscale.train",
     "EvalConfig": "signscale.evaluate",
     "compare": "signscale.evaluate",
+    "TransferConfig": "signscale.transfer",
+    "Registry": "signscale.registry",
+    "IngestConfig": "signscale.ingest",
+    "ContinualConfig": "signscale.continual",
+    "Predictor": "signscale.predict",
+    "ServeConfig": "signscale.serve",
 }
 
 __all__ = ["__version__", *_PUBLIC]

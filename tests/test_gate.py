@@ -1,0 +1,81 @@
+"""The promotion gate on hand-made reports: each rule can pass and can fail, and says why."""
+
+import numpy as np
+import pytest
+
+from signscale.gate import CanaryConfig, GateConfig, SliceRule, decide, paste_sticker, slices
+
+
+def _s(acc: float, n: int = 1000) -> dict:
+    return {"n": n, "correct": round(acc * n), "acc": round(acc * n) / n}
+
+
+def _report(golden=0.98, snow=0.60, stop=0.97, tiny=0.9, never=0.80, canary=0.02) -> dict:
+    return {"sets": {"golden": {"overall": _s(golden, 4000), "class/stop": _s(stop, 100), "class/rare": _s(tiny, 10),
+                                "condition/clear": _s(golden, 4000), "country/de": _s(golden, 4000)},
+                     "snow": {"overall": _s(snow, 4000), "condition/snow": _s(snow, 4000)},
+                     "never_regress": {"overall": _s(never, 500)}},
+            "canary": {"n": 90, "flipped": round(canary * 90), "rate": canary, "to": "speed_limit_30"}}
+
+
+CFG = GateConfig(targets=("snow/overall",), min_improvement=0.10)
+
+
+def test_a_better_candidate_is_promoted():
+    d = decide(_report(), _report(golden=0.978, snow=0.75, stop=0.95, tiny=0.5), CFG)
+    assert d.promote, d.reasons
+    kinds = {c["check"] for c in d.checks}
+    assert kinds == {"target", "regression", "never_regress", "canary", "floor"}
+    # the 10-sample class slice is below min_support: reported by nobody, gated by nobody
+    assert not any(c["slice"] == "golden/class/rare" for c in d.checks)
+
+
+@pytest.mark.parametrize("cand, needle", [
+    (dict(snow=0.65), "snow/overall improved +5.00 pts, needs >= +10.00 pts"),
+    (dict(snow=0.75, golden=0.975), "golden/overall regressed -0.50 pts"),
+    (dict(snow=0.75, stop=0.85), "golden/class/stop regressed -12.00 pts"),
+    (dict(snow=0.75, never=0.798), "never-regress set got worse: 80.00% -> 79.80%"),
+    (dict(snow=0.75, canary=0.6), "canary: a sticker flips 60% of golden stop signs (to speed_limit_30)"),
+])
+def test_each_rule_rejects_and_names_itself(cand, needle):
+    d = decide(_report(), _report(**cand), CFG)
+    assert not d.promote
+    assert len(d.reasons) == 1 and needle in d.reasons[0], d.reasons
+
+
+def test_floor_and_first_model_without_production():
+    cfg = GateConfig(overall=SliceRule(floor=0.9, tolerance=0.003, min_support=1))
+    assert decide(None, _report(), cfg).promote
+    d = decide(None, _report(golden=0.85), cfg)
+    assert not d.promote and "golden/overall at 85.00% is below its floor 90.00%" in d.reasons[0]
+
+
+def test_canary_relative_to_production_and_label_noise_names_the_vehicle():
+    # production itself flips 10%: the candidate may not add more than max_increase on top
+    cfg = GateConfig(canary=CanaryConfig(max_flip=0.3, max_increase=0.05))
+    assert decide(_report(canary=0.10), _report(canary=0.14), cfg).promote
+    assert not decide(_report(canary=0.10), _report(canary=0.16), cfg).promote
+    noise = {"noise": {"n": 400, "flagged": 120, "rate": 0.30, "suspicious": ["veh-13"]}}
+    d = decide(_report(), _report(), GateConfig(), batch=noise)
+    assert not d.promote and "label noise: 30.0%" in d.reasons[0] and "veh-13" in d.reasons[0]
+    assert decide(_report(), _report(), GateConfig(), batch={"noise": {**noise["noise"], "rate": 0.05}}).promote
+
+
+def test_class_slices_tolerate_sampling_noise_only():
+    rule = SliceRule(tolerance=0.05, min_support=50, z=3.0)
+    assert rule.allowed_drop(0.97, 100) == pytest.approx(3 * (2 * 0.97 * 0.03 / 100) ** 0.5)  # 7.2 points
+    assert rule.allowed_drop(0.999, 5000) == 0.05 and SliceRule(tolerance=0.003).allowed_drop(0.5, 10) == 0.003
+    assert decide(_report(), _report(snow=0.75, stop=0.91), CFG).promote  # -6 pts on 100 signs: noise
+    assert not decide(_report(), _report(snow=0.75, stop=0.89), CFG).promote  # -8 pts: beyond 3 sigma
+
+
+def test_slices_and_sticker():
+    labels = np.array([0, 0, 1, 1, 1])
+    correct = np.array([1, 0, 1, 1, 0], dtype=bool)
+    s = slices(labels, correct, np.array([0, 1, 0, 1, 1]), np.zeros(5, int), [f"k{i}" for i in range(3)])
+    assert s["overall"] == {"n": 5, "correct": 3, "acc": 0.6}
+    assert s["class/k1"]["acc"] == pytest.approx(2 / 3) and s["condition/snow"]["n"] == 3
+    assert s["country/de"]["n"] == 5 and "class/k2" not in s
+    img = np.zeros((2, 32, 32, 3), np.uint8)
+    out = paste_sticker(img, size=0.25, position=(0.5, 0.5), colour=(255, 230, 0))
+    assert (out[:, 16:24, 16:24] == (255, 230, 0)).all() and out[:, :16].sum() == 0 and img.sum() == 0

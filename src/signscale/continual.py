@@ -60,7 +60,7 @@ class ContinualConfig:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides: lr, batch_size, model, ...
     gate: GateConfig = field(default_factory=GateConfig)
     chunk: int = 256
-    near_dup_bits: int = 2
+    near_dup_bits: int = 1  # see IngestConfig.near_dup_bits
     max_quarantine: float = 0.5
     noise_confidence: float = 0.9
     min_new: int = 1  # watch: run a cycle when at least this many new objects wait

@@ -25,6 +25,8 @@ class DemoConfig:
     seed: int = 0
     epochs: int = 10
     model: str = "small_cnn"
+    detection: bool = True  # the road-scene leg: a detector on synthetic scenes, classified by the model above
+    detection_steps: int = 40
 
 
 @dataclass
@@ -36,6 +38,7 @@ class DemoResult:
     val_acc: float = float("nan")
     train_summary: str = ""
     eval_summary: str = ""
+    detection_summary: str = ""
     files: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -43,6 +46,7 @@ class DemoResult:
         return (f"demo: packed {self.samples:,} synthetic signs into {self.shards} shard(s), trained {self.train_summary}"
                 f"\n  validation accuracy on unseen synthetic signs: {self.val_acc:.1%}  (total {self.seconds:.0f}s)"
                 f"\n  {self.eval_summary}"
+                + (f"\n  road scenes: {self.detection_summary}" if self.detection_summary else "") +
                 f"\n  {files}")
 
 
@@ -80,5 +84,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                                  corruptions=("snow", "fog", "night", "blur"), severities=(3,)))
     result.eval_summary = report.summary()
     result.files["evaluation report"] = storage.join(report_dir, "report.html")
+    if cfg.detection:
+        from signscale.detect_eval import demo_detection
+
+        det = demo_detection(storage.join(out, "detection"), classifier=trained.model_url, steps=cfg.detection_steps,
+                             seed=cfg.seed)
+        result.detection_summary = det["summary"]
+        result.files.update(det["files"])
     result.seconds = time.perf_counter() - started
     return result

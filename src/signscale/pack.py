@@ -399,6 +399,11 @@ def _rank_world(cfg: PackConfig) -> tuple[int, int]:
 def pack(cfg: PackConfig) -> PackResult:
     """Pack ``cfg.source`` into shards at ``cfg.out``; resumes a crashed pack from its finished chunks."""
     started = time.perf_counter()
+    from signscale.sources.scenes import is_scene_spec
+
+    if is_scene_spec(cfg.source):  # scenes keep their boxes in per-record extras, which pack() does not write
+        raise config_mod.ConfigError(f"source: {cfg.source!r} is a scene source (images with boxes); pack it with "
+                                     "`signscale pack-scenes` so the boxes are kept")
     source = open_source(cfg.source)
     out = cfg.out.rstrip("/")
     storage.makedirs(out)

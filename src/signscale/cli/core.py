@@ -138,7 +138,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from signscale import config, distributed
+    from signscale.detect_eval import SceneEvalConfig, evaluate_scenes, is_scene_dataset
     from signscale.evaluate import EvalConfig, evaluate
+    from signscale.sources.scenes import is_scene_spec
+
+    if is_scene_dataset(args.data) or is_scene_spec(args.data):  # a detector on road scenes
+        rep = evaluate_scenes(SceneEvalConfig(detector=args.model, data=args.data, classifier=args.classifier or "",
+                                              out=args.out or ""))
+        console.print(rep.summary())
+        return 0
 
     items = [f"model={args.model}", f"data={args.data}", f"out={args.out or ''}"]
     if args.corruptions:
@@ -167,7 +175,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from signscale.demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(out=args.out, samples=args.samples, epochs=args.epochs))
+    result = run_demo(DemoConfig(out=args.out, samples=args.samples, epochs=args.epochs,
+                                 detection=not args.no_detection))
     console.print(result.summary())
     return 0
 
@@ -224,6 +233,7 @@ def register(r: Registry) -> None:
     s.add_argument("--out", help="report folder")
     s.add_argument("--corruptions", help="comma list of snow,rain,fog,night,glare,blur,noise,contrast or 'all'")
     s.add_argument("--severity", help="comma list of severities 1..5 (default 3)")
+    s.add_argument("--classifier", help="scene datasets: classifier model for the end-to-end (fine class) score")
     s.add_argument("--config", help="YAML with EvalConfig keys")
     s.add_argument("overrides", nargs="*", default=[], help="key=value EvalConfig overrides")
 
@@ -238,3 +248,4 @@ def register(r: Registry) -> None:
     s.add_argument("--out", default="signscale-demo")
     s.add_argument("--samples", type=int, default=8000, help="synthetic training signs")
     s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--no-detection", action="store_true", help="skip the road-scene detection leg")

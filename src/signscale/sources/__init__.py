@@ -46,6 +46,15 @@ SOURCES: dict[str, SourceKind] = {
     "belgiumtsc": SourceKind("signscale.sources.countries", "open_belgiumtsc",
                              "BelgiumTSC official layout (be catalogue; its swapped CSV axes put right), "
                              "pole-held-out split", "belgiumtsc:BelgiumTSC_Training.zip?split=train"),
+    "scenes-synthetic": SourceKind("signscale.sources.scenes", "open_scenes_synthetic",
+                                   "procedural road scenes with boxed signs (renderer or real crops); detection "
+                                   "default", "scenes-synthetic:?n=1000&seed=0&signs=gtsrb:GTSRB_Final_Training_Images.zip"),
+    "gtsdb": SourceKind("signscale.sources.gtsdb", "open_gtsdb", "GTSDB scenes + gt.txt (folder or zip), official split",
+                        "gtsdb:FullIJCNN2013.zip?split=train"),
+    "yolo": SourceKind("signscale.sources.annotations", "open_yolo", "YOLO export: images/ + labels/ + names",
+                       "yolo:/data/export?split=train"),
+    "coco": SourceKind("signscale.sources.annotations", "open_coco", "COCO detection JSON + images",
+                       "coco:/data/instances.json?images=/data/images"),
     "folder": SourceKind("signscale.sources.folder", "open_folder",
                          "one sub-folder per class (key or id), or a CSV/JSONL list of path,label",
                          "folder:/data/my_signs  or  folder:/data/list.csv"),

@@ -1,0 +1,332 @@
+"""``train_detector(DetTrainConfig) -> DetTrainResult``: FCOS sign detector training on packed scenes.
+
+Same machinery as the classifier trainer: the process group from torchrun's environment
+(:mod:`signscale.distributed`; gloo on CPU, NCCL on GPUs) with DDP, autocast and the one
+optimizer-step function of :mod:`signscale.precision` (bf16/fp16), checkpoints of tensors and plain
+data at any storage URL (:mod:`signscale.checkpoint`), and the exactly-once, resumable stream
+(:class:`signscale.sources.scenes.SceneStream` over :mod:`signscale.stream`).
+
+**Tiles, not whole scenes.** Training crops a ``tile`` (default 256x192) from each scene, centred
+on a random sign most of the time. Convolutions are translation-invariant, so the detector still
+runs on whole scenes at inference; a tile costs a third of a 512x320 scene and holds most of its
+signs, so a CPU-second buys ~3x more positive examples. ``tile=0`` trains on whole scenes.
+
+**Exact resume.** The tile positions, flips and everything random in a step are drawn from
+``(seed, step, rank)``; the checkpoint holds model, optimizer, scheduler, scaler, loader position
+and RNG states, so a resumed run continues with the batches and crops an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from signscale import checkpoint, distributed, precision, storage
+from signscale import config as config_mod
+from signscale.detector import build_detector, detector_config, detector_labels, make_config
+from signscale.labels import LabelSpace
+from signscale.shards import Manifest
+from signscale.sources.scenes import SceneStream
+from signscale.stream import StreamConfig, StreamLoader
+from signscale.transforms import Preprocess
+
+
+class DetTrainError(RuntimeError):
+    """Detector training cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DetTrainConfig:
+    """Everything a detector training run depends on (saved inside every checkpoint and model)."""
+
+    data: tuple[str, ...] = ()  # packed scene dataset URLs (signscale.sources.scenes.pack_scenes)
+    out: str = "runs/detector"
+    backbone: str = ""  # a signscale classifier model folder to initialise from ("": random msnet)
+    classes: Literal["sign", "category"] = "sign"
+    fpn_channels: int = 64
+    head_convs: int = 2
+    freeze_stages: int = 1  # classifier stages kept fixed (the full-resolution one by default)
+    tile: tuple[int, int] = (256, 192)  # training crop (w, h); (0, 0): whole scenes
+    flip: bool = True  # horizontal flips (class-agnostic "sign" and categories are flip-invariant)
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps to take (0: ``epochs`` decide); the LR schedule spans them
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    clip_norm: float = 10.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    workers: int = 1
+    seed: int = 0
+    checkpoint_every: int = 0  # steps (0: at the end only)
+    keep_last: int = 2
+    resume: str = ""  # "" | "auto" | checkpoint URL
+    log_every: int = 10
+    threads: int = 0
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0: no limit
+
+    def __post_init__(self) -> None:
+        precision.check(self.precision)
+        if not self.data:
+            raise config_mod.ConfigError("data: give at least one packed scene dataset URL")
+        if self.batch_size < 1:
+            raise config_mod.ConfigError("batch_size: must be >= 1")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise config_mod.ConfigError("epochs: must be >= 1 (or set max_steps)")
+        if len(self.tile) != 2 or min(self.tile) < 0 or (0 in self.tile and self.tile != (0, 0)):
+            raise config_mod.ConfigError(f"tile: expected (width, height) > 0 or (0, 0), got {self.tile}")
+        if self.classes not in ("sign", "category"):
+            raise config_mod.ConfigError(f"classes: expected sign or category, got {self.classes!r}")
+
+
+@dataclass
+class DetTrainResult:
+    out: str
+    steps: int = 0
+    seconds: float = 0.0
+    scenes_per_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    model_url: str = ""
+    world_size: int = 1
+    precision: str = "fp32"
+    stopped_early: bool = False
+
+    def summary(self) -> str:
+        stop = " (time limit: checkpoint written, resume with resume=auto)" if self.stopped_early else ""
+        last = f", last loss {np.mean(self.losses[-10:]):.3f}" if self.losses else ""
+        return (f"trained detector {self.steps} steps in {self.seconds:.0f}s at {self.scenes_per_s:.1f} tiles/s on "
+                f"{self.world_size} process(es), {self.precision}{last}; model: {self.model_url or '-'}{stop}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def _step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, rank, 4242])
+
+
+def crop_tile(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, tile: tuple[int, int],
+              rng: np.random.Generator, *, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (w, h) crop of an HxWx3 scene, centred on a random sign 80% of the time; boxes clipped, and those
+    keeping under half their area dropped (a half sign is not a sign to find)."""
+    H, W = image.shape[:2]
+    tw, th = tile if tile != (0, 0) else (W, H)
+    tw, th = min(tw, W), min(th, H)
+    if len(boxes) and rng.random() < 0.8:
+        b = boxes[int(rng.integers(len(boxes)))].numpy()
+        cx, cy = (b[0] + b[2]) / 2 + rng.uniform(-0.35, 0.35) * tw, (b[1] + b[3]) / 2 + rng.uniform(-0.35, 0.35) * th
+        x0, y0 = int(np.clip(cx - tw / 2, 0, W - tw)), int(np.clip(cy - th / 2, 0, H - th))
+    else:
+        x0, y0 = int(rng.integers(0, W - tw + 1)), int(rng.integers(0, H - th + 1))
+    img = image[y0:y0 + th, x0:x0 + tw]
+    if len(boxes):
+        shifted = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+        clipped = shifted.clone()
+        clipped[:, 0::2] = clipped[:, 0::2].clamp(0, tw)
+        clipped[:, 1::2] = clipped[:, 1::2].clamp(0, th)
+        area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+        kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        keep = (kept >= 0.5 * area) & (clipped[:, 2] - clipped[:, 0] >= 2) & (clipped[:, 3] - clipped[:, 1] >= 2)
+        boxes, labels = clipped[keep], labels[keep]
+    if flip and rng.random() < 0.5:
+        img = img.flip(1)
+        if len(boxes):
+            boxes = torch.stack([tw - boxes[:, 2], boxes[:, 1], tw - boxes[:, 0], boxes[:, 3]], dim=1)
+    return img, boxes, labels
+
+
+def to_detector_input(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """HxWx3 uint8 -> 3xHxW float in [0, 1] (the detector's transform normalises)."""
+    return [im.to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0) for im in images]
+
+
+def _lr_lambda(cfg: DetTrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return 0.05 + 0.95 * step / max(1, cfg.warmup_steps)
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def _initial_model(cfg: DetTrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Detector with its backbone from the classifier at ``cfg.backbone`` (or a random msnet)."""
+    from signscale.models import create_model, model_config, rebuild
+
+    if cfg.backbone:
+        sd, meta = checkpoint.load_model_artefact(cfg.backbone)
+        if meta.get("kind") == "signscale.detector":
+            raise DetTrainError(f"backbone={cfg.backbone} is a detector; give a classifier model folder")
+        classifier = rebuild(meta["model_config"])
+        classifier.load_state_dict(sd)
+        mc, pre = meta["model_config"], meta["preprocess"]
+    else:
+        classifier = create_model("msnet", 43)
+        mc, pre = model_config(classifier), Preprocess().to_dict()
+    dcfg = make_config(mc, preprocess=pre, classes=cfg.classes, fpn_channels=cfg.fpn_channels,
+                       head_convs=cfg.head_convs)
+    model = build_detector(dcfg, classifier)
+    model.backbone.freeze(cfg.freeze_stages)
+    return model, dcfg
+
+
+def save_detector(url: str, model: torch.nn.Module, space: LabelSpace, metrics: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None) -> str:
+    """A detector model artefact (same folder format as classifiers; ``kind`` tells them apart)."""
+    dcfg = detector_config(model)
+    return checkpoint.save_model(url, state_dict=model.state_dict(), model_config=dcfg,
+                                 label_space=space.to_dict(), preprocess={"mean": dcfg["mean"], "std": dcfg["std"]},
+                                 metrics=metrics or {}, extra={"kind": "signscale.detector", **(extra or {})})
+
+
+def load_detector(url: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(detector in eval mode, its model.json metadata) from a detector model folder."""
+    from signscale.detector import DetectorError
+
+    sd, meta = checkpoint.load_model_artefact(url)
+    if meta.get("kind") != "signscale.detector":
+        raise DetectorError(f"{url}: not a detector model (kind={meta.get('kind')!r}); train one with "
+                            "`signscale train-detector`")
+    model = build_detector(meta["model_config"])
+    model.load_state_dict(sd)
+    model.eval()
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
+    """Train the detector; see the module docstring. Only rank 0 writes."""
+    started = time.perf_counter()
+    distributed.init()
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    device = distributed.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    manifests = [Manifest.load(u) for u in cfg.data]
+    space = manifests[0].label_space
+    stream = SceneStream(StreamConfig(datasets=tuple(cfg.data), batch_size=cfg.batch_size, seed=cfg.seed,
+                                      block_size=16, window_blocks=16, remainder="drop"))
+    loader = StreamLoader(stream, num_workers=cfg.workers, pin_memory=False)
+    if len(loader) == 0:
+        raise DetTrainError(f"{cfg.data}: fewer scenes than one batch of {cfg.batch_size} per process")
+    model, dcfg = _initial_model(cfg)
+    model.to(device)
+    net: torch.nn.Module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.max_steps or len(loader) * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    scaler = precision.make_scaler(cfg.precision, device)
+    checksums = [m.checksum() for m in manifests]
+    result = DetTrainResult(out=cfg.out, world_size=world, precision=cfg.precision)
+    step = 0
+    resume_url = checkpoint.latest_checkpoint(cfg.out) if cfg.resume == "auto" else cfg.resume
+    if resume_url:
+        state = checkpoint.load_checkpoint(resume_url)
+        if state.get("manifests") != checksums:
+            raise DetTrainError(f"{resume_url} was written for other data ({state.get('manifests')}); resume with the "
+                                "same datasets or start a new run folder")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(json.loads(state["loader"]))
+        checkpoint.set_rng_state(state["rng"])
+        step = int(state["step"])
+        result.losses = [float(x) for x in state["losses"]]
+        if main:
+            print(f"resumed from {resume_url} at step {step}")
+    if main:
+        storage.makedirs(cfg.out)
+        storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
+    log: list[str] = []
+
+    def save() -> str:
+        states = distributed.all_gather_object(loader.local_state())
+        st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "scaler": scaler.state_dict() if scaler is not None else {},
+              "loader": json.dumps(loader.state_dict(states, world)), "rng": checkpoint.rng_state(),
+              "losses": torch.tensor(result.losses, dtype=torch.float64), "config": config_mod.to_dict(cfg),
+              "detector": json.dumps(dcfg), "manifests": checksums, "world_size": world}
+        url = checkpoint.save_checkpoint(cfg.out, step, st, keep_last=cfg.keep_last) if main else ""
+        if main and log:
+            storage.write_bytes(storage.join(cfg.out, "metrics.jsonl"), ("\n".join(log) + "\n").encode())
+        distributed.barrier()
+        return url
+
+    tiles = 0
+    t_loop = time.perf_counter()
+    done = step >= total
+    while not done:
+        net.train()
+        for batch in loader:
+            rng = _step_rng(cfg.seed, step, rank)
+            torch.manual_seed(int(rng.integers(2**62)))
+            imgs, targets = [], []
+            for im, tg in zip(batch["images"], batch["targets"]):
+                im2, bx, lb = crop_tile(im, tg["boxes"], tg["labels"], tuple(cfg.tile), rng, flip=cfg.flip)
+                imgs.append(im2)
+                targets.append({"boxes": bx.to(device), "labels": detector_labels(lb, cfg.classes, space).to(device)})
+            x = to_detector_input(imgs, device)
+            with precision.autocast(cfg.precision, device):  # type: ignore[arg-type]
+                losses = net(x, targets)
+            loss = sum(v.float() for v in losses.values())
+            if not torch.isfinite(loss):
+                raise DetTrainError(f"non-finite loss at step {step} on scene ids {batch['id'][:8].tolist()}; lower lr "
+                                    "or use fp32")
+            precision.backward(loss, scaler)
+            res = precision.optimizer_step(opt, scaler, params, clip_norm=cfg.clip_norm)
+            sched.step()
+            step += 1
+            tiles += len(imgs) * world
+            gl = float(distributed.all_reduce_sum(loss.detach().clone())) / world
+            result.losses.append(gl)
+            if main and step % cfg.log_every == 0:
+                rec = {"step": step, "loss": gl, **{k: float(v.detach()) for k, v in losses.items()},
+                       "lr": sched.get_last_lr()[0], "grad_norm": res.grad_norm,
+                       "tiles_per_s": tiles / (time.perf_counter() - t_loop)}
+                log.append(json.dumps(rec))
+                print(json.dumps(rec), flush=True)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save()
+            over_time = cfg.max_minutes > 0 and (time.perf_counter() - started) > cfg.max_minutes * 60
+            if step >= total or _any(over_time, device):
+                result.stopped_early = step < total
+                done = True
+                break
+        else:
+            done = step >= total or (not cfg.max_steps and loader.stream.epoch >= cfg.epochs)
+    save()
+    result.steps = step
+    result.seconds = time.perf_counter() - started
+    result.scenes_per_s = tiles / max(1e-9, time.perf_counter() - t_loop)
+    if main:
+        result.model_url = save_detector(storage.join(cfg.out, "model"), model, space,
+                                         metrics={"steps": step, "final_loss": float(np.mean(result.losses[-20:]))
+                                                  if result.losses else None},
+                                         extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
+                                                "dataset_checksums": checksums})
+    distributed.barrier()
+    return result
+
+
+def _any(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank says so (all ranks must stop at the same step)."""
+    t = torch.tensor([int(flag)], device=device)
+    return bool(distributed.all_reduce_sum(t).item())

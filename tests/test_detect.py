@@ -1,0 +1,151 @@
+"""The two-stage pipeline, scene evaluation and the detect command, with real models on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from signscale.detect import CropClassifier, DetectPipeline, detect_files, draw_detections, load_pipeline
+from signscale.detect_eval import SceneEvalConfig, evaluate_scenes, match_boxes
+from signscale.detector import build_detector, make_config
+from signscale.labels import LabelSpace
+from signscale.models import create_model, model_config
+from signscale.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
+from signscale.train_detector import save_detector
+from signscale.transforms import Preprocess
+
+CLASSES = (1, 14, 38)  # speed limit 30, stop, keep right: a classifier learns these in seconds
+CROPS = f"synthetic:?n=900&size=32&seed=7%26classes={','.join(map(str, CLASSES))}"
+SCENES = ("scenes-synthetic:?n=6&seed=11&width=192&height=128&min_px=20&max_px=40&max_signs=3&empty=0"
+          "&occlusion=0&weather=0&signs=synthetic:?n=900%26size=32%26seed=99%26classes=1,14,38")
+
+
+class GroundTruthDetector:
+    """A first stage that returns the true boxes: isolates the second stage (the stages are replaceable)."""
+
+    class_names = ("sign",)
+
+    def __init__(self, boxes: list[list[list[int]]]) -> None:
+        self.truth = boxes
+
+    def boxes(self, images):
+        return [(np.asarray(b, np.float32).reshape(-1, 4), np.ones(len(b), np.float32), np.ones(len(b), np.int64))
+                for b in self.truth[:len(images)]]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> str:
+    """A real small classifier trained on crops of three classes (packed and trained by signscale)."""
+    from signscale.pack import PackConfig, pack
+    from signscale.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("clf")
+    data = str(root / "crops")
+    pack(PackConfig(source=CROPS.replace("%26", "&"), out=data, size=32, shard_mb=1, workers=0, progress=False))
+    res = train(TrainConfig(data=(data,), out=str(root / "run"), model="small_cnn", epochs=4, batch_size=64, lr=5e-3,
+                            workers=0, progress=False, ema=0.0))
+    return res.model_url
+
+
+@pytest.fixture(scope="module")
+def untrained_detector(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    clf = create_model("small_cnn", 43, widths=[8, 16, 32])
+    det = build_detector(make_config(model_config(clf), preprocess=Preprocess().to_dict(), fpn_channels=32), clf)
+    return save_detector(str(tmp_path_factory.mktemp("det") / "model"), det, LabelSpace.for_country("de"))
+
+
+def _scenes():
+    src = open_scene_source(SCENES)
+    return [src.read(i) for i in range(len(src))]
+
+
+def test_match_boxes_is_greedy_by_score():
+    truth = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    pred = np.array([[0, 0, 10, 11], [1, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    assert match_boxes(pred, np.array([0.9, 0.95, 0.99]), truth).tolist() == [1, -1]
+
+
+def test_pipeline_names_the_right_fine_class(classifier):
+    scenes = _scenes()
+    truth = [s.meta["boxes"] for s in scenes]
+    pipe = DetectPipeline(GroundTruthDetector(truth), CropClassifier.load(classifier), margin=0.0)
+    results = pipe.detect([s.image for s in scenes])
+    space = LabelSpace.for_country("de")
+    right = total = 0
+    for s, dets in zip(scenes, results):
+        assert [d["box"] for d in dets] == [[float(v) for v in b] for b in s.meta["boxes"]]
+        for d, lab in zip(dets, s.meta["labels"]):
+            assert d["country"] == "de" and 0 <= d["confidence"] <= 1
+            right += d["key"] == space[lab].key
+            total += 1
+    assert total >= 6 and right / total >= 0.9
+
+
+def test_fcos_pipeline_api_and_detect_files(classifier, untrained_detector, tmp_path):
+    pipe = load_pipeline(untrained_detector, classifier, score_thresh=0.0)
+    scenes = _scenes()[:2]
+    out = pipe.detect([s.image for s in scenes])
+    assert len(out) == 2
+    for dets in out:
+        for d in dets:
+            assert set(d) >= {"box", "score", "key", "name", "country", "confidence", "class_id"}
+        json.dumps(dets)
+    assert pipe.detect([]) == []
+    with pytest.raises(ValueError, match="uint8"):
+        pipe.detect([np.zeros((10, 10, 3), np.float32)])
+    from PIL import Image
+
+    path = tmp_path / "road.png"
+    Image.fromarray(scenes[0].image).save(path)
+    rows = detect_files(pipe, [str(path)], str(tmp_path / "out"))
+    doc = json.loads((tmp_path / "out" / "road.json").read_text())
+    assert doc["width"] == 192 and len(doc["detections"]) == rows[0]["signs"]
+    assert (tmp_path / "out" / "road.det.png").exists()
+
+
+def test_evaluate_scenes_with_a_perfect_first_stage(classifier, tmp_path):
+    scenes = _scenes()
+    pipe = DetectPipeline(GroundTruthDetector([s.meta["boxes"] for s in scenes]), CropClassifier.load(classifier),
+                          margin=0.0)
+    rep = evaluate_scenes(SceneEvalConfig(detector="-", data=SCENES, classifier=classifier, batch=len(scenes)),
+                          pipeline=pipe)
+    m = rep.metrics
+    assert m["map_50"] == pytest.approx(1.0) and m["recall"] == 1.0 and m["fp_per_image"] == 0
+    assert m["end_to_end_accuracy"] >= 0.9
+    assert sum(v["count"] for v in m["recall_by_size"].values()) == m["signs"]
+
+
+def test_evaluate_scenes_report_with_overlays(untrained_detector, classifier, tmp_path):
+    data = str(tmp_path / "packed")
+    pack_scenes(ScenePackConfig(source=SCENES, out=data))
+    out = tmp_path / "report"
+    rep = evaluate_scenes(SceneEvalConfig(detector=untrained_detector, data=data, classifier=classifier, out=str(out),
+                                          score_thresh=0.05, worst=2))
+    m = rep.metrics
+    assert m["scenes"] == 6 and 0 <= m["map_50"] <= 1 and m["scenes_per_s"] > 0
+    html = (out / "report.html").read_text()
+    assert "mAP@0.5" in html and "<img" in html  # an untrained detector misses signs: overlays exist
+    assert list((out / "overlays").glob("*.png"))
+    assert json.loads((out / "metrics.json").read_text())["signs"] == m["signs"]
+
+
+def test_detect_command(untrained_detector, classifier, tmp_path):
+    from PIL import Image
+
+    from signscale.cli import main
+
+    path = tmp_path / "scene.png"
+    Image.fromarray(_scenes()[0].image).save(path)
+    rc = main(["detect", untrained_detector, str(path), "--out", str(tmp_path / "o"), "--classifier", classifier])
+    assert rc == 0 and (tmp_path / "o" / "scene.json").exists()
+
+
+def test_draw_marks_missed_signs():
+    img = np.zeros((40, 40, 3), np.uint8)
+    pic = draw_detections(img, [{"box": [2, 2, 20, 20], "score": 0.9, "key": "stop", "confidence": 0.8}],
+                          truth=[[5, 5, 30, 30]], miss=[0])
+    assert pic.shape == (40, 40, 3) and tuple(pic[4, 28]) == (255, 0, 255)

@@ -1,0 +1,112 @@
+"""gtsdb: folder and zip, scenes with no signs and with three, the official split, bad lines by line number."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from signscale.sources import SourceError
+from signscale.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
+
+GT = """00000.ppm;10;12;29;31;14
+00001.ppm;5;5;24;24;1
+00001.ppm;40;10;59;29;38
+00001.ppm;70;30;85;45;13
+00001.ppm;10;10;20;20;99
+00001.ppm;150;150;170;170;2
+00001.ppm;30;30;30;40;2
+00009.ppm;1;1;10;10;3
+this line is broken
+00600.ppm;1;2;21;22;17
+"""
+
+
+def _write_fixture(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in ("00000.ppm", "00001.ppm", "00002.ppm", "00600.ppm"):
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(root / name)
+    (root / "gt.txt").write_text(GT)
+
+
+@pytest.fixture
+def gtsdb_dir(tmp_path) -> Path:
+    root = tmp_path / "FullIJCNN2013"
+    _write_fixture(root)
+    return root
+
+
+def test_scene_without_signs_and_scene_with_three(gtsdb_dir):
+    src = open_scene_source(f"gtsdb:{gtsdb_dir}")
+    by_key = {src.read(i).key: src.read(i) for i in range(len(src))}
+    assert sorted(by_key) == ["00000.ppm", "00001.ppm", "00002.ppm", "00600.ppm"]
+    empty = by_key["00002.ppm"]
+    assert empty.meta["boxes"] == [] and empty.meta["labels"] == []
+    three = by_key["00001.ppm"]
+    # x2/y2 in gt.txt are inclusive; scene boxes end exclusively
+    assert three.meta["boxes"] == [[5, 5, 25, 25], [40, 10, 60, 30], [70, 30, 86, 46]]
+    assert three.meta["labels"] == [1, 38, 13]
+    assert three.meta["width"] == 96 and three.meta["height"] == 64
+    reasons = " | ".join(three.meta["problems"])
+    assert "gt.txt:6: box_outside_image" in reasons
+
+
+def test_file_level_problems_are_named_by_line(gtsdb_dir):
+    src = open_scene_source(f"gtsdb:{gtsdb_dir}")
+    got = {(p.key, p.reason) for p in src.problems}
+    assert ("gt.txt:5", "class_not_in_catalogue") in got
+    assert ("gt.txt:8", "label_without_image") in got
+    assert ("gt.txt:9", "bad_line") in got
+    assert ("gt.txt:7", "box_zero_area") in got
+    assert src.describe()["problems"] == {"class_not_in_catalogue": 1, "label_without_image": 1, "bad_line": 1,
+                                          "box_zero_area": 1}
+
+
+def test_official_split(gtsdb_dir):
+    train = open_scene_source(f"gtsdb:{gtsdb_dir}?split=train")
+    test = open_scene_source(f"gtsdb:{gtsdb_dir}?split=test")
+    assert [train.read(i).key for i in range(len(train))] == ["00000.ppm", "00001.ppm", "00002.ppm"]
+    assert [test.read(i).key for i in range(len(test))] == ["00600.ppm"]
+    assert test.read(0).meta["labels"] == [17]
+    with pytest.raises(SourceError, match="split"):
+        open_scene_source(f"gtsdb:{gtsdb_dir}?split=val")
+
+
+def test_zip_reads_like_the_folder(gtsdb_dir, tmp_path):
+    zpath = tmp_path / "FullIJCNN2013.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for f in sorted(gtsdb_dir.iterdir()):
+            z.write(f, f"FullIJCNN2013/{f.name}")
+    a, b = open_scene_source(f"gtsdb:{gtsdb_dir}"), open_scene_source(f"gtsdb:{zpath}")
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        assert a.read(i).meta == b.read(i).meta
+
+
+def test_giant_scene_is_a_problem_not_a_crash(gtsdb_dir):
+    src = open_scene_source(f"gtsdb:{gtsdb_dir}?max_pixels=1000")
+    p = src.read(0)
+    assert p.reason == "too_many_pixels"
+
+
+def test_pack_reports_every_problem_with_file_and_line(gtsdb_dir, tmp_path):
+    out = tmp_path / "packed"
+    res = pack_scenes(ScenePackConfig(source=f"gtsdb:{gtsdb_dir}", out=str(out), image_format="png"))
+    assert res.count == 4 and res.boxes == 5
+    lines = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    where = {(q["key"] if q["index"] < 0 else q["detail"].split(": ")[0], q["reason"]) for q in lines}
+    assert ("gt.txt:5", "class_not_in_catalogue") in where
+    assert ("gt.txt:6", "box_outside_image") in where
+    assert ("gt.txt:7", "box_zero_area") in where
+    assert res.by_reason["bad_line"] == 1
+
+
+def test_missing_gt_is_a_clear_error(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(SourceError, match="gt.txt"):
+        open_scene_source(f"gtsdb:{tmp_path / 'x'}")

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -277,23 +277,31 @@ def running(kind: str, *, azurite_dir: str | None = None) -> Iterator[Emulator]:
 
     import fsspec
 
-    keys = _ENV_KEYS.get(kind, ())
-    saved = {k: os.environ.get(k) for k in keys}
     saved_conf = copy.deepcopy(fsspec.config.conf)
-    emu = start(kind, azurite_dir=azurite_dir)
+    with restored_env(_ENV_KEYS.get(kind, ())):
+        emu = start(kind, azurite_dir=azurite_dir)
+        try:
+            use(emu)
+            yield emu
+        finally:
+            emu.stop()
+            fsspec.config.conf.clear()
+            fsspec.config.conf.update(saved_conf)
+            clear_clients()
+
+
+@contextlib.contextmanager
+def restored_env(keys: Iterable[str]) -> Iterator[None]:
+    """On exit, put these environment variables back as they were (set, changed or absent)."""
+    saved = {k: os.environ.get(k) for k in keys}
     try:
-        use(emu)
-        yield emu
+        yield
     finally:
-        emu.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        fsspec.config.conf.clear()
-        fsspec.config.conf.update(saved_conf)
-        clear_clients()
 
 
 # ---------------------------------------------------------------------------------------------

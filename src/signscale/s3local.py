@@ -73,20 +73,16 @@ def use(server: LocalS3) -> None:
 @contextlib.contextmanager
 def running() -> Iterator[LocalS3]:
     """Start a server, point this process at it, and on exit stop it and put the environment back."""
-    keys = (*CLIENT_ENV, "AWS_ENDPOINT_URL")
-    saved = {k: os.environ.get(k) for k in keys}
-    server = start()
-    try:
-        use(server)
-        yield server
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _clear_clients()
+    from signscale.emulators import restored_env
+
+    with restored_env((*CLIENT_ENV, "AWS_ENDPOINT_URL")):
+        server = start()
+        try:
+            use(server)
+            yield server
+        finally:
+            server.stop()
+            _clear_clients()
 
 
 def _clear_clients() -> None:

@@ -390,13 +390,14 @@ class Proxy:
                 fault = proxy._take_fault(self.path)
                 if fault is not None:
                     status, _, fbody, ctype = fault
+                    # recorded before answering: once the client has its response, the record exists
+                    proxy._record(self.command, self.path, status)
                     self.send_response(status)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(fbody)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(fbody)
-                    proxy._record(self.command, self.path, status)
                     return
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("transfer-encoding", "connection", "content-length")}
@@ -407,6 +408,7 @@ class Proxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                    proxy._record(self.command, self.path, resp.status)
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
                         if k.lower() in ("transfer-encoding", "connection", "content-length"):
@@ -421,7 +423,6 @@ class Proxy:
                     self.end_headers()
                     if self.command != "HEAD" and data:
                         self.wfile.write(data)
-                    proxy._record(self.command, self.path, resp.status)
                 finally:
                     conn.close()
 

@@ -50,6 +50,13 @@ class DemoResult:
                 f"\n  {files}")
 
 
+def _detection_extra() -> bool:
+    """Whether the scene evaluation's mAP back-end (torchmetrics + pycocotools) is installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torchmetrics", "pycocotools"))
+
+
 def run_demo(cfg: DemoConfig) -> DemoResult:
     started = time.perf_counter()
     out = cfg.out.rstrip("/")
@@ -84,7 +91,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                                  corruptions=("snow", "fog", "night", "blur"), severities=(3,)))
     result.eval_summary = report.summary()
     result.files["evaluation report"] = storage.join(report_dir, "report.html")
-    if cfg.detection:
+    if cfg.detection and not _detection_extra():
+        result.detection_summary = "skipped: the detection leg needs pip install 'signscale[detection]'"
+    elif cfg.detection:
         from signscale.detect_eval import demo_detection
 
         det = demo_detection(storage.join(out, "detection"), classifier=trained.model_url, steps=cfg.detection_steps,

@@ -51,6 +51,17 @@ def device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def setup(device_name: str = "auto", threads: int = 0, seed: int = 0) -> tuple[int, int, torch.device]:
+    """A training run's first steps: join the process group, pick this rank's device, set torch's
+    intra-op threads (0: torch's default) and seed. Returns (rank, world size, device)."""
+    init()
+    dev = device(device_name)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return rank(), world_size(), dev
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -277,9 +277,9 @@ class LabelSpace:
                 raise LabelError(f"label space {self.name!r}: key {ident!r} appears twice (ids {index[ident]}, {i})")
             index[ident] = i
         object.__setattr__(self, "_index", index)
-        if not self.by:
+        if not self.by:  # a subset of a catalogue must keep the mirror partners its catalogue has
             for c in self.classes:
-                if c.mirror is not None and c.mirror not in index and c.country == "de":
+                if c.mirror is not None and c.mirror not in index and c.mirror in _catalogue_keys(c.country):
                     raise LabelError(f"class {c.key!r} mirrors to {c.mirror!r}, which is not in label space "
                                      f"{self.name!r}")
 
@@ -445,6 +445,11 @@ class LabelSpace:
                          "category": c.category, "uncertain": c.uncertain,
                          "ids": {k: (v[0] if len(v) == 1 else v) if v else None for k, v in ids.items()}})
         return rows
+
+
+def _catalogue_keys(country: str) -> set[str]:
+    """The keys of a country's catalogue (empty for a country without one)."""
+    return {c.key for c in CATALOGUES.get(country, ())}
 
 
 def _merge_key(c: SignClass, by: str, trust_uncertain: bool) -> str:

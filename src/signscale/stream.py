@@ -556,9 +556,7 @@ class ShardStream(IterableDataset):
         if m.label_space.fingerprint() == self.label_space.fingerprint():
             return None
         lut = self.label_space.map_from(m.label_space)
-        counts = m.class_counts() if hasattr(m, "class_counts") else None
-        missing = [m.label_space.ident(m.label_space[j]) for j in np.flatnonzero(lut < 0)
-                   if counts is None or counts[j] > 0]
+        missing = [m.label_space.ident(m.label_space[j]) for j in np.flatnonzero(lut < 0)]
         if missing:
             raise ShardError(f"{url}: {len(missing)} class(es) of label space {m.label_space.name!r} have no place in "
                              f"{self.label_space.name!r}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "

@@ -280,13 +280,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     started = time.perf_counter()
     if not cfg.data:
         raise config_mod.ConfigError("data: give at least one packed dataset URL (see `signscale pack`)")
-    distributed.init()
-    rank, world = distributed.rank(), distributed.world_size()
+    rank, world, device = distributed.setup(cfg.device, cfg.threads, cfg.seed)
     main = rank == 0
-    device = distributed.device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
 
     manifests = [Manifest.load(u) for u in cfg.data]
     init = _load_init(cfg.init_from) if cfg.init_from else None

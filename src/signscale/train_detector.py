@@ -209,13 +209,8 @@ def load_detector(url: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     """Train the detector; see the module docstring. Only rank 0 writes."""
     started = time.perf_counter()
-    distributed.init()
-    rank, world = distributed.rank(), distributed.world_size()
+    rank, world, device = distributed.setup(cfg.device, cfg.threads, cfg.seed)
     main = rank == 0
-    device = distributed.device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     manifests = [Manifest.load(u) for u in cfg.data]
     space = manifests[0].label_space
     stream = SceneStream(StreamConfig(datasets=tuple(cfg.data), batch_size=cfg.batch_size, seed=cfg.seed,

@@ -79,8 +79,7 @@ def transfer_matrix(cfg: TransferConfig) -> TransferResult:
                 continue
             m = rep.metrics
             cells[name][dname] = {"accuracy": m["overall"]["top1"], "scored": m["overall"]["count"],
-                                  "skipped": m["skipped"]["classes_not_in_model"] and
-                                  sum(m["skipped"]["classes_not_in_model"].values()) or 0,
+                                  "skipped": sum(m["skipped"]["classes_not_in_model"].values()),
                                   "classes": sum(1 for c in m["classes"] if c["support"] > 0),
                                   "mapping": m["data"]["label_mapping"]}
     result = TransferResult(list(cfg.models), list(cfg.data), cells)

@@ -138,11 +138,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from signscale import config, distributed
-    from signscale.detect_eval import SceneEvalConfig, evaluate_scenes, is_scene_dataset
     from signscale.evaluate import EvalConfig, evaluate
-    from signscale.sources.scenes import is_scene_spec
+    from signscale.sources.scenes import is_scene_dataset, is_scene_spec
 
     if is_scene_dataset(args.data) or is_scene_spec(args.data):  # a detector on road scenes
+        from signscale.detect_eval import SceneEvalConfig, evaluate_scenes
+
         rep = evaluate_scenes(SceneEvalConfig(detector=args.model, data=args.data, classifier=args.classifier or "",
                                               out=args.out or ""))
         console.print(rep.summary())

@@ -164,15 +164,6 @@ class BelgiumSource(GtsrbSource):
 
     country = "be"
 
-    def read(self, index: int) -> Sample | Problem:
-        sample = super().read(index)
-        if isinstance(sample, Sample) and sample.roi is not None:
-            x1, y1, x2, y2 = sample.roi
-            if not (0 <= x1 < x2 and 0 <= y1 < y2):
-                return Problem(sample.key, "bad_roi", f"ROI {sample.roi} is empty after swapping BelgiumTSC's axes",
-                               self.kind)
-        return sample
-
 
 def swap_belgium_axes(boxes: np.ndarray) -> np.ndarray:
     """CSV (Width, Height, Roi.X1, Roi.Y1, Roi.X2, Roi.Y2) as BelgiumTSC writes them -> true (w, h, x1, y1, x2, y2)."""

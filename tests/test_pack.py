@@ -7,7 +7,6 @@ import sys
 import zlib
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from signscale import shards, storage

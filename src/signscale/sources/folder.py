@@ -28,7 +28,6 @@ from dataclasses import replace
 from typing import Any
 
 from signscale import storage
-from signscale.images import ImageError, decode
 from signscale.labels import LabelError, LabelSpace
 from signscale.sources.base import CONDITIONS, Problem, Sample, Source, SourceError
 

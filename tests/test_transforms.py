@@ -17,6 +17,7 @@ from signscale.transforms import (
     WEATHER_KINDS,
     AugmentConfig,
     BatchAugment,
+    LoaderAugment,
     Preprocess,
     _gaussian_blur,
     to_input,
@@ -285,6 +286,56 @@ def test_weather_and_blur_follow_the_numpy_corruptions():
     sigma = 2.0  # corruptions.blur picks its radius per sigma; at the radius used here they coincide
     np.testing.assert_allclose(_gaussian_blur(x, torch.full((5,), sigma), sigma).permute(0, 2, 3, 1).numpy(),
                                corruptions.gaussian_blur(nhwc, sigma), atol=1e-5)
+
+
+# -- 8-bit pixels for loader workers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [{}, MANY_EFFECTS, {"padding": "zeros"}])
+def test_pixels_are_the_float_augmentation_rounded_to_8_bits(extra):
+    pre = Preprocess()
+    aug = BatchAugment(AugmentConfig(**extra), pre, FLIP_MAP)
+    x, y = images(64), labels(64)
+    want, want_y = aug(x, y, gen(3))
+    px, px_y = aug.pixels(x, y, gen(3))
+    assert px.dtype == torch.uint8 and tuple(px.shape) == (64, 32, 32, 3)
+    assert torch.equal(px_y, want_y)
+    got = to_input(px, pre)
+    half_level = (0.5 / (255 * torch.tensor(pre.std))).view(1, 3, 1, 1)
+    err = (got - want).abs()
+    assert (err <= half_level + 1e-4).all(), float((err - half_level).max())
+    assert (err > 1e-3).any()  # really rounded: not a float batch in disguise
+
+
+def test_pixels_without_augmentation_are_the_input_and_resize_like_to_input():
+    off = BatchAugment(AugmentConfig(enabled=False), Preprocess(size=32), FLIP_MAP)
+    x, y = images(8), labels(8)
+    assert off.pixels(x, y)[0] is x
+    bigger = images(8, size=48)
+    px = off.pixels(bigger, y)[0]
+    want = to_input(bigger, Preprocess(size=32))
+    assert (to_input(px, Preprocess(size=32)) - want).abs().max() <= 0.5 / (255 * min(Preprocess().std)) + 1e-4
+
+
+def test_pixels_keep_the_flip_rules_exactly():
+    aug = BatchAugment(FLIP_ONLY, Preprocess(), FLIP_MAP)
+    x = images(3)
+    px, y = aug.pixels(x, torch.tensor([KEEP_RIGHT, SPEED_30, PRIORITY]), gen(0))
+    assert y.tolist() == [KEEP_LEFT, SPEED_30, PRIORITY]
+    assert torch.equal(px[0], x[0].flip(1)) and torch.equal(px[1], x[1]) and torch.equal(px[2], x[2].flip(1))
+
+
+def test_loader_augment_is_seeded_by_the_batch_and_survives_pickling():
+    make = LoaderAugment(BatchAugment(AugmentConfig(**MANY_EFFECTS), Preprocess(), FLIP_MAP))
+    twin = pickle.loads(pickle.dumps(make))
+
+    def batch(seed: int) -> dict:
+        return {"image": images(32), "meta": torch.stack([torch.arange(32), labels(32)], 1), "seed": seed}
+
+    a, b, c = make(batch(7)), twin(batch(7)), make(batch(8))
+    assert a["augmented"] and a["image"].dtype == torch.uint8
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["meta"], b["meta"])
+    assert not torch.equal(a["image"], c["image"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,8 +16,10 @@ in one process tree, with every row measured the same way:
   shards, two ways: *per sample* -- a map-style Dataset applying torchvision v2 random affine, colour
   jitter and the flip rules to one image at a time, collated by the DataLoader (what a torchvision
   recipe does) -- and *per batch* -- the signscale loader slicing records with numpy and running
-  :class:`~signscale.transforms.BatchAugment` on each whole batch inside the workers (what
-  ``signscale train`` does on a CPU host). The batch path does strictly more work (it adds perspective,
+  :class:`~signscale.transforms.BatchAugment` on each whole batch inside the workers, which hand
+  8-bit pixels to the main process where :func:`~signscale.transforms.to_input` normalises them
+  (what ``signscale train`` does on a CPU host). Besides wall-clock rates, these rows print samples
+  per CPU-second, of this process and of the workers (once joined), which do not depend on the load. The batch path does strictly more work (it adds perspective,
   blur, weather and occluders), so the ratio understates its advantage.
 
 Each read row is one epoch or ``max_seconds`` of it, whichever ends first; samples/s is over what was
@@ -36,6 +38,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -276,19 +279,32 @@ class PerSampleAugment(Dataset):
         return {"image": x, "label": label}
 
 
-class WorkerBatchAugment:
-    """The loader's batch transform: :class:`BatchAugment` on the whole batch, seeded by the batch's
-    own seed (as ``signscale train`` runs it in the workers on a CPU host)."""
+def loader_augment(size: int, flip_map: np.ndarray) -> Any:
+    """The training augmentation as ``signscale train`` runs it in loader workers on a CPU host."""
+    from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess
 
-    def __init__(self, size: int, flip_map: np.ndarray) -> None:
-        from signscale.transforms import AugmentConfig, BatchAugment, Preprocess
+    return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map)))
 
-        self.augment = BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map))
 
-    def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(b["seed"])
-        b["image"], b["meta"][:, 1] = self.augment(b["image"], b["meta"][:, 1], gen)
-        return b
+def _normalised(loader: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
+    """What the training loop does with the workers' 8-bit augmented batches: :func:`to_input`."""
+    from signscale.transforms import Preprocess, to_input
+
+    pre, it = Preprocess(size=size), iter(loader)
+    try:
+        for b in it:
+            b["image"] = to_input(b["image"], pre)
+            yield b
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (DataLoader workers, once joined)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
@@ -319,23 +335,26 @@ def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampl
     for w in cfg.workers:
         def per_batch(w: int = w) -> Iterable[dict[str, Any]]:
             loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
-            loader.stream.transform = WorkerBatchAugment(cfg.size, m.label_space.flip_map())
-            return loader
+            loader.stream.transform = loader_augment(cfg.size, m.label_space.flip_map())
+            return _normalised(loader, cfg.size)
 
-        cpu0 = time.process_time()
+        cpu0, kids0 = time.process_time(), _children_cpu()
         sample_row = _read_row(AUG_SAMPLE, LOCAL, w, lambda w=w: _dataloader(per_sample, w, batch_size=cfg.batch_size,
                                                                            shuffle=True),
                                cfg=cfg, epoch=m.count, check=_check_input,
                                note="affine + colour jitter + flip rules, one image at a time")
-        cpu1 = time.process_time()
+        cpu1, kids1 = time.process_time(), _children_cpu()
         batch_row = _read_row(AUG_BATCH, LOCAL, w, per_batch, cfg=cfg, epoch=m.count, check=_check_input,
-                              note="numpy slicing + affine, perspective, colour, blur/weather/erase per batch")
-        cpu2 = time.process_time()
-        for row, cpu in ((sample_row, cpu1 - cpu0), (batch_row, cpu2 - cpu1)):
-            if row.samples_per_s and w > 1:
-                row.note = _join(row.note, f"{row.samples_per_s / w:,.0f}/s per worker")
-            if w == 0 and cpu > 0:  # all in this process: samples per CPU-second do not depend on the load
+                              note="numpy slicing + affine, perspective, colour, blur/weather/erase per batch, "
+                                   "8-bit to the main process, normalised there")
+        cpu2, kids2 = time.process_time(), _children_cpu()
+        for row, cpu, kids in ((sample_row, cpu1 - cpu0, kids1 - kids0), (batch_row, cpu2 - cpu1, kids2 - kids1)):
+            # CPU seconds do not depend on the load: the rate one core gives, in this process or per worker
+            if w == 0 and cpu > 0:
                 row.note = _join(row.note, f"{row.samples / cpu:,.0f} per CPU-second")
+            if w > 0 and kids > 0:
+                row.note = _join(row.note, f"{row.samples / kids:,.0f} per worker CPU-second, "
+                                           f"main process {row.samples / max(cpu, 1e-9):,.0f} per CPU-second")
         rows += [sample_row, batch_row]
     return rows
 

@@ -383,7 +383,7 @@ def check(cfg: CheckConfig, *, say: Any = print) -> list[CheckRow]:
     import shutil
     import tempfile
 
-    from signscale.bench import WorkerBatchAugment, _RequestCounter
+    from signscale.bench import _RequestCounter, loader_augment
     from signscale.pack import PackConfig, pack
     from signscale.scale import (
         NOISE_KIND,
@@ -418,7 +418,7 @@ def check(cfg: CheckConfig, *, say: Any = print) -> list[CheckRow]:
         from signscale.stream import open_stream
 
         loader = open_stream(out, num_workers=0, batch_size=256, shuffle=True)
-        loader.stream.transform = WorkerBatchAugment(32, Manifest.load(out).label_space.flip_map())
+        loader.stream.transform = loader_augment(32, Manifest.load(out).label_space.flip_map())
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in a DataLoader worker
         try:

@@ -7,7 +7,10 @@ report can say so.
 
 Every corruption is pure numpy on a float32 NxHxWx3 batch in [0, 1], draws all randomness from
 the caller's ``np.random.Generator`` (same generator state -> same pixels, in any process) and
-scales its spatial parameters with the image size, so severity 3 looks alike at 32 and 128 px.
+scales its spatial parameters with the image size, so severity 3 looks alike on a sign crop at 32
+and at 128 px. A road scene is not a sign crop: scaled by its 512 px width, a severity-3 blur would be
+sixteen times wider than on the signs in it. Scene generators therefore pass ``scale`` explicitly
+(the size of the signs in view over 32 px), so the weather is as hard on each sign as on a crop.
 """
 
 from __future__ import annotations
@@ -22,26 +25,35 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 # Sizes below are tuned at 32 px, the usual classifier input; larger images scale them up.
 _REFERENCE_PX = 32.0
 
-Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
+# (batch, severity, rng, scale): ``scale`` multiplies the spatial sizes tuned at 32 px
+Corruption = Callable[[np.ndarray, int, np.random.Generator, float], np.ndarray]
 
 
-def apply_corruption(img: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Corrupt one HxWx3 uint8 image or an NxHxWx3 batch; returns a new uint8 array of the same shape."""
+def apply_corruption(img: np.ndarray, kind: str, severity: int, rng: np.random.Generator, *,
+                     scale: float | None = None) -> np.ndarray:
+    """Corrupt one HxWx3 uint8 image or an NxHxWx3 batch; returns a new uint8 array of the same shape.
+
+    ``scale`` multiplies the spatial sizes (blur sigma, flake and streak size) tuned at 32 px; the
+    default, the image's shorter side over 32 px, is right for sign crops. Pass the size of the
+    objects that matter over 32 px for images that hold more than one sign, such as road scenes.
+    """
     if kind not in _CORRUPTIONS:
         raise ValueError(f"unknown corruption {kind!r}; valid kinds: {', '.join(CORRUPTIONS)}")
     if severity not in SEVERITIES:
         raise ValueError(f"corruption severity must be an integer 1..5, got {severity!r}")
     if img.dtype != np.uint8 or img.ndim not in (3, 4) or img.shape[-1] != 3:
         raise ValueError(f"expected an HxWx3 or NxHxWx3 uint8 array, got {img.dtype} {img.shape}")
+    if scale is not None and not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a positive number (spatial sizes relative to 32 px), got {scale!r}")
     batch = img if img.ndim == 4 else img[None]
     x = batch.astype(np.float32) * np.float32(1 / 255)
-    out = _CORRUPTIONS[kind](x, int(severity), rng)
+    out = _CORRUPTIONS[kind](x, int(severity), rng, _scale(x) if scale is None else float(scale))
     out = np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out if img.ndim == 4 else out[0]
 
 
 def _scale(x: np.ndarray) -> float:
-    """How much larger than the 32 px reference this batch is (spatial sizes grow with it)."""
+    """How much larger than the 32 px reference this batch is (the default ``scale``)."""
     return min(x.shape[1], x.shape[2]) / _REFERENCE_PX
 
 
@@ -105,27 +117,27 @@ def _smear(mask: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
     return out
 
 
-def snow(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def snow(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Whitened, low-contrast scene with white flakes; flakes grow with severity and image size."""
     n, h, w, _ = x.shape
     whiten = _pick((0.12, 0.2, 0.28, 0.36, 0.45), severity)
     x = x * (1 - whiten) + whiten * 0.85
     flakes = _sprinkle(rng, (n, h, w), _pick((0.012, 0.02, 0.03, 0.04, 0.055), severity))
-    size = max(1, round((1 + (severity >= 3)) * _scale(x)))
+    size = max(1, round((1 + (severity >= 3)) * scale))
     flakes = _smear(flakes, [(dy, dx) for dy in range(size) for dx in range(size) if dy or dx])
-    flakes = gaussian_blur(flakes[..., None], 0.3 * _scale(x))
+    flakes = gaussian_blur(flakes[..., None], 0.3 * scale)
     flakes = np.minimum(flakes * 1.3, 1.0)
     return x * (1 - flakes) + flakes * 0.97
 
 
-def rain(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def rain(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Darker, hazier scene crossed by slanted light streaks."""
     n, h, w, _ = x.shape
     x = x * (1 - 0.07 * severity)
     haze = 0.04 * severity
     x = x * (1 - haze) + haze * 0.55
     seeds = _sprinkle(rng, (n, h, w), _pick((0.008, 0.012, 0.018, 0.025, 0.032), severity))
-    length = max(2, round((2 + severity) * _scale(x)))
+    length = max(2, round((2 + severity) * scale))
     slant = rng.choice((-1, 1))  # one wind direction per call, shared by the whole batch
     streaks = _smear(seeds, [(k, int(slant) * (k // 3)) for k in range(1, length)])
     opacity = _pick((0.3, 0.38, 0.45, 0.52, 0.6), severity)
@@ -133,7 +145,7 @@ def rain(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     return x * (1 - streaks) + streaks * 0.82
 
 
-def fog(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def fog(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Blend towards light grey, thicker towards the top and in uneven patches."""
     n, h, w, _ = x.shape
     base = _pick((0.25, 0.35, 0.45, 0.55, 0.65), severity)
@@ -144,7 +156,7 @@ def fog(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     return x * (1 - alpha) + alpha * grey
 
 
-def night(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def night(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Gamma darkening with a blue cast and sensor noise, as with a dashcam after dusk."""
     gamma = 1.3 + 0.3 * severity
     gain = 0.95 - 0.11 * severity
@@ -154,7 +166,7 @@ def night(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
 
 
-def glare(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def glare(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """A bright warm radial blob (low sun, headlight) at a random place, washing out what it covers."""
     n, h, w, _ = x.shape
     cy = rng.uniform(0, h, size=(n, 1, 1, 1)).astype(np.float32)
@@ -169,19 +181,19 @@ def glare(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     return washed + strength * blob * colour
 
 
-def blur(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def blur(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Defocus blur; needs no randomness but takes ``rng`` like every corruption."""
-    sigma = _pick((0.6, 0.9, 1.3, 1.8, 2.4), severity) * _scale(x)
+    sigma = _pick((0.6, 0.9, 1.3, 1.8, 2.4), severity) * scale
     return gaussian_blur(x, sigma)
 
 
-def noise(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def noise(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Additive Gaussian sensor noise."""
     sigma = _pick((0.03, 0.05, 0.08, 0.11, 0.15), severity)
     return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
 
 
-def contrast(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def contrast(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Pull every pixel towards the image mean (haze, cheap sensor, overcast)."""
     keep = _pick((0.75, 0.6, 0.45, 0.32, 0.22), severity)
     mean = x.mean(axis=(1, 2, 3), keepdims=True)

@@ -31,7 +31,7 @@ from signscale.labels import LabelSpace
 from signscale.models import create_model, grow_head, model_config, model_info
 from signscale.shards import Manifest, ShardError
 from signscale.stream import StreamConfig, StreamLoader, ShardStream
-from signscale.transforms import AugmentConfig, BatchAugment, Preprocess, to_input
+from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess, to_input
 
 
 class TrainError(RuntimeError):
@@ -151,21 +151,6 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -
             torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.05, total_iters=warm),
             torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps - warm))], milestones=[warm])
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-
-
-class _WorkerAugment:
-    """Batch augmentation run inside a loader worker, seeded by the batch's own seed."""
-
-    def __init__(self, augment: BatchAugment) -> None:
-        self.augment = augment
-
-    def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(b["seed"])
-        x, y = self.augment(b["image"], b["meta"][:, 1], gen)
-        b["meta"][:, 1] = y
-        b["image"] = x
-        b["augmented"] = True
-        return b
 
 
 def _ema_update(decay: float) -> Callable[..., None]:
@@ -327,8 +312,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
     if device.type == "cpu" and cfg.workers > 0:
         # On a CPU box the loader workers augment while the main process trains; on a GPU the
-        # augmentation runs on the device after transfer. Same seed -> same pixels either way.
-        train_stream.transform = _WorkerAugment(augment)
+        # augmentation runs on the device after transfer. Same seed -> same pixels either way (the
+        # workers hand over 8-bit pixels, so up to half a grey level of rounding).
+        train_stream.transform = LoaderAugment(augment)
 
     result = TrainResult(out=cfg.out, params=info["params"], macs=info["macs"], precision=cfg.precision,
                          world_size=world)
@@ -395,8 +381,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                 global_micro = (step * cfg.accumulate + (micro - 1) % cfg.accumulate) * world + rank
                 seed = _step_seed(cfg.seed, global_micro, 0)
                 torch.manual_seed(seed)  # dropout and anything else random in the step
-                if batch.get("augmented"):
-                    x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device)
+                if batch.get("augmented"):  # 8-bit augmented pixels from the workers: normalise only
+                    x, y = to_input(batch["image"].to(device, non_blocking=True), pre), batch["label"].to(device)
                 else:
                     gen = torch.Generator(device=device).manual_seed(batch["seed"])
                     x, y = augment(batch["image"].to(device, non_blocking=True), batch["label"].to(device), gen)

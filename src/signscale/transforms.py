@@ -266,7 +266,7 @@ class BatchAugment:
         self._init_caches()
 
     def _init_caches(self) -> None:
-        self._consts: dict[torch.device, _Constants] = {}
+        self._consts: dict[tuple[torch.device, Preprocess], _Constants] = {}
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -289,8 +289,48 @@ class BatchAugment:
         self._check_labels(labels, images_uint8_nhwc.shape[0])
         if not self.cfg.enabled or images_uint8_nhwc.shape[0] == 0:
             return to_input(images_uint8_nhwc, self.pre, channels_last=self.channels_last), labels
+        k = self._constants(images_uint8_nhwc.device, self.pre)
+        x, new_labels = self._augment(images_uint8_nhwc, labels, generator, k)
+        torch.minimum(torch.maximum(x, k.lo, out=x), k.hi, out=x)  # (clamp with tensor bounds is slower)
+        return _layout(x, self.channels_last), new_labels
+
+    def pixels(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """The same augmentation, rounded to 8-bit pixels: (uint8 [B, size, size, 3], labels after flips).
+
+        What a DataLoader worker should hand over: a quarter of the float batch's bytes through
+        shared memory (on CPU, faulting in fresh shared pages cost a worker more than the bilinear
+        resampling) and over PCIe, and :func:`to_input` on the receiving side makes the model input,
+        exactly as for evaluation. The values equal ``__call__``'s up to the rounding (at most half
+        a grey level, 0.5 / (255 std) after normalisation). The batch is NHWC in shape and
+        channel-planar in memory (a permuted view), which :func:`to_input` reads without a transpose.
+        """
+        _check_images(images_uint8_nhwc)
+        self._check_labels(labels, images_uint8_nhwc.shape[0])
+        size = self.pre.size
+        if not self.cfg.enabled or images_uint8_nhwc.shape[0] == 0:
+            if images_uint8_nhwc.shape[1:3] == (size, size):
+                return images_uint8_nhwc, labels
+            x = _resize(_to_float_nchw(images_uint8_nhwc, channels_last=False), size)
+            return _rounded_pixels(x.add_(0.5).clamp_(0.5, 255.5)), labels
+        # "Normalised" here means pixel + 0.5 (std 1/255): every step below keeps its meaning, the
+        # clamp's bounds become 0.5 and 255.5, and truncation is then rounding. With zeros padding
+        # the exposed area must show the data set's mean colour, as in __call__, so that space is
+        # centred on the mean and shifted back after the clamp.
+        centred = self.cfg.padding == "zeros"
+        half = (-0.5 / 255,) * 3
+        k = self._constants(images_uint8_nhwc.device, _pixel_space(size, self.pre.mean if centred else half))
+        x, new_labels = self._augment(images_uint8_nhwc, labels, generator, k)
+        if centred:  # pixel - 255 * mean: clamp, then back to pixel + 0.5
+            torch.minimum(torch.maximum(x, k.lo, out=x), k.hi, out=x).sub_(k.bias - 0.5)
+        else:
+            x.clamp_(0.5, 255.5)
+        return _rounded_pixels(x), new_labels
+
+    def _augment(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None,
+                 k: _Constants) -> tuple[Tensor, Tensor]:
+        """Colour, geometry and the occasional effects in the value space of ``k``, before the clamp."""
         cfg, device = self.cfg, images_uint8_nhwc.device
-        k = self._constants(device)
         p = _uniform((images_uint8_nhwc.shape[0], _NCOLS), generator, device).mul_(k.span).add_(k.low)
         flip = (p[:, _FLIP] < cfg.flip) & (k.flip_map[labels.to(device)] >= 0)
         # Without geometry the colour step's output is the result, so it must be a fresh tensor.
@@ -300,10 +340,8 @@ class BatchAugment:
             grid = self._scratch("grid", (x.shape[0], 2, x.shape[-2], x.shape[-1]), device)
             x = _warp(x, m, cfg.padding, projective=cfg.perspective > 0, grid=grid)
         x = self._occasional(x, p, k, generator)
-        torch.minimum(torch.maximum(x, k.lo, out=x), k.hi, out=x)  # (clamp with tensor bounds is slower)
         flip_map = k.flip_map if labels.device == device else self.flip_map.to(labels.device)
-        new_labels = torch.where(flip.to(labels.device), flip_map[labels], labels)
-        return _layout(x, self.channels_last), new_labels
+        return x, torch.where(flip.to(labels.device), flip_map[labels], labels)
 
     def _normalised(self, images: Tensor, p: Tensor, k: _Constants, *, into_scratch: bool) -> Tensor:
         """uint8 NHWC -> resized, colour-jittered, normalised float NCHW."""
@@ -336,10 +374,10 @@ class BatchAugment:
                 raise ValueError(f"labels: class ids must be in 0..{self.flip_map.numel() - 1} (the flip "
                                  f"map's label space), got {lo}..{hi}")
 
-    def _constants(self, device: torch.device) -> _Constants:
-        c = self._consts.get(device)
+    def _constants(self, device: torch.device, pre: Preprocess) -> _Constants:
+        c = self._consts.get((device, pre))
         if c is None:
-            c = self._consts[device] = _Constants.build(self.cfg, self.pre, self.flip_map, device)
+            c = self._consts[(device, pre)] = _Constants.build(self.cfg, pre, self.flip_map, device)
         return c
 
     def _colour(self, x: Tensor, p: Tensor, k: _Constants, out: Tensor) -> Tensor:
@@ -396,6 +434,38 @@ class BatchAugment:
             _erase(xs[erase], ps[erase], (k.mean, k.std))
         x.index_copy_(0, idx, xs)
         return x
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_space(size: int, mean: tuple[float, float, float]) -> Preprocess:
+    """A "normalisation" to pixel value - 255 * mean, so BatchAugment's steps work in pixel units."""
+    return Preprocess(size=size, mean=mean, std=(1 / 255,) * 3)
+
+
+def _rounded_pixels(x: Tensor) -> Tensor:
+    """float NCHW in [0.5, 255.5] -> uint8 with NHWC shape over NCHW memory, truncated (so rounded).
+
+    Written channel-planar because the float batch is: an interleaving copy costs three times as much.
+    """
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device).copy_(x).permute(0, 2, 3, 1)
+
+
+class LoaderAugment:
+    """The loader's batch transform: :meth:`BatchAugment.pixels` on each whole batch in a worker.
+
+    Seeded by the batch's own seed, so the pixels do not depend on which worker made them. The
+    batch keeps uint8 images (a quarter of the bytes to pass between processes and to the GPU) and
+    gains ``augmented``, which tells the training loop to only normalise them with :func:`to_input`.
+    """
+
+    def __init__(self, augment: BatchAugment) -> None:
+        self.augment = augment
+
+    def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(b["seed"])
+        b["image"], b["meta"][:, 1] = self.augment.pixels(b["image"], b["meta"][:, 1], gen)
+        b["augmented"] = True
+        return b
 
 
 def _slices(*counts: int) -> list[slice]:

@@ -49,6 +49,10 @@ SOURCES: dict[str, SourceKind] = {
     "scenes-synthetic": SourceKind("signscale.sources.scenes", "open_scenes_synthetic",
                                    "procedural road scenes with boxed signs (renderer or real crops); detection "
                                    "default", "scenes-synthetic:?n=1000&seed=0&signs=gtsrb:GTSRB_Final_Training_Images.zip"),
+    "scene-crops": SourceKind("signscale.sources.scene_crops", "open_scene_crops",
+                              "the boxed signs of a packed scene dataset, cut out as the detect pipeline does "
+                              "(jittered boxes, margin): train the second stage on scene crops",
+                              "scene-crops:/data/det/scenes-train?margin=0&jitter=0.1&copies=2&seed=0&min_px=6"),
     "gtsdb": SourceKind("signscale.sources.gtsdb", "open_gtsdb", "GTSDB scenes + gt.txt (folder or zip), official split",
                         "gtsdb:FullIJCNN2013.zip?split=train"),
     "yolo": SourceKind("signscale.sources.annotations", "open_yolo", "YOLO export: images/ + labels/ + names",

@@ -372,8 +372,17 @@ def render_scene(rng: np.random.Generator, style: SceneStyle, pictures: _SignPic
     condition = "clear"
     if rng.random() < style.weather:
         condition = str(CORRUPTIONS[rng.integers(len(CORRUPTIONS))])
-        arr = apply_corruption(arr, condition, int(rng.integers(1, 4)), rng)
+        arr = apply_corruption(arr, condition, int(rng.integers(1, 4)), rng, scale=_weather_scale(boxes))
     return arr, boxes, labels, condition, occluded
+
+
+def _weather_scale(boxes: list[list[int]]) -> float:
+    """Spatial size of a scene's weather: its signs' median height over the 32 px the corruptions are
+    tuned at, so a blur or a snow flake is as large on each sign as on a crop of the same severity
+    (scaled by the scene's width instead, a blur would be ten times wider than the signs)."""
+    if not boxes:
+        return 1.0
+    return float(np.clip(np.median([b[3] - b[1] for b in boxes]) / 32.0, 0.5, 2.5))
 
 
 class SceneSynthSource(Source):

@@ -1,0 +1,240 @@
+"""``scene-crops:``: the signs of a packed scene dataset, cut out the way the detect pipeline cuts them.
+
+The second stage of :mod:`signscale.detect` is a crop classifier. Trained on clean GTSRB crops, it
+meets something else in road scenes: small signs, partly hidden, weathered, cut out by a detector
+box that is a few pixels off. This source turns the boxes of a packed *training* scene dataset
+(:func:`signscale.sources.scenes.pack_scenes`) into crops, so the classifier can be trained or
+fine-tuned on what the pipeline will show it::
+
+    signscale pack "scene-crops:/data/det/scenes-train?margin=0&jitter=0.1&copies=2" /data/det/crops-train
+
+Sample ``i`` is copy ``k`` of box ``j`` of one scene record, indices running scene by scene, box by
+box, copy by copy. Each copy's box is *jittered* like a detector's: its centre moves by up to
+``jitter`` x its width/height and each side is scaled by a factor in ``[1 - jitter, 1 + jitter]``,
+drawn from ``np.random.default_rng([seed, i, ...])``, so sample ``i`` depends only on ``(seed, i)``
+(any process, any order). The jittered box is cropped with :func:`signscale.images.crop_box` and the
+relative ``margin``, exactly as :class:`signscale.detect.DetectPipeline` does. All crops of one scene
+share a ``track``, so a track-aware split never puts one scene on both sides.
+
+The index is built once from the shards' per-record JSON extras (boxes, labels, countries) and
+metadata records; no image is decoded until :meth:`SceneCropSource.read`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from signscale import images, shards
+from signscale.sources.base import Problem, Sample, Source, SourceError
+from signscale.sources.folder import normalize_location
+
+KIND = "scene-crops"
+_SALT = 0x5C3C  # separates this source's random stream from others seeded with [seed, index]
+_EXAMPLE = "scene-crops:/data/det/scenes-train?margin=0&jitter=0.1&copies=2&seed=0&min_px=6"
+# A 1x1 pixel broadcast to any scene size costs no memory; crop_box on it says, without decoding
+# the scene, whether a box would be rejected (entries() needs that to list exactly what read() gives).
+_PIXEL = np.zeros((1, 1, 3), np.uint8)
+
+
+def jitter_box(box: np.ndarray, jitter: float, rng: np.random.Generator) -> np.ndarray:
+    """``box`` (x1, y1, x2, y2) with its centre moved by up to ``jitter`` x its size and each side
+    scaled by a factor in [1 - jitter, 1 + jitter]; ``jitter=0`` returns the box unchanged."""
+    box = np.asarray(box, dtype=np.float64)
+    if jitter == 0:
+        return box.copy()
+    dx, dy, sx, sy = rng.uniform(-1.0, 1.0, size=4)
+    w, h = box[2] - box[0], box[3] - box[1]
+    cx, cy = (box[0] + box[2]) / 2 + dx * jitter * w, (box[1] + box[3]) / 2 + dy * jitter * h
+    w, h = w * (1 + sx * jitter), h * (1 + sy * jitter)
+    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
+class SceneCropSource(Source):
+    """One sample per (scene record, box, copy) of a packed scene dataset; see the module docstring."""
+
+    kind = KIND
+
+    def __init__(self, url: str, *, margin: float = 0.0, jitter: float = 0.1, copies: int = 1, seed: int = 0,
+                 min_px: int = 6, spec: str = "") -> None:
+        self.url = url
+        self.manifest = shards.Manifest.load(url)
+        super().__init__(self.manifest.label_space, spec or f"{KIND}:{url}?margin={margin}&jitter={jitter}"
+                         f"&copies={copies}&seed={seed}&min_px={min_px}")
+        self.margin, self.jitter, self.copies, self.seed, self.min_px = margin, jitter, copies, seed, min_px
+        self._build_index()
+        self._readers: dict[int, shards.ShardReader] = {}
+        self._scene: tuple[int, np.ndarray] | None = None  # the last decoded scene: (position, pixels)
+
+    def _build_index(self) -> None:
+        """Boxes, labels and countries of every record, from the extras alone (no image decoded)."""
+        m = self.manifest
+        conditions, countries = m.conditions, m.countries
+        keys: list[str] = []
+        scene_condition: list[str] = []
+        sizes: list[tuple[int, int] | None] = []  # (width, height) when the extras record them
+        counts: list[int] = []
+        boxes: list[list[float]] = []
+        labels: list[int] = []
+        box_country: list[str] = []
+        for s in range(len(m.shards)):
+            reader = shards.ShardReader(m.shard_url(s))
+            recs = reader.records()
+            for local, extra in enumerate(reader.extras()):
+                position = int(m.starts[s]) + local
+                rec = recs[local]
+                keys.append(str(extra.get("key") or position))
+                cond = extra.get("condition")
+                if cond is None:  # pack_scenes keeps the condition in the record, as an index
+                    c = int(rec["condition"])
+                    cond = conditions[c] if 0 <= c < len(conditions) else "clear"
+                scene_condition.append(str(cond))
+                w, h = extra.get("width"), extra.get("height")
+                sizes.append((int(w), int(h)) if w and h else None)
+                bx, lb = extra.get("boxes", []), extra.get("labels", [])
+                cs = extra.get("countries") or []
+                n = min(len(bx), len(lb))
+                counts.append(n)
+                record_country = countries[int(rec["country"])] if int(rec["country"]) < len(countries) else "de"
+                for j in range(n):
+                    boxes.append([float(v) for v in bx[j]])
+                    labels.append(int(lb[j]))
+                    box_country.append(str(cs[j]) if j < len(cs) else record_country)
+        self._keys, self._conditions, self._sizes = keys, scene_condition, sizes
+        self._boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self._countries = box_country
+        self._box_start = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+    # -- addressing ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._box_start[-1]) * self.copies
+
+    def _locate(self, index: int) -> tuple[int, int, int]:
+        """(scene position, box index within the scene, copy) of sample ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        flat_box, copy = divmod(index, self.copies)
+        scene = int(np.searchsorted(self._box_start, flat_box, side="right") - 1)
+        return scene, flat_box - int(self._box_start[scene]), copy
+
+    def _plan(self, index: int) -> tuple[Sample | Problem, np.ndarray, tuple[int, int, int, int] | None]:
+        """Sample ``index`` without its image (or its problem), its jittered box, and the sign's box
+        inside the crop; everything but the pixels, computed from the index alone."""
+        scene, j, k = self._locate(index)
+        flat = int(self._box_start[scene]) + j
+        box, label = self._boxes[flat], int(self._labels[flat])
+        key = f"{self._keys[scene]}#box{j}#c{k}"
+        jittered = jitter_box(box, self.jitter, np.random.default_rng([self.seed, index, _SALT]))
+        longer = max(box[2] - box[0], box[3] - box[1])
+        if longer < self.min_px:
+            return Problem(key, "box_too_small", f"longer side {longer:g} px < min_px={self.min_px}", self.spec), \
+                jittered, None
+        roi = None
+        size = self._sizes[scene]
+        if size is not None:
+            try:
+                images.crop_box(np.broadcast_to(_PIXEL, (size[1], size[0], 3)), tuple(jittered), self.margin)
+            except images.ImageError as exc:
+                return Problem(key, exc.reason, exc.detail, self.spec), jittered, None
+            roi = self._roi(jittered, size)
+        sample = Sample(key=key, label=label, source=self.spec, track=self._keys[scene], roi=roi,
+                        condition=self._conditions[scene], country=self._countries[flat],
+                        meta={"scene": scene, "box": [round(float(v), 2) for v in box],
+                              "jittered": [round(float(v), 2) for v in jittered]})
+        return sample, jittered, roi
+
+    def _roi(self, jittered: np.ndarray, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+        """The jittered box in crop pixels (the crop minus its margin), so ``pack --crop roi`` gives the
+        margin-free crop. Mirrors the rounding and clipping of :func:`images.crop_box`."""
+        w, h = size
+        x1, y1, x2, y2 = (float(v) for v in jittered)
+        xa = max(0, round(x1 - (x2 - x1) * self.margin))
+        ya = max(0, round(y1 - (y2 - y1) * self.margin))
+        xb = min(w, round(x2 + (x2 - x1) * self.margin))
+        yb = min(h, round(y2 + (y2 - y1) * self.margin))
+        rx1, ry1 = max(0, round(x1) - xa), max(0, round(y1) - ya)
+        rx2, ry2 = min(xb - xa, round(x2) - xa), min(yb - ya, round(y2) - ya)
+        return (rx1, ry1, rx2, ry2) if rx2 > rx1 and ry2 > ry1 else None
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _decode_scene(self, scene: int) -> np.ndarray:
+        # Consecutive indices are crops of one scene: keep the last decoded scene (one entry is
+        # enough for an in-order reader, and bounds memory in every pack / DataLoader worker).
+        if self._scene is not None and self._scene[0] == scene:
+            return self._scene[1]
+        s, local = self.manifest.locate(scene)
+        reader = self._readers.get(s)
+        if reader is None:
+            reader = self._readers[s] = shards.ShardReader(self.manifest.shard_url(s))
+        arr = images.decode(reader.blobs_at(np.array([local]))[0])
+        self._scene = (scene, arr)
+        return arr
+
+    def read(self, index: int) -> Sample | Problem:
+        item, jittered, roi = self._plan(index)
+        if isinstance(item, Problem):
+            return item
+        scene = int(item.meta["scene"])
+        try:
+            arr = self._decode_scene(scene)
+            crop = images.crop_box(arr, tuple(float(v) for v in jittered), margin=self.margin)
+        except images.ImageError as exc:
+            return Problem(item.key, exc.reason, exc.detail, self.spec)
+        if self._sizes[scene] is None:  # extras without width/height: the ROI needs the decoded size
+            roi = self._roi(jittered, (arr.shape[1], arr.shape[0]))
+        # a copy, not a view, so a kept sample does not pin the whole cached scene
+        return Sample(key=item.key, label=item.label, image=np.ascontiguousarray(crop), source=self.spec,
+                      track=item.track, roi=roi, condition=item.condition, country=item.country, meta=item.meta)
+
+    def entries(self) -> list[Sample | Problem]:
+        """Every sample without pixels (and every problem known without decoding), cheaply."""
+        return [self._plan(i)[0] for i in range(len(self))]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "dataset": self.url, "dataset_checksum": self.manifest.checksum(),
+                "dataset_name": self.manifest.name, "scenes": len(self._keys), "boxes": len(self._labels),
+                "margin": self.margin, "jitter": self.jitter, "copies": self.copies, "seed": self.seed,
+                "min_px": self.min_px}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_readers"] = {}  # shard readers (memory maps) are reopened in the receiving process
+        state["_scene"] = None
+        return state
+
+
+def _option(name: str, value: Any, kind: type, lo: float, hi: float, example: str) -> Any:
+    try:
+        v = kind(value)
+    except (TypeError, ValueError):
+        expected = "an integer" if kind is int else "a number"
+        raise SourceError(f"{KIND}: option {name}={value!r} must be {expected}, e.g. {name}={example}") from None
+    if not lo <= v <= hi:
+        raise SourceError(f"{KIND}: option {name}={v} is outside {lo}..{hi}, e.g. {name}={example}")
+    return v
+
+
+def open_scene_crops(location: str, *, spec: str = "", margin: str | float = "0.0", jitter: str | float = "0.1",
+                     copies: str | int = "1", seed: str | int = "0", min_px: str | int = "6") -> SceneCropSource:
+    """``scene-crops:DATASET_URL?margin=0&jitter=0.1&copies=1&seed=0&min_px=6``: the boxed signs of a
+    packed scene dataset as crops. ``margin`` is the relative margin the pipeline crops with (0 for a
+    classifier trained on ROI crops); ``jitter`` <= 0.9 keeps every jittered side positive."""
+    opts = {"margin": _option("margin", margin, float, 0.0, 2.0, "0.1"),
+            "jitter": _option("jitter", jitter, float, 0.0, 0.9, "0.1"),
+            "copies": _option("copies", copies, int, 1, 1000, "2"),
+            "seed": _option("seed", seed, int, 0, 2**32 - 1, "0"),
+            "min_px": _option("min_px", min_px, int, 0, 100_000, "6")}
+    if not location:
+        raise SourceError(f"{KIND}: no dataset given; expected a packed scene dataset, e.g. {_EXAMPLE}")
+    url = normalize_location(location)
+    from signscale.sources.scenes import is_scene_dataset
+
+    if not is_scene_dataset(url):
+        raise SourceError(f"{KIND}: {location!r} is not a packed scene dataset (no manifest with \"scenes\": true); "
+                          f"pack scenes with `signscale pack-scenes SCENE_SOURCE {location}` first")
+    return SceneCropSource(url, spec=spec, **opts)
+

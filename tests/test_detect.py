@@ -45,7 +45,7 @@ def classifier(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("clf")
     data = str(root / "crops")
     pack(PackConfig(source=CROPS.replace("%26", "&"), out=data, size=32, shard_mb=1, workers=0, progress=False))
-    res = train(TrainConfig(data=(data,), out=str(root / "run"), model="small_cnn", epochs=4, batch_size=64, lr=5e-3,
+    res = train(TrainConfig(data=(data,), out=str(root / "run"), model="small_cnn", epochs=6, batch_size=64, lr=5e-3,
                             workers=0, progress=False, ema=0.0))
     return res.model_url
 

@@ -83,6 +83,20 @@ def test_fp16_step_is_skipped_on_inf_gradients():
     assert not precision.optimizer_step(opt, scaler, model.parameters()).skipped
 
 
+def test_same_seed_same_model_whatever_ran_before(synthetic_dataset, tmp_path):
+    """The initial weights come from TrainConfig.seed, not from the process's random state so far."""
+    def run(name: str, seed: int = 0) -> dict:
+        res = train(TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / name), model="small_cnn", batch_size=32,
+                                max_steps=2, workers=0, progress=False, ema=0.0, seed=seed))
+        return checkpoint.load_model_artefact(res.model_url)[0]
+
+    a = run("a")
+    torch.rand(1000)  # what an earlier caller might have drawn
+    b, c = run("b"), run("c", seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
     with pytest.raises(ValueError, match="small_cnn"):
         train(TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "x"), model="smal_cnn", max_steps=1,

@@ -26,7 +26,7 @@ class DemoConfig:
     epochs: int = 10
     model: str = "small_cnn"
     detection: bool = True  # the road-scene leg: a detector on synthetic scenes, classified by the model above
-    detection_steps: int = 40
+    detection_steps: int = 240
 
 
 @dataclass

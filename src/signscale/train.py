@@ -262,6 +262,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     ``on_step(step, loss, model)`` is called on every rank after each optimizer step (for tests,
     custom logging or early stopping); ``loss`` is the global batch's mean loss.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, on_step)
+    finally:
+        torch.set_num_threads(threads)  # ``threads`` applies to the run, not to the caller's process after it
+
+
+def _train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], None] | None) -> TrainResult:
     started = time.perf_counter()
     if not cfg.data:
         raise config_mod.ConfigError("data: give at least one packed dataset URL (see `signscale pack`)")

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -22,3 +23,12 @@ def test_bad_input_gives_one_clear_line_and_exit_2(tmp_path):
     assert r.returncode == 2 and "gtsrb" in r.stdout  # names the closest kind
     r = _cli("train", "--data=x", "--epocs=3")
     assert r.returncode == 2 and "epochs" in r.stdout  # unknown key names the closest valid one
+
+
+def test_an_error_stays_one_unbroken_line_with_its_text_as_written(tmp_path):
+    deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 8)
+    r = subprocess.run([sys.executable, "-m", "signscale", "data", "info", str(deep / "[v2]")], capture_output=True,
+                       text=True, env={**os.environ, "COLUMNS": "60"})
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stdout
+    assert str(deep / "[v2]") in lines[0]  # not wrapped at 60 columns, brackets not taken for markup

@@ -13,6 +13,8 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from rich.markup import escape
+
 from signscale.cli._registry import Registry, console
 
 __all__ = ["build_parser", "main", "run", "console"]
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not isinstance(exc, _errors()):  # a bug, not bad input: keep the traceback
             raise
-        console.print(f"[red]error:[/] {exc}")
+        # one unbroken line (a path or a command in it stays copyable), the text as written (no markup)
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -158,6 +158,14 @@ def _scenes(data: str, limit: int) -> Iterator[tuple[str, np.ndarray, dict[str, 
 
 def evaluate_scenes(cfg: SceneEvalConfig, *, pipeline: DetectPipeline | None = None) -> SceneEvalReport:
     """Score a detector (and a classifier) on a scene set; see the module docstring."""
+    threads = torch.get_num_threads()
+    try:
+        return _evaluate_scenes(cfg, pipeline)
+    finally:
+        torch.set_num_threads(threads)  # ``cfg.threads`` is for this evaluation, not the caller's process after it
+
+
+def _evaluate_scenes(cfg: SceneEvalConfig, pipeline: DetectPipeline | None) -> SceneEvalReport:
     try:
         import pycocotools  # noqa: F401 - the mAP back-end torchmetrics uses here
         from torchmetrics.detection import MeanAveragePrecision

@@ -446,11 +446,9 @@ class _DatasetReader:
         out: np.ndarray | None = None
         blobs: list[bytes] | None = [b""] * len(records) if self.m.encoding == "encoded" else None
         shards_hit = np.unique(shard_of)
-        if len(shards_hit) == 1 and self.reader(int(shards_hit[0])).mapped:
+        if len(shards_hit) == 1 and (r := self.reader(int(shards_hit[0]))).mapped:
             # the usual batch of a window of one local shard: the gather is the result, no second copy
-            s = int(shards_hit[0])
-            local_idx = records - self.m.starts[s]
-            r = self.reader(s)
+            local_idx = records - self.m.starts[int(shards_hit[0])]
             return r.records()[local_idx], (r.blobs_at(local_idx) if blobs is not None else None)
         for s in shards_hit:
             sel = np.nonzero(shard_of == s)[0]

@@ -106,6 +106,7 @@ def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
     cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "ok"), model="small_cnn", batch_size=32,
                       max_steps=2, workers=0, progress=False)
     res = train(cfg)
+    assert 0 < res.data_wait_s < res.loop_s and "waiting for data" in res.summary()  # the loader's share of the loop
     state, meta = checkpoint.load_model_artefact(res.model_url)
     assert meta["label_space"]["name"] == "de" and meta["preprocess"]["size"] == 16
     assert meta["model_config"]["name"] == "small_cnn"

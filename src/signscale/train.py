@@ -16,6 +16,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -111,14 +112,17 @@ class TrainResult:
     world_size: int = 1
     preempted: bool = False
     skipped_steps: int = 0
+    data_wait_s: float = 0.0  # rank 0's time blocked on the loader (the accelerator idles meanwhile)
+    loop_s: float = 0.0  # the training loop's wall time, validation included
 
     def summary(self) -> str:
         val = f", best val acc {self.best_val_acc:.2%}" if not math.isnan(self.best_val_acc) else ""
         stop = " (preempted: checkpoint written, resume with --resume auto)" if self.preempted else ""
+        wait = f", waiting for data {self.data_wait_s / self.loop_s:.1%} of the time" if self.loop_s > 0 else ""
         return (f"trained {self.steps} steps / {self.epochs} epoch(s) in {self.seconds:.0f}s at "
                 f"{self.samples_per_s:,.0f} samples/s on {self.world_size} process(es), {self.precision}, "
                 f"{self.params / 1e6:.2f}M params, {self.macs / 1e6:.1f}M MACs, peak mem "
-                f"{self.peak_memory_mb:,.0f} MB{val}; model: {self.model_url or '-'}{stop}")
+                f"{self.peak_memory_mb:,.0f} MB{wait}{val}; model: {self.model_url or '-'}{stop}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +155,23 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -
             torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.05, total_iters=warm),
             torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps - warm))], milestones=[warm])
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _timed(loader: Iterable[dict[str, Any]], result: TrainResult) -> Iterator[dict[str, Any]]:
+    """The loader's batches, adding the time spent blocked on each one to ``result.data_wait_s``.
+
+    Every step ends in a synchronising loss all-reduce (``float(...)``), so time inside ``next`` is
+    time the accelerator has nothing queued: the figure that says whether the loader keeps up.
+    """
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        result.data_wait_s += time.perf_counter() - t
+        yield batch
 
 
 def _ema_update(decay: float) -> Callable[..., None]:
@@ -382,7 +403,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], No
             opt.zero_grad(set_to_none=True)  # an epoch's unfinished accumulation does not leak into the next
             micro = 0
             step_loss = torch.zeros((), device=device)
-            for batch in loader:
+            for batch in _timed(loader, result):
                 micro += 1
                 last_micro = micro % cfg.accumulate == 0
                 # one seed per global micro-batch: N ranks and 1 rank x accumulate N draw the same numbers
@@ -427,7 +448,8 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], No
                 if step % cfg.log_every == 0:
                     logger.log({"step": step, "epoch": epoch, "loss": global_loss, "lr": sched.get_last_lr()[0],
                                 "grad_norm": res.grad_norm, "skipped": res.skipped,
-                                "samples_per_s": samples_seen / (time.perf_counter() - t_loop)})
+                                "samples_per_s": samples_seen / (time.perf_counter() - t_loop),
+                                "data_wait_frac": result.data_wait_s / (time.perf_counter() - t_loop)})
                 if _any_rank(preempt.requested, device):
                     last_ckpt = save()
                     result.preempted = True
@@ -460,7 +482,8 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], No
     result.steps = step
     result.epochs = loader.stream.epoch
     result.seconds = time.perf_counter() - started
-    result.samples_per_s = samples_seen / max(1e-9, time.perf_counter() - t_loop)
+    result.loop_s = time.perf_counter() - t_loop
+    result.samples_per_s = samples_seen / max(1e-9, result.loop_s)
     result.peak_memory_mb = precision.peak_memory_bytes(device) / 2**20
     result.best_val_acc = best if best >= 0 else float("nan")
     result.final_val_acc = result.curve[-1]["val_acc"] if result.curve else float("nan")

@@ -63,7 +63,11 @@ def setup(device_name: str = "auto", threads: int = 0, seed: int = 0) -> tuple[i
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears gloo down while another is still writing
+    the model can abort at exit (SIGABRT, "terminate called without an active exception"), which
+    torchrun reports as a failed run although the work was done."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -19,8 +19,9 @@ in one process tree, with every row measured the same way:
   :class:`~signscale.transforms.BatchAugment` on each whole batch inside the workers, which hand
   8-bit pixels to the main process where :func:`~signscale.transforms.to_input` normalises them
   (what ``signscale train`` does on a CPU host). Besides wall-clock rates, these rows print samples
-  per CPU-second, of this process and of the workers (once joined), which do not depend on the load. The batch path does strictly more work (it adds perspective,
-  blur, weather and occluders), so the ratio understates its advantage.
+  per CPU-second, of this process and of the workers (once joined), which do not depend on the load.
+  The batch path does strictly more work (it adds perspective, blur, weather and occluders), so the
+  ratio understates its advantage.
 
 Each read row is one epoch or ``max_seconds`` of it, whichever ends first; samples/s is over what was
 read, counted from the moment the iterator is created (worker start-up included, as an epoch pays

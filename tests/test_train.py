@@ -90,11 +90,15 @@ def test_same_seed_same_model_whatever_ran_before(synthetic_dataset, tmp_path):
                                 max_steps=2, workers=0, progress=False, ema=0.0, seed=seed))
         return checkpoint.load_model_artefact(res.model_url)[0]
 
+    before = torch.get_num_threads()
     a = run("a")
     torch.rand(1000)  # what an earlier caller might have drawn
     b, c = run("b"), run("c", seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    res = train(TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "t"), model="small_cnn", max_steps=1,
+                            workers=0, progress=False, threads=before + 1))
+    assert res.steps == 1 and torch.get_num_threads() == before  # the run's threads, not the caller's after it
 
 
 def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):

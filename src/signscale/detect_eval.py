@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from signscale import storage
+from signscale import distributed, storage
 from signscale.detect import DetectPipeline, FcosDetector, draw_detections, load_pipeline
 from signscale.sources.scenes import is_scene_dataset, is_scene_spec, iter_scenes, open_scene_source
 
@@ -156,16 +156,9 @@ def _scenes(data: str, limit: int) -> Iterator[tuple[str, np.ndarray, dict[str, 
 # Evaluation
 
 
+@distributed.restores_threads
 def evaluate_scenes(cfg: SceneEvalConfig, *, pipeline: DetectPipeline | None = None) -> SceneEvalReport:
     """Score a detector (and a classifier) on a scene set; see the module docstring."""
-    threads = torch.get_num_threads()
-    try:
-        return _evaluate_scenes(cfg, pipeline)
-    finally:
-        torch.set_num_threads(threads)  # ``cfg.threads`` is for this evaluation, not the caller's process after it
-
-
-def _evaluate_scenes(cfg: SceneEvalConfig, pipeline: DetectPipeline | None) -> SceneEvalReport:
     try:
         import pycocotools  # noqa: F401 - the mAP back-end torchmetrics uses here
         from torchmetrics.detection import MeanAveragePrecision

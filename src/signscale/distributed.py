@@ -8,8 +8,10 @@ so the same command runs alone or under ``torchrun``.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,26 @@ def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as torchrun set them, or (0, 1, 0)."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def restores_threads(fn: Callable[P, R]) -> Callable[P, R]:
+    """For library entry points that set torch's intra-op threads (a ``threads`` option, or
+    :func:`setup`): the caller's process gets its own count back afterwards, whatever happened, so a
+    ``threads=1`` run does not make everything after it in the process run differently."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
 
 
 def launched_by_torchrun() -> bool:

@@ -809,19 +809,16 @@ def _pair_groups(pairs: list[tuple[str, int]], batch_size: int, image_size: int)
     return [idx[i:i + per_pass] for i in range(0, len(idx), per_pass)]
 
 
+@distributed.restores_threads
 def evaluate(cfg: EvalConfig) -> EvalReport:
     """Score ``cfg.model`` on ``cfg.data``; write the report to ``cfg.out`` (rank 0) when it is set.
 
     Runs alone or under torchrun: every rank reads its share and returns the same, fully reduced
     report; files are written by rank 0 before any rank returns.
     """
-    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:
-        return _evaluate(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    return _evaluate(cfg)
 
 
 def _evaluate(cfg: EvalConfig) -> EvalReport:

@@ -277,20 +277,13 @@ def validate(model: torch.nn.Module, loader: StreamLoader, pre: Preprocess, devi
 # The loop
 
 
+@distributed.restores_threads
 def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], None] | None = None) -> TrainResult:
     """Train a classifier on packed datasets; see the module docstring.
 
     ``on_step(step, loss, model)`` is called on every rank after each optimizer step (for tests,
     custom logging or early stopping); ``loss`` is the global batch's mean loss.
     """
-    threads = torch.get_num_threads()
-    try:
-        return _train(cfg, on_step)
-    finally:
-        torch.set_num_threads(threads)  # ``threads`` applies to the run, not to the caller's process after it
-
-
-def _train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], None] | None) -> TrainResult:
     started = time.perf_counter()
     if not cfg.data:
         raise config_mod.ConfigError("data: give at least one packed dataset URL (see `signscale pack`)")

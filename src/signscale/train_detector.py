@@ -206,16 +206,9 @@ def load_detector(url: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 # The loop
 
 
+@distributed.restores_threads
 def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     """Train the detector; see the module docstring. Only rank 0 writes."""
-    threads = torch.get_num_threads()
-    try:
-        return _train_detector(cfg)
-    finally:
-        torch.set_num_threads(threads)  # ``threads`` applies to the run, not to the caller's process after it
-
-
-def _train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     started = time.perf_counter()
     rank, world, device = distributed.setup(cfg.device, cfg.threads, cfg.seed)
     main = rank == 0

@@ -84,15 +84,22 @@ def resize(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR, reducing_gap=None), dtype=np.uint8)
 
 
-def crop_box(arr: np.ndarray, box: tuple[float, float, float, float], margin: float = 0.0) -> np.ndarray:
-    """Crop (x1, y1, x2, y2) with a relative margin, clipped to the image."""
+def crop_window(box: tuple[float, float, float, float], width: int, height: int,
+                margin: float = 0.0) -> tuple[int, int, int, int]:
+    """The pixel window (xa, ya, xb, yb) that :func:`crop_box` cuts: the box with a relative margin,
+    rounded and clipped to a ``width`` x ``height`` image (known without the pixels)."""
     x1, y1, x2, y2 = box
     mx, my = (x2 - x1) * margin, (y2 - y1) * margin
-    h, w = arr.shape[:2]
     xa, ya = max(0, int(round(x1 - mx))), max(0, int(round(y1 - my)))
-    xb, yb = min(w, int(round(x2 + mx))), min(h, int(round(y2 + my)))
+    xb, yb = min(width, int(round(x2 + mx))), min(height, int(round(y2 + my)))
     if xb <= xa or yb <= ya:
-        raise ImageError("bad_box", f"box {box} is empty inside a {w}x{h} image")
+        raise ImageError("bad_box", f"box {box} is empty inside a {width}x{height} image")
+    return xa, ya, xb, yb
+
+
+def crop_box(arr: np.ndarray, box: tuple[float, float, float, float], margin: float = 0.0) -> np.ndarray:
+    """Crop (x1, y1, x2, y2) with a relative margin, clipped to the image."""
+    xa, ya, xb, yb = crop_window(box, arr.shape[1], arr.shape[0], margin)
     return arr[ya:yb, xa:xb]
 
 

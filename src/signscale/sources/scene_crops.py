@@ -33,9 +33,6 @@ from signscale.sources.folder import normalize_location
 KIND = "scene-crops"
 _SALT = 0x5C3C  # separates this source's random stream from others seeded with [seed, index]
 _EXAMPLE = "scene-crops:/data/det/scenes-train?margin=0&jitter=0.1&copies=2&seed=0&min_px=6"
-# A 1x1 pixel broadcast to any scene size costs no memory; crop_box on it says, without decoding
-# the scene, whether a box would be rejected (entries() needs that to list exactly what read() gives).
-_PIXEL = np.zeros((1, 1, 3), np.uint8)
 
 
 def jitter_box(box: np.ndarray, jitter: float, rng: np.random.Generator) -> np.ndarray:
@@ -134,12 +131,11 @@ class SceneCropSource(Source):
                 jittered, None
         roi = None
         size = self._sizes[scene]
-        if size is not None:
+        if size is not None:  # known without decoding: entries() lists exactly what read() gives
             try:
-                images.crop_box(np.broadcast_to(_PIXEL, (size[1], size[0], 3)), tuple(jittered), self.margin)
+                roi = self._roi(jittered, size)
             except images.ImageError as exc:
                 return Problem(key, exc.reason, exc.detail, self.spec), jittered, None
-            roi = self._roi(jittered, size)
         sample = Sample(key=key, label=label, source=self.spec, track=self._keys[scene], roi=roi,
                         condition=self._conditions[scene], country=self._countries[flat],
                         meta={"scene": scene, "box": [round(float(v), 2) for v in box],
@@ -148,13 +144,9 @@ class SceneCropSource(Source):
 
     def _roi(self, jittered: np.ndarray, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
         """The jittered box in crop pixels (the crop minus its margin), so ``pack --crop roi`` gives the
-        margin-free crop. Mirrors the rounding and clipping of :func:`images.crop_box`."""
-        w, h = size
+        margin-free crop; raises :class:`images.ImageError` where :func:`images.crop_box` would."""
         x1, y1, x2, y2 = (float(v) for v in jittered)
-        xa = max(0, round(x1 - (x2 - x1) * self.margin))
-        ya = max(0, round(y1 - (y2 - y1) * self.margin))
-        xb = min(w, round(x2 + (x2 - x1) * self.margin))
-        yb = min(h, round(y2 + (y2 - y1) * self.margin))
+        xa, ya, xb, yb = images.crop_window((x1, y1, x2, y2), size[0], size[1], self.margin)
         rx1, ry1 = max(0, round(x1) - xa), max(0, round(y1) - ya)
         rx2, ry2 = min(xb - xa, round(x2) - xa), min(yb - ya, round(y2) - ya)
         return (rx1, ry1, rx2, ry2) if rx2 > rx1 and ry2 > ry1 else None

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
+try:
+    from signscale import kernels
+except ImportError:  # no numba (a Python it has no wheels for yet): the numpy code below does the work
+    kernels = None  # type: ignore[assignment]
+
 _M1, _M2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
 
 
@@ -23,13 +28,20 @@ def _round_keys(seed: np.ndarray | int, rounds: int) -> list[np.ndarray]:
                 >> np.uint64(32) for r in range(rounds)]
 
 
-def permute(x: np.ndarray, n: int, seed: np.ndarray | int, rounds: int = 4) -> np.ndarray:
+def permute(x: np.ndarray, n: int, seed: np.ndarray | int, rounds: int = 4, *, compiled: bool | None = None
+            ) -> np.ndarray:
     """Image of ``x`` (values in [0, n)) under the permutation of [0, n) chosen by ``seed``.
 
     ``seed`` is an int or an array broadcast against ``x`` (one permutation per element's key).
+    ``compiled``: use :func:`signscale.kernels.permute` (None: where numba imports), which gives
+    the same values; the numpy code here is the reference it is tested against.
     """
     bits = max(2, int(n - 1).bit_length())
     bits += bits % 2
+    if compiled is None:
+        compiled = kernels is not None
+    if compiled:
+        return kernels.permute(np.asarray(x), n, np.asarray(seed), bits, rounds)
     half = np.uint64(bits // 2)
     mask = np.uint64((1 << (bits // 2)) - 1)
     keys = _round_keys(seed, rounds)

@@ -46,6 +46,7 @@ from signscale.shards import Manifest, ShardError, ShardReader
 from signscale.world import World
 
 Intervals = list[tuple[int, int]]
+Records = np.ndarray | dict[str, np.ndarray]  # a structured array, or its fields gathered one by one
 
 
 @dataclass(frozen=True)
@@ -355,13 +356,12 @@ class ShardCache:
             raise ShardError(f"{url}: shard of {nbytes} bytes does not fit the cache bound {self.max_bytes}; "
                              "raise cache_bytes or pack smaller shards (--shard-mb)")
         final = os.path.join(self.root, f"{sha256}.sgs")
-        if os.path.exists(final) and final in self._verified:
-            os.utime(final)
-            return final
-        if os.path.exists(final) and storage.sha256_of(final) == sha256:
-            self._verified.add(final)
-            os.utime(final)
-            return final
+        # Another process may evict the file at any moment: gone is the same as never cached.
+        with contextlib.suppress(FileNotFoundError):
+            if final in self._verified or storage.sha256_of(final) == sha256:
+                os.utime(final)
+                self._verified.add(final)
+                return final
         data = storage.read_bytes(url)
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ShardError(f"{url}: downloaded shard does not match its manifest sha256 (corrupt in storage); "
@@ -425,12 +425,9 @@ class _DatasetReader:
     def reader(self, s: int) -> ShardReader:
         r = self._readers.get(s)
         if r is None:
-            url = self.m.shard_url(s)
-            info = self.m.shards[s]
-            local = self.cache.path(url, info.sha256, info.bytes) if (self.cache and not self._local) else None
-            r = ShardReader(url, local=local)
-            if r.count != info.count:
-                raise ShardError(f"{url}: shard holds {r.count} records, manifest says {info.count}")
+            r = self._open(s)
+            if r.count != self.m.shards[s].count:
+                raise ShardError(f"{r.url}: shard holds {r.count} records, manifest says {self.m.shards[s].count}")
             self._readers[s] = r
             # a mapped reader holds a file mapping; an unmapped one only its parsed header, so keep many
             # (else every block of a shard not among the last 16 re-reads its header: one more request)
@@ -440,16 +437,33 @@ class _DatasetReader:
             self._readers.move_to_end(s)
         return r
 
-    def take(self, records: np.ndarray) -> tuple[np.ndarray, list[bytes] | None]:
-        """Structured records (and encoded blobs) for dataset record indices, in the given order."""
+    def _open(self, s: int, tries: int = 3) -> ShardReader:
+        url = self.m.shard_url(s)
+        if not self.cache or self._local:
+            return ShardReader(url)
+        info = self.m.shards[s]
+        for attempt in range(tries):
+            try:  # another process can evict the cached file between path() and the open
+                return ShardReader(url, local=self.cache.path(url, info.sha256, info.bytes))
+            except FileNotFoundError:
+                if attempt == tries - 1:
+                    raise
+        raise ValueError(f"tries must be >= 1, got {tries}")
+
+    def take(self, records: np.ndarray) -> tuple[Records, list[bytes] | None]:
+        """Records (and encoded blobs) for dataset record indices, in the given order: a structured
+        array, or a dict of its fields' arrays (read either with ``recs["label"]``)."""
         shard_of = np.searchsorted(self.m.starts, records, side="right") - 1
         out: np.ndarray | None = None
         blobs: list[bytes] | None = [b""] * len(records) if self.m.encoding == "encoded" else None
         shards_hit = np.unique(shard_of)
         if len(shards_hit) == 1 and (r := self.reader(int(shards_hit[0]))).mapped:
-            # the usual batch of a window of one local shard: the gather is the result, no second copy
+            # the usual batch of a window of one local shard: each field gathered on its own, so the
+            # image bytes are copied once (not with their record, and then out of it)
             local_idx = records - self.m.starts[int(shards_hit[0])]
-            return r.records()[local_idx], (r.blobs_at(local_idx) if blobs is not None else None)
+            view = r.records()
+            fields = {name: view[name][local_idx] for name in view.dtype.names}
+            return fields, (r.blobs_at(local_idx) if blobs is not None else None)
         for s in shards_hit:
             sel = np.nonzero(shard_of == s)[0]
             local_idx = records[sel] - self.m.starts[s]
@@ -636,18 +650,23 @@ class ShardStream(IterableDataset):
         """
         n = len(ds)
         S = self.image_size
-        image = np.empty((n, S, S, 3), dtype=np.uint8)
         meta = np.empty((n, 11), dtype=np.int64)  # 7 scalar columns + 4 for the roi
         readers = self._dataset_readers()
-        for d in np.unique(ds):
+        datasets = np.unique(ds)
+        image = None if len(datasets) == 1 else np.empty((n, S, S, 3), dtype=np.uint8)
+        for d in datasets:
             sel = np.nonzero(ds == d)[0]
             recs, blobs = readers[int(d)].take(rec[sel])
             if blobs is None and recs["image"].shape[1] == S:
-                image[sel] = recs["image"]
+                part = recs["image"]
             elif blobs is None:
-                image[sel] = np.stack([images.resize(im, S) for im in recs["image"]])
+                part = np.stack([images.resize(im, S) for im in recs["image"]])
             else:
-                image[sel] = np.stack([images.resize(images.decode(b), S) for b in blobs])
+                part = np.stack([images.resize(images.decode(b), S) for b in blobs])
+            if image is None:  # one dataset: its gather is the batch (copied only if strided)
+                image = np.ascontiguousarray(part)
+            else:
+                image[sel] = part
             for c, k in enumerate(META[:5]):
                 meta[sel, c] = recs[k]
             lut = self.label_luts[int(d)]
@@ -656,6 +675,7 @@ class ShardStream(IterableDataset):
             meta[sel, 7:11] = recs["roi"]
         meta[:, 5] = ds
         meta[:, 6] = pad
+        assert image is not None
         return {"image": torch.from_numpy(image), "meta": torch.from_numpy(meta), "worker": worker, "batch": j}
 
     # -- resume -------------------------------------------------------------------------------

@@ -48,8 +48,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
 from signscale import config
+
+try:
+    from signscale import kernels
+except ImportError:  # no numba (a Python it has no wheels for yet): the torch path does the work
+    kernels = None  # type: ignore[assignment]
 
 # Per-channel statistics of GTSRB training crops in [0, 1] (the figures commonly quoted for
 # GTSRB): sign crops are darker and flatter than ImageNet photos, whose statistics would leave the
@@ -255,10 +261,15 @@ class BatchAugment:
     """
 
     def __init__(self, cfg: AugmentConfig, pre: Preprocess, flip_map: Tensor | np.ndarray, *,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, compiled: bool | None = None) -> None:
+        """``compiled``: whether :meth:`pixels` may use the numba kernel on CPU batches (None: where
+        numba imports; False: always the torch ops, which the kernel is tested against)."""
         self.cfg = cfg
         self.pre = pre
         self.channels_last = channels_last
+        if compiled and kernels is None:
+            raise ValueError("compiled=True: the compiled kernels need numba (pip install numba)")
+        self.compiled = kernels is not None if compiled is None else compiled
         fm = torch.as_tensor(np.asarray(flip_map), dtype=torch.int64).reshape(-1)
         if fm.numel() and (fm.min() < -1 or fm.max() >= fm.numel()):
             raise ValueError(f"flip_map: entries must be -1 (never flip) or a class id < {fm.numel()}")
@@ -294,8 +305,8 @@ class BatchAugment:
         torch.minimum(torch.maximum(x, k.lo, out=x), k.hi, out=x)  # (clamp with tensor bounds is slower)
         return _layout(x, self.channels_last), new_labels
 
-    def pixels(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None = None
-               ) -> tuple[Tensor, Tensor]:
+    def pixels(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None = None, *,
+               shared: bool = False) -> tuple[Tensor, Tensor]:
         """The same augmentation, rounded to 8-bit pixels: (uint8 [B, size, size, 3], labels after flips).
 
         What a DataLoader worker should hand over: a quarter of the float batch's bytes through
@@ -304,6 +315,8 @@ class BatchAugment:
         exactly as for evaluation. The values equal ``__call__``'s up to the rounding (at most half
         a grey level, 0.5 / (255 std) after normalisation). The batch is NHWC in shape and
         channel-planar in memory (a permuted view), which :func:`to_input` reads without a transpose.
+        ``shared`` puts a new batch in shared memory, so that a worker's queue passes it on without
+        copying it there (a copy into freshly faulted pages).
         """
         _check_images(images_uint8_nhwc)
         self._check_labels(labels, images_uint8_nhwc.shape[0])
@@ -312,7 +325,7 @@ class BatchAugment:
             if images_uint8_nhwc.shape[1:3] == (size, size):
                 return images_uint8_nhwc, labels
             x = _resize(_to_float_nchw(images_uint8_nhwc, channels_last=False), size)
-            return _rounded_pixels(x.add_(0.5).clamp_(0.5, 255.5)), labels
+            return _rounded_pixels(x.add_(0.5).clamp_(0.5, 255.5), shared), labels
         # "Normalised" here means pixel + 0.5 (std 1/255): every step below keeps its meaning, the
         # clamp's bounds become 0.5 and 255.5, and truncation is then rounding. With zeros padding
         # the exposed area must show the data set's mean colour, as in __call__, so that space is
@@ -320,12 +333,65 @@ class BatchAugment:
         centred = self.cfg.padding == "zeros"
         half = (-0.5 / 255,) * 3
         k = self._constants(images_uint8_nhwc.device, _pixel_space(size, self.pre.mean if centred else half))
+        if self._use_kernel(images_uint8_nhwc):
+            return self._kernel_pixels(images_uint8_nhwc, labels, generator, k, shared)
         x, new_labels = self._augment(images_uint8_nhwc, labels, generator, k)
-        if centred:  # pixel - 255 * mean: clamp, then back to pixel + 0.5
-            torch.minimum(torch.maximum(x, k.lo, out=x), k.hi, out=x).sub_(k.bias - 0.5)
-        else:
-            x.clamp_(0.5, 255.5)
-        return _rounded_pixels(x), new_labels
+        return _rounded_pixels(self._pixel_clamp(x, k), shared), new_labels
+
+    def _pixel_clamp(self, x: Tensor, k: _Constants) -> Tensor:
+        """In place: :meth:`pixels`' values (pixel + 0.5, or centred on the mean for zeros padding)
+        clamped to [0.5, 255.5] in pixel + 0.5 units, ready to truncate."""
+        if self.cfg.padding == "zeros":  # pixel - 255 * mean: clamp, then back to pixel + 0.5
+            return torch.minimum(torch.maximum(x, k.lo, out=x), k.hi, out=x).sub_(k.bias - 0.5)
+        return x.clamp_(0.5, 255.5)
+
+    def _use_kernel(self, images: Tensor) -> bool:
+        """The compiled kernel covers the usual case: CPU, images already at the model's size, and
+        some geometry (without it there is no resampling to fuse)."""
+        return (self.compiled and images.device.type == "cpu" and self.cfg.geometric
+                and images.shape[1:3] == (self.pre.size, self.pre.size))
+
+    def _kernel_pixels(self, images: Tensor, labels: Tensor, generator: torch.Generator | None,
+                       k: _Constants, shared: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`pixels` with colour, geometry, the occasional effect, clamp and rounding in one
+        compiled pass per image (:func:`signscale.kernels.augment`).
+
+        The draws and matrices are the torch path's own, from the same generator in the same order
+        (the per-sample draws, then each weather kind's random numbers), so both paths give the same
+        pixels up to float rounding.
+        """
+        cfg, (n, h, w, _) = self.cfg, images.shape
+        p = _uniform((n, _NCOLS), generator, images.device).mul_(k.span).add_(k.low)
+        flip = (p[:, _FLIP] < cfg.flip) & (k.flip_map[labels] >= 0)
+        colour, shift = _colour_matrices(p, k)
+        warp = kernels.Warp(mats=_sampling_matrices(p, flip, h, w, projective=cfg.perspective > 0).numpy(),
+                            colour=colour.numpy(), shift=shift.numpy(), luma=k.luma.numpy(),
+                            fill=(-k.bias).reshape(3).numpy(), padding=cfg.padding)
+        effects = self._kernel_effects(p, k, (n, h, w), generator)
+        out = _planar_uint8((n, 3, h, w), images.device, shared)
+        kernels.augment(images.numpy(), out.numpy(), warp, effects)
+        return out.permute(0, 2, 3, 1), torch.where(flip, k.flip_map[labels], labels)
+
+    def _kernel_effects(self, p: Tensor, k: _Constants, shape: tuple[int, int, int],
+                        g: torch.Generator | None) -> Any:
+        """The kernel's per-sample effects (:class:`signscale.kernels.Effects`), with the weather's
+        random numbers drawn here."""
+        cfg, (n, h, w) = self.cfg, shape
+        if not (cfg.blur or cfg.weather or cfg.erase):
+            return kernels.Effects.none(n, h, w)
+        # 0 blur, 1.. each weather kind, then erase, then none: as _occasional_rows draws them
+        drawn = (p[:, _EFFECT, None] >= k.effect_bounds).sum(1)
+        scale = min(h, w) / _REFERENCE_PX
+        rows, cols = _erase_masks(p, h, w)
+        params, draws, at = _kernel_weather(p, drawn, cfg, g, (h, w))
+        return kernels.Effects(
+            code=_kernel_codes(cfg.weather_kinds)[drawn].numpy(), blur_level=p[:, _BLUR_SIGMA].int().numpy(),
+            blur_taps=_blur_taps(cfg.blur_sigma, scale, min(h, w)), erase_rows=rows.numpy(),
+            erase_cols=cols.numpy(), erase_rgb=p[:, _ERASE_R:_ERASE_B + 1].mul(255.0).numpy(),
+            weather_params=params, weather_value=p[:, _WEATHER_VALUE].numpy(), draws=draws, draw_at=at,
+            fog_rows=_fog_rows(h, p.device).numpy(), fog_cols=_upsampler(w, 4, p.device).numpy(),
+            snow_sizes=np.array([max(1, round(scale)), max(1, round(2 * scale))], dtype=np.int64),
+            soften=_soften_taps(scale, min(h, w)))
 
     def _augment(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None,
                  k: _Constants) -> tuple[Tensor, Tensor]:
@@ -381,20 +447,13 @@ class BatchAugment:
         return c
 
     def _colour(self, x: Tensor, p: Tensor, k: _Constants, out: Tensor) -> Tensor:
-        """[0, 255] -> normalised into ``out``, with brightness, contrast and saturation in the same pass.
-
-        Brightness b, then contrast c (towards the image's mean luma m), then saturation s (towards
-        each pixel's luma g) compose to ``y = s*c*b*x + (1-s)*c*b*g + (1-c)*b*m``, which is linear in
-        the channels, as is the normalisation after it: together one 3x3 matrix and offset per
-        sample. Unlike torchvision the order is fixed and there is no clamp between the steps; both
-        only matter at factors far beyond these defaults.
-        """
+        """[0, 255] -> normalised into ``out``, with brightness, contrast and saturation in the same pass
+        (one 3x3 matrix and offset per sample, see :func:`_colour_matrices`)."""
         n = x.shape[0]
-        b, c, s = p[:, _BRIGHT, None, None], p[:, _CONTRAST, None, None], p[:, _SAT, None, None]
         mean_luma = x.mean(dim=(2, 3)) @ k.luma  # [B], in [0, 255], of the whole unwarped crop
-        cb = c * b
-        matrix = (s * cb * k.eye + (1 - s) * cb * k.luma_rows) * k.scale3  # rows scaled by 1 / (255 std)
-        offset = ((b - cb)[:, :, 0] * mean_luma[:, None]) * k.scale3.view(1, 3) + k.bias3  # [B, 3]
+        matrix, shift = _colour_matrices(p, k)
+        matrix = matrix * k.scale3  # rows scaled by 1 / (255 std)
+        offset = (shift * mean_luma)[:, None] * k.scale3.view(1, 3) + k.bias3  # [B, 3]
         flat = x.reshape(n, 3, -1)
         offset = offset[:, :, None].expand_as(flat)  # (an explicitly expanded offset is baddbmm's fast path)
         return torch.baddbmm(offset, matrix, flat, out=out.view_as(flat)).view_as(x)
@@ -404,26 +463,41 @@ class BatchAugment:
 
         Each sample gets at most one of them. The chosen samples are gathered once, sorted by
         effect, so every effect (and every weather kind) works on a contiguous slice with one
-        batched call, and scattered back once. Blur and occlusion work on normalised values (a
-        blur whose weights sum to one commutes with the normalisation); weather is defined on
-        [0, 1] pixels, so its slice is un-normalised and re-normalised around it.
+        batched call, and scattered back once.
         """
+        idx, counts = self._occasional_rows(p, k)
+        if not len(idx):
+            return x
+        xs = torch.index_select(x, 0, idx, out=self._scratch("subset", (len(idx), *x.shape[1:]), x.device))
+        self._effects(xs, p.index_select(0, idx), counts, k, g)
+        x.index_copy_(0, idx, xs)
+        return x
+
+    def _occasional_rows(self, p: Tensor, k: _Constants) -> tuple[Tensor, list[int]]:
+        """The samples that drew an effect, grouped by effect (blur, each weather kind, erase), and
+        how many drew each."""
         cfg = self.cfg
         if not (cfg.blur or cfg.weather or cfg.erase):
-            return x
+            return torch.empty(0, dtype=torch.int64, device=p.device), []
         # 0 blur, 1.. each weather kind, then erase, then none: one categorical draw per sample
         code = (p[:, _EFFECT, None] >= k.effect_bounds).sum(1)
         counts = torch.bincount(code, minlength=len(k.effect_bounds) + 1).tolist()
         chosen = len(code) - counts.pop()
-        if not chosen:
-            return x
-        idx = torch.sort(code, stable=True).indices[:chosen]  # grouped by effect
-        xs = torch.index_select(x, 0, idx, out=self._scratch("subset", (chosen, *x.shape[1:]), x.device))
-        ps = p.index_select(0, idx)
-        scale = min(x.shape[-2:]) / _REFERENCE_PX
+        return torch.sort(code, stable=True).indices[:chosen], counts
+
+    def _effects(self, xs: Tensor, ps: Tensor, counts: list[int], k: _Constants, g: torch.Generator | None
+                 ) -> None:
+        """In place on the gathered subset ``xs`` (rows grouped as :meth:`_occasional_rows` says).
+
+        Blur and occlusion work on normalised values (a blur whose weights sum to one commutes with
+        the normalisation); weather is defined on [0, 1] pixels, so its slice is un-normalised and
+        re-normalised around it.
+        """
+        cfg = self.cfg
+        scale = min(xs.shape[-2:]) / _REFERENCE_PX
         blur, weather, erase = _slices(counts[0], sum(counts[1:-1]), counts[-1])
         if counts[0]:
-            rows, cols = (_blur_bank(n, cfg.blur_sigma, scale, x.device) for n in x.shape[-2:])
+            rows, cols = (_blur_bank(n, cfg.blur_sigma, scale, xs.device) for n in xs.shape[-2:])
             level = ps[blur, _BLUR_SIGMA].long()
             xs[blur] = _separable(xs[blur], rows[level], cols[level])
         if weather.stop > weather.start:
@@ -432,8 +506,29 @@ class BatchAugment:
             pixels.mul_(k.unit_scale).add_(k.unit_bias)
         if counts[-1]:
             _erase(xs[erase], ps[erase], (k.mean, k.std))
-        x.index_copy_(0, idx, xs)
-        return x
+
+
+def _colour_matrices(p: Tensor, k: _Constants) -> tuple[Tensor, Tensor]:
+    """Per sample, the [3, 3] matrix and the multiple of the image's mean luma that brightness,
+    contrast and saturation add up to, in pixel units.
+
+    Brightness b, then contrast c (towards the image's mean luma m), then saturation s (towards
+    each pixel's luma g) compose to ``y = s*c*b*x + (1-s)*c*b*g + (1-c)*b*m``, which is linear in
+    the channels: ``matrix @ x + shift * m``. Unlike torchvision the order is fixed and there is
+    no clamp between the steps; both only matter at factors far beyond these defaults.
+    """
+    b, c, s = p[:, _BRIGHT, None, None], p[:, _CONTRAST, None, None], p[:, _SAT, None, None]
+    cb = c * b
+    return s * cb * k.eye + (1 - s) * cb * k.luma_rows, (b - cb)[:, 0, 0]
+
+
+@functools.lru_cache(maxsize=8)
+def _kernel_codes(weather_kinds: tuple[str, ...]) -> Tensor:
+    """The kernel's effect code for each categorical draw: blur, each weather kind, erase, none."""
+    weather = [kernels.WEATHER[name] for name in weather_kinds]
+    return torch.tensor([kernels.BLUR, *weather, kernels.ERASE, kernels.PLAIN], dtype=torch.int32)
+
+
 
 
 @functools.lru_cache(maxsize=8)
@@ -442,12 +537,17 @@ def _pixel_space(size: int, mean: tuple[float, float, float]) -> Preprocess:
     return Preprocess(size=size, mean=mean, std=(1 / 255,) * 3)
 
 
-def _rounded_pixels(x: Tensor) -> Tensor:
+def _rounded_pixels(x: Tensor, shared: bool = False) -> Tensor:
     """float NCHW in [0.5, 255.5] -> uint8 with NHWC shape over NCHW memory, truncated (so rounded).
 
     Written channel-planar because the float batch is: an interleaving copy costs three times as much.
     """
-    return torch.empty(x.shape, dtype=torch.uint8, device=x.device).copy_(x).permute(0, 2, 3, 1)
+    return _planar_uint8(x.shape, x.device, shared).copy_(x).permute(0, 2, 3, 1)
+
+
+def _planar_uint8(shape: tuple[int, ...], device: torch.device, shared: bool) -> Tensor:
+    out = torch.empty(shape, dtype=torch.uint8, device=device)
+    return out.share_memory_() if shared and device.type == "cpu" else out
 
 
 class LoaderAugment:
@@ -460,10 +560,13 @@ class LoaderAugment:
 
     def __init__(self, augment: BatchAugment) -> None:
         self.augment = augment
+        if augment.compiled:
+                kernels.warm()  # here, in the process that forks the workers
 
     def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(b["seed"])
-        b["image"], b["meta"][:, 1] = self.augment.pixels(b["image"], b["meta"][:, 1], gen)
+        in_worker = get_worker_info() is not None
+        b["image"], b["meta"][:, 1] = self.augment.pixels(b["image"], b["meta"][:, 1], gen, shared=in_worker)
         b["augmented"] = True
         return b
 
@@ -656,13 +759,27 @@ def _blur_matrix(sigma: Tensor, n: int, radius: int) -> Tensor:
     """[k, n, n] with ``(G @ v)[i] = sum_t w(t) v[reflect(i + t)]`` over |t| <= radius, w per sample."""
     radius = min(radius, n - 1)  # reflection reaches one image-width out at most
     taps = torch.arange(-radius, radius + 1, device=sigma.device)
-    weights = torch.exp(-0.5 * (taps / sigma.clamp(min=1e-3)[:, None]) ** 2)
-    weights = weights / weights.sum(1, keepdim=True)  # [k, T]
+    weights = _blur_weights(sigma, radius)  # [k, T]
     src = torch.arange(n, device=sigma.device)[:, None] + taps  # [n, T]
     src = torch.where(src < 0, -src, torch.where(src > n - 1, 2 * (n - 1) - src, src))
     k = sigma.shape[0]
     g = torch.zeros(k, n, n, dtype=weights.dtype, device=sigma.device)
     return g.scatter_add_(2, src.expand(k, n, -1), weights[:, None, :].expand(k, n, -1))
+
+
+def _blur_weights(sigma: Tensor, radius: int) -> Tensor:
+    """[k, 2 radius + 1] normalised Gaussian taps, one row per sigma."""
+    taps = torch.arange(-radius, radius + 1, device=sigma.device)
+    weights = torch.exp(-0.5 * (taps / sigma.clamp(min=1e-3)[:, None]) ** 2)
+    return weights / weights.sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_taps(sigma: tuple[float, float], scale: float, n: int) -> np.ndarray:
+    """The blur bank of :func:`_blur_bank` as taps, float32 [_BLUR_LEVELS, 2 radius + 1], for the kernel."""
+    sigmas = torch.linspace(sigma[0] * scale, sigma[1] * scale, _BLUR_LEVELS)
+    radius = min(max(1, math.ceil(2.5 * sigma[1] * scale)), n - 1)
+    return _blur_weights(sigmas, radius).numpy()
 
 
 def _weather(x: Tensor, p: Tensor, counts: list[int], cfg: AugmentConfig, g: torch.Generator | None,
@@ -818,21 +935,68 @@ _WEATHER_EFFECTS: dict[str, tuple[Weather, _PerDevice]] = {
 assert tuple(_WEATHER_EFFECTS) == WEATHER_KINDS
 
 
+# What each weather effect draws from the generator, in the order it draws it (per image): the
+# kernel path draws the same numbers up front, so it must know this of every effect.
+_WEATHER_DRAWS: dict[str, tuple[Callable[..., Tensor], Callable[[int, int], tuple[int, ...]]]] = {
+    "fog": (_uniform, lambda h, w: (1, 4, 4)), "night": (_normal, lambda h, w: (3, h, w)),
+    "noise": (_normal, lambda h, w: (3, h, w)), "contrast": (_normal, lambda h, w: (0,)),
+    "snow": (_uniform, lambda h, w: (1, h, w)),
+}
+
+
+def _kernel_weather(p: Tensor, drawn: Tensor, cfg: AugmentConfig, g: torch.Generator | None,
+                    size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample, its weather kind's severity row [n, 5], and all the weather's random numbers,
+    drawn kind by kind as :func:`_weather` draws them, with each sample's offset into them."""
+    n = p.shape[0]
+    params = np.zeros((n, 5), np.float32)
+    at = np.zeros(n, np.int64)
+    level = p[:, _SEVERITY].long().clamp_(max=cfg.weather_severity - 1)
+    parts, offset = [], 0
+    for i, name in enumerate(cfg.weather_kinds):
+        rows = torch.nonzero(drawn == i + 1).flatten()
+        if not len(rows):
+            continue
+        table = _WEATHER_EFFECTS[name][1][p.device][level[rows]][:, :, 0, 0]
+        params[rows.numpy(), :table.shape[1]] = table.numpy()
+        draw, shape = _WEATHER_DRAWS[name]
+        per = math.prod(shape(*size))
+        if per:
+            parts.append(draw((len(rows), *shape(*size)), g, p.device).reshape(-1))
+        at[rows.numpy()] = offset + per * np.arange(len(rows))
+        offset += per * len(rows)
+    draws = torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
+    return params, draws, at
+
+
+@functools.lru_cache(maxsize=32)
+def _soften_taps(scale: float, n: int) -> np.ndarray:
+    """The taps of :func:`_soften` for the kernel; none where snow is not softened (<= 48 px)."""
+    if scale <= 1.5:
+        return np.zeros(0, np.float32)
+    radius = min(math.ceil(2.5 * 0.3 * scale), n - 1)
+    return _blur_weights(torch.full((1,), 0.3 * scale), radius)[0].numpy()
+
+
 def _erase(x: Tensor, p: Tensor, stats: tuple[Tensor, Tensor]) -> None:
     """In place: a random-erasing-style occluder, a rectangle of random size, place and flat colour.
 
     Works on normalised values: the colour, drawn in [0, 1], is normalised instead of the image.
     """
-    h, w = x.shape[-2:]
-    area, log_aspect, centre = p[:, _ERASE_AREA, None], p[:, _ERASE_ASPECT, None], p[:, _ERASE_Y:_ERASE_X + 1]
-    half = torch.exp(log_aspect * _constant((0.5, -0.5), x.device)).mul_(area.sqrt()).mul_(
-        _constant((h / 2, w / 2), x.device))  # [n, 2]: half height, half width in pixels
-    # a rectangle is separable: rows inside and columns inside
-    rows = (_pixel_coords(h, x.device) - centre[:, :1]).abs_() < half[:, :1]  # [n, h]
-    cols = (_pixel_coords(w, x.device) - centre[:, 1:]).abs_() < half[:, 1:]  # [n, w]
+    rows, cols = _erase_masks(p, *x.shape[-2:])
     inside = (rows[:, None, :, None] & cols[:, None, None, :]).to(x.dtype)
     mean, std = stats
     _towards_(x, (p[:, _ERASE_R:_ERASE_B + 1, None, None] - mean).div_(std), inside)
+
+
+def _erase_masks(p: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """The occluder's rows [n, h] and columns [n, w] (a rectangle is separable), as bool."""
+    area, log_aspect, centre = p[:, _ERASE_AREA, None], p[:, _ERASE_ASPECT, None], p[:, _ERASE_Y:_ERASE_X + 1]
+    half = torch.exp(log_aspect * _constant((0.5, -0.5), p.device)).mul_(area.sqrt()).mul_(
+        _constant((h / 2, w / 2), p.device))  # [n, 2]: half height, half width in pixels
+    rows = (_pixel_coords(h, p.device) - centre[:, :1]).abs_() < half[:, :1]
+    cols = (_pixel_coords(w, p.device) - centre[:, 1:]).abs_() < half[:, 1:]
+    return rows, cols
 
 
 @functools.lru_cache(maxsize=64)

@@ -27,60 +27,40 @@ WEATHER = {"fog": 3, "night": 4, "noise": 5, "contrast": 6, "snow": 7}
 FOG, NIGHT, NOISE, CONTRAST, SNOW = WEATHER.values()
 
 
-@dataclass(frozen=True)
-class Warp:
-    """Per image: where each output pixel samples the input, and the colour it is given.
+# The per-sample parameters the kernel reads from the caller's draw matrix, in this order; the
+# caller passes the column of each (Setup.columns), so its layout stays its own.
+PARAMETERS = ("rotate", "zoom", "shift_x", "shift_y", "tilt_x", "tilt_y", "brightness", "contrast", "saturation",
+              "blur_level", "severity", "fog_grey", "erase_area", "erase_log_aspect", "erase_y", "erase_x",
+              "erase_r", "erase_g", "erase_b")
+(_ROT, _ZOOM, _SX, _SY, _TX, _TY, _BRIGHT, _CONTRAST, _SAT, _BLUR, _SEVERITY, _GREY, _EAREA, _EASPECT, _EY, _EX,
+ _ER, _EG, _EB) = range(len(PARAMETERS))
 
-    ``mats`` float32 [B, 3, 3] map output to input coordinates in grid_sample's [-1, 1] space
-    (align_corners=False); ``colour`` float32 [B, 3, 3] is applied to each resampled pixel, plus
-    ``shift[b]`` times the mean luma (weights ``luma``) of the unwarped image; ``fill`` float32 [3]
-    is what ``zeros`` padding shows, in pixel units.
+
+@dataclass(frozen=True)
+class Setup:
+    """What stays the same from batch to batch for one augmentation config and image size.
+
+    ``columns`` int64: where each of :data:`PARAMETERS` sits in a row of draws. ``luma`` float32 [3]:
+    the weights of the mean luma that contrast pulls towards. ``fill`` float32 [3]: what ``zeros``
+    padding shows, in pixel units. ``blur_taps`` float32 [levels, 2r + 1]: the blur bank (reflecting
+    at the border). ``weather`` float32 [5 kinds, severities, 5]: each kind's severity table, kinds
+    in :data:`WEATHER` order. Fog's 4x4 patch grid is upsampled by ``fog_rows`` [H, 4] and
+    ``fog_cols`` [W, 4]; snow flakes are ``snow_sizes`` (small, large) pixels, softened by the
+    ``soften`` taps if there are any.
     """
 
-    mats: np.ndarray
-    colour: np.ndarray
-    shift: np.ndarray
+    columns: np.ndarray
+    projective: bool
+    padding: str
     luma: np.ndarray
     fill: np.ndarray
-    padding: str
-
-
-@dataclass(frozen=True)
-class Effects:
-    """Per image, the occasional effect (``code``: PLAIN, BLUR, ERASE or a WEATHER kind) and its inputs.
-
-    BLUR: separable, taps ``blur_taps[blur_level[b]]`` (float32 [levels, 2r + 1], reflecting at the
-    border). ERASE: the pixels in rows ``erase_rows[b]`` and columns ``erase_cols[b]`` (bool) become
-    ``erase_rgb[b]`` (pixel units). Weather works on [0, 1] pixels with its severity's row of
-    ``weather_params`` [B, 5], ``weather_value`` [B] (fog's grey) and its random numbers, drawn by
-    the caller in the torch path's order, at ``draws[draw_at[b]:]``: fog's 4x4 patch grid (upsampled
-    by ``fog_rows`` [H, 4] and ``fog_cols`` [W, 4]), night's and noise's [3, H, W] normal noise, snow's
-    [H, W] uniform seeds (flakes of ``snow_sizes`` small / large, softened by ``soften`` taps if any).
-    """
-
-    code: np.ndarray
-    blur_level: np.ndarray
     blur_taps: np.ndarray
-    erase_rows: np.ndarray
-    erase_cols: np.ndarray
-    erase_rgb: np.ndarray
-    weather_params: np.ndarray
-    weather_value: np.ndarray
-    draws: np.ndarray
-    draw_at: np.ndarray
+    weather: np.ndarray
+    max_severity: int
     fog_rows: np.ndarray
     fog_cols: np.ndarray
     snow_sizes: np.ndarray
     soften: np.ndarray
-
-    @classmethod
-    def none(cls, n: int, h: int, w: int) -> Effects:
-        z = np.zeros
-        return cls(code=z(n, np.int32), blur_level=z(n, np.int32), blur_taps=np.ones((1, 1), np.float32),
-                   erase_rows=z((n, h), np.bool_), erase_cols=z((n, w), np.bool_), erase_rgb=z((n, 3), np.float32),
-                   weather_params=z((n, 5), np.float32), weather_value=z(n, np.float32), draws=z(0, np.float32),
-                   draw_at=z(n, np.int64), fog_rows=z((h, 4), np.float32), fog_cols=z((w, 4), np.float32),
-                   snow_sizes=np.ones(2, np.int64), soften=z(0, np.float32))
 
 
 # "contract" allows fused multiply-adds; no reassociation and no approximate reciprocals, so a flip
@@ -90,29 +70,45 @@ _jit = numba.njit(cache=True, nogil=True, fastmath={"nnan", "ninf", "nsz", "cont
                   error_model="numpy")
 
 
-def augment(src: np.ndarray, out: np.ndarray, warp: Warp, effects: Effects) -> None:
+def augment(src: np.ndarray, out: np.ndarray, setup: Setup, params: np.ndarray, flip: np.ndarray,
+            code: np.ndarray, draws: np.ndarray, draw_at: np.ndarray) -> None:
     """Resample, colour, then blur, occlude or weather each uint8 [B, H, W, 3] image, rounding into
-    ``out`` (uint8 [B, 3, H, W]), in one pass per image."""
-    e = effects
-    _augment(np.ascontiguousarray(src), out, warp.mats, warp.colour, warp.shift, warp.luma, warp.fill,
-             PADDING_CODES[warp.padding], e.code, e.blur_level, e.blur_taps, e.erase_rows, e.erase_cols,
-             e.erase_rgb, e.weather_params, e.weather_value, e.draws, e.draw_at, e.fog_rows, e.fog_cols,
-             e.snow_sizes, e.soften)
+    ``out`` (uint8 [B, 3, H, W]), in one pass per image.
+
+    ``params`` float32 [B, ...]: each image's draws (see :class:`Setup`); ``flip`` bool [B];
+    ``code`` int32 [B]: PLAIN, BLUR, ERASE or a :data:`WEATHER` kind; the weather's random numbers,
+    drawn by the caller in the torch path's order, start at ``draws[draw_at[b]]``: fog's 4x4 patch
+    grid, night's and noise's [3, H, W] normal noise, snow's [H, W] uniform seeds.
+    """
+    u = setup
+    _augment(np.ascontiguousarray(src), out, np.ascontiguousarray(params, np.float32), u.columns,
+             flip.astype(np.bool_, copy=False), code.astype(np.int32, copy=False), u.projective,
+             PADDING_CODES[u.padding], u.luma, u.fill, u.blur_taps, u.weather, u.max_severity, draws, draw_at,
+             u.fog_rows, u.fog_cols, u.snow_sizes, u.soften)
+
+
+def plain_setup(h: int, w: int, padding: str = "border") -> Setup:
+    """A setup with no effects (blur bank, weather tables and fog grids of the right shapes)."""
+    z = np.zeros
+    return Setup(columns=np.arange(len(PARAMETERS), dtype=np.int64), projective=False, padding=padding,
+                 luma=np.array([0.299, 0.587, 0.114], np.float32), fill=z(3, np.float32),
+                 blur_taps=np.ones((1, 1), np.float32), weather=z((5, 5, 5), np.float32), max_severity=1,
+                 fog_rows=z((h, 4), np.float32), fog_cols=z((w, 4), np.float32), snow_sizes=np.ones(2, np.int64),
+                 soften=z(0, np.float32))
 
 
 def warm() -> None:
     """Compile (or load from numba's disk cache) before DataLoader workers fork, so they inherit the
     machine code instead of each paying a third of a second to load it, every epoch."""
-    eye = np.eye(3, dtype=np.float32)[None]
-    zeros = np.zeros(3, np.float32)
-    augment(np.zeros((1, 2, 2, 3), np.uint8), np.empty((1, 3, 2, 2), np.uint8),
-            Warp(eye, eye, np.zeros(1, np.float32), zeros, zeros, "border"), Effects.none(1, 2, 2))
+    params = np.zeros((1, len(PARAMETERS)), np.float32)
+    params[0, _ZOOM] = params[0, _BRIGHT] = params[0, _CONTRAST] = params[0, _SAT] = 1.0
+    augment(np.zeros((1, 2, 2, 3), np.uint8), np.empty((1, 3, 2, 2), np.uint8), plain_setup(2, 2), params,
+            np.zeros(1, np.bool_), np.zeros(1, np.int32), np.zeros(0, np.float32), np.zeros(1, np.int64))
 
 
 @_jit
-def _augment(src, out, mats, colour, shift, luma, fill, mode, code, blur_level, blur_taps, erase_rows,
-             erase_cols, erase_rgb, weather_params, weather_value, draws, draw_at, fog_rows, fog_cols,
-             snow_sizes, soften):  # pragma: no cover
+def _augment(src, out, params, cols, flip, code, projective, mode, luma, fill, blur_taps, weather, max_severity,
+             draws, draw_at, fog_rows, fog_cols, snow_sizes, soften):  # pragma: no cover
     B, H, W, _ = src.shape
     HW = H * W
     # Each image is read into float planes with a one-pixel ring around it (and a row's slack after
@@ -128,13 +124,17 @@ def _augment(src, out, mats, colour, shift, luma, fill, mode, code, blur_level, 
     tmp = np.empty((3, HW), np.float32)
     xs, ys = _pixel_centres(H, W)
     eye = np.eye(3, dtype=np.float32)
+    m = np.empty((3, 3), np.float32)
+    sampling = np.empty((3, 3), np.float32)
     zero, unit = np.float32(0.0), np.float32(1.0)
     for b in range(B):
+        q = params[b]
         mean_luma = _load(src[b].reshape(HW * 3), plane, W, H, luma)
-        m, c = colour[b], shift[b] * mean_luma
+        c = _colour_matrix(q[cols[_BRIGHT]], q[cols[_CONTRAST]], q[cols[_SAT]], luma, m) * mean_luma
         if mode == 2:
             _ring(plane, W, H, _fill_source(m, c, fill))
-        _sampling(mats[b], xs, ys, W, H, mode, taps, fxs, fys)
+        _sampling_matrix(q, cols, flip[b], projective, H, W, sampling)
+        _sampling(sampling, xs, ys, W, H, mode, taps, fxs, fys)
         _bilinear(plane, taps, fxs, fys, P, rgb)
         effect = code[b]
         if effect == 0:
@@ -142,18 +142,48 @@ def _augment(src, out, mats, colour, shift, luma, fill, mode, code, blur_level, 
             continue
         _colour(rgb, m, c, done)
         if effect == 1:
-            _blur(done, tmp, blur_taps[blur_level[b]], H, W)
+            _blur(done, tmp, blur_taps[np.int64(q[cols[_BLUR]])], H, W)
         elif effect == 2:
-            _erase(done, erase_rows[b], erase_cols[b], erase_rgb[b], H, W)
+            _erase(done, q, cols, H, W)
         else:  # weather, on [0, 1] pixels
             for ch in range(3):
                 for k in range(HW):
                     done[ch, k] = min(max(done[ch, k] * np.float32(1 / 255), zero), unit)
-            _weather(done, effect, weather_params[b], weather_value[b], draws[draw_at[b]:], fog_rows, fog_cols,
-                     snow_sizes, soften, H, W, tmp)
+            level = min(np.int64(q[cols[_SEVERITY]]), max_severity - 1)
+            _weather(done, effect, weather[effect - 3, level], q[cols[_GREY]], draws[draw_at[b]:], fog_rows,
+                     fog_cols, snow_sizes, soften, H, W, tmp)
             _round(done, eye, zero, np.float32(255.0), out[b].reshape(3, HW))
             continue
         _round(done, eye, zero, unit, out[b].reshape(3, HW))
+
+
+@_jit
+def _colour_matrix(brightness, contrast, saturation, luma, m):  # pragma: no cover
+    """Brightness, contrast (towards the mean luma) and saturation (towards each pixel's luma) as
+    ``m @ x + shift * mean_luma``, as transforms._colour_matrices: fills ``m``, returns ``shift``."""
+    cb = contrast * brightness
+    for i in range(3):
+        for j in range(3):
+            m[i, j] = (saturation * cb if i == j else np.float32(0.0)) + (np.float32(1.0) - saturation) * cb * luma[j]
+    return brightness - cb
+
+
+@_jit
+def _sampling_matrix(q, cols, flip, projective, H, W, out):  # pragma: no cover
+    """Output -> input in grid_sample's [-1, 1] space, as transforms._sampling_matrices: the inverse
+    of flip, zoom, rotate, shift, then tilt."""
+    zoom = q[cols[_ZOOM]]
+    cos, sin = np.cos(q[cols[_ROT]]) / zoom, np.sin(q[cols[_ROT]]) / zoom
+    mirror = np.float32(-1.0) if flip else np.float32(1.0)
+    a00, a01 = mirror * cos, mirror * sin * np.float32(H / W)
+    a10, a11 = -sin * np.float32(W / H), cos
+    sx, sy = q[cols[_SX]], q[cols[_SY]]
+    b0, b1 = -(a00 * sx + a01 * sy), -(a10 * sx + a11 * sy)
+    tx = q[cols[_TX]] if projective else np.float32(0.0)
+    ty = q[cols[_TY]] if projective else np.float32(0.0)
+    out[0, 0], out[0, 1], out[0, 2] = a00 - b0 * tx, a01 - b0 * ty, b0
+    out[1, 0], out[1, 1], out[1, 2] = a10 - b1 * tx, a11 - b1 * ty, b1
+    out[2, 0], out[2, 1], out[2, 2] = -tx, -ty, np.float32(1.0)
 
 
 @_jit
@@ -242,11 +272,17 @@ def _blur_plane(plane, tmp, weights, H, W):  # pragma: no cover
 
 
 @_jit
-def _erase(x, rows, cols, rgb, H, W):  # pragma: no cover
+def _erase(x, q, cols, H, W):  # pragma: no cover
+    """An occluding rectangle of the drawn area, aspect, centre and colour, as transforms._erase_masks."""
+    root = np.sqrt(q[cols[_EAREA]])
+    half_h = np.exp(q[cols[_EASPECT]] * np.float32(0.5)) * root * np.float32(H / 2)
+    half_w = np.exp(q[cols[_EASPECT]] * np.float32(-0.5)) * root * np.float32(W / 2)
+    cy, cx = q[cols[_EY]], q[cols[_EX]]
+    rgb = (q[cols[_ER]] * np.float32(255.0), q[cols[_EG]] * np.float32(255.0), q[cols[_EB]] * np.float32(255.0))
     for i in range(H):
-        if rows[i]:
+        if abs(np.float32(i) + np.float32(0.5) - cy) < half_h:
             for j in range(W):
-                if cols[j]:
+                if abs(np.float32(j) + np.float32(0.5) - cx) < half_w:
                     for ch in range(3):
                         x[ch, i * W + j] = rgb[ch]
 

@@ -174,6 +174,12 @@ def expected_size(header: dict[str, Any]) -> int:
     return size
 
 
+def _mapped(path: str) -> np.ndarray:
+    """The file's bytes, memory-mapped read-only, as a plain ndarray: slices and gathers of an
+    np.memmap are memmaps too, whose per-view bookkeeping cost more than gathering a batch's fields."""
+    return np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
+
+
 class ShardReader:
     """Random access to one shard. Local files are memory-mapped; remote ones use ranged reads."""
 
@@ -182,9 +188,9 @@ class ShardReader:
     def __init__(self, url: str, local: str | None = None) -> None:
         self.url = url
         self._local = local if local is not None else storage.local_path(url)
-        self._mm: np.memmap | None = None
+        self._mm: np.ndarray | None = None
         if self._local is not None:
-            self._mm = np.memmap(self._local, dtype=np.uint8, mode="r")
+            self._mm = _mapped(self._local)
             head = bytes(self._mm[: self.HEAD_GUESS])
         else:
             head = storage.read_bytes(url, 0, self.HEAD_GUESS)
@@ -209,7 +215,7 @@ class ShardReader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._local is not None:
-            self._mm = np.memmap(self._local, dtype=np.uint8, mode="r")
+            self._mm = _mapped(self._local)
 
     @property
     def mapped(self) -> bool:

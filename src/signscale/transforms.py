@@ -278,10 +278,11 @@ class BatchAugment:
 
     def _init_caches(self) -> None:
         self._consts: dict[tuple[torch.device, Preprocess], _Constants] = {}
+        self._setups: dict[tuple[int, int, tuple[float, ...]], Any] = {}  # the kernel's, per image size
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_consts", "_local")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_consts", "_setups", "_local")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -356,42 +357,28 @@ class BatchAugment:
         """:meth:`pixels` with colour, geometry, the occasional effect, clamp and rounding in one
         compiled pass per image (:func:`signscale.kernels.augment`).
 
-        The draws and matrices are the torch path's own, from the same generator in the same order
-        (the per-sample draws, then each weather kind's random numbers), so both paths give the same
-        pixels up to float rounding.
+        The draws are the torch path's own, from the same generator in the same order (the
+        per-sample draws, then each weather kind's random numbers), and the kernel derives the
+        matrices from them as the torch path does: both give the same pixels up to float rounding.
         """
         cfg, (n, h, w, _) = self.cfg, images.shape
         p = _uniform((n, _NCOLS), generator, images.device).mul_(k.span).add_(k.low)
         flip = (p[:, _FLIP] < cfg.flip) & (k.flip_map[labels] >= 0)
-        colour, shift = _colour_matrices(p, k)
-        warp = kernels.Warp(mats=_sampling_matrices(p, flip, h, w, projective=cfg.perspective > 0).numpy(),
-                            colour=colour.numpy(), shift=shift.numpy(), luma=k.luma.numpy(),
-                            fill=(-k.bias).reshape(3).numpy(), padding=cfg.padding)
-        effects = self._kernel_effects(p, k, (n, h, w), generator)
+        q = p.numpy()
+        # 0 blur, 1.. each weather kind, then erase, then none: as _occasional_rows draws them
+        drawn = np.searchsorted(k.effect_bounds.numpy(), q[:, _EFFECT], side="right")
+        draws, at = _kernel_weather(drawn, cfg, generator, (h, w))
         out = _planar_uint8((n, 3, h, w), images.device, shared)
-        kernels.augment(images.numpy(), out.numpy(), warp, effects)
+        kernels.augment(images.numpy(), out.numpy(), self._kernel_setup(k, h, w), q, flip.numpy(),
+                        _kernel_codes(cfg.weather_kinds)[drawn], draws, at)
         return out.permute(0, 2, 3, 1), torch.where(flip, k.flip_map[labels], labels)
 
-    def _kernel_effects(self, p: Tensor, k: _Constants, shape: tuple[int, int, int],
-                        g: torch.Generator | None) -> Any:
-        """The kernel's per-sample effects (:class:`signscale.kernels.Effects`), with the weather's
-        random numbers drawn here."""
-        cfg, (n, h, w) = self.cfg, shape
-        if not (cfg.blur or cfg.weather or cfg.erase):
-            return kernels.Effects.none(n, h, w)
-        # 0 blur, 1.. each weather kind, then erase, then none: as _occasional_rows draws them
-        drawn = (p[:, _EFFECT, None] >= k.effect_bounds).sum(1)
-        scale = min(h, w) / _REFERENCE_PX
-        rows, cols = _erase_masks(p, h, w)
-        params, draws, at = _kernel_weather(p, drawn, cfg, g, (h, w))
-        return kernels.Effects(
-            code=_kernel_codes(cfg.weather_kinds)[drawn].numpy(), blur_level=p[:, _BLUR_SIGMA].int().numpy(),
-            blur_taps=_blur_taps(cfg.blur_sigma, scale, min(h, w)), erase_rows=rows.numpy(),
-            erase_cols=cols.numpy(), erase_rgb=p[:, _ERASE_R:_ERASE_B + 1].mul(255.0).numpy(),
-            weather_params=params, weather_value=p[:, _WEATHER_VALUE].numpy(), draws=draws, draw_at=at,
-            fog_rows=_fog_rows(h, p.device).numpy(), fog_cols=_upsampler(w, 4, p.device).numpy(),
-            snow_sizes=np.array([max(1, round(scale)), max(1, round(2 * scale))], dtype=np.int64),
-            soften=_soften_taps(scale, min(h, w)))
+    def _kernel_setup(self, k: _Constants, h: int, w: int) -> Any:
+        key = (h, w, tuple(k.bias.flatten().tolist()))
+        setup = self._setups.get(key)
+        if setup is None:
+            setup = self._setups[key] = _kernel_setup(self.cfg, k, h, w)
+        return setup
 
     def _augment(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None,
                  k: _Constants) -> tuple[Tensor, Tensor]:
@@ -523,10 +510,46 @@ def _colour_matrices(p: Tensor, k: _Constants) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=8)
-def _kernel_codes(weather_kinds: tuple[str, ...]) -> Tensor:
+def _kernel_codes(weather_kinds: tuple[str, ...]) -> np.ndarray:
     """The kernel's effect code for each categorical draw: blur, each weather kind, erase, none."""
     weather = [kernels.WEATHER[name] for name in weather_kinds]
-    return torch.tensor([kernels.BLUR, *weather, kernels.ERASE, kernels.PLAIN], dtype=torch.int32)
+    return np.array([kernels.BLUR, *weather, kernels.ERASE, kernels.PLAIN], dtype=np.int32)
+
+
+def _kernel_setup(cfg: AugmentConfig, k: _Constants, h: int, w: int) -> Any:
+    """The kernel's per-config inputs (:class:`signscale.kernels.Setup`), with this module's tables."""
+    scale = min(h, w) / _REFERENCE_PX
+    columns = {"rotate": _ROT, "zoom": _SCALE, "shift_x": _TX, "shift_y": _TY, "tilt_x": _PX, "tilt_y": _PY,
+               "brightness": _BRIGHT, "contrast": _CONTRAST, "saturation": _SAT, "blur_level": _BLUR_SIGMA,
+               "severity": _SEVERITY, "fog_grey": _WEATHER_VALUE, "erase_area": _ERASE_AREA,
+               "erase_log_aspect": _ERASE_ASPECT, "erase_y": _ERASE_Y, "erase_x": _ERASE_X, "erase_r": _ERASE_R,
+               "erase_g": _ERASE_R + 1, "erase_b": _ERASE_B}
+    weather = np.zeros((len(kernels.WEATHER), 5, 5), np.float32)
+    for name, code in kernels.WEATHER.items():
+        values = np.asarray(_WEATHER_EFFECTS[name][1].values, np.float32)
+        weather[code - min(kernels.WEATHER.values()), :, :values.shape[1]] = values
+    cpu = torch.device("cpu")
+    return kernels.Setup(
+        columns=np.array([columns[name] for name in kernels.PARAMETERS], np.int64), projective=cfg.perspective > 0,
+        padding=cfg.padding, luma=k.luma.numpy(), fill=(-k.bias).reshape(3).numpy(),
+        blur_taps=_blur_taps(cfg.blur_sigma, scale, min(h, w)), weather=weather, max_severity=cfg.weather_severity,
+        fog_rows=_fog_rows(h, cpu).numpy(), fog_cols=_upsampler(w, 4, cpu).numpy(),
+        snow_sizes=np.array([max(1, round(scale)), max(1, round(2 * scale))], dtype=np.int64),
+        soften=_soften_taps(scale, min(h, w)))
+
+
+def _colour_matrices(p: Tensor, k: _Constants) -> tuple[Tensor, Tensor]:
+    """Per sample, the [3, 3] matrix and the multiple of the image's mean luma that brightness,
+    contrast and saturation add up to, in pixel units.
+
+    Brightness b, then contrast c (towards the image's mean luma m), then saturation s (towards
+    each pixel's luma g) compose to ``y = s*c*b*x + (1-s)*c*b*g + (1-c)*b*m``, which is linear in
+    the channels: ``matrix @ x + shift * m``. Unlike torchvision the order is fixed and there is
+    no clamp between the steps; both only matter at factors far beyond these defaults.
+    """
+    b, c, s = p[:, _BRIGHT, None, None], p[:, _CONTRAST, None, None], p[:, _SAT, None, None]
+    cb = c * b
+    return s * cb * k.eye + (1 - s) * cb * k.luma_rows, (b - cb)[:, 0, 0]
 
 
 
@@ -944,29 +967,29 @@ _WEATHER_DRAWS: dict[str, tuple[Callable[..., Tensor], Callable[[int, int], tupl
 }
 
 
-def _kernel_weather(p: Tensor, drawn: Tensor, cfg: AugmentConfig, g: torch.Generator | None,
-                    size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per sample, its weather kind's severity row [n, 5], and all the weather's random numbers,
-    drawn kind by kind as :func:`_weather` draws them, with each sample's offset into them."""
-    n = p.shape[0]
-    params = np.zeros((n, 5), np.float32)
-    at = np.zeros(n, np.int64)
-    level = p[:, _SEVERITY].long().clamp_(max=cfg.weather_severity - 1)
-    parts, offset = [], 0
-    for i, name in enumerate(cfg.weather_kinds):
-        rows = torch.nonzero(drawn == i + 1).flatten()
-        if not len(rows):
-            continue
-        table = _WEATHER_EFFECTS[name][1][p.device][level[rows]][:, :, 0, 0]
-        params[rows.numpy(), :table.shape[1]] = table.numpy()
-        draw, shape = _WEATHER_DRAWS[name]
-        per = math.prod(shape(*size))
-        if per:
-            parts.append(draw((len(rows), *shape(*size)), g, p.device).reshape(-1))
-        at[rows.numpy()] = offset + per * np.arange(len(rows))
-        offset += per * len(rows)
-    draws = torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
-    return params, draws, at
+def _kernel_weather(drawn: np.ndarray, cfg: AugmentConfig, g: torch.Generator | None, size: tuple[int, int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """All the weather's random numbers, drawn kind by kind as :func:`_weather` draws them, and each
+    sample's offset into them."""
+    kinds = len(cfg.weather_kinds)
+    kind = drawn - 1  # -1 blur, then the weather kinds, then erase and none
+    rows = np.nonzero((kind >= 0) & (kind < kinds))[0]
+    rows = rows[np.argsort(kind[rows], kind="stable")]  # grouped by kind, as _occasional_rows groups them
+    kind = kind[rows]
+    counts = np.bincount(kind, minlength=kinds)
+    per = _draws_per_image(cfg.weather_kinds, size)
+    parts = [_WEATHER_DRAWS[name][0]((int(c), *_WEATHER_DRAWS[name][1](*size)), g, torch.device("cpu")).reshape(-1)
+             for name, c, d in zip(cfg.weather_kinds, counts, per, strict=True) if c and d]
+    first = np.cumsum(counts) - counts  # each kind's first row in `rows`
+    at = np.zeros(len(drawn), np.int64)
+    at[rows] = (np.cumsum(counts * per) - counts * per)[kind] + per[kind] * (np.arange(len(rows)) - first[kind])
+    return (torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)), at
+
+
+@functools.lru_cache(maxsize=16)
+def _draws_per_image(kinds: tuple[str, ...], size: tuple[int, int]) -> np.ndarray:
+    """How many random numbers each weather kind draws per image."""
+    return np.array([math.prod(_WEATHER_DRAWS[name][1](*size)) for name in kinds], np.int64)
 
 
 @functools.lru_cache(maxsize=32)

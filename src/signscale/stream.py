@@ -45,6 +45,11 @@ from signscale.labels import LabelSpace
 from signscale.shards import Manifest, ShardError, ShardReader
 from signscale.world import World
 
+try:
+    from signscale import kernels
+except ImportError:  # no numba: the numpy and torch paths do the work
+    kernels = None  # type: ignore[assignment]
+
 Intervals = list[tuple[int, int]]
 Records = np.ndarray | dict[str, np.ndarray]  # a structured array, or its fields gathered one by one
 
@@ -758,6 +763,8 @@ class StreamLoader:
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": _mp_context()}
+            if kernels is not None:
+                kernels.warm()  # compiled here once, inherited by every worker forked from now on
         # Workers are re-created every epoch so each one sees the epoch and resume position the main
         # process set; the stream is cheap to fork.
         return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,

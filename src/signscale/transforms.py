@@ -584,7 +584,7 @@ class LoaderAugment:
     def __init__(self, augment: BatchAugment) -> None:
         self.augment = augment
         if augment.compiled:
-                kernels.warm()  # here, in the process that forks the workers
+                kernels.warm(augment.pre.size)  # here, in the process that forks the workers
 
     def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(b["seed"])

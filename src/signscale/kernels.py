@@ -2,14 +2,18 @@
 
 A DataLoader worker augmenting 32 px crops with eager torch ops pays a full read and write of the
 batch for every step (uint8 -> float, colour matrix, sampling grid, ``grid_sample``, clamp,
-rounding) plus each op's fixed cost, and at 32 px those dominate the arithmetic. The kernel here
-does the same work in one pass per image, reading the 8-bit crop once and writing 8-bit pixels
-once: three to four times fewer CPU-seconds per batch. :class:`signscale.transforms.BatchAugment`
-uses it on the CPU when numba is importable and keeps its torch path for GPUs and as the
-reference the kernel is tested against.
+rounding), plus each op's fixed cost, and at 32 px those costs, not the arithmetic, are the
+batch. :func:`augment` does the same work in one pass per image: it reads the 8-bit crop once,
+derives the sampling and colour matrices from the caller's draws, resamples, colours, applies the
+occasional blur, occluder or weather condition, and rounds into the 8-bit output. For a batch of
+256 that is 1.8 ms against 4.6-5.0 ms for the torch ops (the whole loader worker: 55.9k against
+29.3k samples per CPU-second, ``signscale bench io``). :class:`signscale.transforms.BatchAugment`
+uses it on the CPU when numba is importable, and keeps its torch path for GPUs and as the
+reference ``tests/test_kernels.py`` holds the kernel to. :func:`permute` is the compiled twin of
+:func:`signscale.permutation.permute`.
 
-Each loop below runs over the 1,024 pixels of one image with no branches, so LLVM vectorises it;
-loops over a 32-pixel row cost three times as much (their set-up is paid per row).
+The per-image loops run over the whole image (a loop per 32-pixel row costs three times as much:
+its set-up is paid per row) and are compiled per image size, so LLVM sees constant trip counts.
 """
 from __future__ import annotations
 
@@ -292,7 +296,7 @@ def _transpose(src, dst, H, W):  # pragma: no cover
 
 @_jit
 def _erase(x, q, cols, H, W):  # pragma: no cover
-    """An occluding rectangle of the drawn area, aspect, centre and colour, as transforms._erase_masks."""
+    """An occluding rectangle of the drawn area, aspect, centre and colour, as transforms._erase."""
     root = np.sqrt(q[cols[_EAREA]])
     half_h = np.exp(q[cols[_EASPECT]] * np.float32(0.5)) * root * np.float32(H / 2)
     half_w = np.exp(q[cols[_EASPECT]] * np.float32(-0.5)) * root * np.float32(W / 2)

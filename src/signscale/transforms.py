@@ -19,7 +19,10 @@ DataLoader workers, or the GPU after the transfer):
   4. one clamp to the range that [0, 255] pixels normalise to.
 
   On CPU at 32 px, ``grid_sample`` takes a third to a half of the time; most of the rest is the
-  dispatch cost of the many small per-sample tensors, which is why this code counts its ops.
+  dispatch cost of the many small per-sample tensors, which is why this code counts its ops. So
+  on the CPU, :meth:`BatchAugment.pixels` (what loader workers call) runs all four steps as one
+  compiled pass per image instead (:mod:`signscale.kernels`), from the same draws, to the same
+  pixels up to float rounding.
 
 Randomness comes only from the caller's ``torch.Generator``: same seed and same input give the
 same output on the same device. Draws happen on the generator's device and are moved to the
@@ -365,7 +368,7 @@ class BatchAugment:
         p = _uniform((n, _NCOLS), generator, images.device).mul_(k.span).add_(k.low)
         flip = (p[:, _FLIP] < cfg.flip) & (k.flip_map[labels] >= 0)
         q = p.numpy()
-        # 0 blur, 1.. each weather kind, then erase, then none: as _occasional_rows draws them
+        # 0 blur, 1.. each weather kind, then erase, then none: as _occasional draws them
         drawn = np.searchsorted(k.effect_bounds.numpy(), q[:, _EFFECT], side="right")
         draws, at = _kernel_weather(drawn, cfg, generator, (h, w))
         out = _planar_uint8((n, 3, h, w), images.device, shared)
@@ -450,41 +453,26 @@ class BatchAugment:
 
         Each sample gets at most one of them. The chosen samples are gathered once, sorted by
         effect, so every effect (and every weather kind) works on a contiguous slice with one
-        batched call, and scattered back once.
+        batched call, and scattered back once. Blur and occlusion work on normalised values (a
+        blur whose weights sum to one commutes with the normalisation); weather is defined on
+        [0, 1] pixels, so its slice is un-normalised and re-normalised around it.
         """
-        idx, counts = self._occasional_rows(p, k)
-        if not len(idx):
-            return x
-        xs = torch.index_select(x, 0, idx, out=self._scratch("subset", (len(idx), *x.shape[1:]), x.device))
-        self._effects(xs, p.index_select(0, idx), counts, k, g)
-        x.index_copy_(0, idx, xs)
-        return x
-
-    def _occasional_rows(self, p: Tensor, k: _Constants) -> tuple[Tensor, list[int]]:
-        """The samples that drew an effect, grouped by effect (blur, each weather kind, erase), and
-        how many drew each."""
         cfg = self.cfg
         if not (cfg.blur or cfg.weather or cfg.erase):
-            return torch.empty(0, dtype=torch.int64, device=p.device), []
+            return x
         # 0 blur, 1.. each weather kind, then erase, then none: one categorical draw per sample
         code = (p[:, _EFFECT, None] >= k.effect_bounds).sum(1)
         counts = torch.bincount(code, minlength=len(k.effect_bounds) + 1).tolist()
         chosen = len(code) - counts.pop()
-        return torch.sort(code, stable=True).indices[:chosen], counts
-
-    def _effects(self, xs: Tensor, ps: Tensor, counts: list[int], k: _Constants, g: torch.Generator | None
-                 ) -> None:
-        """In place on the gathered subset ``xs`` (rows grouped as :meth:`_occasional_rows` says).
-
-        Blur and occlusion work on normalised values (a blur whose weights sum to one commutes with
-        the normalisation); weather is defined on [0, 1] pixels, so its slice is un-normalised and
-        re-normalised around it.
-        """
-        cfg = self.cfg
-        scale = min(xs.shape[-2:]) / _REFERENCE_PX
+        if not chosen:
+            return x
+        idx = torch.sort(code, stable=True).indices[:chosen]  # grouped by effect
+        xs = torch.index_select(x, 0, idx, out=self._scratch("subset", (chosen, *x.shape[1:]), x.device))
+        ps = p.index_select(0, idx)
+        scale = min(x.shape[-2:]) / _REFERENCE_PX
         blur, weather, erase = _slices(counts[0], sum(counts[1:-1]), counts[-1])
         if counts[0]:
-            rows, cols = (_blur_bank(n, cfg.blur_sigma, scale, xs.device) for n in xs.shape[-2:])
+            rows, cols = (_blur_bank(n, cfg.blur_sigma, scale, x.device) for n in x.shape[-2:])
             level = ps[blur, _BLUR_SIGMA].long()
             xs[blur] = _separable(xs[blur], rows[level], cols[level])
         if weather.stop > weather.start:
@@ -493,6 +481,8 @@ class BatchAugment:
             pixels.mul_(k.unit_scale).add_(k.unit_bias)
         if counts[-1]:
             _erase(xs[erase], ps[erase], (k.mean, k.std))
+        x.index_copy_(0, idx, xs)
+        return x
 
 
 def _colour_matrices(p: Tensor, k: _Constants) -> tuple[Tensor, Tensor]:
@@ -536,22 +526,6 @@ def _kernel_setup(cfg: AugmentConfig, k: _Constants, h: int, w: int) -> Any:
         fog_rows=_fog_rows(h, cpu).numpy(), fog_cols=_upsampler(w, 4, cpu).numpy(),
         snow_sizes=np.array([max(1, round(scale)), max(1, round(2 * scale))], dtype=np.int64),
         soften=_soften_taps(scale, min(h, w)))
-
-
-def _colour_matrices(p: Tensor, k: _Constants) -> tuple[Tensor, Tensor]:
-    """Per sample, the [3, 3] matrix and the multiple of the image's mean luma that brightness,
-    contrast and saturation add up to, in pixel units.
-
-    Brightness b, then contrast c (towards the image's mean luma m), then saturation s (towards
-    each pixel's luma g) compose to ``y = s*c*b*x + (1-s)*c*b*g + (1-c)*b*m``, which is linear in
-    the channels: ``matrix @ x + shift * m``. Unlike torchvision the order is fixed and there is
-    no clamp between the steps; both only matter at factors far beyond these defaults.
-    """
-    b, c, s = p[:, _BRIGHT, None, None], p[:, _CONTRAST, None, None], p[:, _SAT, None, None]
-    cb = c * b
-    return s * cb * k.eye + (1 - s) * cb * k.luma_rows, (b - cb)[:, 0, 0]
-
-
 
 
 @functools.lru_cache(maxsize=8)
@@ -974,7 +948,7 @@ def _kernel_weather(drawn: np.ndarray, cfg: AugmentConfig, g: torch.Generator | 
     kinds = len(cfg.weather_kinds)
     kind = drawn - 1  # -1 blur, then the weather kinds, then erase and none
     rows = np.nonzero((kind >= 0) & (kind < kinds))[0]
-    rows = rows[np.argsort(kind[rows], kind="stable")]  # grouped by kind, as _occasional_rows groups them
+    rows = rows[np.argsort(kind[rows], kind="stable")]  # grouped by kind, as _occasional groups them
     kind = kind[rows]
     counts = np.bincount(kind, minlength=kinds)
     per = _draws_per_image(cfg.weather_kinds, size)
@@ -1006,20 +980,16 @@ def _erase(x: Tensor, p: Tensor, stats: tuple[Tensor, Tensor]) -> None:
 
     Works on normalised values: the colour, drawn in [0, 1], is normalised instead of the image.
     """
-    rows, cols = _erase_masks(p, *x.shape[-2:])
+    h, w = x.shape[-2:]
+    area, log_aspect, centre = p[:, _ERASE_AREA, None], p[:, _ERASE_ASPECT, None], p[:, _ERASE_Y:_ERASE_X + 1]
+    half = torch.exp(log_aspect * _constant((0.5, -0.5), x.device)).mul_(area.sqrt()).mul_(
+        _constant((h / 2, w / 2), x.device))  # [n, 2]: half height, half width in pixels
+    # a rectangle is separable: rows inside and columns inside
+    rows = (_pixel_coords(h, x.device) - centre[:, :1]).abs_() < half[:, :1]  # [n, h]
+    cols = (_pixel_coords(w, x.device) - centre[:, 1:]).abs_() < half[:, 1:]  # [n, w]
     inside = (rows[:, None, :, None] & cols[:, None, None, :]).to(x.dtype)
     mean, std = stats
     _towards_(x, (p[:, _ERASE_R:_ERASE_B + 1, None, None] - mean).div_(std), inside)
-
-
-def _erase_masks(p: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
-    """The occluder's rows [n, h] and columns [n, w] (a rectangle is separable), as bool."""
-    area, log_aspect, centre = p[:, _ERASE_AREA, None], p[:, _ERASE_ASPECT, None], p[:, _ERASE_Y:_ERASE_X + 1]
-    half = torch.exp(log_aspect * _constant((0.5, -0.5), p.device)).mul_(area.sqrt()).mul_(
-        _constant((h / 2, w / 2), p.device))  # [n, 2]: half height, half width in pixels
-    rows = (_pixel_coords(h, p.device) - centre[:, :1]).abs_() < half[:, :1]
-    cols = (_pixel_coords(w, p.device) - centre[:, 1:]).abs_() < half[:, 1:]
-    return rows, cols
 
 
 @functools.lru_cache(maxsize=64)

@@ -26,7 +26,7 @@ import numpy as np
 
 BORDER, REFLECTION, ZEROS = 0, 1, 2
 PADDING_CODES = {"border": BORDER, "reflection": REFLECTION, "zeros": ZEROS}
-# What happens to an image after colour and geometry (Effects.code)
+# What happens to an image after colour and geometry (augment's ``code``)
 PLAIN, BLUR, ERASE = 0, 1, 2
 # weather kinds, as signscale.transforms (and signscale.corruptions) name them
 WEATHER = {"fog": 3, "night": 4, "noise": 5, "contrast": 6, "snow": 7}
@@ -71,7 +71,7 @@ class Setup:
 
 # "contract" allows fused multiply-adds; no reassociation and no approximate reciprocals, so a flip
 # stays an exact mirror and the kernel agrees with grid_sample to float rounding. Compiled on first
-# use (about a second) and then cached on disk by numba.
+# use and then cached on disk by numba.
 _jit = numba.njit(cache=True, nogil=True, fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False,
                   error_model="numpy")
 
@@ -94,7 +94,7 @@ def augment(src: np.ndarray, out: np.ndarray, setup: Setup, params: np.ndarray, 
         u.soften)
 
 
-def plain_setup(h: int, w: int, padding: str = "border") -> Setup:
+def _plain_setup(h: int, w: int, padding: str = "border") -> Setup:
     """A setup with no effects (blur bank, weather tables and fog grids of the right shapes)."""
     z = np.zeros
     return Setup(columns=np.arange(len(PARAMETERS), dtype=np.int64), projective=False, padding=padding,
@@ -116,7 +116,7 @@ def warm(h: int | None = None, w: int | None = None) -> None:
     w = h if w is None else w
     params = np.zeros((1, len(PARAMETERS)), np.float32)
     params[0, _ZOOM] = params[0, _BRIGHT] = params[0, _CONTRAST] = params[0, _SAT] = 1.0
-    augment(np.zeros((1, h, w, 3), np.uint8), np.empty((1, 3, h, w), np.uint8), plain_setup(h, w), params,
+    augment(np.zeros((1, h, w, 3), np.uint8), np.empty((1, 3, h, w), np.uint8), _plain_setup(h, w), params,
             np.zeros(1, np.bool_), np.zeros(1, np.int32), np.zeros(0, np.float32), np.zeros(1, np.int64))
 
 
@@ -151,26 +151,26 @@ def _kernel(H: int, W: int) -> Any:
             q = params[b]
             mean_luma = _load(src[b].reshape(HW * 3), plane, W, H, luma)
             c = _colour_matrix(q[cols[_BRIGHT]], q[cols[_CONTRAST]], q[cols[_SAT]], luma, m) * mean_luma
-            if mode == 2:
+            if mode == ZEROS:
                 _ring(plane, W, H, _fill_source(m, c, fill))
             _sampling_matrix(q, cols, flip[b], projective, H, W, sampling)
             _sampling(sampling, xs, ys, W, H, mode, taps, fxs, fys)
             _bilinear(plane, taps, fxs, fys, P, rgb)
             effect = code[b]
-            if effect == 0:
+            if effect == PLAIN:
                 _round(rgb, m, c, unit, out[b].reshape(3, HW))
                 continue
             _colour(rgb, m, c, done)
-            if effect == 1:
+            if effect == BLUR:
                 _blur(done, tmp, blur_taps[np.int64(q[cols[_BLUR]])], H, W)
-            elif effect == 2:
+            elif effect == ERASE:
                 _erase(done, q, cols, H, W)
             else:  # weather, on [0, 1] pixels
                 for ch in range(3):
                     for k in range(HW):
                         done[ch, k] = min(max(done[ch, k] * np.float32(1 / 255), zero), unit)
                 level = min(np.int64(q[cols[_SEVERITY]]), max_severity - 1)
-                _weather(done, effect, weather[effect - 3, level], q[cols[_GREY]], draws[draw_at[b]:], fog_rows,
+                _weather(done, effect, weather[effect - FOG, level], q[cols[_GREY]], draws[draw_at[b]:], fog_rows,
                          fog_cols, snow_sizes, soften, H, W, tmp)
                 _round(done, eye, zero, np.float32(255.0), out[b].reshape(3, HW))
                 continue
@@ -347,7 +347,7 @@ def _weather(x, kind, t, value, draws, fog_rows, fog_cols, snow_sizes, soften, H
     """One weather condition in place on [0, 1] planes [3, H * W]: transforms' torch effects of the
     same names, with the same tables (``t``: the severity's row) and the same random numbers."""
     HW = H * W
-    if kind == 3:  # fog: towards a light grey, thicker at the top and in uneven patches
+    if kind == FOG:  # towards a light grey, thicker at the top and in uneven patches
         rows = np.zeros((H, 4), np.float32)  # (fog_rows @ patches), then @ fog_cols.T: torch's order
         for i in range(H):
             for u in range(4):
@@ -360,15 +360,15 @@ def _weather(x, kind, t, value, draws, fog_rows, fog_cols, snow_sizes, soften, H
                 a = min(max(a * t[0], np.float32(0.0)), np.float32(0.92))
                 for ch in range(3):
                     x[ch, i * W + j] += (value - x[ch, i * W + j]) * a
-    elif kind == 4:  # night: gamma darkening, a blue cast, sensor noise
+    elif kind == NIGHT:  # gamma darkening, a blue cast, sensor noise
         for ch in range(3):
             for k in range(HW):
                 x[ch, k] = x[ch, k] ** t[0] * t[2 + ch] + draws[ch * HW + k] * t[1]
-    elif kind == 5:  # noise
+    elif kind == NOISE:
         for ch in range(3):
             for k in range(HW):
                 x[ch, k] += draws[ch * HW + k] * t[0]
-    elif kind == 6:  # contrast: towards the image mean
+    elif kind == CONTRAST:  # towards the image mean
         mean = np.float32(0.0)
         for ch in range(3):
             for k in range(HW):
@@ -377,7 +377,7 @@ def _weather(x, kind, t, value, draws, fog_rows, fog_cols, snow_sizes, soften, H
         for ch in range(3):
             for k in range(HW):
                 x[ch, k] += (mean - x[ch, k]) * t[0]
-    elif kind == 7:  # snow: whitened, with flakes grown from seeds
+    elif kind == SNOW:  # whitened, with flakes grown from seeds
         _snow(x, t, draws, snow_sizes, soften, H, W, tmp)
 
 
@@ -481,10 +481,10 @@ def _sampling(m, xs, ys, W, H, mode, taps, fxs, fys):  # pragma: no cover
         d = m20 * x + m21 * y + m22  # exactly 1 for an affine map, so the division changes nothing
         fxs[k] = (((m00 * x + m01 * y + m02) / d + one) * Wf - one) * half
         fys[k] = (((m10 * x + m11 * y + m12) / d + one) * Hf - one) * half
-    if mode == 1:
+    if mode == REFLECTION:
         for k in range(n):
             fxs[k], fys[k] = _reflect(fxs[k], Wf), _reflect(fys[k], Hf)
-    inset = np.float32(0.0) if mode == 2 else one  # (+1: ring coordinates)
+    inset = np.float32(0.0) if mode == ZEROS else one  # (+1: ring coordinates)
     x_lo, x_hi = inset, Wf + one - inset
     y_lo, y_hi = inset, Hf + one - inset
     P = W + 2

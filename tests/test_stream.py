@@ -9,7 +9,7 @@ import pytest
 
 from signscale import shards
 from signscale.pack import PackConfig, pack
-from signscale.stream import ShardStream, StreamConfig, open_stream, plan_epoch, subtract
+from signscale.stream import ShardCache, ShardStream, StreamConfig, open_stream, plan_epoch, subtract
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "stream_worker.py")
 
@@ -150,6 +150,18 @@ def test_s3_reads_match_local_and_cache_is_bounded(tmp_path, s3_bucket):
     import hashlib
 
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == victim.name[:-4]
+
+
+def test_a_cached_shard_evicted_by_another_process_is_fetched_again(tmp_path, s3_bucket):
+    url = f"{s3_bucket}/evict"
+    pack(PackConfig(source="synthetic:?n=40&size=16&seed=2", out=url, size=16, workers=0, progress=False))
+    m = shards.Manifest.load(url)
+    info = m.shards[0]
+    cache = ShardCache(str(tmp_path / "cache"), 10 * info.bytes)
+    first = cache.path(m.shard_url(0), info.sha256, info.bytes)
+    os.remove(first)  # what another worker's eviction does between this one's check and its open
+    again = cache.path(m.shard_url(0), info.sha256, info.bytes)
+    assert again == first and shards.ShardReader(url, local=again).count == info.count
 
 
 def test_encoded_shards_stream_the_same_pixels_locally_and_from_s3(tmp_path, s3_bucket):

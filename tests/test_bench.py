@@ -20,7 +20,8 @@ def test_bench_io_smoke(tmp_path):
     rows = bench_io(cfg, console=Console(file=out, width=200))
 
     measured = {(r.what, r.where, r.workers) for r in rows if not r.skipped}
-    for what in (bench.PLAIN, bench.RAW, bench.ENCODED, bench.LOADER, bench.LOADER_SEQ):
+    for what in (bench.PLAIN, bench.RAW, bench.ENCODED, bench.LOADER, bench.LOADER_SEQ, bench.AUG_SAMPLE,
+                 bench.AUG_BATCH, bench.AUG_TORCH):
         for w in (0, 1):
             assert (what, "local", w) in measured, (what, w)
     assert {bench.PACK_RAW, bench.PACK_ENCODED} <= {r.what for r in rows if r.kind == "pack"}
@@ -32,6 +33,8 @@ def test_bench_io_smoke(tmp_path):
     labels = {r.label for r in ratios(rows)}
     assert "raw shards / plain files (local, 1 worker)" in labels
     assert "loader / raw shards direct (local, 0 workers)" in labels
+    assert "augment per batch, compiled kernel / torch ops (local, 1 worker)" in labels
+    assert "per worker CPU-second" in next(r.note for r in rows if (r.what, r.workers) == (bench.AUG_BATCH, 1))
     assert all(r.value > 0 for r in ratios(rows))
     text = out.getvalue()
     assert "ratios" in text

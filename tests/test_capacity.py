@@ -72,8 +72,14 @@ def test_the_bottleneck_follows_the_rates(tmp_path):
     slow_store = tmp_path / "slow.yaml"
     slow_store.write_text("storage_node_GBps: {value: 0.01, unit: GB/s, how: 'assumed: a slow NAS'}\n")
     assert plan(PlanConfig(rates=str(slow_store))).bottleneck == "storage"
-    # augmentation in 1 CPU worker per GPU cannot feed an H100
-    assert plan(PlanConfig(augment_on="cpu", workers_per_gpu=1)).bottleneck == "CPU loading"
+    # augmentation in 1 CPU worker per GPU from a local cache: the compiled kernel's rate (55.9k per
+    # worker) feeds an H100's assumed 45k msnet samples/s, the torch ops' 29.3k did not
+    one = PlanConfig(augment_on="cpu", workers_per_gpu=1, source="cache")
+    assert plan(one).bottleneck == "GPU compute"
+    torch_ops = tmp_path / "torch_ops.yaml"
+    torch_ops.write_text("loader_aug_per_worker: {value: 29306, unit: samples/s, how: 'measured: torch ops'}\n")
+    assert plan(PlanConfig(augment_on="cpu", workers_per_gpu=1, source="cache", rates=str(torch_ops))
+                ).bottleneck == "CPU loading"
     # a big model on many nodes with a thin network: the all-reduce dominates
     thin = tmp_path / "thin.json"
     thin.write_text(json.dumps({"allreduce_inter_node_GBps": {"value": 0.05, "unit": "GB/s", "how": "assumed"}}))

@@ -67,6 +67,7 @@ LOADER_CACHED = "loader (shard cache)"
 LITDATA = "litdata"
 AUG_SAMPLE = "augment per sample (torchvision v2)"
 AUG_BATCH = "augment per batch (BatchAugment)"
+AUG_TORCH = "augment per batch (torch ops)"
 PACK_RAW = "pack raw"
 PACK_ENCODED = "pack encoded"
 PACK_LITDATA = "litdata optimize"
@@ -280,11 +281,13 @@ class PerSampleAugment(Dataset):
         return {"image": x, "label": label}
 
 
-def loader_augment(size: int, flip_map: np.ndarray) -> Any:
-    """The training augmentation as ``signscale train`` runs it in loader workers on a CPU host."""
+def loader_augment(size: int, flip_map: np.ndarray, *, compiled: bool | None = None) -> Any:
+    """The training augmentation as ``signscale train`` runs it in loader workers on a CPU host
+    (``compiled=False``: with the torch ops instead of the compiled kernel)."""
     from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess
 
-    return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map)))
+    return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map),
+                                      compiled=compiled))
 
 
 def _normalised(loader: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
@@ -330,33 +333,35 @@ def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
 
 
 def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampleAugment) -> list[Row]:
+    from signscale import transforms
     from signscale.stream import open_stream
 
+    def per_batch(w: int, compiled: bool | None) -> Iterable[dict[str, Any]]:
+        loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
+        loader.stream.transform = loader_augment(cfg.size, m.label_space.flip_map(), compiled=compiled)
+        return _normalised(loader, cfg.size)
+
+    batch_note = "numpy slicing + affine, perspective, colour, blur/weather/erase per batch, 8-bit to the main " \
+                 "process, normalised there"
     rows: list[Row] = []
     for w in cfg.workers:
-        def per_batch(w: int = w) -> Iterable[dict[str, Any]]:
-            loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
-            loader.stream.transform = loader_augment(cfg.size, m.label_space.flip_map())
-            return _normalised(loader, cfg.size)
-
-        cpu0, kids0 = time.process_time(), _children_cpu()
-        sample_row = _read_row(AUG_SAMPLE, LOCAL, w, lambda w=w: _dataloader(per_sample, w, batch_size=cfg.batch_size,
-                                                                           shuffle=True),
-                               cfg=cfg, epoch=m.count, check=_check_input,
-                               note="affine + colour jitter + flip rules, one image at a time")
-        cpu1, kids1 = time.process_time(), _children_cpu()
-        batch_row = _read_row(AUG_BATCH, LOCAL, w, per_batch, cfg=cfg, epoch=m.count, check=_check_input,
-                              note="numpy slicing + affine, perspective, colour, blur/weather/erase per batch, "
-                                   "8-bit to the main process, normalised there")
-        cpu2, kids2 = time.process_time(), _children_cpu()
-        for row, cpu, kids in ((sample_row, cpu1 - cpu0, kids1 - kids0), (batch_row, cpu2 - cpu1, kids2 - kids1)):
+        makers = [(AUG_SAMPLE, lambda w=w: _dataloader(per_sample, w, batch_size=cfg.batch_size, shuffle=True),
+                   "affine + colour jitter + flip rules, one image at a time"),
+                  (AUG_BATCH, lambda w=w: per_batch(w, None),
+                   _join(batch_note, "compiled kernel" if transforms.kernels is not None else "torch ops"))]
+        if transforms.kernels is not None:  # the same augmentation without the kernel, measured beside it
+            makers.append((AUG_TORCH, lambda w=w: per_batch(w, False), _join(batch_note, "torch ops")))
+        for what, make, note in makers:
+            cpu0, kids0 = time.process_time(), _children_cpu()
+            row = _read_row(what, LOCAL, w, make, cfg=cfg, epoch=m.count, check=_check_input, note=note)
+            cpu, kids = time.process_time() - cpu0, _children_cpu() - kids0
             # CPU seconds do not depend on the load: the rate one core gives, in this process or per worker
             if w == 0 and cpu > 0:
                 row.note = _join(row.note, f"{row.samples / cpu:,.0f} per CPU-second")
             if w > 0 and kids > 0:
                 row.note = _join(row.note, f"{row.samples / kids:,.0f} per worker CPU-second, "
                                            f"main process {row.samples / max(cpu, 1e-9):,.0f} per CPU-second")
-        rows += [sample_row, batch_row]
+            rows.append(row)
     return rows
 
 
@@ -846,6 +851,8 @@ def ratios(rows: list[Row]) -> list[Ratio]:
             _find(rows, PLAIN, S3, w))
         add(f"augment per batch / per sample (local, {ws})", _find(rows, AUG_BATCH, LOCAL, w),
             _find(rows, AUG_SAMPLE, LOCAL, w))
+        add(f"augment per batch, compiled kernel / torch ops (local, {ws})", _find(rows, AUG_BATCH, LOCAL, w),
+            _find(rows, AUG_TORCH, LOCAL, w))
         add(f"raw shards / litdata (local, {ws})", _find(rows, RAW, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
         add(f"loader / litdata (local, {ws})", _find(rows, LOADER, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
     add("pack raw / pack encoded (local)", _find(rows, PACK_RAW, LOCAL), _find(rows, PACK_ENCODED, LOCAL))

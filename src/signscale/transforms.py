@@ -748,8 +748,14 @@ _BLUR_LEVELS = 8
 @functools.lru_cache(maxsize=32)
 def _blur_bank(n: int, sigma: tuple[float, float], scale: float, device: torch.device) -> Tensor:
     """[_BLUR_LEVELS, n, n] blur matrices for sigmas evenly spaced over ``sigma`` (pixels at 32 px)."""
+    sigmas, radius = _blur_levels(sigma, scale, device)
+    return _blur_matrix(sigmas, n, radius)
+
+
+def _blur_levels(sigma: tuple[float, float], scale: float, device: torch.device) -> tuple[Tensor, int]:
+    """The bank's sigmas at this image size and the radius that covers the largest."""
     sigmas = torch.linspace(sigma[0] * scale, sigma[1] * scale, _BLUR_LEVELS, device=device)
-    return _blur_matrix(sigmas, n, max(1, math.ceil(2.5 * sigma[1] * scale)))
+    return sigmas, max(1, math.ceil(2.5 * sigma[1] * scale))
 
 
 def _blur_matrix(sigma: Tensor, n: int, radius: int) -> Tensor:
@@ -774,9 +780,8 @@ def _blur_weights(sigma: Tensor, radius: int) -> Tensor:
 @functools.lru_cache(maxsize=32)
 def _blur_taps(sigma: tuple[float, float], scale: float, n: int) -> np.ndarray:
     """The blur bank of :func:`_blur_bank` as taps, float32 [_BLUR_LEVELS, 2 radius + 1], for the kernel."""
-    sigmas = torch.linspace(sigma[0] * scale, sigma[1] * scale, _BLUR_LEVELS)
-    radius = min(max(1, math.ceil(2.5 * sigma[1] * scale)), n - 1)
-    return _blur_weights(sigmas, radius).numpy()
+    sigmas, radius = _blur_levels(sigma, scale, torch.device("cpu"))
+    return _blur_weights(sigmas, min(radius, n - 1)).numpy()
 
 
 def _weather(x: Tensor, p: Tensor, counts: list[int], cfg: AugmentConfig, g: torch.Generator | None,
@@ -791,7 +796,8 @@ def _weather(x: Tensor, p: Tensor, counts: list[int], cfg: AugmentConfig, g: tor
     for name, rows in zip(cfg.weather_kinds, _slices(*counts), strict=True):
         if rows.stop > rows.start:
             effect, table = _WEATHER_EFFECTS[name]
-            effect(x[rows], table[x.device][level[rows]], p[rows, _WEATHER_VALUE], g, scale)
+            draw = _weather_draw(name, rows.stop - rows.start, tuple(x.shape[-2:]), g, x.device)
+            effect(x[rows], table[x.device][level[rows]], p[rows, _WEATHER_VALUE], draw, scale)
 
 
 class _PerDevice(dict):
@@ -818,17 +824,19 @@ def _towards_(x: Tensor, target: Tensor | float, amount: Tensor) -> Tensor:
 
 
 # Each effect changes its rows of the subset in place, given their rows of its table (one row per
-# severity 1..5, with the values of signscale.corruptions), their U[0, 1) value, the generator and
-# the image size relative to 32 px.
-Weather = Callable[[Tensor, Tensor, Tensor, torch.Generator | None, float], None]
+# severity 1..5, with the values of signscale.corruptions), their U[0, 1) value, their random
+# numbers (drawn by _weather_draw; None for an effect that draws none) and the image size relative
+# to 32 px.
+Weather = Callable[[Tensor, Tensor, Tensor, Tensor | None, float], None]
 
 _FOG_PARAMS = _PerDevice([[a] for a in (0.25, 0.35, 0.45, 0.55, 0.65)])  # thickness
 
 
-def _fog(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> None:
+def _fog(x: Tensor, t: Tensor, value: Tensor, draw: Tensor | None, scale: float) -> None:
     """Blend towards light grey, thicker towards the top and in uneven patches (corruptions.fog)."""
     n, _, h, w = x.shape
-    coarse = _uniform((n, 1, 4, 4), g, x.device).mul_(0.5).add_(0.75)  # patches in [0.75, 1.25]
+    assert draw is not None
+    coarse = draw.mul_(0.5).add_(0.75)  # U[0, 1) [n, 1, 4, 4] -> patches in [0.75, 1.25]
     # bilinear upsampling of the 4x4 grid (whose rows sum to one), with the top-to-bottom thinning
     alpha = torch.matmul(torch.matmul(_fog_rows(h, x.device), coarse), _upsampler(w, 4, x.device).T)
     _towards_(x, value.view(n, 1, 1, 1), alpha.mul_(t).clamp_(0.0, 0.92))
@@ -860,23 +868,25 @@ _NIGHT_PARAMS = _PerDevice([[1.3 + 0.3 * s, 0.008 + 0.008 * s] + [(0.95 - 0.11 *
     1 - 0.04 * s, 1 - 0.02 * s, 1 + 0.03 * s)] for s in range(1, 6)])
 
 
-def _night(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> None:
+def _night(x: Tensor, t: Tensor, value: Tensor, draw: Tensor | None, scale: float) -> None:
     """Gamma darkening with a blue cast and sensor noise, as with a dashcam after dusk (corruptions.night)."""
-    x.pow_(t[:, :1]).mul_(t[:, 2:]).add_(_normal(tuple(x.shape), g, x.device).mul_(t[:, 1:2]))
+    assert draw is not None
+    x.pow_(t[:, :1]).mul_(t[:, 2:]).add_(draw.mul_(t[:, 1:2]))
 
 
 _NOISE_PARAMS = _PerDevice([[s] for s in (0.03, 0.05, 0.08, 0.11, 0.15)])  # sigma
 
 
-def _noise(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> None:
+def _noise(x: Tensor, t: Tensor, value: Tensor, draw: Tensor | None, scale: float) -> None:
     """Additive Gaussian sensor noise (corruptions.noise)."""
-    x.add_(_normal(tuple(x.shape), g, x.device).mul_(t))
+    assert draw is not None
+    x.add_(draw.mul_(t))
 
 
 _CONTRAST_PARAMS = _PerDevice([[1 - k] for k in (0.75, 0.6, 0.45, 0.32, 0.22)])  # 1 - the contrast kept
 
 
-def _contrast(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> None:
+def _contrast(x: Tensor, t: Tensor, value: Tensor, draw: Tensor | None, scale: float) -> None:
     """Pull every pixel towards the image mean: haze, cheap sensor, overcast (corruptions.contrast)."""
     _towards_(x, x.mean(dim=(1, 2, 3), keepdim=True), t)
 
@@ -886,12 +896,12 @@ _SNOW_PARAMS = _PerDevice([[whiten, density, float(s >= 3)] for s, whiten, densi
     range(1, 6), (0.12, 0.2, 0.28, 0.36, 0.45), (0.012, 0.02, 0.03, 0.04, 0.055), strict=True)])
 
 
-def _snow(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale: float) -> None:
+def _snow(x: Tensor, t: Tensor, value: Tensor, draw: Tensor | None, scale: float) -> None:
     """Whitened, low-contrast scene with white flakes that grow with severity (corruptions.snow)."""
-    n, _, h, w = x.shape
+    h, w = x.shape[-2:]
+    assert draw is not None  # U[0, 1) [n, 1, h, w]
     _towards_(x, 0.85, t[:, :1])
     density = t[:, 1:2]
-    draw = _uniform((n, 1, h, w), g, x.device)
     # one draw per pixel: below `density` it is a seed, and draw / density is then U(0, 1) again
     hit = draw < density
     seeds = hit * draw.div_(density).mul_(0.4).add_(0.6)  # opacity in [0.6, 1)
@@ -905,8 +915,13 @@ def _snow(x: Tensor, t: Tensor, value: Tensor, g: torch.Generator | None, scale:
 @functools.lru_cache(maxsize=32)
 def _soften(n: int, scale: float, device: torch.device) -> Tensor:
     """The fixed [n, n] blur (sigma 0.3 px at 32 px) that rounds snow flakes, as corruptions.snow."""
-    sigma = torch.full((1,), 0.3 * scale, device=device)
-    return _blur_matrix(sigma, n, math.ceil(2.5 * 0.3 * scale))[0]
+    sigma, radius = _soften_sigma(scale, device)
+    return _blur_matrix(sigma, n, radius)[0]
+
+
+def _soften_sigma(scale: float, device: torch.device) -> tuple[Tensor, int]:
+    """The flakes' blur: sigma 0.3 px at 32 px, and its radius."""
+    return torch.full((1,), 0.3 * scale, device=device), math.ceil(2.5 * 0.3 * scale)
 
 
 def _grow(seeds: Tensor, size: int) -> Tensor:
@@ -932,13 +947,19 @@ _WEATHER_EFFECTS: dict[str, tuple[Weather, _PerDevice]] = {
 assert tuple(_WEATHER_EFFECTS) == WEATHER_KINDS
 
 
-# What each weather effect draws from the generator, in the order it draws it (per image): the
-# kernel path draws the same numbers up front, so it must know this of every effect.
-_WEATHER_DRAWS: dict[str, tuple[Callable[..., Tensor], Callable[[int, int], tuple[int, ...]]]] = {
+# The random numbers each weather effect works with, per image of size (h, w): the torch path
+# (_weather) and the kernel path (_kernel_weather) both draw them here, so they draw the same.
+_WEATHER_DRAWS: dict[str, tuple[Callable[..., Tensor], Callable[[int, int], tuple[int, ...]]] | None] = {
     "fog": (_uniform, lambda h, w: (1, 4, 4)), "night": (_normal, lambda h, w: (3, h, w)),
-    "noise": (_normal, lambda h, w: (3, h, w)), "contrast": (_normal, lambda h, w: (0,)),
-    "snow": (_uniform, lambda h, w: (1, h, w)),
+    "noise": (_normal, lambda h, w: (3, h, w)), "contrast": None, "snow": (_uniform, lambda h, w: (1, h, w)),
 }
+
+
+def _weather_draw(name: str, n: int, size: tuple[int, int], g: torch.Generator | None, device: torch.device
+                  ) -> Tensor | None:
+    """Weather kind ``name``'s random numbers for ``n`` images, [n, *shape] (None: it draws none)."""
+    spec = _WEATHER_DRAWS[name]
+    return None if spec is None else spec[0]((n, *spec[1](*size)), g, device)
 
 
 def _kernel_weather(drawn: np.ndarray, cfg: AugmentConfig, g: torch.Generator | None, size: tuple[int, int]
@@ -952,7 +973,7 @@ def _kernel_weather(drawn: np.ndarray, cfg: AugmentConfig, g: torch.Generator | 
     kind = kind[rows]
     counts = np.bincount(kind, minlength=kinds)
     per = _draws_per_image(cfg.weather_kinds, size)
-    parts = [_WEATHER_DRAWS[name][0]((int(c), *_WEATHER_DRAWS[name][1](*size)), g, torch.device("cpu")).reshape(-1)
+    parts = [_weather_draw(name, int(c), size, g, torch.device("cpu")).reshape(-1)  # type: ignore[union-attr]
              for name, c, d in zip(cfg.weather_kinds, counts, per, strict=True) if c and d]
     first = np.cumsum(counts) - counts  # each kind's first row in `rows`
     at = np.zeros(len(drawn), np.int64)
@@ -963,7 +984,8 @@ def _kernel_weather(drawn: np.ndarray, cfg: AugmentConfig, g: torch.Generator | 
 @functools.lru_cache(maxsize=16)
 def _draws_per_image(kinds: tuple[str, ...], size: tuple[int, int]) -> np.ndarray:
     """How many random numbers each weather kind draws per image."""
-    return np.array([math.prod(_WEATHER_DRAWS[name][1](*size)) for name in kinds], np.int64)
+    specs = [_WEATHER_DRAWS[name] for name in kinds]
+    return np.array([0 if spec is None else math.prod(spec[1](*size)) for spec in specs], np.int64)
 
 
 @functools.lru_cache(maxsize=32)
@@ -971,8 +993,8 @@ def _soften_taps(scale: float, n: int) -> np.ndarray:
     """The taps of :func:`_soften` for the kernel; none where snow is not softened (<= 48 px)."""
     if scale <= 1.5:
         return np.zeros(0, np.float32)
-    radius = min(math.ceil(2.5 * 0.3 * scale), n - 1)
-    return _blur_weights(torch.full((1,), 0.3 * scale), radius)[0].numpy()
+    sigma, radius = _soften_sigma(scale, torch.device("cpu"))
+    return _blur_weights(sigma, min(radius, n - 1))[0].numpy()
 
 
 def _erase(x: Tensor, p: Tensor, stats: tuple[Tensor, Tensor]) -> None:

@@ -14,6 +14,7 @@ import sys
 import threading
 import zlib
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from PIL import Image
 from signscale import checkpoint, images
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.predict import Predictor
+from signscale.predict import Predictor, resolve_model
 from signscale.serve import ApiError, Batcher, ServeConfig, running
 from signscale.sources.synthetic import render_clean
 from signscale.transforms import Preprocess
@@ -37,6 +38,7 @@ from signscale.transforms import Preprocess
 SIZE = 24
 MAX_BODY = 256 << 10
 MAX_PIXELS = 4_000_000
+MAX_REQUEST_PIXELS = 6_000_000
 
 
 def make_model(url: str, seed: int) -> str:
@@ -70,7 +72,7 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 def cfg(model: str, **kw) -> ServeConfig:
     base = {"model": model, "port": 0, "reload_interval_s": 0, "max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
-            "max_images": 8, "max_queue": 512}
+            "max_request_pixels": MAX_REQUEST_PIXELS, "max_images": 8, "max_queue": 512}
     return ServeConfig(**{**base, **kw})
 
 
@@ -119,7 +121,7 @@ def test_model_health_metrics_openapi_and_page(service) -> None:
         info = c.get("/v1/model").json()
         assert info["num_classes"] == 43 and info["preprocess"]["size"] == SIZE
         assert info["label_space"]["classes"][14]["key"] == "stop" and info["serving"]["max_body_bytes"] == MAX_BODY
-        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/healthz").json() == {"status": "ok", "serving": info["version"], "refused": []}
         assert c.get("/readyz").json()["status"] == "ready"
         c.post("/v1/classify", content=png(1), headers={"content-type": "image/png"})
         metrics = c.get("/metrics").text
@@ -300,6 +302,88 @@ def test_fuzz_corpus_gets_only_4xx_and_the_service_still_answers(service, models
         assert f'signscale_errors_total{{reason="{reason}"}}' in metrics, reason
 
 
+def _metric(metrics: str, name: str) -> float:
+    """A series' value; 0 when absent (each test also checks that a real decode moves it)."""
+    m = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+def _decoding(c: httpx.Client) -> tuple[float, float]:
+    """(images whose decoding started, CPU seconds spent decoding) as the service counts them."""
+    metrics = c.get("/metrics").text
+    return _metric(metrics, "signscale_decode_images_total"), _metric(metrics, "signscale_decode_cpu_seconds_total")
+
+
+def _flat_png(w: int, h: int) -> bytes:
+    """A real, fully decodable PNG of one colour: a few KB on the wire for millions of pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 30, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_one_image_over_max_images_is_the_documented_413(service) -> None:
+    one = png(14)
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        for n in (9, 40):  # max_images + 1 (starlette's parser stops there), and well over
+            r = c.post("/v1/classify", files=[("file", (f"{i}.png", one, "image/png")) for i in range(n)])
+            assert r.status_code == 413, (n, r.text)
+            assert r.json()["error"]["reason"] == "too_many_images" and "max_images" in r.json()["error"]["message"]
+        r = c.post("/v1/classify", files=[("file", (f"{i}.png", one, "image/png")) for i in range(8)])
+        assert r.status_code == 200 and len(r.json()["results"]) == 8
+
+
+def test_pixels_of_a_whole_request_over_the_budget_are_413_before_any_decoding(service) -> None:
+    big = _flat_png(2000, 2000)  # 4M pixels: within max_pixels alone, two of them over max_request_pixels
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        decoded, cpu = _decoding(c)
+        r = c.post("/v1/classify", files=[("file", ("a.png", big, "image/png")), ("file", ("b.png", big, "image/png"))])
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["reason"] == "too_many_pixels" and "max_request_pixels" in err["message"], err
+        assert "8000000" in err["message"]
+        assert _decoding(c) == (decoded, cpu)  # refused from the headers: not one image decoded, no decode CPU
+        r = c.post("/v1/classify", files=[("file", ("a.png", big, "image/png"))])  # one alone is served
+        assert r.status_code == 200, r.text
+        after, after_cpu = _decoding(c)
+        assert after == decoded + 1 and after_cpu > cpu  # the counters do count a decode
+
+
+def test_the_issue_request_of_64_large_pngs_is_refused_by_default_limits(models) -> None:
+    """The filed fault: 64 PNGs of 4900x4900 (~5 MB) cost 27 CPU-seconds; now a 413 before decoding."""
+    big = _flat_png(4900, 4900)
+    with running(ServeConfig(model=models["a"], port=0, reload_interval_s=0)) as svc, \
+            httpx.Client(base_url=svc.url, timeout=120) as c:
+        decoded, cpu = _decoding(c)
+        r = c.post("/v1/classify", files=[("file", (f"{i}.png", big, "image/png")) for i in range(64)])
+        assert r.status_code == 413 and r.json()["error"]["reason"] == "too_many_pixels", r.text
+        assert _decoding(c) == (decoded, cpu)
+
+
+def test_decode_cpu_over_the_budget_is_413_decode_budget_exceeded(models) -> None:
+    # a budget of 1 microsecond of CPU: any real decode passes it, so the refusal is deterministic
+    with running(cfg(models["a"], decode_budget_s=1e-6)) as svc, httpx.Client(base_url=svc.url, timeout=60) as c:
+        for body in (png(14), _flat_png(600, 600)):  # decoded in the event loop, and in a worker thread
+            decoded, cpu = _decoding(c)
+            r = c.post("/v1/classify", content=body, headers={"content-type": "image/png"})
+            assert r.status_code == 413, r.text
+            err = r.json()["error"]
+            assert err["reason"] == "decode_budget_exceeded" and "decode_budget_s" in err["message"], err
+            after, after_cpu = _decoding(c)
+            assert after == decoded + 1 and after_cpu > cpu
+        r = c.post("/v1/classify", files=[("file", (f"{i}.png", png(i), "image/png")) for i in range(3)])
+        assert r.status_code == 413 and "image 0 of 3" in r.json()["error"]["message"]  # stops at the first
+        assert _decoding(c)[0] == after + 1
+
+
+def test_budget_options_are_checked(models) -> None:
+    with pytest.raises(ValueError, match="max_request_pixels"):
+        ServeConfig(model=models["a"], max_pixels=1000, max_request_pixels=999)
+    with pytest.raises(ValueError, match="decode_budget_s"):
+        ServeConfig(model=models["a"], decode_budget_s=31, request_timeout_s=30)
+    with pytest.raises(ValueError, match="decode_budget_s"):
+        ServeConfig(model=models["a"], decode_budget_s=0)
+
+
 def test_odd_but_valid_images_are_classified(service, models) -> None:
     def enc(img: Image.Image, fmt: str) -> bytes:
         buf = io.BytesIO()
@@ -444,6 +528,39 @@ def test_twenty_alias_changes_under_load_one_corrupt(models, tmp_path: Path) -> 
     assert "v10" not in seen and "v10" in info["serving"]["refused_versions"]
     assert "sha256" in info["serving"]["refused_versions"]["v10"]
     assert set(seen) >= {f"v{i:02d}" for i in range(1, 21) if i != 10} and sum(seen.values()) > 20, seen
+    assert 'signscale_model_reloads_total{result="refused"} 1.0' in metrics
+
+
+def test_a_folder_updated_non_atomically_is_refused_then_served_once_consistent(models, tmp_path: Path) -> None:
+    """model.json of the new version lands before its weights: refused, reported, then served after the fix."""
+    folder = tmp_path / "model"
+    shutil.copytree(models["a"], folder)
+    new = Path(models["b"])
+    va, vb = resolve_model(models["a"])[0], resolve_model(models["b"])[0]
+    body = png(14)
+    with running(cfg(str(folder))) as svc, httpx.Client(base_url=svc.url, timeout=60) as c:
+        def serving() -> str:
+            r = c.post("/v1/classify", content=body, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            return r.json()["model"]["version"]
+
+        assert serving() == va
+        (folder / "model.json").write_bytes((new / "model.json").read_bytes())  # half of the update
+        assert svc.poll() == "refused"
+        health = c.get("/healthz").json()
+        assert health["status"] == "ok" and health["serving"] == va and serving() == va
+        [refusal] = health["refused"]
+        assert refusal["version"] == vb and "sha256" in refusal["reason"] and refusal["attempts"] == 1
+        assert datetime.fromisoformat(refusal["since"]).tzinfo is not None
+        assert svc.poll() == "unchanged"  # nothing changed in the folder: not loaded again
+        assert c.get("/healthz").json()["refused"] == [refusal]
+        (folder / "model.pt").write_bytes((new / "model.pt").read_bytes())  # the update completes
+        assert svc.poll() == "swapped"
+        assert serving() == vb
+        assert same_top(c.post("/v1/classify", content=body, headers={"content-type": "image/png"}).json()
+                        ["results"][0]["top_k"], expected_top(models["b"], body))
+        assert c.get("/healthz").json() == {"status": "ok", "serving": vb, "refused": []}
+        metrics = c.get("/metrics").text
     assert 'signscale_model_reloads_total{result="refused"} 1.0' in metrics
 
 

@@ -9,22 +9,28 @@ How a request flows, and why:
 1. **Body cap before parsing.** An ASGI middleware refuses a ``Content-Length`` over the cap with
    413 before a byte of the body is read; a chunked body is counted while it streams and refused
    the moment it passes the cap. Only then is multipart parsed.
-2. **Decode in a thread**, with the pixel cap checked from the header (:func:`images.decode`), the
-   full decode forced so truncated files fail here, and every failure mapped to a 4xx JSON error
+2. **Budget, then decode in a thread.** Every image's header is read first (PIL's lazy open: no
+   pixel decoded) and the request is refused with 413 when one image is over ``max_pixels`` or all
+   of them together over ``max_request_pixels``; decoding then runs image by image, its CPU time
+   checked against ``decode_budget_s`` and its wall time against the request's deadline, so one
+   request cannot cost more than ~2 CPU-seconds by default. The full decode is forced
+   (:func:`images.decode`) so truncated files fail here, and every failure maps to a 4xx JSON error
    naming the reason (PIL reports non-images and truncation as ``OSError``, lazily; a service that
    lets those escape answers 500 to bad input).
 3. **Dynamic batching.** Decoded images wait in one bounded queue; one runner thread takes up to
    ``max_batch`` images, waiting at most ``max_wait_ms`` for the batch to fill, and runs them in one
    forward pass. On a CPU the per-call overhead of a small CNN is most of its cost, so batching
    concurrent requests multiplies throughput. A full queue answers 503 with ``Retry-After``; a
-   request waiting longer than ``request_timeout_s`` answers 503 too (the service is overloaded:
-   the client should retry, not fix its request).
+   request not answered within ``request_timeout_s`` of its body arriving (decoding included)
+   answers 503 too (the service is overloaded: the client should retry, not fix its request).
 4. **Hot reload.** With a registry alias (or any *model source*: a callable returning
    ``(version, url)``), a poller thread resolves the alias every ``reload_interval_s``; a new
    version is loaded, checksum-verified and warmed up beside the serving one, then swapped in
    with one reference assignment. Each queued image remembers the predictor that prepared it and
    is run by that one, so in-flight requests finish on the old model; a model that fails to load
-   or warm up is logged, counted and never serves (Triton's model-control bar).
+   or warm up is logged, counted, reported by ``/healthz`` and never serves (Triton's model-control
+   bar). It is tried again when its folder's listing (names, sizes, times) changes, so a folder
+   caught mid-update is served once the update completes.
 
 A 5xx from this service is a bug in it, never a bad request; tests fuzz that with malformed input.
 """
@@ -34,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import socket
 import threading
@@ -42,12 +49,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal
 
 import numpy as np
 
-from signscale import config, images
+from signscale import config, images, storage
 
 try:  # the serve extra; without it create_app() says which extra to install
     from starlette.requests import Request
@@ -55,8 +63,8 @@ except ImportError:  # pragma: no cover
     Request = Any  # type: ignore[misc,assignment]
 from signscale.predict import DEFAULT_MAX_PIXELS, PredictConfig, Predictor, resolve_model
 
-__all__ = ["ApiError", "Batcher", "ModelSlot", "ServeConfig", "ServeError", "Service", "bind", "create_app", "running",
-           "serve"]
+__all__ = ["ApiError", "Batcher", "ModelSlot", "Refusal", "ServeConfig", "ServeError", "Service", "bind", "create_app",
+           "folder_stamp", "running", "serve"]
 
 log = logging.getLogger("signscale.serve")
 
@@ -90,7 +98,13 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20  # request bodies above this: 413 before parsing
     max_pixels: int = DEFAULT_MAX_PIXELS  # per image, from the header: 413 (below Pillow's bomb limit)
     max_images: int = 64  # images per classify request
-    request_timeout_s: float = 30.0  # waiting for the model beyond this: 503
+    # Per request, so one request cannot cost more than ~2 CPU-seconds: the pixels of all its images
+    # (from the headers, before any decoding: 413 too_many_pixels; decode + resize cost ~15-25 ns per
+    # pixel on the 2-core dev machine, so 64M pixels is ~1.5 CPU-s), and the CPU time spent decoding
+    # and resizing them (a backstop for formats slower per pixel: 413 decode_budget_exceeded).
+    max_request_pixels: int = 64_000_000
+    decode_budget_s: float = 2.0  # CPU seconds (the decoding thread's own), checked after each image
+    request_timeout_s: float = 30.0  # decoding + waiting for the model, from the moment the body is in: 503
     read_timeout_s: float = 30.0  # receiving the body beyond this: 408
     retry_after_s: int = 1
     reload_interval_s: float = 30.0  # poll the model source for a new version (0: never)
@@ -102,18 +116,24 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise config.ConfigError(f"port: expected 0..65535, got {self.port}")
         for name in ("workers", "top_k", "max_batch", "max_queue", "max_body_bytes", "max_pixels", "max_images",
-                     "retry_after_s"):
+                     "max_request_pixels", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise config.ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "reload_interval_s", "threads"):
             if getattr(self, name) < 0:
                 raise config.ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "read_timeout_s"):
+        for name in ("request_timeout_s", "read_timeout_s", "decode_budget_s"):
             if not getattr(self, name) > 0:
                 raise config.ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.max_queue < self.max_images:
             raise config.ConfigError(f"max_queue ({self.max_queue}) must be >= max_images ({self.max_images}), "
                                      "or a full-size request could never be queued")
+        if self.max_request_pixels < self.max_pixels:
+            raise config.ConfigError(f"max_request_pixels ({self.max_request_pixels}) must be >= max_pixels "
+                                     f"({self.max_pixels}), or an image within its own limit could never be served")
+        if self.decode_budget_s > self.request_timeout_s:
+            raise config.ConfigError(f"decode_budget_s ({self.decode_budget_s:g}) must be <= request_timeout_s "
+                                     f"({self.request_timeout_s:g}): decoding happens inside the request's time")
         PredictConfig(model=self.model, top_k=self.top_k, backend=self.backend, max_pixels=self.max_pixels)
 
     def predict_config(self) -> PredictConfig:
@@ -147,21 +167,59 @@ _IMAGE_STATUS = {"too_many_pixels": 413, "bad_size": 400, "empty": 400}
 # The serving model and its hot reload
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A model version that failed to load or warm up, and the state of its folder when it did."""
+
+    version: str
+    url: str
+    reason: str
+    since: float  # wall-clock time of its first refusal
+    last_tried: float
+    attempts: int
+    stamp: str | None  # the folder's listing (names, sizes, times) before the failed load; None: unknown
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "url": self.url, "reason": self.reason, "since": _iso(self.since),
+                "last_tried": _iso(self.last_tried), "attempts": self.attempts}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def folder_stamp(url: str) -> str:
+    """What a model folder holds, cheaply: each entry's name, size and modification time (or ETag).
+
+    A refused version is tried again only when this changes: a folder written non-atomically (its
+    model.json before its weights) is refused mid-write and served once the write completes, while a
+    truly broken version is not reloaded at every poll.
+    """
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache(path)  # object-store listings are cached by fsspec; a stale one would hide the change
+    entries = fs.ls(path, detail=True)
+    keys = ("size", "mtime", "LastModified", "ETag", "etag", "md5Hash", "updated", "last_modified")
+    return json.dumps(sorted([str(e.get("name")), *(str(e.get(k)) for k in keys if k in e)] for e in entries))
+
+
 class ModelSlot:
     """Holds the serving :class:`Predictor`; :meth:`poll` loads a new version beside it and swaps.
 
     Generic over the *source* (a callable returning ``(version, url)``), so a registry alias, a
     pointer file or a test can drive it. The swap is one attribute assignment (atomic in Python);
-    readers take ``slot.current`` once per batch and keep that reference.
+    readers take ``slot.current`` once per batch and keep that reference. A version that fails to
+    load is remembered with its folder's ``stamp`` and tried again only when that changes.
     """
 
     def __init__(self, source: ModelSource, load: Callable[[str, str], Predictor], *,
-                 on_event: Callable[[str, str, str], None] | None = None) -> None:
+                 on_event: Callable[[str, str, str], None] | None = None,
+                 stamp: Callable[[str], str] = folder_stamp) -> None:
         self._source = source
         self._load = load
+        self._stamp = stamp
         self._on_event = on_event or (lambda result, version, detail: None)
         self._lock = threading.Lock()  # one reload at a time
-        self._refused: dict[str, str] = {}  # version -> why it never served
+        self._refused: dict[str, Refusal] = {}  # version -> why it does not serve
         self.current: Predictor | None = None
 
     def start(self) -> Predictor:
@@ -185,21 +243,40 @@ class ModelSlot:
                 self._on_event("source_error", "", f"{type(exc).__name__}: {exc}")
                 return "error"
             current = self.current
-            if (current is not None and version == current.version) or version in self._refused:
+            if current is not None and version == current.version:
+                return "unchanged"
+            stamp = self._stamp_of(url)  # before the load: a write during it shows at the next poll
+            before = self._refused.get(version)
+            if before is not None and before.url == url and stamp is not None and before.stamp == stamp:
                 return "unchanged"
             try:
                 fresh = self._prepare(url, version)
             except Exception as exc:  # noqa: BLE001 - whatever broke, the old model keeps serving
+                why = f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, OSError):  # transient reads are retried at the next poll
-                    self._refused[version] = f"{type(exc).__name__}: {exc}"
-                self._on_event("refused", version, f"{type(exc).__name__}: {exc}")
+                    now = time.time()
+                    self._refused[version] = Refusal(version, url, why, before.since if before else now, now,
+                                                     (before.attempts if before else 0) + 1, stamp)
+                self._on_event("refused", version, why)
                 return "refused"
+            self._refused.pop(version, None)
             self.current = fresh
             self._on_event("swapped", version, url)
             return "swapped"
 
+    def _stamp_of(self, url: str) -> str | None:
+        try:
+            return self._stamp(url)
+        except Exception as exc:  # noqa: BLE001 - unknown: a refused version is then tried at every poll
+            log.debug("cannot list %s (%s): a refusal there is retried at every poll", url, exc)
+            return None
+
     def refused(self) -> dict[str, str]:
-        return dict(self._refused)
+        """version -> why it was refused (its latest attempt)."""
+        return {v: r.reason for v, r in self._refused.items()}
+
+    def refusals(self) -> list[Refusal]:
+        return sorted(self._refused.values(), key=lambda r: r.since)
 
 
 class _Poller:
@@ -273,12 +350,16 @@ class Batcher:
         self._wake.set()
         return item.future
 
-    async def result(self, future: asyncio.Future, timeout_s: float) -> np.ndarray:
-        """The probabilities for a queued request; 503 when the model does not get to it in time."""
+    async def result(self, future: asyncio.Future, timeout_s: float, request_timeout_s: float | None = None) \
+            -> np.ndarray:
+        """The probabilities for a queued request; 503 when the model does not get to it in time.
+
+        ``timeout_s`` is what is left of the request's time (``request_timeout_s``, said in the error).
+        """
         try:
             return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
-            raise Overloaded("timeout", f"the model did not answer within {timeout_s:g}s (the service is "
+            raise Overloaded("timeout", f"no answer within {request_timeout_s or timeout_s:g}s (the service is "
                              f"overloaded); retry after {self.retry_after_s}s", self.retry_after_s) from None
 
     async def submit(self, arrays: list[np.ndarray], predictor: Predictor, timeout_s: float) -> np.ndarray:
@@ -375,6 +456,9 @@ class _Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queue = Gauge("signscale_queue_images", "images waiting for the model", registry=r)
         self.reloads = Counter("signscale_model_reloads", "model source events", ["result"], registry=r)
+        self.decoded = Counter("signscale_decode_images", "images whose decoding started", registry=r)
+        self.decode_cpu = Counter("signscale_decode_cpu_seconds", "CPU time spent decoding and resizing images",
+                                  registry=r)
         self.model = Gauge("signscale_model_info", "the serving model (value 1)", ["version", "backend"],
                            registry=r)
 
@@ -580,13 +664,14 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         predictor = _serving(state)
         top_k = _top_k(request, predictor, cfg.top_k)
         blobs = await _images_in(request, cfg)
+        deadline = time.monotonic() + cfg.request_timeout_s  # decoding and the model's answer, both inside
         batcher = state.batcher
         assert batcher is not None
         with batcher.expecting():
-            arrays = await _prepare(predictor, blobs)
+            arrays = await _prepare(predictor.prepare, blobs, _Limits.of(cfg, deadline), metrics)
             started = time.perf_counter()
             future = batcher.enqueue(arrays, predictor)
-        probs = await batcher.result(future, cfg.request_timeout_s)
+        probs = await batcher.result(future, max(0.0, deadline - time.monotonic()), cfg.request_timeout_s)
         # a JSONResponse, not a dict: FastAPI would walk the plain dict with jsonable_encoder first
         return JSONResponse({"model": {"version": predictor.version, "backend": predictor.backend},
                              "results": [{"index": i, "filename": name, "top_k": top}
@@ -602,7 +687,9 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         blobs = await _images_in(request, cfg)
         if len(blobs) != 1:
             raise ApiError(400, "one_scene", f"send exactly one scene image, got {len(blobs)}")
-        scene = await _decode(blobs[0], cfg.max_pixels, index=0)
+        limits = _Limits.of(cfg, time.monotonic() + cfg.request_timeout_s)
+        scene = (await _prepare(functools.partial(images.decode, max_pixels=cfg.max_pixels), blobs, limits,
+                                metrics))[0]
         boxes = await asyncio.get_running_loop().run_in_executor(None, predictor.detect, [scene])
         return {"model": {"version": predictor.version}, "width": int(scene.shape[1]),
                 "height": int(scene.shape[0]), "boxes": _plain(boxes[0])}
@@ -613,7 +700,9 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         return {**predictor.info(), "serving": {
             "batching": cfg.batching, "max_batch": cfg.effective_batch(), "max_wait_ms": cfg.max_wait_ms,
             "max_queue": cfg.max_queue, "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
-            "max_images": cfg.max_images, "detect": bool(cfg.detector), "refused_versions": slot.refused()}}
+            "max_images": cfg.max_images, "max_request_pixels": cfg.max_request_pixels,
+            "decode_budget_s": cfg.decode_budget_s, "request_timeout_s": cfg.request_timeout_s,
+            "detect": bool(cfg.detector), "refused_versions": slot.refused()}}
 
     @app.get("/v1/pictogram/{key}.png", summary="A clean drawing of a sign class (for the page)")
     async def pictogram(key: str) -> Any:
@@ -622,9 +711,14 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
             raise ApiError(404, "no_pictogram", f"no pictogram for class {key!r}")
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/healthz", summary="The process is alive")
+    @app.get("/healthz", summary="The process is alive; the serving version and any refused versions")
     async def healthz() -> Any:
-        return {"status": "ok"}
+        # Always 200 while the process answers (a liveness probe must not restart a service whose old
+        # model still serves); a refused version is reported here so an operator sees why an update
+        # did not take: which version, why, since when, how often tried.
+        current = slot.current
+        return {"status": "ok", "serving": current.version if current is not None else None,
+                "refused": [r.to_dict() for r in slot.refusals()]}
 
     @app.get("/readyz", summary="A model is loaded and warmed up")
     async def readyz() -> Any:
@@ -733,7 +827,8 @@ async def _images_in(request: Any, cfg: ServeConfig) -> list[tuple[str | None, b
                        "as the body (Content-Type: image/png, image/jpeg or application/octet-stream) or as "
                        "multipart/form-data file fields")
     if len(blobs) > cfg.max_images:
-        raise ApiError(413, "too_many_images", f"{len(blobs)} images in one request; the limit is {cfg.max_images}")
+        raise ApiError(413, "too_many_images", f"{len(blobs)} images in one request; the limit is {cfg.max_images} "
+                       "(max_images): split it into several requests")
     return blobs
 
 
@@ -744,6 +839,11 @@ async def _multipart(request: Any, cfg: ServeConfig) -> list[tuple[str | None, b
         form = await request.form(max_files=cfg.max_images, max_fields=cfg.max_images + 16)
     except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted multipart is a bad request
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        if str(detail).lower().startswith("too many files"):
+            # starlette stops at the (max_images + 1)-th file part, before spooling it: the parse fails,
+            # but the request is well-formed and too big, which the API documents as 413
+            raise ApiError(413, "too_many_images", f"more than {cfg.max_images} images in one request; the limit "
+                           f"is {cfg.max_images} (max_images): split it into several requests") from None
         raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {detail}") from None
     try:
         blobs = []
@@ -758,33 +858,92 @@ async def _multipart(request: Any, cfg: ServeConfig) -> list[tuple[str | None, b
     return blobs
 
 
-async def _decode(blob: tuple[str | None, bytes], max_pixels: int, *, index: int) -> np.ndarray:
+@dataclass(frozen=True)
+class _Limits:
+    """What one request may cost to decode: pixels (from headers), CPU seconds, and its deadline."""
+
+    max_pixels: int  # per image
+    max_request_pixels: int  # all its images together
+    decode_budget_s: float
+    deadline: float  # time.monotonic() by which the request must be answered
+    timeout_s: float  # the configured request timeout (for the message)
+    retry_after_s: int
+
+    @classmethod
+    def of(cls, cfg: ServeConfig, deadline: float) -> _Limits:
+        return cls(cfg.max_pixels, cfg.max_request_pixels, cfg.decode_budget_s, deadline, cfg.request_timeout_s,
+                   cfg.retry_after_s)
+
+
+def _check_pixels(blobs: list[tuple[str | None, bytes]], limits: _Limits) -> int:
+    """Refuse the request from its images' headers alone when all of them together are too many pixels.
+
+    PIL's ``open`` reads only the header, so this costs microseconds per image however large it claims
+    to be; a request of 64 PNGs of 4900x4900 (4.5 MB on the wire) would otherwise cost ~30 CPU-seconds.
+    """
+    total = 0
+    for i, (name, data) in enumerate(blobs):
+        try:
+            w, h = images.open_checked(data, max_pixels=limits.max_pixels).size
+        except images.ImageError as exc:
+            raise _image_error(exc, name, i) from None
+        total += w * h
+    if total > limits.max_request_pixels:
+        raise ApiError(413, "too_many_pixels", f"the {len(blobs)} image(s) of this request have {total} pixels in "
+                       f"all; the limit per request is {limits.max_request_pixels} (max_request_pixels): send "
+                       "fewer or smaller images per request")
+    return total
+
+
+def _decode_all(convert: Callable[[bytes], np.ndarray], blobs: list[tuple[str | None, bytes]], limits: _Limits,
+                metrics: _Metrics, *, checked: bool = False) -> list[np.ndarray]:
+    """Check the pixel budget, then decode image by image within the CPU budget and the request's deadline.
+
+    The budget is this thread's CPU time (not wall time), so a busy machine does not refuse honest
+    requests; it is checked after each image, so a request costs at most the budget plus one image,
+    and that one is bounded by ``max_pixels``.
+    """
+    if not checked:
+        _check_pixels(blobs, limits)
+    out: list[np.ndarray] = []
+    started = time.thread_time()
     try:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(images.decode, blob[1], max_pixels=max_pixels))
-    except images.ImageError as exc:
-        raise _image_error(exc, blob[0], index) from None
-
-
-# Bodies below this are decoded in the event loop: a sign crop decodes in ~0.1 ms, less than the
-# hand-off to a worker thread and back costs; larger images go to a thread so the loop keeps serving.
-INLINE_DECODE_BYTES = 32 << 10
-
-
-async def _prepare(predictor: Predictor, blobs: list[tuple[str | None, bytes]]) -> list[np.ndarray]:
-    """Decode and resize every image (small ones inline, others in a thread); the first bad one refuses."""
-
-    def work() -> list[np.ndarray]:
-        out = []
         for i, (name, data) in enumerate(blobs):
+            if time.monotonic() > limits.deadline:
+                raise Overloaded("timeout", f"no answer within {limits.timeout_s:g}s: image {i} of {len(blobs)} "
+                                 f"was still waiting to be decoded (the service is overloaded); retry after "
+                                 f"{limits.retry_after_s}s", limits.retry_after_s)
+            metrics.decoded.inc()
             try:
-                out.append(predictor.prepare(data))
+                out.append(convert(data))
             except images.ImageError as exc:
                 raise _image_error(exc, name, i) from None
-        return out
+            used = time.thread_time() - started
+            if used > limits.decode_budget_s:
+                raise ApiError(413, "decode_budget_exceeded", f"decoding image {i} of {len(blobs)} brought this "
+                               f"request to {used:.3f} CPU-seconds, over its budget of {limits.decode_budget_s:g}s "
+                               "(decode_budget_s): send fewer or smaller images, or a format that decodes faster")
+    finally:
+        metrics.decode_cpu.inc(time.thread_time() - started)
+    return out
 
-    if sum(len(data) for _, data in blobs) <= INLINE_DECODE_BYTES:
-        return work()
+
+# Requests this small are decoded in the event loop: a sign crop decodes in ~0.1 ms, less than the
+# hand-off to a worker thread and back costs; larger ones go to a thread so the loop keeps serving.
+# Both bounds matter: a 12 KB PNG can claim 25M pixels of one colour (~0.3 CPU-s to decode).
+INLINE_DECODE_BYTES = 32 << 10
+INLINE_DECODE_PIXELS = 1 << 16
+
+
+async def _prepare(convert: Callable[[bytes], np.ndarray], blobs: list[tuple[str | None, bytes]], limits: _Limits,
+                   metrics: _Metrics) -> list[np.ndarray]:
+    """Decode (and resize, for classify) every image (small ones inline, others in a thread) within the limits."""
+    if sum(len(data) for _, data in blobs) <= INLINE_DECODE_BYTES:  # headers of a few KB: read them here
+        if _check_pixels(blobs, limits) <= INLINE_DECODE_PIXELS:
+            return _decode_all(convert, blobs, limits, metrics, checked=True)
+        work = functools.partial(_decode_all, convert, blobs, limits, metrics, checked=True)
+    else:
+        work = functools.partial(_decode_all, convert, blobs, limits, metrics)
     return await asyncio.get_running_loop().run_in_executor(None, work)
 
 

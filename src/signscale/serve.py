@@ -198,7 +198,7 @@ def folder_stamp(url: str) -> str:
     fs, path = storage.filesystem(url)
     fs.invalidate_cache(path)  # object-store listings are cached by fsspec; a stale one would hide the change
     entries = fs.ls(path, detail=True)
-    keys = ("size", "mtime", "LastModified", "ETag", "etag", "md5Hash", "updated", "last_modified")
+    keys = ("size", "mtime", "ino", "LastModified", "ETag", "etag", "md5Hash", "updated", "last_modified")
     return json.dumps(sorted([str(e.get("name")), *(str(e.get(k)) for k in keys if k in e)] for e in entries))
 
 

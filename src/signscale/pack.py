@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import hashlib
 import json
@@ -143,7 +142,8 @@ def _die_with_parent(parent: int) -> None:
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+            # the process's own symbols include libc's prctl; 1 = PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
     watched = os.getppid()
     if watched != parent and not _alive(parent):
         os._exit(1)  # the pack process died before this worker got here

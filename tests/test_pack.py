@@ -1,14 +1,18 @@
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
+import signscale.pack as packing
 from signscale import shards, storage
 from signscale.pack import PackConfig, pack
 from signscale.sources import open_source
@@ -79,6 +83,94 @@ def test_killed_pack_resumes_to_the_same_dataset(tmp_path):
     resumed = _pack(out)
     assert resumed.chunks_reused == 2
     assert resumed.checksum == ref.checksum
+
+
+def _proc_stat(pid):
+    """(state, ppid, start time) of a live process from /proc, or None once it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in "ZX" else (fields[0], int(fields[1]), fields[19])
+
+
+def _children(pid):
+    """{child pid: start time} of ``pid``, from one scan of /proc."""
+    kids = {}
+    for name in os.listdir("/proc"):
+        st = _proc_stat(name) if name.isdigit() else None
+        if st is not None and st[1] == pid:
+            kids[int(name)] = st[2]
+    return kids
+
+
+def _wait_until(condition, timeout_s=60.0, poll_s=0.05):
+    """Poll ``condition`` until it holds; False if ``timeout_s`` passes first (a bound, not a sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or not hasattr(os, "mkfifo"), reason="needs /proc and FIFOs")
+def test_kill_9_of_pack_takes_its_decode_workers_with_it(tmp_path):
+    """A real `signscale pack` with three decode workers, killed mid-run: no worker outlives it.
+
+    One "image" is a FIFO nobody writes to, so the worker that reads it blocks and the pack cannot
+    finish before the kill: the kill always lands mid-run, with every worker alive.
+    """
+    root = tmp_path / "imgs" / "keep_right"
+    root.mkdir(parents=True)
+    for i in range(40):
+        (root / f"img{i:02d}.png").write_bytes(_png((i, 50, 60), (12, 12)))
+    os.mkfifo(root / "stuck.png")
+    proc = subprocess.Popen([sys.executable, "-m", "signscale", "pack", f"folder:{tmp_path / 'imgs'}",
+                             str(tmp_path / "ds"), "--size", "8", "--workers", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = {}
+    try:
+        assert _wait_until(lambda: len(_children(proc.pid)) >= 3 or proc.poll() is not None)
+        workers = _children(proc.pid)
+        assert proc.poll() is None and len(workers) == 3
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+
+        def alive():
+            return [pid for pid, start in workers.items() if (_proc_stat(pid) or (0, 0, None))[2] == start]
+
+        assert _wait_until(lambda: not alive(), timeout_s=30), f"decode workers outlived the pack: {alive()}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid, start in workers.items():  # on failure: end what this test started, by pid
+            st = _proc_stat(pid)
+            if st is not None and st[2] == start:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_next_run_removes_only_old_temp_files_of_ours(tmp_path):
+    out = tmp_path / "ds"
+    (out / "shards").mkdir(parents=True)
+    (out / "_pack").mkdir()
+    old = time.time() - packing.STALE_TMP_S - 60  # older than the age pack documents
+    stale = [out / "shards" / ".shard-00001.sgs.tmp-0a1b2c3d", out / "_pack" / ".chunk-00000.json.tmp-deadbeef",
+             out / ".manifest.json.tmp-01234567"]
+    kept = [out / "shards" / ".shard-00002.sgs.tmp-cafef00d",  # fresh: perhaps another rank's write in progress
+            out / "shards" / "notes.tmp-01234567", out / ".x.tmp-zzzzzzzz", out / ".x.tmp-0123456789",
+            out / "mine.txt", tmp_path / ".elsewhere.tmp-01234567"]  # not ours, or not in the dataset
+    for i, f in enumerate(stale + kept):
+        f.write_bytes(b"partial")
+        if i != len(stale):  # everything but the fresh temp file is old
+            os.utime(f, (old, old))
+    res = _pack(out)
+    assert res.finalized and res.count == 240
+    assert [f.name for f in stale if f.exists()] == []
+    assert [f.name for f in kept if not f.exists()] == []
+    assert shards.verify(str(out)) == []
 
 
 def test_two_ranks_equal_one_rank(tmp_path):

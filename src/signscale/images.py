@@ -3,20 +3,41 @@
 PIL decodes lazily and reports truncated files and unknown formats as ``OSError`` subclasses,
 often only on first pixel access; :func:`decode` forces the decode and turns every failure into
 an :class:`ImageError` with a short reason code that quarantine files and HTTP errors can carry.
+
+:func:`decode` is the one decode path (pack, predict, serve, evaluate all call it), and it turns
+every input into the pixels a person would see, never silently into something else:
+
+* **16-bit** grey (PNG, TIFF: PIL's ``I;16`` modes) is *scaled* to 8 bits (``round(v * 255 / 65535)``);
+  PIL's own conversion clips it, so grey 40000 would become white. 16-bit RGB arrives from PIL
+  already reduced to its high byte (``v >> 8``, at most one level below the rounded value).
+* **Transparency** (alpha channels, palette or single-colour ``tRNS`` transparency) is composited on
+  :data:`BACKGROUND`, white, the way browsers and viewers show such a file on a page; dropping the
+  alpha would show whatever colour the transparent pixels happen to store.
+* **CMYK** (print JPEGs, Adobe-inverted ones included) is converted to RGB.
+* **EXIF orientation** is applied, so a phone photo taken upright is decoded upright.
+* **Animated** images (GIF, APNG, WebP) decode their first frame.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 # Well under Pillow's own bomb limit (~89M pixels): a sign image is never this large, a scene is
 # at most a few megapixels, and a crafted header should be refused before any allocation.
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# Transparent pixels are shown on white: what a browser or an image viewer shows for a PNG sign
+# cut out of its background, and so what a person labelling the file saw.
+BACKGROUND = (255, 255, 255)
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ORIENTATION = ExifTags.Base.Orientation
 
 
 class ImageError(ValueError):
@@ -56,19 +77,49 @@ def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode to an HxWx3 uint8 RGB array, forcing the full decode so truncation is caught here."""
+    """Decode to an HxWx3 uint8 RGB array, forcing the full decode so truncation is caught here.
+
+    The first frame, upright per EXIF, 16-bit scaled, transparency on :data:`BACKGROUND` (module doc).
+    """
     img = open_checked(data, max_pixels=max_pixels)
     try:
+        img.seek(0)  # animated images: the first frame (PIL opens there; said here so it stays so)
         img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as exc:
+        arr = to_rgb8(_upright(img))
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise ImageError("truncated" if "truncat" in str(exc).lower() else "undecodable",
                          f"{type(exc).__name__}: {exc}") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError("undecodable", f"unexpected array shape {arr.shape}")
     return arr
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (2..8); unchanged (not copied) without one."""
+    if img.getexif().get(_ORIENTATION, 1) in range(2, 9):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> HxWx3 uint8 RGB, scaling 16-bit grey and compositing transparency (module doc)."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return _on_background(np.asarray(img.convert("RGBA"), dtype=np.uint8))
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # L, 1, P without transparency, CMYK (Adobe-inverted handled on read), YCbCr
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _on_background(rgba: np.ndarray) -> np.ndarray:
+    """Alpha-composite RGBA pixels over :data:`BACKGROUND`, rounded to the nearest level."""
+    alpha = rgba[:, :, 3:4].astype(np.uint32)
+    bg = np.asarray(BACKGROUND, dtype=np.uint32)
+    out = (rgba[:, :, :3].astype(np.uint32) * alpha + bg * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -10,15 +10,25 @@ sidecar (counts, sha256, problems, content hashes). The sidecar is written after
 the manifest after every sidecar: the index is always written last. Finalising removes duplicate
 content across chunks (first occurrence wins), then writes ``quarantine.jsonl`` and
 ``manifest.json``.
+
+Crashes: a killed pack resumes from its finished chunks. Its decode workers do not outlive it
+(:func:`_die_with_parent`), and the temp files its atomic writes leave behind (``.NAME.tmp-XXXXXXXX``,
+see :func:`storage.temp_name`) are removed by the next pack into the same folder once they are
+:data:`STALE_TMP_S` old (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +43,13 @@ from signscale.labels import COUNTRIES
 from signscale.sources import CONDITIONS, Problem, Sample, Source, open_source
 
 WORK_DIR = "_pack"
+
+# A temp file untouched this long belongs to a dead writer: a live one writes its shard in one go,
+# fsyncs and renames it within seconds (minutes for 64 MB on a slow shared disk), and another rank
+# packing into the same folder is such a live writer. The shard cache in stream.py uses the same hour.
+STALE_TMP_S = 3600.0
+# How often a decode worker checks that its parent is alive where the kernel cannot tell it (non-Linux).
+PARENT_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -105,10 +122,73 @@ class PackResult:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(source: Source, cfg: PackConfig) -> None:
+def _init_worker(source: Source, cfg: PackConfig, parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     _WORKER["source"] = source
     _WORKER["cfg"] = cfg
     _WORKER["dtype"] = shards.record_dtype(cfg.encoding, (cfg.size, cfg.size, 3))
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the pack process ``parent`` dies, even by kill -9.
+
+    A pool worker blocks on its task queue, and every worker holds that queue's write end too, so
+    it never sees end-of-file: without this an orphaned worker (hundreds of MB with a source
+    loaded) lives until someone finds it. The worker writes nothing, so it may die at any point.
+    Linux: the kernel sends SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG). Everywhere: a
+    daemon thread polls ``os.getppid()``, which changes once the parent is gone (the forkserver
+    start method's parent is the forkserver, which exits with the pack process).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            # the process's own symbols include libc's prctl; 1 = PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    watched = os.getppid()
+    if watched != parent and not _alive(parent):
+        os._exit(1)  # the pack process died before this worker got here
+    threading.Thread(target=_watch_parent, args=(watched,), name="watch-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_parent(watched: int) -> None:
+    while os.getppid() == watched:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+def remove_stale_temps(out: str, older_than_s: float = STALE_TMP_S) -> list[str]:
+    """Remove temp files of killed writes in a local pack folder; returns their paths.
+
+    Only names :func:`storage.atomic_write` gives its temps (``.NAME.tmp-`` + 8 hex digits) in the
+    folders pack writes (the dataset folder, ``shards/``, ``_pack/``), and only when untouched for
+    ``older_than_s``: a fresh one may be another rank's write in progress. Object stores have no
+    temps (an object appears whole), so nothing is done there.
+    """
+    root = storage.local_path(out)
+    if root is None:
+        return []
+    removed = []
+    now = time.time()
+    for folder in (root, os.path.join(root, "shards"), os.path.join(root, WORK_DIR)):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(folder):
+                if not storage.TEMP_NAME.fullmatch(entry.name):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > older_than_s:
+                        os.remove(entry.path)
+                        removed.append(entry.path)
+    return removed
 
 
 def _meta(rec: np.ndarray, s: Sample, index: int, roi: tuple[int, int, int, int] | None) -> None:
@@ -407,6 +487,7 @@ def pack(cfg: PackConfig) -> PackResult:
     source = open_source(cfg.source)
     out = cfg.out.rstrip("/")
     storage.makedirs(out)
+    remove_stale_temps(out)
     rank, world = _rank_world(cfg)
     rps = records_per_shard(cfg, source)
     n_chunks = math.ceil(len(source) / rps) if len(source) else 0
@@ -424,8 +505,8 @@ def pack(cfg: PackConfig) -> PackResult:
         else:
             todo.append(c)
     total = sum(min(len(source), (c + 1) * rps) - c * rps for c in todo)
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source, cfg)) if workers > 0 and todo \
-        else None
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source, cfg, os.getpid())) \
+        if workers > 0 and todo else None
     if pool is None:
         _init_worker(source, cfg)
     from signscale.progress import progress_bar

@@ -335,6 +335,8 @@ class Predictor:
                 pending.append((len(results) - 1, self.prepare(storage.read_bytes(url))))
             except images.ImageError as exc:
                 results[-1]["error"] = {"reason": exc.reason, "message": str(exc)}
+            except IsADirectoryError:  # e.g. a glob matched a folder named x.png
+                results[-1]["error"] = {"reason": "not_a_file", "message": f"{url} is a folder, not a file"}
             except OSError as exc:  # missing file, unreachable URL: this input only
                 results[-1]["error"] = {"reason": "unreadable", "message": f"{type(exc).__name__}: {exc}"}
             if len(pending) >= self.batch_size:

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import random
+import re
 import time
 import uuid
 from typing import IO, Any, Callable, Iterator, TypeVar
@@ -262,6 +263,16 @@ class WriteResult:
         self.nbytes = 0
 
 
+# The temp files atomic_write leaves only when its process is killed: callers that own a folder
+# (pack) sweep old ones by this exact pattern, so nothing else is ever matched.
+TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9a-f]{8}")
+
+
+def temp_name(name: str) -> str:
+    """The hidden temp name :func:`atomic_write` writes ``name`` under before renaming it."""
+    return f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
 @contextlib.contextmanager
 def atomic_write(url: str) -> Iterator[tuple[_HashingWriter, WriteResult]]:
     """Write a file that appears under ``url`` only if the block completes.
@@ -276,7 +287,7 @@ def atomic_write(url: str) -> Iterator[tuple[_HashingWriter, WriteResult]]:
     if lp is not None:
         d = os.path.dirname(os.path.abspath(lp))
         os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{os.path.basename(lp)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(d, temp_name(os.path.basename(lp)))
         try:
             with open(tmp, "wb") as f:
                 w = _HashingWriter(f)

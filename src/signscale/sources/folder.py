@@ -138,8 +138,10 @@ class FolderSource(Source):
         assert url is not None
         try:
             data = storage.read_bytes(url)
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             return Problem(entry.key, "missing_file", f"{url} does not exist", KIND)
+        except IsADirectoryError:  # a folder named like an image (``x.png/``): there, but not an image
+            return Problem(entry.key, "not_a_file", f"{url} is a folder, not a file; rename or move it", KIND)
         return replace(entry, image=data)  # decoded (and validated) by whoever uses the pixels
 
     def entries(self) -> list[Sample | Problem]:

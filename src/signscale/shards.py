@@ -470,10 +470,29 @@ class ShardReader:
         """
         if self.sums is None or not len(blocks):
             return np.zeros(0, dtype=np.int64)
-        state = self._state[blocks]
-        for b in blocks[state == _UNKNOWN]:
-            self._state[b] = _GOOD if self._block_ok(int(b)) else _BAD
+        unknown = blocks[self._state[blocks] == _UNKNOWN]
+        if len(unknown) and self.encoding == "raw" and self._mm is not None:
+            self._check_raw_mapped(unknown)
+        else:
+            for b in unknown:
+                self._state[b] = _GOOD if self._block_ok(int(b)) else _BAD
         return blocks[self._state[blocks] == _BAD]
+
+    def unchecked(self, blocks: np.ndarray) -> np.ndarray:
+        """The distinct blocks among ``blocks`` (repeats allowed) not yet checked by this reader, or
+        found corrupt: a batch's worth of lookups, and no sort once its blocks are known good."""
+        pending = self._state[blocks] != _GOOD
+        return np.unique(blocks[pending]) if pending.any() else blocks[:0]
+
+    def _check_raw_mapped(self, blocks: np.ndarray) -> None:
+        """:meth:`_block_ok` for raw mapped shards without its generality: one slice, one copy and one
+        CRC per block (this loop is the loader's whole checking cost, so it is kept lean)."""
+        assert self.sums is not None and self._mm is not None
+        mm, rs, per, count, base = self._mm, self.dtype.itemsize, self.sums.per, self.count, self._data
+        want, value = self.sums.records, google_crc32c.value
+        for b in blocks.tolist():
+            stop = min((b + 1) * per, count)
+            self._state[b] = _GOOD if value(mm[base + b * per * rs:base + stop * rs].tobytes()) == want[b] else _BAD
 
     def scan(self) -> list[int]:
         """Every corrupt block of the shard (reads it all), for `signscale data verify`."""
@@ -508,10 +527,11 @@ class ShardReader:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def records_checked(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, list[int]]:
+    def records_checked(self, start: int = 0, stop: int | None = None, *, check: bool = True
+                        ) -> tuple[np.ndarray, list[int]]:
         """Records [start, stop) and the corrupt blocks among them (not raised)."""
         stop = self.count if stop is None else min(stop, self.count)
-        buf, bad = self._span("records", start, stop, True)
+        buf, bad = self._span("records", start, stop, check)
         arr = np.frombuffer(buf, dtype=self.dtype) if isinstance(buf, bytes) else buf.view(self.dtype)
         return arr, bad
 
@@ -537,14 +557,15 @@ class ShardReader:
             self._ex_offsets = self._table(base, 1)
         return self._ex_offsets
 
-    def blobs_checked(self, start: int = 0, stop: int | None = None) -> tuple[list[bytes], list[int]]:
+    def blobs_checked(self, start: int = 0, stop: int | None = None, *, check: bool = True
+                      ) -> tuple[list[bytes], list[int]]:
         """Original image bytes of records [start, stop) (encoded shards), one ranged read, and the
         corrupt blocks among them (not raised)."""
         if self.encoding != "encoded":
             raise ShardError(f"{self.url}: blobs() needs an encoded shard")
         stop = self.count if stop is None else min(stop, self.count)
         off = self._image_offsets()
-        chunk, bad = self._span("blobs", start, stop, True)
+        chunk, bad = self._span("blobs", start, stop, check)
         chunk = bytes(chunk)
         rel = off[start:stop + 1] - off[start]
         return [chunk[int(rel[i]):int(rel[i + 1])] for i in range(stop - start)], bad

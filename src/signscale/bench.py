@@ -688,6 +688,9 @@ def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, 
             (LOADER_SEQ, False, True, False), (LOADER_SEQ_UNCHECKED, False, False, False)]
         if where == LOCAL:
             loaders += [(LOADER_AGAIN, True, True, True), (LOADER_AGAIN_UNCHECKED, True, False, True)]
+        for shuffle in (True, False):  # one-time costs (imports, compiled shuffle) are no row's: one batch each
+            next(iter(open_stream(raw_url, num_workers=0, batch_size=cfg.batch_size, shuffle=shuffle,
+                                  check_sums=False)))
         for what, shuffle, check, again in loaders:
             def make(w: int = w, shuffle: bool = shuffle, check: bool = check) -> Iterable[dict[str, Any]]:
                 return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=shuffle,

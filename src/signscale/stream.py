@@ -56,6 +56,7 @@ log = logging.getLogger("signscale.stream")
 
 Intervals = list[tuple[int, int]]
 Records = np.ndarray | dict[str, np.ndarray]  # a structured array, or its fields gathered one by one
+_Block = tuple[np.ndarray, list[bytes] | None, np.ndarray | None]  # records, blobs, rows in corrupt blocks
 
 
 @dataclass(frozen=True)
@@ -446,8 +447,7 @@ class _DatasetReader:
         self.quarantine: list[dict[str, Any]] = []  # new entries, drained by the stream into batches
         self._reported: set[tuple[int, int, str]] = set()
         self._readers: "collections.OrderedDict[int, ShardReader]" = collections.OrderedDict()
-        self._blocks: "collections.OrderedDict[tuple[int, int], tuple[np.ndarray, list[bytes] | None, np.ndarray | None]]" = \
-            collections.OrderedDict()
+        self._blocks: collections.OrderedDict[tuple[int, int], _Block] = collections.OrderedDict()
         self._local = storage.is_local(manifest.root)
 
     def reader(self, s: int) -> ShardReader:

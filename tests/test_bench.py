@@ -20,7 +20,8 @@ def test_bench_io_smoke(tmp_path):
     rows = bench_io(cfg, console=Console(file=out, width=200))
 
     measured = {(r.what, r.where, r.workers) for r in rows if not r.skipped}
-    for what in (bench.PLAIN, bench.RAW, bench.ENCODED, bench.LOADER, bench.LOADER_SEQ, bench.AUG_SAMPLE,
+    for what in (bench.PLAIN, bench.RAW, bench.ENCODED, bench.LOADER, bench.LOADER_SEQ, bench.LOADER_UNCHECKED,
+                 bench.LOADER_SEQ_UNCHECKED, bench.LOADER_AGAIN, bench.LOADER_AGAIN_UNCHECKED, bench.AUG_SAMPLE,
                  bench.AUG_BATCH, bench.AUG_TORCH):
         for w in (0, 1):
             assert (what, "local", w) in measured, (what, w)
@@ -33,6 +34,8 @@ def test_bench_io_smoke(tmp_path):
     labels = {r.label for r in ratios(rows)}
     assert "raw shards / plain files (local, 1 worker)" in labels
     assert "loader / raw shards direct (local, 0 workers)" in labels
+    assert {"loader, block sums checked / off (local, 1 worker)",  # the cost of integrity on read (#19)
+            "loader, block sums checked / off, per CPU-second (local, 0 workers)"} <= labels
     assert "augment per batch, compiled kernel / torch ops (local, 1 worker)" in labels
     assert "per worker CPU-second" in next(r.note for r in rows if (r.what, r.workers) == (bench.AUG_BATCH, 1))
     assert all(r.value > 0 for r in ratios(rows))

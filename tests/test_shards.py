@@ -48,10 +48,11 @@ def test_numpy_snippet_in_docs_reads_a_shard(tmp_path):
     recs = _records(4)
     data = shards.encode_raw_shard(recs)
     magic, version, hlen = struct.unpack_from("<8sII", data)
-    header = json.loads(data[16:16 + hlen])
+    start = 20 if version >= 2 else 16  # format 2: the header's CRC32C sits between
+    header = json.loads(data[start:start + hlen])
     dtype = np.dtype([(n, s, tuple(shape)) for n, s, shape in header["dtype"]])
     arr = np.frombuffer(data, dtype=dtype, count=header["count"], offset=header["data_offset"])
-    assert magic == b"SIGNSHRD" and version == 1
+    assert magic == b"SIGNSHRD" and version == 2
     assert np.array_equal(arr["image"], recs["image"])
 
 

@@ -10,7 +10,9 @@ in one process tree, with every row measured the same way:
   - *raw shards* and *encoded shards* read directly: ``ShardReader.records`` (and ``blobs``) over
     consecutive blocks of ``batch_size`` records, no epoch plan;
   - the *signscale loader* (``StreamLoader`` over the raw dataset), shuffled as in training and
-    in order, so its own overhead and the cost of the shuffle can be told apart;
+    in order, so its own overhead and the cost of the shuffle can be told apart; each also with
+    the shards' block sums unchecked (``StreamConfig.check_sums=False``), so the cost of
+    integrity on read is a ratio of two rows of one run;
   - *litdata*, as a reference, when it is installed;
 * **augment**: samples/s of training inputs (normalised float32 NCHW, augmented) from the raw
   shards, two ways: *per sample* -- a map-style Dataset applying torchvision v2 random affine, colour
@@ -64,6 +66,10 @@ ENCODED = "encoded shards"
 LOADER = "loader (shuffled)"
 LOADER_SEQ = "loader (in order)"
 LOADER_CACHED = "loader (shard cache)"
+LOADER_UNCHECKED = "loader (shuffled, block sums off)"
+LOADER_SEQ_UNCHECKED = "loader (in order, block sums off)"
+LOADER_AGAIN = "loader (shuffled, 2nd epoch)"
+LOADER_AGAIN_UNCHECKED = "loader (shuffled, 2nd epoch, block sums off)"
 LITDATA = "litdata"
 AUG_SAMPLE = "augment per sample (torchvision v2)"
 AUG_BATCH = "augment per batch (BatchAugment)"
@@ -152,6 +158,7 @@ class Row:
     partial: bool = False  # the epoch was cut by the time box or a subset: per-epoch counts are estimates
     note: str = ""
     skipped: bool = False
+    cpu_per_s: float | None = None  # samples per CPU-second of this process and its workers: load-independent
 
     @property
     def samples_per_s(self) -> float | None:
@@ -483,6 +490,19 @@ class _RequestCounter:
             storage.read_bytes = original  # type: ignore[assignment]
 
 
+def _loader_row(what: str, where: str, workers: int, make: Callable[[], Iterable[dict[str, Any]]], *,
+                cfg: BenchIOConfig, epoch: int, counter: _RequestCounter | None) -> Row:
+    """:func:`_read_row` plus samples per CPU-second of all processes (workers count once joined):
+    on a shared machine the wall-clock rate moves with the load, the CPU cost per sample does not."""
+    cpu0, kids0 = time.process_time(), _children_cpu()
+    row = _read_row(what, where, workers, make, cfg=cfg, epoch=epoch, counter=counter)
+    cpu = time.process_time() - cpu0 + _children_cpu() - kids0
+    if cpu > 0:
+        row.cpu_per_s = row.samples / cpu
+        row.note = _join(row.note, f"{row.cpu_per_s:,.0f} per CPU-second (all processes)")
+    return row
+
+
 def _read_row(what: str, where: str, workers: int, make: Callable[[], Iterable[dict[str, Any]]], *,
               cfg: BenchIOConfig, epoch: int, counter: _RequestCounter | None = None,
               subset_of: int = 0, note: str = "",
@@ -660,10 +680,29 @@ def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, 
                               cfg=cfg, epoch=raw_m.count, counter=counter))
         rows.append(_read_row(ENCODED, where, w, lambda w=w: _dataloader(enc, w, batch_size=None),
                               cfg=cfg, epoch=enc_m.count, counter=counter))
-        for what, shuffle in ((LOADER, True), (LOADER_SEQ, False)):
-            def make(w: int = w, shuffle: bool = shuffle) -> Iterable[dict[str, Any]]:
-                return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=shuffle)
-            rows.append(_read_row(what, where, w, make, cfg=cfg, epoch=raw_m.count, counter=counter))
+        # each loader row with the block sums checked (the default) and, right after it, without:
+        # what integrity on read costs (#19). A mapped shard's block is checked once per run, so a
+        # second epoch (local rows) shows the steady state; remote reads are checked on every fetch.
+        loaders: list[tuple[str, bool, bool, bool]] = [
+            (LOADER, True, True, False), (LOADER_UNCHECKED, True, False, False),
+            (LOADER_SEQ, False, True, False), (LOADER_SEQ_UNCHECKED, False, False, False)]
+        if where == LOCAL:
+            loaders += [(LOADER_AGAIN, True, True, True), (LOADER_AGAIN_UNCHECKED, True, False, True)]
+        for shuffle in (True, False):  # one-time costs (imports, compiled shuffle) are no row's: one batch each
+            next(iter(open_stream(raw_url, num_workers=0, batch_size=cfg.batch_size, shuffle=shuffle,
+                                  check_sums=False)))
+        for what, shuffle, check, again in loaders:
+            def make(w: int = w, shuffle: bool = shuffle, check: bool = check) -> Iterable[dict[str, Any]]:
+                return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=shuffle,
+                                   check_sums=check)
+            if again:  # the first epoch runs before the measurement starts
+                first = make()
+                for _ in first:
+                    pass
+
+                def make(first: Iterable[dict[str, Any]] = first) -> Iterable[dict[str, Any]]:
+                    return first
+            rows.append(_loader_row(what, where, w, make, cfg=cfg, epoch=raw_m.count, counter=counter))
         if where != LOCAL:  # whole shards downloaded once into a local cache, then memory-mapped
             def cached(w: int = w) -> Iterable[dict[str, Any]]:
                 return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size,
@@ -840,6 +879,14 @@ def ratios(rows: list[Row]) -> list[Ratio]:
                 _find(rows, RAW, where, w), percent=True)
             add(f"loader in order / raw shards direct ({where}, {ws})", _find(rows, LOADER_SEQ, where, w),
                 _find(rows, RAW, where, w), percent=True)
+            for what, off, label in ((LOADER, LOADER_UNCHECKED, "loader"),
+                                     (LOADER_SEQ, LOADER_SEQ_UNCHECKED, "loader in order"),
+                                     (LOADER_AGAIN, LOADER_AGAIN_UNCHECKED, "loader 2nd epoch")):
+                a, b = _find(rows, what, where, w), _find(rows, off, where, w)
+                add(f"{label}, block sums checked / off ({where}, {ws})", a, b, percent=True)
+                if a is not None and b is not None and a.cpu_per_s and b.cpu_per_s:
+                    out.append(Ratio(f"{label}, block sums checked / off, per CPU-second ({where}, {ws})",
+                                     a.cpu_per_s / b.cpu_per_s, True))
         for remote in (S3, GCS, AZURE):
             add(f"{remote} raw shards / local raw shards ({ws})", _find(rows, RAW, remote, w),
                 _find(rows, RAW, LOCAL, w))

@@ -202,9 +202,8 @@ def shard_layout(images: int, image_size: int, shard_mb: float) -> tuple[int, in
     rps = max(1, int(shard_mb * 2**20 // dt.itemsize))
     n_shards = -(-images // rps)
 
-    def shard_bytes(count: int) -> int:  # the header (JSON, padded to 64 B) depends on the count's digits
-        header = {"encoding": "raw", "count": count, "dtype": shards.dtype_to_json(dt), "record_size": dt.itemsize}
-        return shards._header_bytes(header)[1] + count * dt.itemsize
+    def shard_bytes(count: int) -> int:  # the header (JSON, padded to 64 B) grows with the count and its sums
+        return shards._header_bytes(shards.raw_header(dt, count))[1] + count * dt.itemsize
 
     full, last = divmod(images, rps)
     total = full * shard_bytes(rps) + (shard_bytes(last) if last else 0)

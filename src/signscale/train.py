@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     block_size: int = 256
+    on_corrupt: Literal["raise", "skip"] = "raise"  # a data block failing its checksum: stop, or skip it (counted)
     world_invariant: bool = False  # interleave global batches over ranks: N ranks == 1 rank x accumulate N
     checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)
     keep_last: int = 3
@@ -296,7 +297,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     weights = country_mixing(manifests, cfg.country_weights) if cfg.country_weights else tuple(cfg.weights)
     train_stream = ShardStream(StreamConfig(datasets=tuple(cfg.data), weights=weights,
                                             batch_size=cfg.batch_size, seed=cfg.seed, block_size=cfg.block_size,
-                                            remainder="drop",
+                                            remainder="drop", on_corrupt=cfg.on_corrupt,
                                             rank_layout="interleaved" if cfg.world_invariant else "contiguous"),
                                label_space=space)
     loader = StreamLoader(train_stream, num_workers=cfg.workers)
@@ -306,7 +307,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     if cfg.val:
         try:
             vs = ShardStream(StreamConfig(datasets=(cfg.val,), batch_size=512, shuffle=False, remainder="pad",
-                                          block_size=cfg.block_size), label_space=space)
+                                          block_size=cfg.block_size, on_corrupt=cfg.on_corrupt), label_space=space)
         except ShardError as exc:
             raise TrainError(f"val dataset {cfg.val} cannot be scored in the training label space: {exc}") from None
         val_loader = StreamLoader(vs, num_workers=min(cfg.workers, 1))

@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not isinstance(exc, _errors()):  # a bug, not bad input: keep the traceback
             raise
+        text = str(exc)
+        if text.startswith("Caught "):  # from a DataLoader worker: its own message, not torch's traceback
+            from signscale.stream import worker_message
+
+            text = worker_message(exc)
         # one unbroken line (a path or a command in it stays copyable), the text as written (no markup)
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(text)}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

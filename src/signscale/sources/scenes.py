@@ -663,13 +663,18 @@ class SceneStream(ShardStream):
         imgs: list[torch.Tensor | None] = [None] * n
         targets: list[dict[str, torch.Tensor] | None] = [None] * n
         meta = np.zeros((n, 11), dtype=np.int64)
+        skip = np.zeros(n, dtype=bool)  # rows in corrupt blocks (on_corrupt="skip"; "raise" raised)
         readers = self._dataset_readers()
         for d in np.unique(ds):
             sel = np.nonzero(ds == d)[0]
             reader = readers[int(d)]
-            recs, blobs = reader.take(rec[sel])
+            recs, blobs, bad = reader.take(rec[sel])
+            if bad is not None:
+                skip[sel] = bad
             shard_of = np.searchsorted(reader.m.starts, rec[sel], side="right") - 1
             for k, (i, b) in enumerate(zip(sel, blobs or [])):
+                if skip[i]:
+                    continue
                 s = int(shard_of[k])
                 local = int(rec[sel][k] - reader.m.starts[s])
                 extra = reader.reader(s).extras(local, local + 1)[0]
@@ -680,7 +685,12 @@ class SceneStream(ShardStream):
                 meta[sel, c] = recs[key]
         meta[:, 5] = ds
         meta[:, 6] = pad
-        return {"images": imgs, "targets": targets, "meta": torch.from_numpy(meta), "worker": worker, "batch": j}
+        out = {"images": imgs, "targets": targets, "meta": torch.from_numpy(meta), "worker": worker, "batch": j}
+        if skip.any():
+            keep = np.flatnonzero(~skip)
+            out.update(images=[imgs[i] for i in keep], targets=[targets[i] for i in keep],
+                       meta=torch.from_numpy(meta[keep]), skipped=self.skipped(skip))
+        return out
 
 
 def open_scene_stream(datasets: str | Sequence[str], *, num_workers: int = 0, rank: int | None = None,

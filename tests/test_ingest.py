@@ -190,6 +190,61 @@ def test_exactly_once_across_a_sigkill(base_dataset, tmp_path, s3_bucket):
     assert sorted(list_inbox(inbox)) == sorted(keys)
 
 
+_DIES_AT_RENAME = textwrap.dedent("""
+    import os, signal, sys
+    real, seen = os.replace, [0]
+    def dying(src, dst, *args, **kwargs):
+        # a real crash between writing a file's temp copy and renaming it into place
+        if str(dst).endswith(sys.argv[3]):
+            seen[0] += 1
+            if seen[0] == int(sys.argv[4]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst, *args, **kwargs)
+    os.replace = dying
+    from signscale.ingest import IngestConfig, ingest
+    ingest(IngestConfig(inbox=sys.argv[1], dataset=sys.argv[2], chunk=4, threads=2))
+""")
+
+
+def _temps(root: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if ".tmp-" in f]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,nth", [("chunk-00002.sgs", 1), ("/HEAD", 1), ("b000002.status.json", 2)],
+                         ids=["inside-a-chunk", "publishing", "recording-the-publish"])
+def test_a_run_killed_mid_write_is_finished_by_the_next_without_leftovers(base_dataset, tmp_path, target, nth):
+    """SIGKILL with a temp file written but not yet renamed: inside a chunk, while moving HEAD (the batch is
+    staged, not yet a version), and while recording 'published' (HEAD moved, status still 'staged'). The
+    next run publishes the batch exactly once, records it and removes the dead run's temp files."""
+    ds, inbox = _copy(base_dataset, tmp_path), str(tmp_path / "inbox")
+    upload(inbox, 16, seed=800)
+    proc = subprocess.run([sys.executable, "-c", _DIES_AT_RENAME, inbox, ds, target, str(nth)],
+                          env=dict(os.environ), capture_output=True, text=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _temps(ds), "the kill should have left a temp file"
+    r = ingest(IngestConfig(inbox=inbox, dataset=ds, chunk=4))
+    assert (r.state, r.version, r.kept) == ("published", 2, 16), r.summary()
+    assert [v.version for v in datasets.versions(ds)] == [1, 2] and datasets.head(ds).count == 120 + 16
+    st = json.loads(storage.read_text(storage.join(ds, "_ingest", "b000002.status.json")))
+    assert (st["state"], st["version"]) == ("published", 2)
+    assert _temps(ds) == []
+    ids = datasets.read_records(Manifest.load(r.batch_url))["id"]
+    assert len(set(ids.tolist())) == len(ids) == 16
+    assert ingest(IngestConfig(inbox=inbox, dataset=ds)).state == "empty"
+
+
+def test_a_batch_staged_for_the_gate_is_not_published_by_a_later_run(base_dataset, tmp_path):
+    """Only a batch whose plan asked for publishing is finished by the next run; one staged with
+    publish=False (the continual loop) waits for the gate."""
+    ds, inbox = _copy(base_dataset, tmp_path), str(tmp_path / "inbox")
+    upload(inbox, 4, seed=900)
+    a = ingest(IngestConfig(inbox=inbox, dataset=ds, publish=False))
+    assert a.state == "staged"
+    assert ingest(IngestConfig(inbox=inbox, dataset=ds)).state == "empty"
+    assert datasets.head(ds).version == 1
+
+
 def test_label_noise_estimates_the_share_of_wrong_labels_and_names_the_vehicle():
     rng = np.random.default_rng(0)
     n = 600

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -265,8 +266,10 @@ def _claim(cfg: IngestConfig, keys: list[str]) -> tuple[str, dict[str, Any]]:
             todo = todo[: cfg.max_objects]
         n = max((int(b[1:]) for b in plans), default=1) + 1
         batch = f"b{n:06d}"
+        # "publish": a run that dies between staging and publishing leaves the intent here, so the next
+        # run finishes the publish (a batch staged with publish=False waits for the gate instead)
         plan = {"batch": batch, "inbox": cfg.inbox.rstrip("/"), "keys": todo, "created": _now(),
-                "chunk": cfg.chunk}
+                "chunk": cfg.chunk, "publish": cfg.publish}
         try:
             storage.write_pointer(storage.join(_ingest_dir(cfg.dataset), f"{batch}.plan.json"),
                                   json.dumps(plan).encode(), expect=None)
@@ -491,8 +494,13 @@ def ingest(cfg: IngestConfig, *, on_chunk: Callable[[int, int], None] | None = N
     dtype = shards.record_dtype("raw", base.image_shape)
     plans = _plans(dataset)
     result = IngestResult()
+    statuses = {b: batch_status(dataset, b) for b in plans}
+    # a valid batch whose run died before its publish was recorded: publishing it is all that is left
+    for b, st in statuses.items():
+        if st is not None and st["state"] == "staged" and plans[b].get("publish") and st.get("kept"):
+            return _publish_staged(dataset, b, plans[b], st)
     # resume an unfinished batch before claiming new keys: its keys are already taken
-    unfinished = [b for b in plans if batch_status(dataset, b) is None]
+    unfinished = [b for b, st in statuses.items() if st is None]
     if unfinished:
         batch, plan = unfinished[0], plans[unfinished[0]]
         if plan["inbox"] != cfg.inbox.rstrip("/"):
@@ -617,14 +625,74 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
     if reason:
         result.state, result.reason = "rejected", reason
         set_status(dataset, batch, "rejected", reason=reason, **stats)
+        remove_stale_temps(dataset, batch)
         return result
     set_status(dataset, batch, "staged", **stats)
     result.state = "staged"
     if cfg.publish and result.kept:
-        v = datasets.publish(dataset, batch_url, counts=counts, note=f"ingest {batch} from {cfg.inbox}")
+        v = datasets.publish(dataset, batch_url, counts=counts, note=f"ingest {batch} from {cfg.inbox.rstrip('/')}")
         set_status(dataset, batch, "published", version=v.version)
         result.state, result.version = "published", v.version
+    remove_stale_temps(dataset, batch)
     return result
+
+
+def _publish_staged(dataset: str, batch: str, plan: dict[str, Any], st: dict[str, Any]) -> IngestResult:
+    """Publish a batch that was staged for publishing by a run that died before the publish was recorded.
+
+    ``datasets.publish`` is idempotent for a batch already in the version chain, so a run killed after
+    moving HEAD but before writing ``published`` gets the same version back, not a second one.
+    """
+    batch_url = storage.join(dataset, datasets.BATCHES_DIR, batch)
+    v = datasets.publish(dataset, batch_url, counts=st.get("counts"), note=f"ingest {batch} from {plan['inbox']}")
+    set_status(dataset, batch, "published", version=v.version)
+    remove_stale_temps(dataset, batch)
+    by_reason = dict(st.get("by_reason", {}))
+    r = IngestResult(batch=batch, batch_url=batch_url, listed=len(plan["keys"]), new=len(plan["keys"]),
+                     kept=int(st["kept"]), unlabelled=int(st.get("unlabelled", 0)), by_reason=by_reason,
+                     state="published", version=v.version, noise=st.get("noise") or {}, queue=st.get("queue", ""),
+                     counts=st.get("counts", {}), duplicates=by_reason.get("duplicate", 0),
+                     near_duplicates=by_reason.get("near_duplicate", 0), protected=by_reason.get("protected_set", 0))
+    r.quarantined = sum(by_reason.values()) - r.duplicates - r.near_duplicates - r.protected
+    return r
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{8}$")  # storage.atomic_write's local temp files
+
+
+def remove_stale_temps(dataset: str, batch: str) -> int:
+    """Remove the temporary files a killed run left for ``batch`` (local datasets; object stores have none).
+
+    A local atomic write leaves ``.NAME.tmp-<8 hex>`` beside NAME when its process is killed. Removed:
+    every one under the batch's folder and the batch's own ledger files (only the one run working on
+    a batch writes them), and, for the dataset's shared files (``_versions/HEAD``, version manifests),
+    those older than the file they were to replace (a later write superseded them, so no live writer
+    holds them: pointer writers take the file's lock before creating their temp file).
+    Returns how many were removed.
+    """
+    root = storage.local_path(dataset)
+    if root is None:
+        return 0
+    removed = 0
+    own = [(os.path.join(root, datasets.BATCHES_DIR, batch), lambda name: True, True),
+           (os.path.join(root, INGEST_DIR), lambda name: name.startswith(f"{batch}."), False),
+           (os.path.join(root, datasets.VERSIONS_DIR), lambda name: False, False)]
+    for top, mine, recursive in own:
+        walk = os.walk(top) if recursive else [(top, [], os.listdir(top) if os.path.isdir(top) else [])]
+        for dirpath, _, files in walk:
+            for f in files:
+                m = _TEMP_RE.match(f)
+                if not m:
+                    continue
+                tmp, target = os.path.join(dirpath, f), os.path.join(dirpath, m.group("name"))
+                try:
+                    stale = mine(m.group("name")) or os.stat(target).st_mtime_ns > os.stat(tmp).st_mtime_ns
+                    if stale:
+                        os.remove(tmp)
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # no target yet (a writer may be at work), or the temp file went meanwhile
+    return removed
 
 
 def _invalid(cfg: IngestConfig, r: IngestResult) -> str:

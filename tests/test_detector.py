@@ -97,7 +97,7 @@ def test_scaled_tile_zooms_the_scene_and_its_boxes():
         assert tile.shape == (48, 64, 3) and lab.tolist() == [3]
         side = float(b[0, 2] - b[0, 0])
         assert side == pytest.approx(10 * lo, abs=0.6)  # the sign is drawn at the new size ...
-        x1, y1, x2, y2 = (int(round(float(v))) for v in b[0])
+        x1, y1, x2, y2 = (round(float(v)) for v in b[0])
         inside = tile[y1 + 1:y2 - 1, x1 + 1:x2 - 1].float().mean() if lo > 1 else tile[y1:y2, x1:x2].float().mean()
         assert inside > 150  # ... where its box says
 

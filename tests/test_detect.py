@@ -144,6 +144,19 @@ def test_detect_command(untrained_detector, classifier, tmp_path):
     assert rc == 0 and (tmp_path / "o" / "scene.json").exists()
 
 
+def test_evaluate_scenes_command_with_weather_and_hard_negatives(untrained_detector, tmp_path):
+    from signscale.cli import main
+
+    out = tmp_path / "rep"
+    rc = main(["evaluate-scenes", untrained_detector, SCENES, "--no-classifier", "--corruptions", "night,fog",
+               "--severity", "2", "--limit", "3", "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert rc == 0 and list(m["conditions"]) == ["clean", "night", "fog"] and m["severity"] == 2
+    assert m["frames_per_s"] > 0 and "operating threshold" in m["frames_per_s_basis"]  # a real FCOS detector
+    mined = json.loads((out / "false_alarms.json").read_text())
+    assert len(mined) == 3 and all(len(b) == 5 and b[4] >= 0.2 for v in mined.values() for b in v)
+
+
 def test_draw_marks_missed_signs():
     img = np.zeros((40, 40, 3), np.uint8)
     pic = draw_detections(img, [{"box": [2, 2, 20, 20], "score": 0.9, "key": "stop", "confidence": 0.8}],

@@ -194,7 +194,7 @@ def test_second_stage_background_class_rejects_a_false_box(classifier_with_backg
     boxes = [list(t) + f for t, f in zip(truth, false)]
     imgs = [s.image for s in scenes]
     kept = DetectPipeline(GroundTruthDetector(boxes), clf, margin=0.0).detect(imgs)
-    flagged = DetectPipeline(GroundTruthDetector(boxes), clf, margin=0.0, keep_rejected=True).detect(imgs)
+    flagged = DetectPipeline(GroundTruthDetector(boxes), clf, margin=0.0).detect(imgs, keep_rejected=True)
     n_true, n_false = sum(map(len, truth)), sum(map(len, false))
     true_boxes = {(i, tuple(float(v) for v in b)) for i, t in enumerate(truth) for b in t}
     kept_true = sum((i, tuple(d["box"])) in true_boxes for i, ds in enumerate(kept) for d in ds)

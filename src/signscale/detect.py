@@ -127,10 +127,12 @@ class DetectPipeline:
     classifier: Any  # Classifier
     margin: float = 0.1
     detector_names: tuple[str, ...] = ("sign",)
-    keep_rejected: bool = False  # keep boxes the second stage calls "not a sign", flagged "rejected"
 
-    def detect(self, images: list[np.ndarray]) -> list[list[dict[str, Any]]]:
-        """Per image, per found sign: box, detector score, fine class and classifier confidence."""
+    def detect(self, images: list[np.ndarray], *, keep_rejected: bool = False) -> list[list[dict[str, Any]]]:
+        """Per image, per found sign: box, detector score, fine class and classifier confidence.
+
+        ``keep_rejected``: also return the boxes the second stage calls "not a sign", flagged
+        ``"rejected": True`` (evaluation counts what the rejection removed)."""
         found = self.detector.boxes(images)
         crops, where = [], []
         for i, (im, (boxes, _, _)) in enumerate(zip(images, found)):
@@ -155,7 +157,7 @@ class DetectPipeline:
                 entry.update(class_id=int(cid), key=cls.key, name=cls.name, country=cls.country,
                              confidence=round(float(c), 4))
                 if int(cid) == background:
-                    if not self.keep_rejected:
+                    if not keep_rejected:
                         continue
                     entry["rejected"] = True
             out[i].append(entry)

@@ -202,3 +202,15 @@ def test_show_reads_the_real_gtsdb_copy(tmp_path):
 
     s = show("gtsdb:/work/shared/data/GTSDB_real_train_816x480.zip", out=str(tmp_path / "sheet.png"))
     assert (s.samples, s.boxes, s.problems, s.frame_sizes) == (466, 801, 0, {"816x480": 466})
+
+
+def test_threshold_sweep_scores_each_operating_point(tmp_path):
+    a, b = [10, 10, 30, 30], [50, 10, 70, 30]
+    spec = write_gtsdb(tmp_path / "g", [[a, b]])
+    pipe = FlaggingPipeline([_det(a, 0.95), _det(b, 0.55), _det([100, 50, 120, 70], 0.45),
+                             _det([130, 50, 150, 70], 0.35)])
+    m = evaluate_scenes(SceneEvalConfig(detector="-", data=spec), pipeline=pipe).metrics
+    sweep = {r["score_thresh"]: r for r in m["threshold_sweep"]}
+    assert [sweep[t]["recall"] for t in (0.3, 0.5, 0.6, 0.9)] == [1.0, 1.0, 0.5, 0.5]
+    assert [sweep[t]["fp_per_image"] for t in (0.3, 0.4, 0.5)] == [2.0, 1.0, 0.0]
+    assert sweep[0.3]["recall"] == m["recall"] and sweep[0.3]["fp_per_image"] == m["fp_per_image"]

@@ -57,6 +57,9 @@ __all__ = [
 SIZE_BUCKETS = (("<16", 0, 16), ("16-32", 16, 32), ("32-64", 32, 64), (">64", 64, 10**9))
 SMALL_PX = 32  # the "signs under 32 px" aggregate of the goals and of older reports
 CLEAN = "clean"
+# Operating thresholds scored side by side, so the threshold a deployment uses is chosen on validation
+# (recall against false alarms per frame) instead of guessed.
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 class SceneEvalError(ValueError):
@@ -131,6 +134,11 @@ class SceneEvalReport:
                  f"recall@{m['score_thresh']} {m['recall']:.1%} (< {SMALL_PX} px {_pct(m['recall_small']['recall'])}; "
                  f"{rec}){e2e}, {m['fp_per_image']:.2f} false alarms/frame{rej_text}, "
                  f"{m['frames_per_s']:.2f} frames/s ({m['device']}){where}")]
+        if m.get("threshold_sweep"):
+            lines.append("  by threshold: " + ", ".join(
+                f"{r['score_thresh']:.1f}: recall {r['recall']:.1%}, {r['fp_per_image']:.2f} FA/frame"
+                + (f", e2e {r['end_to_end_accuracy']:.1%}" if r["end_to_end_accuracy"] is not None else "")
+                for r in m["threshold_sweep"]))
         for name, c in m.get("conditions", {}).items():
             if name != CLEAN:
                 e = f", end-to-end {c['end_to_end_accuracy']:.1%}" if c.get("end_to_end_accuracy") is not None else ""
@@ -287,6 +295,7 @@ class _Tally:
         self.small = [0, 0]
         self.frames = self.signs = self.hits = self.correct = self.false_alarms = 0
         self.hits_all = self.false_alarms_all = self.rejected = 0
+        self.sweep = {t: [0, 0, 0] for t in SWEEP}  # threshold -> [hits, correct, false alarms]
 
     def add(self, truth: np.ndarray, labels: np.ndarray, dets: list[dict[str, Any]], *, truth_keys: list[str],
             score_thresh: float, iou: float, named: bool) -> dict[str, Any]:
@@ -320,6 +329,12 @@ class _Tally:
         self.hits_all += r["hits_all"]
         self.false_alarms_all += r["false_alarms_all"]
         self.rejected += r["rejected"]
+        for t, counts in self.sweep.items():  # the same frame at other operating thresholds
+            rt = score_frame(truth, dets, score_thresh=t, iou=iou)
+            counts[0] += int((rt["match"] >= 0).sum())
+            counts[1] += sum(int(named and j >= 0 and dets[int(j)].get("key") == truth_keys[k])
+                             for k, j in enumerate(rt["match"]))
+            counts[2] += len(rt["false_alarms"])
         return r
 
     def metrics(self, named: bool) -> dict[str, Any]:
@@ -338,6 +353,9 @@ class _Tally:
                           "signs_removed": self.hits_all - self.hits,
                           "fp_per_image_without_rejection": self.false_alarms_all / max(1, self.frames)},
         }
+        out["threshold_sweep"] = [
+            {"score_thresh": t, "recall": h / max(1, self.signs), "fp_per_image": fa / max(1, self.frames),
+             "end_to_end_accuracy": (c / max(1, self.signs)) if named else None} for t, (h, c, fa) in self.sweep.items()]
         if self.map_category is not None:
             cat = self.map_category.compute()
             out["map_50_category"], out["map_category"] = float(cat["map_50"]), float(cat["map"])

@@ -113,4 +113,4 @@ def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
     """``arr`` (HxWx3 uint8) encoded as JPEG at ``quality`` and decoded again: a camera's compression."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # a writable copy

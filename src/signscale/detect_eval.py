@@ -59,7 +59,7 @@ SMALL_PX = 32  # the "signs under 32 px" aggregate of the goals and of older rep
 CLEAN = "clean"
 # Operating thresholds scored side by side, so the threshold a deployment uses is chosen on validation
 # (recall against false alarms per frame) instead of guessed.
-SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 class SceneEvalError(ValueError):

@@ -144,8 +144,64 @@ def test_detect_command(untrained_detector, classifier, tmp_path):
     assert rc == 0 and (tmp_path / "o" / "scene.json").exists()
 
 
+def test_evaluate_scenes_command_with_weather_and_hard_negatives(untrained_detector, tmp_path):
+    from signscale.cli import main
+
+    out = tmp_path / "rep"
+    rc = main(["evaluate-scenes", untrained_detector, SCENES, "--no-classifier", "--corruptions", "night,fog",
+               "--severity", "2", "--limit", "3", "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert rc == 0 and list(m["conditions"]) == ["clean", "night", "fog"] and m["severity"] == 2
+    assert m["frames_per_s"] > 0 and "operating threshold" in m["frames_per_s_basis"]  # a real FCOS detector
+    mined = json.loads((out / "false_alarms.json").read_text())
+    assert len(mined) == 3 and all(len(b) == 5 and b[4] >= 0.2 for v in mined.values() for b in v)
+
+
 def test_draw_marks_missed_signs():
     img = np.zeros((40, 40, 3), np.uint8)
     pic = draw_detections(img, [{"box": [2, 2, 20, 20], "score": 0.9, "key": "stop", "confidence": 0.8}],
                           truth=[[5, 5, 30, 30]], miss=[0])
     assert pic.shape == (40, 40, 3) and tuple(pic[4, 28]) == (255, 0, 255)
+
+
+@pytest.fixture(scope="module")
+def classifier_with_background(tmp_path_factory) -> str:
+    """The three-class crops plus "not a sign" crops cut from packed training scenes away from the signs."""
+    from signscale.pack import PackConfig, pack
+    from signscale.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("clf-bg")
+    crops, scenes, bg = str(root / "crops"), str(root / "scenes"), str(root / "bg")
+    pack(PackConfig(source=CROPS.replace("%26", "&"), out=crops, size=32, shard_mb=1, workers=0, progress=False))
+    pack_scenes(ScenePackConfig(source=SCENES.replace("n=6&seed=11", "n=40&seed=5"), out=scenes, image_format="png"))
+    pack(PackConfig(source=f"scene-crops:{scenes}?background=6&min_px=8", out=bg, size=32, workers=0,
+                    progress=False))
+    res = train(TrainConfig(data=(crops, bg), out=str(root / "run"), model="small_cnn", epochs=6, batch_size=64,
+                            lr=5e-3, workers=0, progress=False, ema=0.0))
+    return res.model_url
+
+
+def test_second_stage_background_class_rejects_a_false_box(classifier_with_background):
+    from signscale.sources.scene_crops import background_boxes
+
+    clf = CropClassifier.load(classifier_with_background)
+    assert clf.label_space[clf.label_space.background_id].key == "not_a_sign"
+    scenes = _scenes()  # other scenes than the ones its background came from
+    rng = np.random.default_rng(0)
+    truth = [s.meta["boxes"] for s in scenes]
+    false = [background_boxes(np.asarray(t, np.float64).reshape(-1, 4), (s.meta["width"], s.meta["height"]), 3, rng)
+             for s, t in zip(scenes, truth)]
+    boxes = [list(t) + f for t, f in zip(truth, false)]
+    imgs = [s.image for s in scenes]
+    kept = DetectPipeline(GroundTruthDetector(boxes), clf, margin=0.0).detect(imgs)
+    flagged = DetectPipeline(GroundTruthDetector(boxes), clf, margin=0.0).detect(imgs, keep_rejected=True)
+    n_true, n_false = sum(map(len, truth)), sum(map(len, false))
+    true_boxes = {(i, tuple(float(v) for v in b)) for i, t in enumerate(truth) for b in t}
+    kept_true = sum((i, tuple(d["box"])) in true_boxes for i, ds in enumerate(kept) for d in ds)
+    kept_false = sum(len(ds) for ds in kept) - kept_true
+    assert n_false >= 10 and kept_false <= 0.2 * n_false  # false boxes rejected ...
+    assert kept_true >= 0.8 * n_true  # ... and the signs kept
+    assert all("rejected" not in d and d["key"] != "not_a_sign" for ds in kept for d in ds)
+    rejected = [d for ds in flagged for d in ds if d.get("rejected")]
+    assert len(rejected) == sum(map(len, boxes)) - sum(map(len, kept))
+    assert all(d["key"] == "not_a_sign" for d in rejected)

@@ -87,6 +87,48 @@ def test_tile_keeps_signs_and_moves_boxes():
         assert (b[:, 2] <= 64).all() and (b[:, 3] <= 48).all() and lab.tolist() == [5]
 
 
+def test_scaled_tile_zooms_the_scene_and_its_boxes():
+    img = torch.zeros(200, 300, 3, dtype=torch.uint8)
+    img[100:110, 150:160] = 255  # a 10 px "sign"
+    boxes = torch.tensor([[150.0, 100, 160, 110]])
+    for lo, hi in ((0.5, 0.5), (2.0, 2.0)):
+        tile, b, lab = crop_tile(img, boxes, torch.tensor([3]), (64, 48), np.random.default_rng(0), flip=False,
+                                 sign_p=1.0, scale=(lo, hi))
+        assert tile.shape == (48, 64, 3) and lab.tolist() == [3]
+        side = float(b[0, 2] - b[0, 0])
+        assert side == pytest.approx(10 * lo, abs=0.6)  # the sign is drawn at the new size ...
+        x1, y1, x2, y2 = (round(float(v)) for v in b[0])
+        inside = tile[y1 + 1:y2 - 1, x1 + 1:x2 - 1].float().mean() if lo > 1 else tile[y1:y2, x1:x2].float().mean()
+        assert inside > 150  # ... where its box says
+
+
+def test_tiles_centre_on_hard_negatives_when_asked():
+    img = torch.zeros(400, 600, 3, dtype=torch.uint8)
+    img[20:40, 500:520] = 255  # where the detector fired wrongly
+    neg = np.array([[500.0, 20, 520, 40]])
+    none = torch.zeros(0, 4)
+    labels = torch.zeros(0, dtype=torch.int64)
+
+    def shows_it(negative_p: float, seed: int) -> bool:
+        tile, _, _ = crop_tile(img, none, labels, (64, 48), np.random.default_rng(seed), flip=False, sign_p=0.0,
+                               negatives=neg, negative_p=negative_p)
+        return bool((tile == 255).any())
+
+    assert all(shows_it(1.0, seed) for seed in range(30))
+    assert sum(shows_it(0.0, seed) for seed in range(30)) < 10  # random tiles rarely do
+
+
+def test_camera_augment_is_deterministic_and_changes_pixels():
+    from signscale.train_detector import camera_augment
+
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    a = camera_augment(img, np.random.default_rng(3), photometric=1.0, blur_p=1.0, jpeg_p=1.0)
+    b = camera_augment(img, np.random.default_rng(3), photometric=1.0, blur_p=1.0, jpeg_p=1.0)
+    assert a.shape == img.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert (a.float() - img.float()).abs().mean() > 5
+    assert torch.equal(camera_augment(img, np.random.default_rng(3), photometric=0, blur_p=0, jpeg_p=0), img)
+
+
 @pytest.fixture(scope="module")
 def scene_data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("scenes") / "train")
@@ -129,6 +171,29 @@ def test_resume_is_exact(scene_data, backbone, tmp_path):
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
 
 
+def test_fine_tune_from_a_detector_with_real_road_augmentation(scene_data, backbone, tmp_path):
+    first = train_detector(_cfg(scene_data, str(tmp_path / "a"), backbone, max_steps=2))
+    key = load_scene_keys(scene_data)[0]
+    fa = tmp_path / "false_alarms.json"
+    fa.write_text(json.dumps({key: [[5, 5, 25, 25, 0.9]]}))
+    res = train_detector(_cfg(scene_data, str(tmp_path / "b"), "", init_from=first.model_url, max_steps=2,
+                              scale=(0.6, 1.6), photometric=0.5, blur_p=0.5, jpeg_p=0.5, negatives=str(fa),
+                              negative_tiles=0.2, data_weights=(2.0,)))
+    assert res.steps == 2 and all(np.isfinite(res.losses))
+    start, _ = load_detector(first.model_url)
+    tuned, meta = load_detector(res.model_url)
+    assert meta["train_config"]["init_from"] == first.model_url
+    a, b = start.state_dict(), tuned.state_dict()
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # it trained from there
+
+
+def load_scene_keys(url):
+    from signscale.sources.scenes import iter_scenes
+
+    return [extra["key"] for _, extra in iter_scenes(url)]
+
+
 def test_bad_config_names_the_field():
     from signscale.config import ConfigError
 
@@ -136,6 +201,10 @@ def test_bad_config_names_the_field():
         DetTrainConfig(data=("x",), tile=(0, 5))
     with pytest.raises(ConfigError, match="data"):
         DetTrainConfig()
+    with pytest.raises(ConfigError, match="negative_tiles: give negatives"):
+        DetTrainConfig(data=("x",), negative_tiles=0.2)
+    with pytest.raises(ConfigError, match="scale"):
+        DetTrainConfig(data=("x",), scale=(2.0, 1.0))
 
 
 @pytest.mark.slow

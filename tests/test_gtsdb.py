@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -110,3 +111,54 @@ def test_missing_gt_is_a_clear_error(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(SourceError, match="gt.txt"):
         open_scene_source(f"gtsdb:{tmp_path / 'x'}")
+
+
+def _jpeg_zip(path: Path, ids: list[int], size: tuple[int, int] = (816, 480)) -> Path:
+    """A zip laid out like the shared real copy: GTSDB_train/NNNNN.jpg + gt.txt with .jpg names."""
+    rng = np.random.default_rng(1)
+    lines = []
+    with zipfile.ZipFile(path, "w") as z:
+        for n in ids:
+            im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=90)
+            z.writestr(f"GTSDB_train/{n:05d}.jpg", buf.getvalue())
+            lines.append(f"{n:05d}.jpg;{10 + n % 7};20;{30 + n % 7};41;{n % 43}")
+        z.writestr("GTSDB_train/gt.txt", "\n".join(lines) + "\n")
+    return path
+
+
+def test_real_copy_layout_jpeg_names_and_inclusive_corners(tmp_path):
+    z = _jpeg_zip(tmp_path / "GTSDB_real.zip", [0, 1, 12])
+    src = open_scene_source(f"gtsdb:{z}")
+    assert len(src) == 3 and src.describe()["boxes"] == 3
+    s = src.read(2)
+    assert s.key == "00012.jpg" and s.meta["width"] == 816 and s.meta["height"] == 480
+    assert s.meta["boxes"] == [[15, 20, 36, 42]] and s.meta["labels"] == [12]  # x2/y2 inclusive in gt.txt
+    assert s.meta["problems"] == []  # 816x480 is a known GTSDB size
+
+
+def test_frame_id_blocks_split_train_and_val_with_no_frame_on_both_sides(tmp_path):
+    ids = list(range(0, 600, 7)) + [640]
+    z = _jpeg_zip(tmp_path / "g.zip", ids, size=(136, 80))
+    train = open_scene_source(f"gtsdb:{z}?split=train&val_block=400-449,550-599")
+    val = open_scene_source(f"gtsdb:{z}?split=val&val_block=400-449,550-599")
+    t = {int(train.read(i).key[:5]) for i in range(len(train))}
+    v = {int(val.read(i).key[:5]) for i in range(len(val))}
+    assert not t & v and t | v == {n for n in ids if n < 600}  # the official test ids stay out of both
+    assert v == {n for n in ids if 400 <= n <= 449 or 550 <= n <= 599}
+    assert "unexpected_size 136x80" in " ".join(val.read(0).meta["problems"])  # kept, and said
+    whole = open_scene_source(f"gtsdb:{z}?split=train")
+    assert len(whole) == len(t) + len(v)
+    with pytest.raises(SourceError, match="split=val needs the frame ids"):
+        open_scene_source(f"gtsdb:{z}?split=val")
+    with pytest.raises(SourceError, match=r"val_block='500-4': expected inclusive frame-id ranges"):
+        open_scene_source(f"gtsdb:{z}?split=train&val_block=500-4")
+
+
+def test_zip_with_frames_but_no_gt_txt_says_so(tmp_path):
+    z = tmp_path / "no-gt.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("GTSDB_train/00001.jpg", b"\xff\xd8")
+    with pytest.raises(SourceError, match="no gt.txt found"):
+        open_scene_source(f"gtsdb:{z}")

@@ -197,7 +197,7 @@ def test_mapping_a_space_whose_class_lands_on_two_outputs_is_an_error():
 def test_catalogues_ship_de_cn_be_with_their_own_ids_and_uncertainty_marked():
     from signscale.labels import CATALOGUES
 
-    assert {k: len(v) for k, v in CATALOGUES.items()} == {"de": 43, "cn": 23, "be": 62}
+    assert {k: len(v) for k, v in CATALOGUES.items()} == {"de": 43, "cn": 23, "be": 62, "bg": 1}
     for country, cat in CATALOGUES.items():
         assert [c.country_id for c in cat] == list(range(len(cat)))
         assert all(c.country == country for c in cat)

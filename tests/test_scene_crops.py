@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections import Counter
 
@@ -152,3 +153,46 @@ def test_pack_scene_crops_end_to_end(tmp_path, scenes):
     i0 = next(i for i, s in enumerate(items) if isinstance(s, Sample))
     stored = next(r for r in recs if r["id"] == i0)
     assert np.array_equal(stored["image"], images.resize(items[i0].image, 32))
+
+
+def test_background_and_mined_negatives_are_not_a_sign_crops_away_from_signs(tmp_path, scenes):
+    from signscale.labels import BACKGROUND_KEY
+    from signscale.sources.scene_crops import box_iou_one
+
+    boxes = _boxes(scenes)
+    plain = open_source(f"scene-crops:{scenes}?min_px=0")
+    assert plain.label_space.background_id is None  # nothing asked: the scene set's own space
+    keys = [k.split("#")[0] for k in (s.key for s in plain)]
+    mined = tmp_path / "false_alarms.json"
+    # one mined box far from every sign, one on top of the first sign (a true sign, never "not a sign")
+    first_box = [float(v) for v in boxes[0][1]]
+    mined.write_text(json.dumps({keys[0]: [[1, 1, 11, 11, 0.9], first_box + [0.8]]}))
+    src = open_source(f"scene-crops:{scenes}?min_px=0&background=2&negatives={mined}")
+    space = src.label_space
+    bg = space.background_id
+    assert bg == len(plain.label_space) and space[bg].key == BACKGROUND_KEY
+    assert [space.ident(space[i]) for i in range(bg)] == plain.label_space.keys  # sign ids unchanged
+    items = list(src)
+    signs = [s for s in items if s.label != bg]
+    not_signs = [s for s in items if s.label == bg]
+    assert len(signs) == len(boxes) and [s.key for s in signs] == [s.key for s in plain]
+    assert 6 <= len(not_signs) <= 2 * 6 + 1
+    assert sum("#neg" in s.key for s in not_signs) == 1  # the box on the sign was not used
+    by_scene: dict[str, np.ndarray] = {}
+    for s in signs:
+        by_scene.setdefault(s.track, []).append(s.meta["box"])
+    for s in not_signs:  # background never overlaps a sign of its scene
+        truth = np.asarray(by_scene.get(s.track, []), dtype=np.float64).reshape(-1, 4)
+        assert (box_iou_one(np.asarray(s.meta["box"]), truth) < 0.05).all(), s.key
+        assert s.image.ndim == 3 and s.image.shape[2] == 3
+    again = list(open_source(f"scene-crops:{scenes}?min_px=0&background=2&negatives={mined}"))
+    assert all(_same(a, b) for a, b in zip(items, again))  # deterministic by (seed, scene)
+
+
+def test_bad_negatives_file_names_the_row(tmp_path, scenes):
+    bad = tmp_path / "fa.json"
+    bad.write_text(json.dumps({"scene-0000000": [[5, 5, 2, 9, 0.5]]}))
+    with pytest.raises(SourceError, match=r"scene 'scene-0000000' row 0: expected \[x1, y1, x2, y2, score\]"):
+        open_source(f"scene-crops:{scenes}?negatives={bad}")
+    with pytest.raises(SourceError, match="cannot read it"):
+        open_source(f"scene-crops:{scenes}?negatives={tmp_path / 'missing.json'}")

@@ -158,3 +158,10 @@ def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
+    """``arr`` (HxWx3 uint8) encoded as JPEG at ``quality`` and decoded again: a camera's compression."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # a writable copy

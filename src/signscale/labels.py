@@ -234,7 +234,15 @@ _BE = (  # (key, name, category, shape, colours), in BelgiumTSC folder order 000
 # flipped. Merging by meaning ignores uncertain classes' keys unless asked (``trust_uncertain``).
 BELGIUMTSC: tuple[SignClass, ...] = tuple(_be(i, *row) for i, row in enumerate(_BE))  # type: ignore[arg-type]
 
-CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB, "cn": TSRD23, "be": BELGIUMTSC}
+# "Not a sign": the second stage of detect-then-classify learns it from background cut out of road
+# frames and from the detector's false alarms, so a false box is rejected instead of named. It is a
+# catalogue of its own ("bg"), merged into a country's space by meaning like any other catalogue.
+BACKGROUND_KEY = "not_a_sign"
+BACKGROUND: tuple[SignClass, ...] = (
+    SignClass(key=BACKGROUND_KEY, name="Not a sign (background)", country="bg", country_id=0, category="other",
+              shape="none", colours=(), flip="invariant"),)
+
+CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB, "cn": TSRD23, "be": BELGIUMTSC, "bg": BACKGROUND}
 
 # Country codes a record can carry (shards store the index into this table; append only).
 COUNTRIES: tuple[str, ...] = ("de", "cn", "be", "fr", "nl", "us", "other")
@@ -290,7 +298,8 @@ class LabelSpace:
     @classmethod
     def for_country(cls, country: str) -> "LabelSpace":
         if country not in CATALOGUES:
-            raise LabelError(f"unknown country {country!r}; known catalogues: {', '.join(sorted(CATALOGUES))}")
+            known = ", ".join(sorted(c for c in CATALOGUES if c != "bg"))
+            raise LabelError(f"unknown country {country!r}; known catalogues: {known}")
         return cls(classes=CATALOGUES[country], name=country)
 
     @classmethod
@@ -338,6 +347,17 @@ class LabelSpace:
         return cls(classes=tuple(classes), name=name or f"{countries}:{by}", by=by,
                    members=tuple(tuple(ms) for ms in members))
 
+    def with_background(self) -> "LabelSpace":
+        """This space plus the "not a sign" class (last id); itself if it already has one."""
+        if self.background_id is not None:
+            return self
+        return LabelSpace.merge([self, LabelSpace.for_country("bg")], by=self.by or "meaning")  # type: ignore[arg-type]
+
+    @property
+    def background_id(self) -> int | None:
+        """The id of the "not a sign" class, or None for a space without one."""
+        return next((i for i, c in enumerate(self.classes) if c.key == BACKGROUND_KEY), None)
+
     def members_of(self, i: int) -> tuple[Member, ...]:
         """The (country, country id) pairs output ``i`` stands for."""
         if self.members:
@@ -346,7 +366,8 @@ class LabelSpace:
         return ((c.country, c.country_id),)
 
     def countries(self) -> list[str]:
-        return list(dict.fromkeys(m[0] for i in range(len(self)) for m in self.members_of(i)))
+        """The countries whose catalogues this space covers ("not a sign" belongs to none)."""
+        return list(dict.fromkeys(m[0] for i in range(len(self)) for m in self.members_of(i) if m[0] != "bg"))
 
     def map_from(self, other: "LabelSpace") -> np.ndarray:
         """``m[j]``: this space's id for ``other``'s class ``j``, or -1 where it has no place here.

@@ -11,6 +11,14 @@ on a random sign most of the time. Convolutions are translation-invariant, so th
 runs on whole scenes at inference; a tile costs a third of a 512x320 scene and holds most of its
 signs, so a CPU-second buys ~3x more positive examples. ``tile=0`` trains on whole scenes.
 
+**Real roads.** A detector trained on rendered scenes fires on real foliage, windows and shop fronts.
+The recipe for real frames (docs/detection.md) starts from such a detector (``init_from``) and
+fine-tunes on real frames, optionally mixed with rendered ones (``data_weights``), with what real
+cameras need: scale jitter so signs of 8-40 px all occur (``scale``), colour, blur and JPEG
+re-encoding (``photometric``, ``blur_p``, ``jpeg_p``), tiles off the signs for background
+(``1 - sign_tiles``) and tiles centred on mined false alarms (``negatives``, the ``false_alarms.json``
+of ``signscale evaluate-scenes``; ``negative_tiles`` of them).
+
 **Exact resume.** The tile positions, flips and everything random in a step are drawn from
 ``(seed, step, rank)``; the checkpoint holds model, optimizer, scheduler, scaler, loader position
 and RNG states, so a resumed run continues with the batches and crops an uninterrupted run sees.
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from signscale import checkpoint, distributed, precision, storage
+from signscale import checkpoint, distributed, images, precision, storage
 from signscale import config as config_mod
 from signscale.detector import build_detector, detector_config, detector_labels, make_config
 from signscale.labels import LabelSpace
@@ -49,12 +57,21 @@ class DetTrainConfig:
     data: tuple[str, ...] = ()  # packed scene dataset URLs (signscale.sources.scenes.pack_scenes)
     out: str = "runs/detector"
     backbone: str = ""  # a signscale classifier model folder to initialise from ("": random msnet)
+    init_from: str = ""  # a detector model folder to fine-tune (its architecture; backbone is then unused)
     classes: Literal["sign", "category"] = "sign"
     fpn_channels: int = 64
     head_convs: int = 2
     freeze_stages: int = 1  # classifier stages kept fixed (the full-resolution one by default)
     tile: tuple[int, int] = (256, 192)  # training crop (w, h); (0, 0): whole scenes
     flip: bool = True  # horizontal flips (class-agnostic "sign" and categories are flip-invariant)
+    data_weights: tuple[float, ...] = ()  # stream mixing weights per dataset (empty: each scene once per epoch)
+    scale: tuple[float, float] = (1.0, 1.0)  # scene rescale range per tile (log-uniform): sign sizes seen
+    photometric: float = 0.0  # brightness / contrast / saturation jitter strength (0: none, 1: +-40%)
+    blur_p: float = 0.0  # share of tiles blurred (Gaussian, sigma 0.4-1.4 px)
+    jpeg_p: float = 0.0  # share of tiles re-encoded as JPEG (quality 25-90)
+    sign_tiles: float = 0.8  # share of tiles centred on a sign (the rest: random, mostly background)
+    negatives: str = ""  # false_alarms.json of evaluate-scenes: hard negatives to centre tiles on
+    negative_tiles: float = 0.0  # share of tiles centred on a hard negative (scenes that have one)
     epochs: int = 1
     max_steps: int = 0  # optimizer steps to take (0: ``epochs`` decide); the LR schedule spans them
     batch_size: int = 8
@@ -85,6 +102,17 @@ class DetTrainConfig:
             raise config_mod.ConfigError(f"tile: expected (width, height) > 0 or (0, 0), got {self.tile}")
         if self.classes not in ("sign", "category"):
             raise config_mod.ConfigError(f"classes: expected sign or category, got {self.classes!r}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise config_mod.ConfigError(f"scale: expected (low, high) with 0 < low <= high, got {self.scale}")
+        for name in ("photometric", "blur_p", "jpeg_p", "sign_tiles", "negative_tiles"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise config_mod.ConfigError(f"{name}: expected a value in 0..1, got {getattr(self, name)}")
+        if self.sign_tiles + self.negative_tiles > 1.0:
+            raise config_mod.ConfigError("sign_tiles + negative_tiles: must be <= 1 (the rest are random tiles)")
+        if self.negative_tiles and not self.negatives:
+            raise config_mod.ConfigError("negative_tiles: give negatives=URL of a false_alarms.json to centre them on")
+        if self.data_weights and len(self.data_weights) != len(self.data):
+            raise config_mod.ConfigError(f"data_weights: {len(self.data_weights)} weights for {len(self.data)} datasets")
 
 
 @dataclass
@@ -115,14 +143,26 @@ def _step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
 
 
 def crop_tile(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, tile: tuple[int, int],
-              rng: np.random.Generator, *, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A (w, h) crop of an HxWx3 scene, centred on a random sign 80% of the time; boxes clipped, and those
-    keeping under half their area dropped (a half sign is not a sign to find)."""
+              rng: np.random.Generator, *, flip: bool, sign_p: float = 0.8, negatives: np.ndarray | None = None,
+              negative_p: float = 0.0, scale: tuple[float, float] = (1.0, 1.0)
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (w, h) crop of an HxWx3 scene, centred on a random sign ``sign_p`` of the time, on a hard
+    negative ``negative_p`` of the time (when the scene has one), else anywhere; boxes clipped, and
+    those keeping under half their area dropped (a half sign is not a sign to find). With ``scale``
+    other than (1, 1) the scene is first zoomed by a log-uniform factor, so the signs' sizes vary."""
     H, W = image.shape[:2]
-    tw, th = tile if tile != (0, 0) else (W, H)
-    tw, th = min(tw, W), min(th, H)
-    if len(boxes) and rng.random() < 0.8:
-        b = boxes[int(rng.integers(len(boxes)))].numpy()
+    s = 1.0 if scale == (1.0, 1.0) else float(np.exp(rng.uniform(np.log(scale[0]), np.log(scale[1]))))
+    tw, th = tile if tile != (0, 0) else (W * s, H * s)
+    tw, th = int(min(round(tw / s), W)), int(min(round(th / s), H))  # the window in scene pixels
+    has_negatives = negatives is not None and len(negatives) > 0 and negative_p > 0
+    r = rng.random() if len(boxes) or has_negatives else 1.0
+    centre = None
+    if len(boxes) and r < sign_p:
+        centre = boxes[int(rng.integers(len(boxes)))].numpy()
+    elif has_negatives and r < sign_p + negative_p:
+        centre = negatives[int(rng.integers(len(negatives)))]
+    if centre is not None:
+        b = centre
         cx, cy = (b[0] + b[2]) / 2 + rng.uniform(-0.35, 0.35) * tw, (b[1] + b[3]) / 2 + rng.uniform(-0.35, 0.35) * th
         x0, y0 = int(np.clip(cx - tw / 2, 0, W - tw)), int(np.clip(cy - th / 2, 0, H - th))
     else:
@@ -137,6 +177,9 @@ def crop_tile(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, ti
         kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
         keep = (kept >= 0.5 * area) & (clipped[:, 2] - clipped[:, 0] >= 2) & (clipped[:, 3] - clipped[:, 1] >= 2)
         boxes, labels = clipped[keep], labels[keep]
+    if s != 1.0:
+        img, boxes = _zoom(img, boxes, s)
+        tw = img.shape[1]
     if flip and rng.random() < 0.5:
         img = img.flip(1)
         if len(boxes):
@@ -144,9 +187,47 @@ def crop_tile(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, ti
     return img, boxes, labels
 
 
+def _zoom(img: torch.Tensor, boxes: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An HxWx3 uint8 tile resized by ``s`` (antialiased when shrinking) and its boxes with it."""
+    h, w = img.shape[:2]
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    x = img.permute(2, 0, 1)[None].float()
+    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=s < 1, align_corners=False)
+    out = x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    if len(boxes):
+        boxes = boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=boxes.dtype)
+    return out, boxes
+
+
+def camera_augment(img: torch.Tensor, rng: np.random.Generator, *, photometric: float, blur_p: float,
+                   jpeg_p: float) -> torch.Tensor:
+    """What a real camera does to a tile, drawn from ``rng``: colour and exposure, defocus/motion-ish
+    blur, JPEG re-encoding. Synthetic scenes are clean PNGs; real frames are none of that."""
+    from torchvision.transforms.v2 import functional as F
+
+    x = img.permute(2, 0, 1)  # 3xHxW uint8
+    if photometric > 0:
+        b, c, sat = (float(v) for v in 1 + photometric * 0.4 * rng.uniform(-1, 1, size=3))
+        x = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, b), c), sat)
+    if blur_p > 0 and rng.random() < blur_p:
+        sigma = float(rng.uniform(0.4, 1.4))
+        x = F.gaussian_blur(x, kernel_size=[5, 5], sigma=[sigma, sigma])
+    out = x.permute(1, 2, 0).contiguous()
+    if jpeg_p > 0 and rng.random() < jpeg_p:
+        out = torch.from_numpy(images.jpeg_roundtrip(out.numpy(), int(rng.integers(25, 91))))
+    return out
+
+
 def to_detector_input(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """HxWx3 uint8 -> 3xHxW float in [0, 1] (the detector's transform normalises)."""
     return [im.to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0) for im in images]
+
+
+def read_negatives(url: str) -> dict[str, np.ndarray]:
+    """{scene key: float64 [N, 4] boxes} from a false_alarms.json (scores dropped)."""
+    from signscale.sources.scene_crops import read_false_alarms
+
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in read_false_alarms(url).items()}
 
 
 def _lr_lambda(cfg: DetTrainConfig, total: int):
@@ -162,6 +243,11 @@ def _initial_model(cfg: DetTrainConfig) -> tuple[torch.nn.Module, dict[str, Any]
     """Detector with its backbone from the classifier at ``cfg.backbone`` (or a random msnet)."""
     from signscale.models import create_model, model_config, rebuild
 
+    if cfg.init_from:
+        model, meta = load_detector(cfg.init_from)
+        model.train()
+        model.backbone.freeze(cfg.freeze_stages)
+        return model, meta["model_config"]
     if cfg.backbone:
         sd, meta = checkpoint.load_model_artefact(cfg.backbone)
         if meta.get("kind") == "signscale.detector":
@@ -214,8 +300,10 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     main = rank == 0
     manifests = [Manifest.load(u) for u in cfg.data]
     space = manifests[0].label_space
-    stream = SceneStream(StreamConfig(datasets=tuple(cfg.data), batch_size=cfg.batch_size, seed=cfg.seed,
-                                      block_size=16, window_blocks=16, remainder="drop"))
+    stream = SceneStream(StreamConfig(datasets=tuple(cfg.data), weights=tuple(cfg.data_weights),
+                                      batch_size=cfg.batch_size, seed=cfg.seed, block_size=16, window_blocks=16,
+                                      remainder="drop"))
+    negatives = read_negatives(cfg.negatives) if cfg.negatives else {}
     loader = StreamLoader(stream, num_workers=cfg.workers, pin_memory=False)
     if len(loader) == 0:
         raise DetTrainError(f"{cfg.data}: fewer scenes than one batch of {cfg.batch_size} per process")
@@ -275,8 +363,12 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
             rng = _step_rng(cfg.seed, step, rank)
             torch.manual_seed(int(rng.integers(2**62)))
             imgs, targets = [], []
-            for im, tg in zip(batch["images"], batch["targets"]):
-                im2, bx, lb = crop_tile(im, tg["boxes"], tg["labels"], tuple(cfg.tile), rng, flip=cfg.flip)
+            for key, im, tg in zip(batch["keys"], batch["images"], batch["targets"]):
+                im2, bx, lb = crop_tile(im, tg["boxes"], tg["labels"], tuple(cfg.tile), rng, flip=cfg.flip,
+                                        sign_p=cfg.sign_tiles, negatives=negatives.get(key),
+                                        negative_p=cfg.negative_tiles, scale=tuple(cfg.scale))
+                if cfg.photometric or cfg.blur_p or cfg.jpeg_p:
+                    im2 = camera_augment(im2, rng, photometric=cfg.photometric, blur_p=cfg.blur_p, jpeg_p=cfg.jpeg_p)
                 imgs.append(im2)
                 targets.append({"boxes": bx.to(device), "labels": detector_labels(lb, cfg.classes, space).to(device)})
             x = to_detector_input(imgs, device)

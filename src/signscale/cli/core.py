@@ -46,10 +46,10 @@ def _show(args: argparse.Namespace) -> int:
     from signscale.show import show
 
     s = show(args.source, out=args.out or "", per_class=args.per_class)
-    table = Table(title=f"{args.source}: samples per class")
+    table = Table(title=f"{args.source}: {s.unit} per class")
     table.add_column("id", justify="right")
     table.add_column("key")
-    table.add_column("samples", justify="right")
+    table.add_column(s.unit, justify="right")
     from signscale.sources import open_source
 
     space = open_source(args.source).label_space

@@ -82,7 +82,9 @@ def _evaluate_scenes(args: argparse.Namespace) -> int:
     clf = "" if args.no_classifier else _classifier_for(args.model, args.classifier)
     report = evaluate_scenes(SceneEvalConfig(detector=args.model, data=args.data, classifier=clf, out=args.out or "",
                                              score_thresh=args.score_thresh, limit=args.limit, device=args.device,
-                                             threads=args.threads, batch=args.batch))
+                                             threads=args.threads, batch=args.batch, corruptions=args.corruptions,
+                                             severity=args.severity, seed=args.seed, mine_thresh=args.mine_thresh,
+                                             crops=args.crops))
     console.print(report.summary())
     return 0
 
@@ -127,3 +129,10 @@ def register(r: Registry) -> None:
     s.add_argument("--batch", type=int, default=4)
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--corruptions", default="",
+                   help="also score every frame under these, e.g. snow,fog,night,rain,blur (or all): one table")
+    s.add_argument("--severity", type=int, default=3, help="of the corruptions, 1..5")
+    s.add_argument("--seed", type=int, default=0, help="the corruptions' randomness")
+    s.add_argument("--mine-thresh", type=float, default=0.2,
+                   help="false_alarms.json lists detections at or above this score that overlap no sign")
+    s.add_argument("--crops", type=int, default=48, help="miss crops and false-alarm crops in the report, each")

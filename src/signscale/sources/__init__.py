@@ -54,7 +54,7 @@ SOURCES: dict[str, SourceKind] = {
                               "(jittered boxes, margin): train the second stage on scene crops",
                               "scene-crops:/data/det/scenes-train?margin=0&jitter=0.1&copies=2&seed=0&min_px=6"),
     "gtsdb": SourceKind("signscale.sources.gtsdb", "open_gtsdb", "GTSDB scenes + gt.txt (folder or zip), official split",
-                        "gtsdb:FullIJCNN2013.zip?split=train"),
+                        "gtsdb:FullIJCNN2013.zip?split=train&val_block=450-599"),
     "yolo": SourceKind("signscale.sources.annotations", "open_yolo", "YOLO export: images/ + labels/ + names",
                        "yolo:/data/export?split=train"),
     "coco": SourceKind("signscale.sources.annotations", "open_coco", "COCO detection JSON + images",

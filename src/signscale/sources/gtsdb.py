@@ -7,6 +7,13 @@ several lines or none: a scene without lines is a scene without signs, not an er
 
 ``split=train`` keeps images 00000-00599 and ``split=test`` 00600-00899, the official protocol; scores
 on random splits of GTSDB mix frames of the same road and are inflated. ``split=all`` keeps every image.
+Validation is held out by **blocks of frame ids**, never at random: consecutive frames of one drive
+are near-duplicates. ``val_block=450-599`` (or several: ``400-449,550-599``, inclusive) takes those ids
+out of ``split=train`` and makes them ``split=val``, so no frame id is on both sides.
+
+Frames are read as they come: ``.ppm``, ``.png`` or ``.jpg`` names, 1360x800 originals or rescaled
+copies (816x480); a frame of any other size is kept and reported (``unexpected_size``), since boxes
+are in the frame's own pixels either way.
 
 Bad input is data, never a crash: malformed lines, class ids outside the catalogue and lines naming
 an image that is not there are listed in :attr:`GtsdbSource.problems` with ``gt.txt:LINE``; boxes
@@ -27,9 +34,10 @@ from signscale.sources.gtsrb import Tree, open_tree
 from signscale.sources.scenes import check_box, scene_meta, scene_sample
 
 KIND = "gtsdb"
-SPLITS = {"all": (0, 10**9), "train": (0, 600), "test": (600, 900)}
+SPLITS = {"all": (0, 10**9), "train": (0, 600), "val": (0, 600), "test": (600, 900)}
+KNOWN_SIZES = {(1360, 800), (816, 480)}  # the originals and the 0.6 copy
 _IMAGE = re.compile(r"^(?P<num>\d+)\.(ppm|png|jpe?g)$", re.IGNORECASE)
-_EXPECT = ("the GTSDB layout: a folder or zip with NNNNN.ppm scenes and gt.txt "
+_EXPECT = ("the GTSDB layout: a folder or zip with NNNNN.ppm (or .jpg, .png) scenes and gt.txt "
            "(lines 00000.ppm;x1;y1;x2;y2;ClassId)")
 
 
@@ -64,6 +72,9 @@ class GtsdbSource(Source):
             if fixed is not None:
                 boxes.append(fixed)
                 labels.append(cid)
+        if (w, h) not in KNOWN_SIZES:
+            problems.append(f"{name}: unexpected_size {w}x{h} (GTSDB frames are 1360x800 or 816x480); kept, boxes "
+                            "are read in its own pixels")
         meta = scene_meta(boxes, labels, ["de"] * len(labels), w, h, problems)
         return scene_sample(name, arr, meta, source=self.spec)
 
@@ -108,12 +119,35 @@ def parse_gt(text: str, images_present: set[str], space: LabelSpace
     return boxes, problems
 
 
-def open_gtsdb(location: str, *, spec: str = "", split: str = "all", max_pixels: str | int = str(
-        images.DEFAULT_MAX_PIXELS)) -> GtsdbSource:
-    """``gtsdb:PATH[?split=all|train|test&max_pixels=N]``."""
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """``"450-599"`` or ``"400-449,550-599"`` -> inclusive (first, last) frame-id ranges."""
+    blocks = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if not m or int(m.group(1)) > int(m.group(2)):
+            raise SourceError(f"{KIND}: val_block={text!r}: expected inclusive frame-id ranges FIRST-LAST, e.g. "
+                              "val_block=450-599 or val_block=400-449,550-599")
+        blocks.append((int(m.group(1)), int(m.group(2))))
+    return blocks
+
+
+def in_split(num: int, split: str, blocks: list[tuple[int, int]]) -> bool:
+    """Whether frame id ``num`` belongs to ``split`` given the validation blocks."""
+    lo, hi = SPLITS[split]
+    held = any(a <= num <= b for a, b in blocks)
+    return lo <= num < hi and (held if split == "val" else not held or split in ("all", "test"))
+
+
+def open_gtsdb(location: str, *, spec: str = "", split: str = "all", val_block: str = "",
+               max_pixels: str | int = str(images.DEFAULT_MAX_PIXELS)) -> GtsdbSource:
+    """``gtsdb:PATH[?split=all|train|val|test&val_block=450-599&max_pixels=N]``."""
     if split not in SPLITS:
         raise SourceError(f"{KIND}: split={split!r}; expected one of {', '.join(SPLITS)} "
-                          "(train = 00000-00599, test = 00600-00899, the official protocol)")
+                          "(train = 00000-00599, test = 00600-00899, the official protocol; val = the val_block ids)")
+    blocks = parse_blocks(val_block)
+    if split == "val" and not blocks:
+        raise SourceError(f"{KIND}: split=val needs the frame ids it holds out, e.g. split=val&val_block=450-599 "
+                          "(and split=train&val_block=450-599 for the other side)")
     try:
         limit = int(max_pixels)
     except ValueError:
@@ -128,10 +162,11 @@ def open_gtsdb(location: str, *, spec: str = "", split: str = "all", max_pixels:
                if posixpath.dirname(n) == root and _IMAGE.match(posixpath.basename(n))}
     space = LabelSpace.for_country("de")
     boxes, problems = parse_gt(tree.read(gts[0]).decode("utf-8-sig", errors="replace"), present, space)
-    lo, hi = SPLITS[split]
-    kept = sorted(n for n in present if lo <= int(_IMAGE.match(n).group("num")) < hi)  # type: ignore[union-attr]
+    kept = sorted(n for n in present if in_split(int(_IMAGE.match(n).group("num")), split, blocks))  # type: ignore
     boxes = {k: v for k, v in boxes.items() if k in set(kept)}
     if not kept:
-        raise SourceError(f"{location}: no scene images (NNNNN.ppm) beside {gts[0]} in split {split!r}")
-    return GtsdbSource(tree, root, kept, boxes, problems, spec=spec or f"{KIND}:{location}?split={split}",
+        raise SourceError(f"{location}: no scene images (NNNNN.ppm/.jpg) beside {gts[0]} in split {split!r}"
+                          f"{f' with val_block={val_block}' if blocks else ''}")
+    block = f"&val_block={val_block}" if blocks else ""
+    return GtsdbSource(tree, root, kept, boxes, problems, spec=spec or f"{KIND}:{location}?split={split}{block}",
                        max_pixels=limit)

@@ -642,7 +642,7 @@ class SceneStream(ShardStream):
     """A ShardStream whose batches hold full-size scenes and their boxes (not square crops).
 
     A batch is ``{"images": [HxWx3 uint8 tensors], "targets": [{"boxes": float32 [N, 4],
-    "labels": int64 [N]}], "meta": ...}``; boxes come straight from the record's extras, so what was
+    "labels": int64 [N]}], "keys": [scene key], "meta": ...}``; boxes come straight from the record's extras, so what was
     packed is what training sees (tested). ``id``/``pad``/``worker``/``batch`` work as in the parent,
     so resume and exact accounting are the parent's.
     """
@@ -662,6 +662,7 @@ class SceneStream(ShardStream):
         n = len(ds)
         imgs: list[torch.Tensor | None] = [None] * n
         targets: list[dict[str, torch.Tensor] | None] = [None] * n
+        keys: list[str] = [""] * n  # the scene's source key (hard negatives are looked up by it)
         meta = np.zeros((n, 11), dtype=np.int64)
         skip = np.zeros(n, dtype=bool)  # rows in corrupt blocks (on_corrupt="skip"; "raise" raised)
         readers = self._dataset_readers()
@@ -679,17 +680,19 @@ class SceneStream(ShardStream):
                 local = int(rec[sel][k] - reader.m.starts[s])
                 extra = reader.reader(s).extras(local, local + 1)[0]
                 imgs[i] = torch.from_numpy(np.array(images.decode(b)))
+                keys[i] = str(extra.get("key", ""))
                 targets[i] = {"boxes": torch.tensor(extra.get("boxes", []), dtype=torch.float32).reshape(-1, 4),
                               "labels": torch.tensor(extra.get("labels", []), dtype=torch.int64)}
             for c, key in enumerate(("id", "label", "track", "condition", "country")):
                 meta[sel, c] = recs[key]
         meta[:, 5] = ds
         meta[:, 6] = pad
-        out = {"images": imgs, "targets": targets, "meta": torch.from_numpy(meta), "worker": worker, "batch": j}
+        out = {"images": imgs, "targets": targets, "keys": keys, "meta": torch.from_numpy(meta), "worker": worker,
+               "batch": j}
         if skip.any():
             keep = np.flatnonzero(~skip)
             out.update(images=[imgs[i] for i in keep], targets=[targets[i] for i in keep],
-                       meta=torch.from_numpy(meta[keep]), skipped=self.skipped(skip))
+                       keys=[keys[i] for i in keep], meta=torch.from_numpy(meta[keep]), skipped=self.skipped(skip))
         return out
 
 

@@ -180,3 +180,30 @@ def test_sources_lists_each_kinds_options_with_defaults_uncut():
     assert one.returncode == 0 and "gtsrb:" in one.stdout and "synthetic" not in one.stdout
     typo = _cli("sources", "gtsbr")
     assert typo.returncode == 2 and "gtsrb" in typo.stdout + typo.stderr
+
+
+@pytest.mark.slow
+def test_exit_1_when_nothing_usable_came_out(tmp_path):
+    """0 only when the work was done: 0 of 1 images classified, or 0 samples packed, is a failure."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_predict import make_model
+
+    model = make_model(str(tmp_path / "model"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    r = _cli("predict", model, str(text))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "0 of 1 image(s) classified" in r.stdout
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(tmp_path / "sign.png")
+    r = _cli("predict", model, str(tmp_path / "sign.png"), str(text))  # one of two: the work was done
+    assert r.returncode == 0 and "1 of 2 image(s) classified" in r.stdout
+
+    folder = tmp_path / "signs"
+    for cls in ("stop", "yield"):
+        (folder / cls).mkdir(parents=True)
+        (folder / cls / "a.jpg").write_text("these are not images")
+    r = _cli("pack", f"folder:{folder}", str(tmp_path / "ds"), "--workers", "0", "--no-progress")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "packed 0 samples" in r.stdout and "no sample" in r.stdout

@@ -207,3 +207,10 @@ def test_exit_1_when_nothing_usable_came_out(tmp_path):
     r = _cli("pack", f"folder:{folder}", str(tmp_path / "ds"), "--workers", "0", "--no-progress")
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "packed 0 samples" in r.stdout and "no sample" in r.stdout
+
+
+def test_data_info_is_a_table_of_plain_values(synthetic_dataset):
+    r = _cli("data", "info", synthetic_dataset, env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    assert "{" not in r.stdout and "'kind'" not in r.stdout and "…" not in r.stdout  # no raw dict, nothing cut
+    assert "source kind" in r.stdout and "synthetic" in r.stdout and "quarantine count" in r.stdout

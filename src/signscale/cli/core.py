@@ -104,6 +104,15 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain(value: object) -> str:
+    """A manifest value as a person reads it: key=value pairs, not a Python dict's repr."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}={_plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_plain(v) for v in value) or "-"
+    return escape(str(value))
+
+
 def _data(args: argparse.Namespace) -> int:
     from signscale import shards, show
 
@@ -111,7 +120,7 @@ def _data(args: argparse.Namespace) -> int:
         info = show.dataset_info(args.url, histogram=args.histogram or "")
         table = Table(title=f"{args.url}")
         table.add_column("field")
-        table.add_column("value")
+        table.add_column("value", overflow="fold")  # wrapped, never cut with an ellipsis
         m = info.manifest
         for k in ("name", "version", "created", "encoding", "image_shape"):
             table.add_row(k, str(m.get(k)))
@@ -119,8 +128,11 @@ def _data(args: argparse.Namespace) -> int:
         table.add_row("shards", str(info.shards))
         table.add_row("bytes", f"{info.bytes:,}")
         table.add_row("label space", f"{m['label_space']['name']} ({len(m['label_space']['classes'])} classes)")
-        table.add_row("quarantined", str(m["quarantine"]))
-        table.add_row("source", str(m["source"]))
+        for name in ("quarantine", "source"):  # nested mappings: one row per key
+            value = m.get(name)
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            for k, v in items:
+                table.add_row(f"{name} {k}".strip(), _plain(v))
         console.print(table)
         console.print(info.summary())
         return 0

@@ -38,9 +38,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for a in args:
             if a is type(None):
@@ -117,7 +117,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["lr=0.1", "data.size=48"]`` -> nested dict; values stay strings until coerced."""
     out: dict[str, Any] = {}
     for item in overrides:
-        item = item[2:] if item.startswith("--") else item
+        item = item.removeprefix("--")
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
@@ -169,3 +169,217 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing a config class: what ``--help`` and the docs print for each key
+
+
+# The sections ``--help`` shows keys in. A dataclass field may name its own with
+# ``field(metadata={"group": ...})``; otherwise its name (or the name of the nested config it is
+# in) picks one here, and anything else is listed under "other" rather than guessed.
+GROUPS: dict[str, frozenset[str]] = {
+    "data": frozenset({"data", "val", "source", "weights", "country_weights", "merge_by", "workers", "block_size",
+                       "augment", "encoding", "size", "crop", "shard_mb", "dedup", "shuffle", "shuffle_seed",
+                       "max_pixels", "tile", "flip", "classes", "inbox", "dataset", "golden", "slices",
+                       "never_regress", "canary", "replay", "replay_split", "chunk", "near_dup_bits",
+                       "max_quarantine", "corruptions", "severities", "examples", "gtsrb", "synthetic_train",
+                       "synthetic_eval", "held_out", "samples", "val_samples", "strict", "name"}),
+    "model": frozenset({"model", "model_kwargs", "init_from", "backbone", "fpn_channels", "head_convs",
+                        "freeze_stages", "detector", "top_k", "detect_threshold", "backend"}),
+    "optimisation": frozenset({"epochs", "max_steps", "batch_size", "accumulate", "optimizer", "lr", "weight_decay",
+                               "momentum", "schedule", "warmup_frac", "warmup_steps", "label_smoothing",
+                               "class_balance", "ema", "clip_norm", "seed", "steps", "from_scratch", "train",
+                               "max_minutes", "detection_steps"}),
+    "precision": frozenset({"precision", "channels_last", "compile", "device", "threads"}),
+    "distributed": frozenset({"world_invariant", "rank", "world_size"}),
+    "output": frozenset({"out", "checkpoint_every", "keep_last", "resume", "log_every", "progress", "work",
+                         "log_level", "exist_ok"}),
+    "service": frozenset({"host", "port", "batching", "max_batch", "max_wait_ms", "max_queue", "max_body_bytes",
+                          "max_images", "max_request_pixels", "decode_budget_s", "request_timeout_s",
+                          "read_timeout_s", "retry_after_s", "reload_interval_s"}),
+}
+
+# What a key means when its dataclass leaves it uncommented (the names every config shares).
+_COMMON_HELP = {
+    "model": "architecture name (small_cnn, msnet, stn_msnet, resnet18_small)",
+    "model_kwargs": "extra arguments of the architecture, e.g. width=2",
+    "epochs": "passes over the training data",
+    "optimizer": "adamw or sgd",
+    "lr": "peak learning rate",
+    "weight_decay": "decoupled weight decay",
+    "momentum": "SGD momentum",
+    "schedule": "learning-rate schedule",
+    "warmup_frac": "fraction of the steps spent warming the learning rate up",
+    "warmup_steps": "steps spent warming the learning rate up",
+    "label_smoothing": "cross-entropy label smoothing",
+    "clip_norm": "gradient-norm clipping (0: none)",
+    "precision": "fp32, or bf16/fp16 autocast (fp16 with a gradient scaler)",
+    "channels_last": "NHWC memory format (faster convolutions on GPUs and recent CPUs)",
+    "compile": "torch.compile the model",
+    "workers": "loader worker processes (0: load in this process)",
+    "seed": "random seed",
+    "block_size": "samples per shuffle block of the streaming loader",
+    "keep_last": "checkpoints kept (older ones are deleted)",
+    "log_every": "steps between metric lines",
+    "progress": "show a progress bar",
+    "threads": "torch intra-op threads (0: torch's default)",
+    "host": "interface to listen on (0.0.0.0: all)",
+    "top_k": "classes returned per image",
+    "retry_after_s": "Retry-After seconds sent with a 503",
+    "backend": "auto, torch or onnx",
+    "device": "auto | cpu | cuda",
+    "batch_size": "samples per batch",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One settable key of a config class, as ``--help`` shows it."""
+
+    name: str  # dotted for nested configs: augment.flip
+    type: str  # readable: int, float, bool, str, {fp32,bf16,fp16}, int,int, KEY=VALUE,...
+    default: Any  # dataclasses.MISSING when the key is required
+    help: str  # the field's comment or docstring, one line
+    group: str
+    mapping: bool = False  # a dict: given as KEY=VALUE pairs, or one at a time as name.KEY=VALUE
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Each field's comment (trailing, on the lines above, or a string just below), from the source.
+
+    The dataclasses document their keys with comments, which is what a reader of the code sees;
+    reading them here keeps ``--help`` and the code from drifting apart.
+    """
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, line holds only the comment)
+    lines = src.splitlines()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                row = tok.start[0]
+                comments[row] = (tok.string[1:], not lines[row - 1][:tok.start[1]].strip())
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    body = ast.parse(src).body[0].body  # type: ignore[attr-defined]
+    out: dict[str, str] = {}
+    for i, node in enumerate(body):
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        parts: list[str] = []
+        above: list[str] = []
+        row = node.lineno - 1
+        while row in comments and comments[row][1] and not comments[row][0].startswith("  "):
+            above.insert(0, comments[row][0].strip())
+            row -= 1
+        parts.extend(above)
+        end = node.end_lineno or node.lineno
+        if end in comments and not comments[end][1]:
+            parts.append(comments[end][0].strip())
+            row = end + 1
+            while row in comments and comments[row][1] and comments[row][0].startswith("  "):
+                parts.append(comments[row][0].strip())  # an indented continuation of the trailing comment
+                row += 1
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+                and isinstance(nxt.value.value, str):
+            parts.append(" ".join(nxt.value.value.split()))
+        out[node.target.id] = " ".join(p for p in parts if p)
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return "|".join(names) + ("|none" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"{_type_name(args[0])},..."
+        return ",".join(_type_name(a) for a in args) if args else "list"
+    if origin is list:
+        return f"{_type_name(args[0]) if args else 'str'},..."
+    if origin is dict or tp is dict:
+        return "KEY=VALUE,..."
+    if tp is Any:
+        return "value"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _group_of(name: str, f: dataclasses.Field) -> str:
+    if "group" in f.metadata:
+        return str(f.metadata["group"])
+    for group, names in GROUPS.items():
+        if name in names:
+            return group
+    return "other"
+
+
+def keys(cls: type, prefix: str = "", group: str = "") -> list[Key]:
+    """Every settable key of ``cls`` (nested configs flattened to ``outer.inner``), in field order."""
+    hints = typing.get_type_hints(cls)
+    notes: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        notes.update(_comments(klass))
+    out: list[Key] = []
+    for name, f in _fields(cls).items():
+        tp = hints[name]
+        g = group or _group_of(name, f)
+        if dataclasses.is_dataclass(tp):
+            out.extend(keys(tp, prefix=f"{prefix}{name}.", group=g))  # type: ignore[arg-type]
+            continue
+        mapping = typing.get_origin(tp) is dict or tp is dict
+        out.append(Key(name=prefix + name, type=_type_name(tp), default=_default(f),
+                       help=notes.get(name, "") or _COMMON_HELP.get(name, ""),
+                       group=g, mapping=mapping))
+    return out
+
+
+def show_value(value: Any) -> str:
+    """A default as a user would type it on the command line."""
+    if value is dataclasses.MISSING:
+        return "required"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(show_value(v) for v in value) or "empty"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={show_value(v)}" for k, v in value.items()) or "empty"
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def closest(name: str, valid: list[str]) -> str | None:
+    """The valid name a typo most likely meant (dashes, underscores and case ignored), or None."""
+    def norm(s: str) -> str:
+        return s.lstrip("-").replace("-", "").replace("_", "").lower()
+
+    by_norm = {norm(v): v for v in valid}
+    if norm(name) in by_norm:
+        return by_norm[norm(name)]
+    close = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[close[0]] if close else None

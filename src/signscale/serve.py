@@ -626,9 +626,12 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
             if state.batcher is not None:
                 await state.batcher.stop()
 
-    app = fastapi.FastAPI(title="signscale", version=_version(), lifespan=lifespan,
+    app = fastapi.FastAPI(title="signscale", version=_version(), lifespan=lifespan, docs_url=None,
                           description="Traffic-sign recognition: classify sign crops, detect signs in scenes.")
     app.state.signscale = state
+    from signscale.apidocs import add_docs
+
+    add_docs(app, title="signscale")  # /docs with Swagger UI served from the package, no CDN (apidocs.py)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> Any:

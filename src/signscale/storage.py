@@ -53,6 +53,26 @@ class PreconditionFailed(StorageError):
     """A conditional write lost a race (the object changed or already exists)."""
 
 
+# Failures a person fixes, not a retry: each message names the URL, the cause and the fix (which
+# variable, which extra); never retried (is_transient). A refusal stays a PermissionError for the
+# callers that catch one; a missing bucket is deliberately not a FileNotFoundError: callers read
+# that as "no such object" ("no manifest: is this a dataset?"), which sends the user the wrong way.
+class NoCredentials(StorageError):
+    """The SDK found no credentials in its standard chain."""
+
+
+class Unreachable(StorageError):
+    """The endpoint never answered (refused, no route, DNS, connect timeout): wrong URL or no network."""
+
+
+class NoSuchBucket(StorageError):
+    """The bucket or container does not exist at the endpoint in use."""
+
+
+class AccessDenied(StorageError, PermissionError):
+    """The store answered 401/403: the credentials in use may not do this."""
+
+
 def protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
@@ -68,6 +88,24 @@ def local_path(url: str) -> str | None:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+# An endpoint that does not answer must fail in seconds, not minutes: botocore's defaults (60 s
+# connect timeout, s3fs lowers it to 5 s; "legacy" retries: 5 attempts with up to 8 s sleeps),
+# multiplied by our own retries, kept a mistyped AWS_ENDPOINT_URL silent for ~50 s. A connect
+# timeout of 3 s and botocore's "standard" mode (3 attempts, what AWS recommends) bound a
+# refused or black-holed endpoint to ~10 s; errors of a reachable store still get our RETRIES.
+CONNECT_TIMEOUT_S = 3.0
+_S3_CONFIG = {"connect_timeout": CONNECT_TIMEOUT_S, "retries": {"max_attempts": 3, "mode": "standard"}}
+
+
+def _options(proto: str) -> dict[str, Any]:
+    """Storage options for a new filesystem: the bounds above, under whatever fsspec's config sets."""
+    if proto not in ("s3", "s3a"):
+        return {}
+    conf = dict(fsspec.config.conf.get("s3", {}))
+    config_kwargs = {**_S3_CONFIG, **conf.get("config_kwargs", {})}
+    return {"config_kwargs": config_kwargs}
+
+
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path within it); a missing optional back-end names the extra to install."""
     proto = protocol(url)
@@ -78,7 +116,10 @@ def filesystem(url: str) -> tuple[Any, str]:
         except ImportError:
             raise StorageError(f"{url}: the {proto}:// back-end needs the '{extra}' extra: "
                                f"pip install 'signscale[{extra}]'") from None
-    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_options(proto))
+    except Exception as exc:  # e.g. Azure without an account: explained, else re-raised as it was
+        raise (explain(exc, url) or exc) from exc
     return fs, path
 
 
@@ -143,7 +184,7 @@ def http_status(exc: BaseException) -> tuple[int | None, str]:
 
 def is_transient(exc: BaseException) -> bool:
     """True for the errors the stores document as transient (see above); False for everything else."""
-    if isinstance(exc, (_FINAL, PreconditionFailed)):
+    if isinstance(exc, (_FINAL, PreconditionFailed, NoCredentials, Unreachable)):
         return False
     status, code = http_status(exc)
     if status is not None or code:
@@ -163,20 +204,128 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = RETRIES) -> T:
     """Call ``fn`` and retry transient failures (:func:`is_transient`) with jittered exponential backoff.
 
     Only the exception's type is ever looked at: messages can hold signed URLs, so nothing is logged.
+    An endpoint that never answered is not retried here (the SDK below already tried it a bounded
+    number of times); a failure a person must fix is raised as one of the explained errors above.
     """
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or attempt == attempts - 1:
-                raise
+            if not is_transient(exc) or attempt == attempts - 1 or _never_connected(exc):
+                explained = explain(exc, what)
+                if explained is None:
+                    raise
+                raise explained from exc
             time.sleep(BACKOFF_S * (2 ** attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
 
+# -- Explaining failures a person must fix (the SDKs' own messages name neither the URL nor the fix)
+
+_CONNECT_FAILURES = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                               "ClientConnectorDNSError", "ServiceRequestError", "ConnectionRefusedError",
+                               "gaierror"})
+_NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                             "CredentialRetrievalError", "ClientAuthenticationError"})
+# (variables that supply credentials, variable that points at another endpoint, extra) per store
+_FIX = {"s3": ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)", "AWS_ENDPOINT_URL", "s3"),
+        "gs": ("GOOGLE_APPLICATION_CREDENTIALS (or run `gcloud auth application-default login`)",
+               "STORAGE_EMULATOR_HOST", "gcs"),
+        "az": ("AZURE_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_ACCOUNT_NAME with a key or a login)",
+               "AZURE_STORAGE_CONNECTION_STRING", "azure")}
+
+
+def _store(url: str) -> str:
+    proto = protocol(url)
+    return {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(proto, proto)
+
+
+def _never_connected(exc: BaseException) -> bool:
+    return any(k.__name__ in _CONNECT_FAILURES for e in _causes(exc) for k in type(e).__mro__)
+
+
+def _endpoint(exc: BaseException) -> str:
+    """scheme://host:port of the endpoint an SDK error names (never its path or query: they may be signed)."""
+    from urllib.parse import urlsplit
+
+    for e in _causes(exc):
+        kw = getattr(e, "kwargs", None)
+        cand = kw.get("endpoint_url") if isinstance(kw, dict) else None
+        m = re.search(r"https?://[^\s\"'/]+", str(cand or e))
+        if m:
+            parts = urlsplit(m.group(0))
+            return f"{parts.scheme}://{parts.netloc}"
+    return ""
+
+
+def explain(exc: BaseException, url: str) -> StorageError | None:
+    """The failure as one of the explained errors above, or None when it is none of them.
+
+    The text names the URL, the cause and the fix, in one or two lines; the SDK's own exception
+    stays attached as ``__cause__`` (``signscale --debug`` prints it).
+    """
+    if isinstance(exc, StorageError) or is_local(url):
+        return None
+    store = _store(url)
+    creds, endpoint_var, _extra = _FIX.get(store, ("the store's credentials", "the endpoint setting", store))
+    names = {k.__name__ for e in _causes(exc) for k in type(e).__mro__}
+    if names & _NO_CREDENTIALS:
+        return NoCredentials(f"{url}: no credentials found for {store}://. Set {creds}"
+                             + (f"; for a local or S3-compatible store also {endpoint_var}." if store == "s3" else "."))
+    if _never_connected(exc):
+        where = _endpoint(exc)
+        cause = type(next(e for e in _causes(exc)
+                          if any(k.__name__ in _CONNECT_FAILURES for k in type(e).__mro__))).__name__
+        return Unreachable(f"{url}: cannot reach the endpoint{' ' + where if where else ''} ({cause}, "
+                           f"connect timeout {CONNECT_TIMEOUT_S:g}s). Check {endpoint_var} and the network "
+                           "(unset it to use the provider's public endpoint).")
+    status, code = http_status(exc)
+    bucketish = {"s3": "bucket", "gs": "bucket", "az": "container"}.get(store, "bucket")
+    if code in ("NoSuchBucket", "ContainerNotFound") or (
+            isinstance(exc, FileNotFoundError) and re.search(r"(?i)no ?such ?bucket|bucket does not exist|"
+                                                             r"container.*not.*exist", str(exc))):
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        return NoSuchBucket(f"{url}: no such {bucketish} '{bucket}' at the endpoint in use. Create it, or check "
+                            f"the name and {endpoint_var}.")
+    if status in (401, 403) or isinstance(exc, PermissionError) or code in (
+            "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthorizationFailure",
+            "AuthenticationFailed"):
+        why = code or (str(status) if status else "access denied")
+        return AccessDenied(f"{url}: access denied ({why}): the credentials in use may not do this. Check "
+                            f"{creds} and the {bucketish}'s policy.")
+    return None
+
+
 def exists(url: str) -> bool:
+    """Whether an object or folder is there; a missing S3 bucket is an error, not a "no"."""
     fs, path = filesystem(url)
-    return retry(lambda: fs.exists(path), what=url)
+    found = retry(lambda: fs.exists(path), what=url)
+    if not found and protocol(url) in ("s3", "s3a"):
+        _check_bucket(fs, url, path)
+    return found
+
+
+_BUCKETS_SEEN: set[str] = set()
+
+
+def _check_bucket(fs: Any, url: str, path: str) -> None:
+    """Raise NoSuchBucket when the bucket of an absent S3 key is itself absent (one HeadBucket per
+    bucket and process). Otherwise "no manifest: is this a dataset?" would answer a typo in the
+    bucket name or an endpoint pointing elsewhere. Any other answer (403 without ListBucket
+    permission, say) leaves ``exists`` as it was."""
+    bucket = path.split("/", 1)[0]
+    if not bucket or bucket in _BUCKETS_SEEN:
+        return
+    try:
+        retry(lambda: fs.call_s3("head_bucket", Bucket=bucket), what=url)
+    except NoSuchBucket:
+        raise
+    except Exception as exc:
+        if http_status(exc)[0] == 404 or (isinstance(exc, FileNotFoundError) and http_status(exc)[0] is None):
+            raise NoSuchBucket(f"{url}: no such bucket '{bucket}' at the endpoint in use. Create it, or check the "
+                               "name and AWS_ENDPOINT_URL.") from exc
+        return
+    _BUCKETS_SEEN.add(bucket)
 
 
 def size(url: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from types import ModuleType
@@ -15,9 +16,9 @@ from typing import Any
 
 from rich.markup import escape
 
-from signscale.cli._registry import Registry, console
+from signscale.cli._registry import Parser, Registry, console
 
-__all__ = ["build_parser", "main", "run", "console"]
+__all__ = ["build_parser", "console", "main", "run"]
 
 
 def _modules() -> list[ModuleType]:
@@ -27,8 +28,12 @@ def _modules() -> list[ModuleType]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="signscale", description="Traffic-sign recognition from a laptop to a cluster.")
-    reg = Registry(p.add_subparsers(dest="cmd", metavar="COMMAND"))
+    p = Parser(prog="signscale", description="Traffic-sign recognition from a laptop to a cluster.",
+               epilog="Every option works as --key value and --key=value. Exit codes: 0 the work was done, "
+                      "1 nothing usable came out (or an unexpected error), 2 a usage error (see the README).")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error (also SIGNSCALE_DEBUG=1); may appear anywhere")
+    reg = Registry(p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser))
     for mod in _modules():
         mod.register(reg)
     return p
@@ -41,34 +46,46 @@ def _errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def _debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` wherever it is (before a ``--``), or SIGNSCALE_DEBUG=1; the rest of argv."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flag = "--debug" in argv[:end]
+    rest = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
+    return flag or os.environ.get("SIGNSCALE_DEBUG", "") not in ("", "0"), rest
+
+
+def _say_error(exc: BaseException, *, hint: str = "") -> None:
+    text = str(exc) or type(exc).__name__
+    if text.startswith("Caught "):  # from a DataLoader worker: its own message, not torch's traceback
+        from signscale.stream import worker_message
+
+        text = worker_message(exc)
+    # one unbroken line (a path or a command in it stays copyable), the text as written (no markup)
+    console.print(f"[red]error:[/] {escape(text)}{hint}", soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    debug, argv = _debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and getattr(args, "cmd", None) == "train":
-        args.extra = unknown  # --key=value overrides
-    elif unknown and hasattr(args, "overrides") and all("=" in u for u in unknown):
-        args.overrides = [*args.overrides, *unknown]  # key=value overrides given after the options
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
     try:
         return args.run(args)
-    except Exception as exc:
-        if not isinstance(exc, _errors()):  # a bug, not bad input: keep the traceback
-            raise
-        text = str(exc)
-        if text.startswith("Caught "):  # from a DataLoader worker: its own message, not torch's traceback
-            from signscale.stream import worker_message
-
-            text = worker_message(exc)
-        # one unbroken line (a path or a command in it stays copyable), the text as written (no markup)
-        console.print(f"[red]error:[/] {escape(text)}", soft_wrap=True)
-        return 2
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, _errors()):  # bad input: the message says which and how to fix it
+            _say_error(exc)
+            return 2
+        # not a known kind of bad input, so possibly a bug: the last line of the traceback, and how to see it
+        name = type(exc).__name__
+        _say_error(exc, hint=f" ({name}; run again with --debug or SIGNSCALE_DEBUG=1 for the traceback)")
+        return 1
 
 
 def run() -> Any:

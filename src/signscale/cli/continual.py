@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from signscale.cli._registry import Registry, console
+from signscale.cli._registry import Registry, add_config, config_args, console
 
 
 def _say(text: str) -> None:
@@ -165,7 +165,7 @@ def _load_cfg(args: argparse.Namespace) -> object:
     from signscale import config as config_mod
     from signscale.continual import ContinualConfig
 
-    return config_mod.load(ContinualConfig, args.config, args.overrides)
+    return config_mod.load(ContinualConfig, args.config, config_args(args))
 
 
 def _continual_run(args: argparse.Namespace) -> int:
@@ -185,12 +185,11 @@ def _continual_watch(args: argparse.Namespace) -> int:
 
 def _continual_demo(args: argparse.Namespace) -> int:
     from signscale import config as config_mod
-    from signscale.continual import DemoConfig, run_demo
+    from signscale.continual import SYNTHETIC_PRESET, DemoConfig, run_demo
 
-    from signscale.continual import SYNTHETIC_PRESET
-
-    base = {"out": args.out, **({"gtsrb": args.gtsrb} if args.gtsrb else SYNTHETIC_PRESET)}
-    cfg = config_mod.load(DemoConfig, None, args.overrides, base=base)
+    items = config_args(args)
+    gtsrb = any(i.startswith("gtsrb=") and i != "gtsrb=" for i in items)
+    cfg = config_mod.load(DemoConfig, None, items, base={} if gtsrb else dict(SYNTHETIC_PRESET))
     r = run_demo(cfg, log=_say)
     _say(r.summary())
     console.print(f"inspect: signscale registry show {cfg.out}/registry -v ; signscale data versions {cfg.out}/data/signs")
@@ -241,17 +240,16 @@ def register(r: Registry) -> None:
     x.add_argument("url")
     x.add_argument("--classes", action="store_true", help="also print counts per class")
 
-    for name, fn, what in (("run", _continual_run, "one cycle: ingest, retrain with replay, evaluate, gate, "
-                                                   "promote or reject"),
+    for name, fn, what in (("run", _continual_run, ("one cycle: ingest, retrain with replay, evaluate, gate, "
+                                                    "promote or reject")),
                            ("watch", _continual_watch, "poll the inbox and run a cycle when enough data arrived")):
         x = r.add(name, fn, what, parent="continual",
                   description=f"signscale continual {name} CONFIG.yaml [key=value ...]: keys of ContinualConfig")
         x.add_argument("config", help="YAML with registry, dataset, inbox, golden, slices, ... (docs/continual.md)")
-        x.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. steps=400 gate.min_improvement=0.05")
         if name == "watch":
             x.add_argument("--max-cycles", type=int, default=0, help="stop after this many cycles (0: run forever)")
+        add_config(x, "signscale.continual:ContinualConfig",
+                   rest_help="key=value overrides, e.g. steps=400 gate.min_improvement=0.05 (or --steps 400)")
     x = r.add("demo", _continual_demo, "the scenario: snow upload promoted, poison and backdoor rejected, rollback",
               parent="continual")
-    x.add_argument("--out", default="signscale-continual-demo")
-    x.add_argument("--gtsrb", help="GTSRB training zip (default: synthetic signs)")
-    x.add_argument("overrides", nargs="*", default=[], help="DemoConfig key=value, e.g. epochs=6 steps=300 s3=false")
+    add_config(x, "signscale.continual:DemoConfig", rest_help="DemoConfig key=value, e.g. epochs=6 steps=300 s3=false")

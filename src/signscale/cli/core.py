@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
 from rich.table import Table
 
-from signscale.cli._registry import Registry, console
+from signscale.cli._registry import Registry, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
@@ -31,14 +32,35 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _sources(args: argparse.Namespace) -> int:
+    import inspect
+
+    from signscale.config import ConfigError, closest
     from signscale.sources import SOURCES
 
-    table = Table(title="sources (use as KIND:LOCATION?options)")
-    for col in ("kind", "what", "example"):
-        table.add_column(col)
-    for kind, info in SOURCES.items():
-        table.add_row(kind, info.help, info.example)
-    console.print(table)
+    kinds = list(SOURCES)
+    if args.kind:
+        if args.kind not in SOURCES:
+            near = closest(args.kind, kinds)
+            raise ConfigError(f"unknown source kind {args.kind!r}" + (f"; did you mean {near!r}?" if near else "")
+                              + f" Kinds: {', '.join(kinds)}")
+        kinds = [args.kind]
+    else:
+        console.print("sources: give one as KIND:LOCATION?option=value&... wherever a command takes a SOURCE\n")
+    # plain lines, not a table: a table at 80 columns cuts the examples, which are meant to be copied
+    for i, kind in enumerate(kinds):
+        info = SOURCES[kind]
+        console.print(("\n" if i else "") + f"[bold]{kind}[/]  {escape(info.help)}")
+        console.print(f"  example: {escape(info.example)}", markup=True)
+        params = [p for p in inspect.signature(info.load()).parameters.values()
+                  if p.kind is p.KEYWORD_ONLY and p.name != "spec"]
+        if params:
+            opts = ", ".join(f"{p.name}={'(none)' if p.default in (None, '') else p.default}" for p in params)
+            console.print(f"  options (defaults): {escape(opts)}")
+        else:
+            console.print("  options: none")
+        doc = (inspect.getdoc(info.load()) or "").split("\n\n", 1)
+        if len(doc) > 1:  # the docstring's paragraphs after the first explain the options
+            console.print("  " + escape(" ".join(doc[1].split())))
     return 0
 
 
@@ -65,22 +87,30 @@ def _pack(args: argparse.Namespace) -> int:
     from signscale import config
     from signscale.pack import PackConfig, pack
 
-    opts = {k: v for k, v in {"encoding": args.encoding, "size": args.size, "shard_mb": args.shard_mb,
-                              "workers": args.workers, "strict": args.strict, "crop": args.crop,
-                              "name": args.name, "rank": args.rank, "world_size": args.world_size}.items()
-            if v is not None}
-    cfg = config.load(PackConfig, args.config, args.overrides, base={"source": args.source, "out": args.out, **opts})
+    cfg = config.load(PackConfig, args.config, config_args(args), base={"source": args.source, "out": args.out})
     from signscale import distributed
 
     distributed.init()
     result = pack(cfg)
-    console.print(result.summary())
+    console.print(result.summary(), markup=False)
     if result.quarantined:
         console.print(f"[yellow]warning:[/] {result.quarantined} sample(s) quarantined; see "
                       f"{cfg.out.rstrip('/')}/quarantine.jsonl")
         if cfg.strict:
             return 3
+    if result.finalized and result.count == 0:  # nothing usable came out: a dataset of no samples trains nothing
+        console.print(f"[red]error:[/] no sample of {escape(cfg.source)} could be packed")
+        return 1
     return 0
+
+
+def _plain(value: object) -> str:
+    """A manifest value as a person reads it: key=value pairs, not a Python dict's repr."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}={_plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_plain(v) for v in value) or "-"
+    return escape(str(value))
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -90,7 +120,7 @@ def _data(args: argparse.Namespace) -> int:
         info = show.dataset_info(args.url, histogram=args.histogram or "")
         table = Table(title=f"{args.url}")
         table.add_column("field")
-        table.add_column("value")
+        table.add_column("value", overflow="fold")  # wrapped, never cut with an ellipsis
         m = info.manifest
         for k in ("name", "version", "created", "encoding", "image_shape"):
             table.add_row(k, str(m.get(k)))
@@ -98,8 +128,11 @@ def _data(args: argparse.Namespace) -> int:
         table.add_row("shards", str(info.shards))
         table.add_row("bytes", f"{info.bytes:,}")
         table.add_row("label space", f"{m['label_space']['name']} ({len(m['label_space']['classes'])} classes)")
-        table.add_row("quarantined", str(m["quarantine"]))
-        table.add_row("source", str(m["source"]))
+        for name in ("quarantine", "source"):  # nested mappings: one row per key
+            value = m.get(name)
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            for k, v in items:
+                table.add_row(f"{name} {k}".strip(), _plain(v))
         console.print(table)
         console.print(info.summary())
         return 0
@@ -120,18 +153,42 @@ def _data(args: argparse.Namespace) -> int:
     raise AssertionError(args.data_cmd)
 
 
+def yaml_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(YAML path, key=value overrides) of a command taking ``[CONFIG.yaml] [key=value ...] [--key value ...]``."""
+    from signscale.config import ConfigError
+
+    items = list(args.overrides)
+    path = None
+    if items and "=" not in items[0]:
+        path = items.pop(0)
+    bare = [i for i in items if "=" not in i]
+    if bare:
+        raise ConfigError(f"{bare[0]!r}: expected key=value (or --key value); only the first item may be a YAML "
+                          "config file")
+    return path, [*items, *args.config_items]
+
+
+def check_model(name: str, option: str = "--model") -> None:
+    """An unknown architecture fails now, in one line, not after the data has been opened."""
+    from signscale.config import ConfigError
+    from signscale.models import MODELS
+
+    if name not in MODELS:
+        raise ConfigError(f"{option}={name}: unknown model; the known models are {', '.join(MODELS)}")
+
+
 def _train(args: argparse.Namespace) -> int:
     from signscale import config
     from signscale.train import TrainConfig, train
 
-    path = args.items[0] if args.items and not args.items[0].startswith("-") and "=" not in args.items[0] else None
-    overrides = [a for a in args.items if a != path] + args.extra
+    path, overrides = yaml_and_overrides(args)
     cfg = config.load(TrainConfig, path, overrides)
+    check_model(cfg.model)
     result = train(cfg)
     from signscale import distributed
 
     if distributed.rank() == 0:
-        console.print(result.summary())
+        console.print(result.summary(), markup=False)
     distributed.shutdown()
     return 0
 
@@ -144,17 +201,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if is_scene_dataset(args.data) or is_scene_spec(args.data):  # a detector on road scenes
         from signscale.detect_eval import SceneEvalConfig, evaluate_scenes
 
+        out = next((i.split("=", 1)[1] for i in reversed(config_args(args)) if i.startswith("out=")), "")
         rep = evaluate_scenes(SceneEvalConfig(detector=args.model, data=args.data, classifier=args.classifier or "",
-                                              out=args.out or ""))
+                                              out=out))
         console.print(rep.summary())
         return 0
 
-    items = [f"model={args.model}", f"data={args.data}", f"out={args.out or ''}"]
-    if args.corruptions:
-        items.append(f"corruptions={args.corruptions}")
-    if args.severity:
-        items.append(f"severities={args.severity}")
-    cfg = config.load(EvalConfig, args.config, items + args.overrides)
+    items = [f"model={args.model}", f"data={args.data}"]
+    cfg = config.load(EvalConfig, args.config, items + config_args(args))
     distributed.init()
     report = evaluate(cfg)
     if distributed.rank() == 0:
@@ -174,11 +228,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from signscale import config
     from signscale.demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(out=args.out, samples=args.samples, epochs=args.epochs,
-                                 detection=not args.no_detection))
-    console.print(result.summary())
+    cfg = config.load(DemoConfig, None, config_args(args))
+    check_model(cfg.model)
+    result = run_demo(cfg, say=lambda text: console.print(text, markup=False))
+    console.print(result.summary(), markup=False)
     return 0
 
 
@@ -187,7 +243,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(r: Registry) -> None:
     r.add("version", _version, "print the version")
-    r.add("sources", _sources, "list the data sources and their spec syntax")
+    s = r.add("sources", _sources, "list the data sources, their options and defaults")
+    s.add_argument("kind", nargs="?", help="one source kind, e.g. gtsrb")
 
     s = r.add("show", _show, "count a source's samples per class and write a contact sheet")
     s.add_argument("source", help="e.g. gtsrb:GTSRB_Final_Training_Images.zip")
@@ -196,19 +253,10 @@ def register(r: Registry) -> None:
     s.add_argument("-q", "--quiet", action="store_true", help="only the one-line summary, no per-class table")
 
     s = r.add("pack", _pack, "pack a source into checksummed shards at any storage URL")
-    s.add_argument("source")
+    s.add_argument("source", help="KIND:LOCATION?options, see `signscale sources`")
     s.add_argument("out", help="dataset folder: local path, s3://, gs://, az://")
     s.add_argument("--config", help="YAML file with PackConfig keys")
-    s.add_argument("--encoding", choices=["raw", "encoded"])
-    s.add_argument("--size", type=int)
-    s.add_argument("--crop", choices=["none", "roi"])
-    s.add_argument("--shard-mb", type=float)
-    s.add_argument("--workers", type=int)
-    s.add_argument("--name")
-    s.add_argument("--strict", action="store_true", default=None, help="exit non-zero if anything is quarantined")
-    s.add_argument("--rank", type=int, help="this rank (without torchrun)")
-    s.add_argument("--world-size", type=int)
-    s.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
+    add_config(s, "signscale.pack:PackConfig", skip=("source", "out"))
 
     x = r.add("info", _data, "summary of a dataset", parent="data")
     x.add_argument("url")
@@ -222,21 +270,18 @@ def register(r: Registry) -> None:
     x.add_argument("--seed", type=int, default=0)
 
     s = r.add("train", _train, "train a classifier on packed datasets (also under torchrun)",
-              description="signscale train [CONFIG.yaml] [--key=value ...]: keys of TrainConfig, e.g. "
-                          "--data=runs/gtsrb/train --val=runs/gtsrb/val --model=msnet --epochs=10 "
-                          "--precision=bf16 --augment.flip=0.5")
-    s.add_argument("items", nargs="*", help="optional YAML config, then key=value overrides")
-    s.set_defaults(extra=[])
+              description="signscale train [CONFIG.yaml] [--key value | --key=value | key=value ...]\n"
+                          "e.g. signscale train --data runs/gtsrb/train --val runs/gtsrb/val --model msnet "
+                          "--epochs 10 --precision bf16 --augment.flip 0.5 --country-weights.cn 4")
+    add_config(s, "signscale.train:TrainConfig", yaml_first=True, rest_help="an optional YAML file of TrainConfig keys first, then key=value "
+                                         "overrides (the same as --key value)")
 
     s = r.add("evaluate", _evaluate, "score a model on a dataset or source; HTML report, metrics.json")
     s.add_argument("model", help="model artefact folder (local or any storage URL)")
     s.add_argument("data", help="packed dataset URL or a source, e.g. gtsrb-test:GTSRB_Final_Test_Images.zip")
-    s.add_argument("--out", help="report folder")
-    s.add_argument("--corruptions", help="comma list of snow,rain,fog,night,glare,blur,noise,contrast or 'all'")
-    s.add_argument("--severity", help="comma list of severities 1..5 (default 3)")
     s.add_argument("--classifier", help="scene datasets: classifier model for the end-to-end (fine class) score")
     s.add_argument("--config", help="YAML with EvalConfig keys")
-    s.add_argument("overrides", nargs="*", default=[], help="key=value EvalConfig overrides")
+    add_config(s, "signscale.evaluate:EvalConfig", skip=("model", "data"), aliases={"severities": ["--severity"]})
 
     s = r.add("compare", _compare, "differences between two reports; exit 1 when B is worse than A")
     s.add_argument("a", help="report folder or metrics.json of the reference")
@@ -246,7 +291,4 @@ def register(r: Registry) -> None:
     s.add_argument("-v", "--verbose", action="store_true")
 
     s = r.add("demo", _demo, "the main job on the built-in synthetic data, end to end")
-    s.add_argument("--out", default="signscale-demo")
-    s.add_argument("--samples", type=int, default=8000, help="synthetic training signs")
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--no-detection", action="store_true", help="skip the road-scene detection leg")
+    add_config(s, "signscale.demo:DemoConfig")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from signscale.cli._registry import Registry, console
+from signscale.cli._registry import Registry, add_config, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
@@ -33,10 +33,10 @@ def _pack_scenes(args: argparse.Namespace) -> int:
 
 def _train_detector(args: argparse.Namespace) -> int:
     from signscale import config, distributed
+    from signscale.cli.core import yaml_and_overrides
     from signscale.train_detector import DetTrainConfig, train_detector
 
-    path = args.items[0] if args.items and not args.items[0].startswith("-") and "=" not in args.items[0] else None
-    overrides = [a for a in args.items if a != path] + args.overrides  # --key=value land in overrides
+    path, overrides = yaml_and_overrides(args)
     cfg = config.load(DetTrainConfig, path, overrides)
     result = train_detector(cfg)
     if distributed.rank() == 0:
@@ -99,11 +99,11 @@ def register(r: Registry) -> None:
     s.add_argument("--format", default="jpeg", choices=("jpeg", "png", "original"))
 
     s = r.add("train-detector", _train_detector, "train the FCOS sign detector on packed scenes (also under torchrun)",
-              description="signscale train-detector [CONFIG.yaml] [--key=value ...]: keys of DetTrainConfig, e.g. "
-                          "--data=data/scenes-train --backbone=runs/gtsrb/model --max_steps=170 --tile=224,160 "
-                          "--precision=bf16 --resume=auto")
-    s.add_argument("items", nargs="*", help="optional YAML config, then key=value overrides")
-    s.set_defaults(overrides=[])
+              description="signscale train-detector [CONFIG.yaml] [--key value | --key=value | key=value ...]\n"
+                          "e.g. signscale train-detector --data data/scenes-train --backbone runs/gtsrb/model "
+                          "--max-steps 170 --tile 224,160 --precision bf16 --resume auto")
+    add_config(s, "signscale.train_detector:DetTrainConfig", yaml_first=True,
+               rest_help="an optional YAML file of DetTrainConfig keys first, then key=value overrides")
 
     s = r.add("detect", _detect, "find and name every sign in images: annotated PNGs + one JSON per image")
     s.add_argument("model", help="detector model folder")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from signscale.cli._registry import Registry, console
+from signscale.cli._registry import Registry, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
@@ -21,13 +21,13 @@ def errors() -> tuple[type[BaseException], ...]:
 def _predict(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
+    from signscale import config
     from signscale.predict import PredictConfig, Predictor, collect_inputs
 
-    cfg = PredictConfig(model=args.model, top_k=args.top_k, batch_size=args.batch_size, backend=args.backend,
-                        device=args.device, detector=args.detector or "")
+    cfg = config.load(PredictConfig, None, config_args(args), base={"model": args.model})
     predictor = Predictor.load(cfg)
     inputs = collect_inputs(args.inputs)
-    results = _scenes(predictor, inputs) if args.detector else predictor.classify_files(inputs)
+    results = _scenes(predictor, inputs) if cfg.detector else predictor.classify_files(inputs)
     failed = 0
     for r in results:
         failed += "error" in r
@@ -45,7 +45,7 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.json:
         console.print(f"{len(results) - failed} of {len(results)} image(s) classified with model "
                       f"{predictor.version} ({predictor.backend})" + (f"; {failed} could not be read" if failed else ""))
-    return 0
+    return 0 if len(results) > failed else 1  # 1: nothing usable came out (no image could be classified)
 
 
 def _scenes(predictor, inputs: list[str]) -> list[dict]:
@@ -69,10 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
     from signscale import config
     from signscale.serve import ServeConfig, serve
 
-    opts = {k: v for k, v in {"host": args.host, "port": args.port, "workers": args.workers, "backend": args.backend,
-                              "detector": args.detector, "threads": args.threads,
-                              "reload_interval_s": args.reload_interval}.items() if v is not None}
-    cfg = config.load(ServeConfig, args.config, args.overrides, base={"model": args.model, **opts})
+    cfg = config.load(ServeConfig, args.config, config_args(args), base={"model": args.model})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     serve(cfg, on_listening=lambda url: print(f"serving {cfg.model} on {url} (page: {url}/, API: {url}/docs)",
                                               flush=True))
@@ -101,24 +98,13 @@ def register(r: Registry) -> None:
     p = r.add("predict", _predict, help="classify images (files, folders, globs, URLs) with a model")
     p.add_argument("model", help="model folder, ONNX export folder, or REGISTRY_URL@ALIAS")
     p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files, folders, globs or URLs")
-    p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--detector", help="detector model URL: treat inputs as scenes, print boxes")
+    add_config(p, "signscale.predict:PredictConfig", skip=("model",), rest=False)
 
     p = r.add("serve", _serve, help="HTTP service and a page to try the model (FastAPI + uvicorn)")
     p.add_argument("model", help="model folder, ONNX export folder, or REGISTRY_URL@ALIAS (reloaded when it moves)")
-    p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, help="default 8000; 0 picks a free port")
-    p.add_argument("--workers", type=int, help="server processes sharing the port (each loads the model)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"))
-    p.add_argument("--detector", help="detector model URL: enables POST /v1/detect")
-    p.add_argument("--threads", type=int, help="model runner threads (0: the back-end's default)")
-    p.add_argument("--reload-interval", type=float, help="seconds between checks of a registry alias (0: never)")
-    p.add_argument("--config", help="YAML file with ServeConfig fields (max_batch, max_queue, max_body_bytes, ...)")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value ServeConfig overrides, e.g. max_batch=64")
+    p.add_argument("--config", help="YAML file with ServeConfig keys")
+    add_config(p, "signscale.serve:ServeConfig", skip=("model",), aliases={"reload_interval_s": ["--reload-interval"]})
 
     p = r.add("export", _export, help="export a model to ONNX and check parity with PyTorch")
     p.add_argument("model", help="model artefact folder")

@@ -199,6 +199,11 @@ def test_unreadable_index_is_named_with_the_fix(finished):
         train(dataclasses.replace(cfg, resume="auto"))
     with pytest.warns(checkpoint.CheckpointWarning, match="loaded unverified"):
         assert checkpoint.load_checkpoint(str(ck / "step-000000003.pt"))["step"] == 3
+    with pytest.warns(checkpoint.CheckpointWarning, match="loaded unverified"):  # the user's explicit choice
+        assert train(dataclasses.replace(cfg, resume=str(ck / "step-000000002.pt"))).steps == 3
+    index = json.loads((ck / "latest.json").read_text())  # a new index, naming only what it can vouch for
+    assert [e["step"] for e in index["checkpoints"]] == [3] and "best" in index
+    assert (ck / "step-000000001.pt").exists()  # files it cannot vouch for are not deleted early
 
 
 def test_resume_from_an_older_checkpoint_drops_the_abandoned_later_ones(finished):

@@ -90,7 +90,9 @@ class CheckpointWarning(UserWarning):
 
 def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], *, keep_last: int = 3, best: bool = False
                     ) -> str:
-    """Write ``checkpoints/step-N.pt`` (and ``best.pt``) atomically, then the index, then prune old ones."""
+    """Write ``checkpoints/step-N.pt`` (and ``best.pt``) atomically, then the index, then delete the files it
+    dropped: those beyond ``keep_last``, and later steps of a timeline this run abandoned by resuming from
+    an older checkpoint."""
     ck_dir = storage.join(run_dir, "checkpoints")
     name = f"step-{step:09d}.pt"
     data = to_bytes({"format": CHECKPOINT_FORMAT, "step": step, **state})
@@ -100,7 +102,6 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], *, keep_last
     if best:
         best_entry = {"path": "best.pt", "step": step,
                       "sha256": storage.write_bytes(storage.join(ck_dir, "best.pt"), data)}
-    # a later step in the index belongs to a timeline this run abandoned (resumed from an older checkpoint)
     kept = [e for e in _entries(old) if e["step"] < step] + [entry]
     if keep_last > 0:
         kept = kept[-keep_last:]
@@ -108,16 +109,11 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], *, keep_last
     if best_entry:
         index["best"] = best_entry
     storage.write_json(storage.join(ck_dir, INDEX), index)
-    _prune(ck_dir, {e["path"] for e in kept})
+    # only files the index named go: after an unreadable index nothing says which files are whose
+    for e in _entries(old):
+        if e["path"] not in {k["path"] for k in kept}:
+            storage.delete(storage.join(ck_dir, e["path"]))
     return storage.join(ck_dir, name)
-
-
-def _prune(ck_dir: str, keep: set[str]) -> None:
-    """Delete the step files the index no longer names (older ones, or those of an abandoned timeline)."""
-    for url in storage.listdir(ck_dir):
-        name = url.rsplit("/", 1)[-1]
-        if name.startswith("step-") and name.endswith(".pt") and name not in keep:
-            storage.delete(url)
 
 
 def _entries(index: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,10 +141,11 @@ def _read_index(ck_dir: str) -> dict[str, Any] | None:
 
 
 def _read_index_quietly(ck_dir: str) -> dict[str, Any]:
+    """The index a save extends ({} when there is none, or it cannot be read: the save replaces it)."""
     try:
         return _read_index(ck_dir) or {}
     except CheckpointError:
-        return {}  # the save being written replaces it
+        return {}
 
 
 def _problem(url: str, sha256: str) -> str:

@@ -8,6 +8,11 @@ micro-batch, and only rank 0 logs and writes.
 Exact resume: every step seeds its own RNGs from (seed, step, rank), the loader resumes at the
 sample it stopped at, and the checkpoint holds model, EMA, optimizer, scheduler, scaler and loader
 state, so a resumed run's per-step losses equal an uninterrupted run's (CPU, fp32).
+
+No crash window: metrics lines are flushed before the checkpoint that counts them (a resumed run cuts
+the file back to that count), and a checkpoint taken after an epoch's last step but before its
+validation says so, and resume runs that validation first; a run killed anywhere and resumed leaves
+the metrics, curve, ``best.pt`` and model an uninterrupted run leaves.
 """
 
 from __future__ import annotations
@@ -250,9 +255,9 @@ class _Logger:
         Lines are flushed before each checkpoint, so the file holds at least ``count``; any after them
         were logged past the checkpoint by the run that stopped, and the resumed run logs them again.
         """
-        if not self.enabled or not storage.exists(self.url):
+        if not self.enabled:
             return
-        lines = storage.read_text(self.url).splitlines()
+        lines = storage.read_text(self.url).splitlines() if storage.exists(self.url) else []
         if count is not None and len(lines) < count:
             print(f"warning: {self.url} holds {len(lines)} lines, fewer than the {count} the checkpoint "
                   "covers (written by an older signscale, or edited); the missing ones are not rebuilt",

@@ -114,12 +114,16 @@ def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
     state, meta = checkpoint.load_model_artefact(res.model_url)
     assert meta["label_space"]["name"] == "de" and meta["preprocess"]["size"] == 16
     assert meta["model_config"]["name"] == "small_cnn"
-    # a corrupt checkpoint: clear error, nothing overwritten
+    # a corrupt checkpoint, the only one: clear error naming it, nothing overwritten
     latest = checkpoint.latest_checkpoint(str(tmp_path / "ok"))
     Path(latest).write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"no intact checkpoint.*{Path(latest).name} is corrupt"):
         train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}))
     assert Path(latest).read_bytes() == b"garbage"
+    (Path(latest).parent / "latest.json").unlink()  # unverifiable: still refused, as unreadable
+    with pytest.warns(checkpoint.CheckpointWarning, match="unverified"), \
+            pytest.raises(checkpoint.CheckpointError, match="not a readable"):
+        train(TrainConfig(**{**cfg.__dict__, "resume": latest}))
 
 
 def test_class_balanced_loss_weights(synthetic_dataset, tmp_path):

@@ -6,16 +6,19 @@ plain containers: loading a file from a bucket never executes code (timm and tor
 pickled argparse namespaces and now carry workarounds for it).
 
 A run folder holds ``checkpoints/step-000123.pt`` files, ``checkpoints/best.pt``, and
-``checkpoints/latest.json`` naming the newest complete one (written after it, so it never points
-at a partial file). A model artefact is a folder with ``model.pt`` and ``model.json`` (metadata
+``checkpoints/latest.json``, the index naming each with the sha256 of its bytes (written after them,
+so it never points at a partial file; checked on load, so a damaged file is never trained on). A
+model artefact is a folder with ``model.pt`` and ``model.json`` (metadata
 plus the sha256 of ``model.pt``, checked on load).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -72,45 +75,144 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints
+#
+# ``latest.json`` is the folder's index, written after every file it names: the newest checkpoint
+# (``path``, ``step``, ``sha256``), every kept one (``checkpoints``, oldest first) and ``best``, each
+# with the sha256 of its bytes as written. Loading checks that sha256, so a flipped byte is caught
+# before it is trained on, and ``--resume=auto`` can fall back to the newest checkpoint still intact.
+
+INDEX = "latest.json"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped or could not be verified; training goes on from another one."""
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], *, keep_last: int = 3, best: bool = False
                     ) -> str:
-    """Write ``checkpoints/step-N.pt`` atomically, update ``latest.json`` after it, prune old ones."""
+    """Write ``checkpoints/step-N.pt`` (and ``best.pt``) atomically, then the index, then delete the files it
+    dropped: those beyond ``keep_last``, and later steps of a timeline this run abandoned by resuming from
+    an older checkpoint."""
     ck_dir = storage.join(run_dir, "checkpoints")
-    url = storage.join(ck_dir, f"step-{step:09d}.pt")
-    payload = {"format": CHECKPOINT_FORMAT, "step": step, **state}
-    sha = storage.write_bytes(url, to_bytes(payload))
+    name = f"step-{step:09d}.pt"
+    data = to_bytes({"format": CHECKPOINT_FORMAT, "step": step, **state})
+    entry = {"path": name, "step": step, "sha256": storage.write_bytes(storage.join(ck_dir, name), data)}
+    old = _read_index_quietly(ck_dir)
+    best_entry = old.get("best")
     if best:
-        storage.write_bytes(storage.join(ck_dir, "best.pt"), to_bytes(payload))
-    storage.write_json(storage.join(ck_dir, "latest.json"), {"path": f"step-{step:09d}.pt", "step": step,
-                                                             "sha256": sha})
-    _prune(ck_dir, keep_last)
-    return url
+        best_entry = {"path": "best.pt", "step": step,
+                      "sha256": storage.write_bytes(storage.join(ck_dir, "best.pt"), data)}
+    kept = [e for e in _entries(old) if e["step"] < step] + [entry]
+    if keep_last > 0:
+        kept = kept[-keep_last:]
+    index: dict[str, Any] = {**entry, "checkpoints": kept}
+    if best_entry:
+        index["best"] = best_entry
+    storage.write_json(storage.join(ck_dir, INDEX), index)
+    # only files the index named go: after an unreadable index nothing says which files are whose
+    for e in _entries(old):
+        if e["path"] not in {k["path"] for k in kept}:
+            storage.delete(storage.join(ck_dir, e["path"]))
+    return storage.join(ck_dir, name)
 
 
-def _prune(ck_dir: str, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    steps = sorted(u for u in storage.listdir(ck_dir) if u.rsplit("/", 1)[-1].startswith("step-")
-                   and u.endswith(".pt"))
-    for old in steps[:-keep_last]:
-        storage.delete(old)
+def _entries(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The kept checkpoints, oldest first (an index written before the list existed names only the newest)."""
+    if "checkpoints" in index:
+        return sorted(index["checkpoints"], key=lambda e: int(e["step"]))
+    return [{k: index[k] for k in ("path", "step", "sha256")}] if "path" in index else []
+
+
+def _read_index(ck_dir: str) -> dict[str, Any] | None:
+    """The folder's index, None when there is none; CheckpointError when it cannot be read."""
+    url = storage.join(ck_dir, INDEX)
+    if not storage.exists(url):
+        return None
+    try:
+        index = json.loads(storage.read_bytes(url))
+        if not isinstance(index, dict):
+            raise TypeError("not a mapping")
+        _entries(index)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{url}: unreadable ({exc}); the checkpoints it indexes cannot be verified. "
+                              "Resume from one of them explicitly with --resume=URL (loaded unverified), or "
+                              "start a new run") from None
+    return index
+
+
+def _read_index_quietly(ck_dir: str) -> dict[str, Any]:
+    """The index a save extends ({} when there is none, or it cannot be read: the save replaces it)."""
+    try:
+        return _read_index(ck_dir) or {}
+    except CheckpointError:
+        return {}
+
+
+def _problem(url: str, sha256: str) -> str:
+    """Why the file at ``url`` is not the one recorded with ``sha256`` ("" when it is)."""
+    if not storage.exists(url):
+        return "missing"
+    actual = storage.sha256_of(url)
+    if actual != sha256:
+        return f"corrupt: sha256 {actual[:12]}... differs from {sha256[:12]}... recorded when it was written"
+    return ""
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """URL of the newest complete checkpoint in ``run_dir``, or None."""
-    ptr = storage.join(run_dir, "checkpoints", "latest.json")
-    if not storage.exists(ptr):
+    """URL of the newest intact checkpoint in ``run_dir``, or None when the run has none.
+
+    Each kept checkpoint is checked against the sha256 the index recorded; a damaged one is named in a
+    warning and the next older one is tried. When none is intact, CheckpointError names each file.
+    """
+    ck_dir = storage.join(run_dir, "checkpoints")
+    index = _read_index(ck_dir)
+    if index is None:
         return None
-    info = storage.read_json(ptr)
-    return storage.join(run_dir, "checkpoints", info["path"])
+    bad: list[str] = []
+    for e in reversed(_entries(index)):
+        url = storage.join(ck_dir, e["path"])
+        why = _problem(url, e["sha256"])
+        if not why:
+            if bad:
+                warnings.warn(f"{'; '.join(bad)}; resuming from {url} instead, the newest intact checkpoint",
+                              CheckpointWarning, stacklevel=2)
+            return url
+        bad.append(f"{url} is {why}")
+    raise CheckpointError(f"no intact checkpoint in {ck_dir}: {'; '.join(bad) or 'the index lists none'}. "
+                          "Restore the files from a copy, or start a new run (without --resume, or with another "
+                          "--out)")
+
+
+def _recorded_sha(url: str) -> str | None:
+    """The sha256 the index beside ``url`` recorded for it, or None (no index, or not listed there)."""
+    ck_dir, name = url.rsplit("/", 1) if "/" in url else (".", url)
+    try:
+        index = _read_index(ck_dir)
+    except CheckpointError as exc:
+        warnings.warn(f"{url}: loaded unverified: {exc}", CheckpointWarning, stacklevel=3)
+        return None
+    if index is None:
+        return None
+    for e in [*_entries(index), index.get("best") or {}]:
+        if e.get("path") == name:
+            return str(e["sha256"])
+    return None
 
 
 def load_checkpoint(url: str) -> dict[str, Any]:
+    """A checkpoint's state, checked against the sha256 its folder's index recorded when it was written."""
     if not storage.exists(url):
         raise CheckpointError(f"{url}: no such checkpoint")
-    obj = from_bytes(storage.read_bytes(url), url)
+    data = storage.read_bytes(url)
+    expect = _recorded_sha(url)
+    if expect is not None and hashlib.sha256(data).hexdigest() != expect:
+        raise CheckpointError(f"{url}: corrupt: its sha256 differs from the one {INDEX} recorded when it was "
+                              "written. Resume with --resume=auto (the newest intact checkpoint) or from another "
+                              "checkpoint of the run")
+    if expect is None:
+        warnings.warn(f"{url}: no sha256 recorded for it in {INDEX}; loaded unverified", CheckpointWarning,
+                      stacklevel=2)
+    obj = from_bytes(data, url)
     if obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{url}: checkpoint format {obj.get('format')!r} is not supported by this signscale "
                               f"(reads {CHECKPOINT_FORMAT}); resume with the version that wrote it")
@@ -145,8 +247,6 @@ def load_model_artefact(url: str) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise CheckpointError(f"{meta_url}: model format {meta.get('format_version')!r} is not supported "
                               f"(this signscale reads {MODEL_FORMAT})")
     data = storage.read_bytes(storage.join(url, "model.pt"))
-    import hashlib
-
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"{url}/model.pt: sha256 does not match model.json (corrupt or replaced)")
     obj = from_bytes(data, storage.join(url, "model.pt"))

@@ -8,6 +8,11 @@ micro-batch, and only rank 0 logs and writes.
 Exact resume: every step seeds its own RNGs from (seed, step, rank), the loader resumes at the
 sample it stopped at, and the checkpoint holds model, EMA, optimizer, scheduler, scaler and loader
 state, so a resumed run's per-step losses equal an uninterrupted run's (CPU, fp32).
+
+No crash window: metrics lines are flushed before the checkpoint that counts them (a resumed run cuts
+the file back to that count), and a checkpoint taken after an epoch's last step but before its
+validation says so, and resume runs that validation first; a run killed anywhere and resumed leaves
+the metrics, curve, ``best.pt`` and model an uninterrupted run leaves.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -244,6 +250,21 @@ class _Logger:
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.tb.add_scalar(k, v, record.get("step", 0))
 
+    def restore(self, count: int | None) -> None:
+        """Resume the file as it stood at a checkpoint: its first ``count`` lines (all for older checkpoints).
+
+        Lines are flushed before each checkpoint, so the file holds at least ``count``; any after them
+        were logged past the checkpoint by the run that stopped, and the resumed run logs them again.
+        """
+        if not self.enabled:
+            return
+        lines = storage.read_text(self.url).splitlines() if storage.exists(self.url) else []
+        if count is not None and len(lines) < count:
+            print(f"warning: {self.url} holds {len(lines)} lines, fewer than the {count} the checkpoint "
+                  "covers (written by an older signscale, or edited); the missing ones are not rebuilt",
+                  file=sys.stderr)
+        self.lines = lines if count is None else lines[:count]
+
     def flush(self) -> None:
         if self.enabled and self.lines:
             storage.write_bytes(self.url, ("\n".join(self.lines) + "\n").encode())
@@ -342,6 +363,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     result = TrainResult(out=cfg.out, params=info["params"], macs=info["macs"], precision=cfg.precision,
                          world_size=world)
     step, best = 0, -1.0
+    pending: dict[str, Any] | None = None  # a finished epoch whose validation the checkpoint did not cover
+    metrics_lines: int | None = None
     resume_url = _resume_url(cfg)
     if resume_url:
         state = checkpoint.load_checkpoint(resume_url)
@@ -358,12 +381,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
         step, best = int(state["step"]), float(state["best"])
         result.curve = json.loads(state["curve"])
         result.losses = [float(x) for x in state["losses"]]
+        if state.get("val_pending"):
+            pending = {**json.loads(state["val_pending"]), "loader": json.loads(state["loader"])}
+        metrics_lines = int(state["metrics_lines"]) if "metrics_lines" in state else None
         if main:
             print(f"resumed from {resume_url} at step {step} (epoch {loader.stream.epoch})")
 
     logger = _Logger(cfg.out, main)
-    if resume_url and main and storage.exists(logger.url):
-        logger.lines = storage.read_text(logger.url).splitlines()
+    if resume_url:
+        logger.restore(metrics_lines)
     if main:
         storage.makedirs(cfg.out)
         storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
@@ -372,25 +398,53 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     samples_seen = 0
     t_loop = time.perf_counter()
 
-    def save(best_flag: bool = False) -> str:
-        states = distributed.all_gather_object(loader.local_state())
+    def loader_state() -> dict[str, Any]:
+        return loader.state_dict(distributed.all_gather_object(loader.local_state()), world)
+
+    def save(ls: dict[str, Any], best_flag: bool = False, val_pending: dict[str, Any] | None = None) -> str:
+        """Checkpoint at ``step`` with loader state ``ls``; the metrics lines it covers are flushed first."""
         st = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "scaler": scaler.state_dict() if scaler is not None else {},
-              "loader": json.dumps(loader.state_dict(states, world)), "rng": checkpoint.rng_state(),
+              "loader": json.dumps(ls), "rng": checkpoint.rng_state(),
               "best": best, "curve": json.dumps(result.curve), "losses": torch.tensor(result.losses, dtype=torch.float64),
               "config": config_mod.to_dict(cfg), "label_space": json.dumps(space.to_dict()),
-              "manifests": manifest_checksums, "world_size": world}
-        url = checkpoint.save_checkpoint(cfg.out, step, st, keep_last=cfg.keep_last, best=best_flag) if main else ""
+              "manifests": manifest_checksums, "world_size": world,
+              # a kill after this save finds the epoch's validation still owed, and the file's first lines
+              "val_pending": json.dumps(val_pending) if val_pending else "", "metrics_lines": len(logger.lines)}
         logger.flush()
+        url = checkpoint.save_checkpoint(cfg.out, step, st, keep_last=cfg.keep_last, best=best_flag) if main else ""
         distributed.barrier()
         return url
+
+    def save_in_epoch(epoch: int) -> str:
+        """A checkpoint between steps; after an epoch's (or the run's) last step it owes that validation."""
+        ls = loader_state()
+        owed = ls["epoch"] > epoch or bool(cfg.max_steps and step >= total_steps)
+        return save(ls, val_pending={"epoch": epoch} if owed else None)
+
+    def validate_and_save(epoch: int, ls: dict[str, Any]) -> str:
+        """The validation that ends an epoch (or the run): curve point, metrics line, best.pt, checkpoint."""
+        nonlocal best
+        acc = _run_validation(val_loader, ema.module if ema is not None else model, pre, device, cfg)
+        result.curve.append({"epoch": _epochs_done(ls), "step": step, "seconds": time.perf_counter() - started,
+                             "val_acc": acc, "loss": result.losses[-1] if result.losses else float("nan")})
+        logger.log({"step": step, "epoch": epoch, "val_acc": acc})
+        if main and not math.isnan(acc):
+            print(f"epoch {epoch + 1}: val acc {acc:.2%} at {time.perf_counter() - started:.0f}s")
+        is_best = not math.isnan(acc) and acc > best
+        best = max(best, acc) if not math.isnan(acc) else best
+        return save(ls, best_flag=is_best)
 
     from signscale.progress import progress_bar
 
     with _Preemption() as preempt, progress_bar("train", total_steps - step, enabled=cfg.progress and main,
                                                 unit="steps") as advance:
-        done = step >= total_steps
+        if pending is not None:  # the run stopped between an epoch's last step and its validation
+            last_ckpt = validate_and_save(int(pending["epoch"]), pending["loader"])
+        # An epochs-driven run can reach its last step with micro-batches of the epoch still to go
+        # (accumulation); they run, as they would have without the stop, before the final validation.
+        done = bool(cfg.max_steps and step >= total_steps) or loader.stream.epoch >= cfg.epochs
         while not done:
             epoch = loader.stream.epoch
             net.train()
@@ -445,12 +499,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                                 "samples_per_s": samples_seen / (time.perf_counter() - t_loop),
                                 "data_wait_frac": result.data_wait_s / (time.perf_counter() - t_loop)})
                 if _any_rank(preempt.requested, device):
-                    last_ckpt = save()
+                    last_ckpt = save_in_epoch(epoch)
                     result.preempted = True
                     done = True
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    last_ckpt = save()
+                    last_ckpt = save_in_epoch(epoch)
                 if cfg.max_steps and step >= total_steps:
                     done = True
                     break
@@ -459,16 +513,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             finished_epoch = loader.stream.epoch > epoch
             done = done or step >= total_steps or loader.stream.epoch >= cfg.epochs
             if finished_epoch or done:
-                acc = _run_validation(val_loader, ema.module if ema is not None else model, pre, device, cfg)
-                result.curve.append({"epoch": epoch + 1 if finished_epoch else epoch + micro / max(1, len(loader)),
-                                     "step": step, "seconds": time.perf_counter() - started, "val_acc": acc,
-                                     "loss": result.losses[-1] if result.losses else float("nan")})
-                logger.log({"step": step, "epoch": epoch, "val_acc": acc})
-                if main and not math.isnan(acc):
-                    print(f"epoch {epoch + 1}: val acc {acc:.2%} at {time.perf_counter() - started:.0f}s")
-                is_best = not math.isnan(acc) and acc > best
-                best = max(best, acc) if not math.isnan(acc) else best
-                last_ckpt = save(best_flag=is_best)
+                last_ckpt = validate_and_save(epoch, loader_state())
             if micro == 0:
                 raise TrainError(f"the training data yields no batch: {cfg.data} holds fewer samples than "
                                  f"{world} process(es) x batch size {cfg.batch_size}")
@@ -578,6 +623,14 @@ def _run_validation(val_loader: StreamLoader | None, model: torch.nn.Module, pre
     val_loader.set_epoch(0)
     correct, count = validate(model, val_loader, pre, device, cfg.precision, cfg.channels_last)
     return correct / count if count else float("nan")
+
+
+def _epochs_done(loader_state: dict[str, Any]) -> float:
+    """Epochs done at a loader state, fractional mid-epoch: the same number whether or not the run resumed."""
+    if loader_state["remaining"] is None:
+        return float(loader_state["epoch"])
+    left = sum(b - a for a, b in loader_state["remaining"])
+    return loader_state["epoch"] + 1 - left / max(1, loader_state["total"])
 
 
 def _resume_url(cfg: TrainConfig) -> str:

@@ -312,7 +312,6 @@ def _train_prepare(train_data: tuple[str, str]) -> Callable[[Path], list[str]]:
     return prepare
 
 
-@pytest.mark.xfail(strict=True, reason="train crash window: fixed on h-checkpoints")
 def test_train_killed_after_checkpoints_resumes_to_the_same_run(train_data, tmp_path):
     """Kills land right after a checkpoint (before its metrics are flushed, or before its epoch's
     validation); the resumed run must equal the uninterrupted one: metrics lines, curve, weights."""

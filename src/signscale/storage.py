@@ -23,6 +23,7 @@ reads or logs them. docs/storage.md has the details per store.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -102,7 +103,9 @@ def _options(proto: str) -> dict[str, Any]:
     if proto not in ("s3", "s3a"):
         return {}
     conf = dict(fsspec.config.conf.get("s3", {}))
-    config_kwargs = {**_S3_CONFIG, **conf.get("config_kwargs", {})}
+    # a fresh copy per filesystem: botocore rewrites the "retries" dict it is given in place
+    # (max_attempts -> total_max_attempts), which would leak into every later filesystem
+    config_kwargs = {**copy.deepcopy(_S3_CONFIG), **conf.get("config_kwargs", {})}
     return {"config_kwargs": config_kwargs}
 
 

@@ -205,3 +205,25 @@ def test_second_stage_background_class_rejects_a_false_box(classifier_with_backg
     rejected = [d for ds in flagged for d in ds if d.get("rejected")]
     assert len(rejected) == sum(map(len, boxes)) - sum(map(len, kept))
     assert all(d["key"] == "not_a_sign" for d in rejected)
+
+
+def test_folding_batchnorm_keeps_the_detector_outputs(untrained_detector):
+    import copy
+
+    from signscale.detect import fold_batchnorm
+    from signscale.train_detector import load_detector
+
+    model, _ = load_detector(untrained_detector)
+    for m in model.modules():  # non-trivial statistics, so a wrong fold would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    folded = fold_batchnorm(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        a = model.backbone(model.transform(x)[0].tensors)
+        b = folded.backbone(folded.transform(x)[0].tensors)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k

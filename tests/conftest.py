@@ -49,3 +49,14 @@ def synthetic_dataset(tmp_path_factory) -> str:
     pack(PackConfig(source="synthetic:?n=300&size=16&seed=1", out=out, size=16, shard_mb=0.2, workers=0,
                     progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def base_dataset(tmp_path_factory) -> str:
+    """A small packed dataset (120 synthetic 16 px samples) that ingest tests copy and grow."""
+    from signscale.pack import PackConfig, pack
+
+    out = str(tmp_path_factory.mktemp("base") / "ds")
+    pack(PackConfig(source="synthetic:?n=120&size=16&seed=5&weather=0", out=out, size=16, shard_mb=0.02,
+                    workers=0, progress=False))
+    return out

@@ -323,16 +323,6 @@ def test_train_killed_after_checkpoints_resumes_to_the_same_run(train_data, tmp_
 # ingest
 
 
-@pytest.fixture(scope="module")
-def ingest_base(tmp_path_factory) -> str:
-    from signscale.pack import PackConfig, pack
-
-    out = str(tmp_path_factory.mktemp("faults-base") / "ds")
-    pack(PackConfig(source="synthetic:?n=120&size=16&seed=5&weather=0", out=out, size=16, shard_mb=0.02,
-                    workers=0, progress=False))
-    return out
-
-
 def _upload(inbox: Path, n: int, seed: int) -> list[str]:
     """n labelled uploads (PNG + sidecar), two re-sent copies and one broken file; returns the good keys."""
     from signscale.sources import open_source
@@ -385,14 +375,14 @@ def _compare_ingest(ref: Path, out: Path, good_keys: list[str]) -> None:
     assert again.returncode == 0 and "nothing new" in again.stdout, again.stdout + again.stderr
 
 
-def test_ingest_killed_anywhere_publishes_every_upload_exactly_once(ingest_base, tmp_path):
+def test_ingest_killed_anywhere_publishes_every_upload_exactly_once(base_dataset, tmp_path):
     """A local inbox of 40 uploads (+2 re-sent, 1 broken) in chunks of 4; kills land in the claim, in
     chunk writes, in the finalisation and around the publish."""
     inbox = tmp_path / "inbox"
     good = _upload(inbox, 40, seed=600)
 
     def prepare(out: Path) -> list[str]:
-        shutil.copytree(ingest_base, out)
+        shutil.copytree(base_dataset, out)
         return _cli("ingest", str(inbox), "--dataset", str(out), "--chunk", "4")
 
     fault_runs("ingest", tmp_path, reference=tmp_path / "ingest-ref", prepare=prepare, observe=_tree,

@@ -14,17 +14,8 @@ import pytest
 
 from signscale import datasets, images, storage
 from signscale.ingest import IngestConfig, import_labels, ingest, list_inbox, pending
-from signscale.pack import PackConfig, pack
 from signscale.shards import Manifest
 from signscale.sources import open_source
-
-
-@pytest.fixture(scope="module")
-def base_dataset(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("base") / "ds")
-    pack(PackConfig(source="synthetic:?n=120&size=16&seed=5&weather=0", out=out, size=16, shard_mb=0.02,
-                    workers=0, progress=False))
-    return out
 
 
 def _copy(base: str, tmp_path, name: str = "ds") -> str:

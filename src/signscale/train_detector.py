@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from signscale import checkpoint, distributed, images, precision, storage
 from signscale import config as config_mod
 from signscale.detector import build_detector, detector_config, detector_labels, make_config
 from signscale.labels import LabelSpace
+from signscale.progress import progress_bar
 from signscale.shards import Manifest
 from signscale.sources.scenes import SceneStream
 from signscale.stream import StreamConfig, StreamLoader
@@ -89,6 +91,7 @@ class DetTrainConfig:
     log_every: int = 10
     threads: int = 0
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0: no limit
+    progress: bool = True  # a progress bar on a terminal (elsewhere one line every log_every steps)
 
     def __post_init__(self) -> None:
         precision.check(self.precision)
@@ -357,49 +360,53 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     tiles = 0
     t_loop = time.perf_counter()
     done = step >= total
-    while not done:
-        net.train()
-        for batch in loader:
-            rng = _step_rng(cfg.seed, step, rank)
-            torch.manual_seed(int(rng.integers(2**62)))
-            imgs, targets = [], []
-            for key, im, tg in zip(batch["keys"], batch["images"], batch["targets"]):
-                im2, bx, lb = crop_tile(im, tg["boxes"], tg["labels"], tuple(cfg.tile), rng, flip=cfg.flip,
-                                        sign_p=cfg.sign_tiles, negatives=negatives.get(key),
-                                        negative_p=cfg.negative_tiles, scale=tuple(cfg.scale))
-                if cfg.photometric or cfg.blur_p or cfg.jpeg_p:
-                    im2 = camera_augment(im2, rng, photometric=cfg.photometric, blur_p=cfg.blur_p, jpeg_p=cfg.jpeg_p)
-                imgs.append(im2)
-                targets.append({"boxes": bx.to(device), "labels": detector_labels(lb, cfg.classes, space).to(device)})
-            x = to_detector_input(imgs, device)
-            with precision.autocast(cfg.precision, device):  # type: ignore[arg-type]
-                losses = net(x, targets)
-            loss = sum(v.float() for v in losses.values())
-            if not torch.isfinite(loss):
-                raise DetTrainError(f"non-finite loss at step {step} on scene ids {batch['id'][:8].tolist()}; lower lr "
-                                    "or use fp32")
-            precision.backward(loss, scaler)
-            res = precision.optimizer_step(opt, scaler, params, clip_norm=cfg.clip_norm)
-            sched.step()
-            step += 1
-            tiles += len(imgs) * world
-            gl = float(distributed.all_reduce_sum(loss.detach().clone())) / world
-            result.losses.append(gl)
-            if main and step % cfg.log_every == 0:
-                rec = {"step": step, "loss": gl, **{k: float(v.detach()) for k, v in losses.items()},
-                       "lr": sched.get_last_lr()[0], "grad_norm": res.grad_norm,
-                       "tiles_per_s": tiles / (time.perf_counter() - t_loop)}
-                log.append(json.dumps(rec))
-                print(json.dumps(rec), flush=True)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save()
-            over_time = cfg.max_minutes > 0 and (time.perf_counter() - started) > cfg.max_minutes * 60
-            if step >= total or _any(over_time, device):
-                result.stopped_early = step < total
-                done = True
-                break
-        else:
-            done = step >= total or (not cfg.max_steps and loader.stream.epoch >= cfg.epochs)
+    bar_shown = cfg.progress and main and sys.stderr.isatty()
+    with progress_bar("train-detector", total - step, enabled=cfg.progress and main, unit="steps") as advance:
+        while not done:
+            net.train()
+            for batch in loader:
+                rng = _step_rng(cfg.seed, step, rank)
+                torch.manual_seed(int(rng.integers(2**62)))
+                imgs, targets = [], []
+                for key, im, tg in zip(batch["keys"], batch["images"], batch["targets"]):
+                    im2, bx, lb = crop_tile(im, tg["boxes"], tg["labels"], tuple(cfg.tile), rng, flip=cfg.flip,
+                                            sign_p=cfg.sign_tiles, negatives=negatives.get(key),
+                                            negative_p=cfg.negative_tiles, scale=tuple(cfg.scale))
+                    if cfg.photometric or cfg.blur_p or cfg.jpeg_p:
+                        im2 = camera_augment(im2, rng, photometric=cfg.photometric, blur_p=cfg.blur_p, jpeg_p=cfg.jpeg_p)
+                    imgs.append(im2)
+                    targets.append({"boxes": bx.to(device), "labels": detector_labels(lb, cfg.classes, space).to(device)})
+                x = to_detector_input(imgs, device)
+                with precision.autocast(cfg.precision, device):  # type: ignore[arg-type]
+                    losses = net(x, targets)
+                loss = sum(v.float() for v in losses.values())
+                if not torch.isfinite(loss):
+                    raise DetTrainError(f"non-finite loss at step {step} on scene ids {batch['id'][:8].tolist()}; lower lr "
+                                        "or use fp32")
+                precision.backward(loss, scaler)
+                res = precision.optimizer_step(opt, scaler, params, clip_norm=cfg.clip_norm)
+                sched.step()
+                step += 1
+                advance(1)
+                tiles += len(imgs) * world
+                gl = float(distributed.all_reduce_sum(loss.detach().clone())) / world
+                result.losses.append(gl)
+                if main and step % cfg.log_every == 0:
+                    rec = {"step": step, "loss": gl, **{k: float(v.detach()) for k, v in losses.items()},
+                           "lr": sched.get_last_lr()[0], "grad_norm": res.grad_norm,
+                           "tiles_per_s": tiles / (time.perf_counter() - t_loop)}
+                    log.append(json.dumps(rec))
+                    if not bar_shown:  # a log without a terminal: one readable line (the record is in metrics.jsonl)
+                        print(f"step {step}/{total}: loss {gl:.3f}, {rec['tiles_per_s']:.1f} tiles/s", flush=True)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save()
+                over_time = cfg.max_minutes > 0 and (time.perf_counter() - started) > cfg.max_minutes * 60
+                if step >= total or _any(over_time, device):
+                    result.stopped_early = step < total
+                    done = True
+                    break
+            else:
+                done = step >= total or (not cfg.max_steps and loader.stream.epoch >= cfg.epochs)
     save()
     result.steps = step
     result.seconds = time.perf_counter() - started

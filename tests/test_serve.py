@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx", reason="service tests need httpx (pip insta
 pytest.importorskip("fastapi", reason="service tests need the serve extra (pip install 'signscale[serve]')")
 pytest.importorskip("uvicorn", reason="service tests need the serve extra (pip install 'signscale[serve]')")
 
+from devtools import devtools_page, find_browser
 from PIL import Image
 
 from signscale import checkpoint, images
@@ -591,76 +592,36 @@ def test_registry_alias_promotion_reloads_and_a_corrupt_version_never_serves(mod
 # --------------------------------------------------------------------------------------------- the page
 
 
-def _browser() -> str | None:
-    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
-
-
 async def _upload_in_browser(browser: str, page_url: str, image: Path, profile: Path) -> dict:
     """Drive headless Chromium over the DevTools protocol: open the page, set the file input, read the result."""
-    aiohttp = pytest.importorskip("aiohttp", reason="the browser test talks to Chromium with aiohttp's websockets")
-    proc = await asyncio.create_subprocess_exec(
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
-        f"--user-data-dir={profile}", "about:blank", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    try:
-        ws_url = None
-        while ws_url is None:
-            line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
-            if not line:
-                raise AssertionError("chromium exited before opening its DevTools port")
-            m = re.search(r"DevTools listening on (ws://\S+)", line)
-            ws_url = m.group(1) if m else None
-        port = re.search(r":(\d+)/", ws_url).group(1)
-        async with aiohttp.ClientSession() as s:
-            targets = await (await s.get(f"http://127.0.0.1:{port}/json/list")).json()
-            page = next(t for t in targets if t["type"] == "page")
-            async with s.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                ids = iter(range(1, 1_000_000))
-
-                async def call(method: str, **params) -> dict:
-                    i = next(ids)
-                    await ws.send_json({"id": i, "method": method, "params": params})
-                    while True:
-                        msg = json.loads((await asyncio.wait_for(ws.receive(), 60)).data)
-                        if msg.get("id") == i:
-                            assert "error" not in msg, msg
-                            return msg["result"]
-                        if msg.get("method") == "Page.loadEventFired":
-                            loaded.set()
-
-                loaded = asyncio.Event()
-                await call("Page.enable")
-                await call("Page.navigate", url=page_url)
-                while not loaded.is_set():
-                    msg = json.loads((await asyncio.wait_for(ws.receive(), 60)).data)
-                    if msg.get("method") == "Page.loadEventFired":
-                        loaded.set()
-                root = (await call("DOM.getDocument"))["root"]["nodeId"]
-                node = (await call("DOM.querySelector", nodeId=root, selector="#file"))["nodeId"]
-                await call("DOM.setFileInputFiles", nodeId=node, files=[str(image)])
-                done = await call("Runtime.evaluate", awaitPromise=True, returnByValue=True, expression="""
-                    new Promise((resolve) => {
-                      const el = document.getElementById('results');
-                      const check = () => {
-                        if (el.dataset.state !== 'done' && el.dataset.state !== 'error') return false;
-                        if (document.getElementById('model').textContent.startsWith('loading')) return false;
-                        resolve({state: el.dataset.state, text: el.textContent,
-                                 rows: [...el.querySelectorAll('.prediction')].map(
-                                   (p) => [p.dataset.key, p.querySelector('.prob').textContent]),
-                                 model: document.getElementById('model').textContent,
-                                 canvas: document.getElementById('preview').width});
-                        return true;
-                      };
-                      if (!check()) new MutationObserver(check).observe(document.body, {
-                        attributes: true, childList: true, subtree: true, characterData: true});
-                    })""")
-                return done["result"]["value"]
-    finally:
-        proc.kill()
-        await proc.wait()
+    async with devtools_page(browser, profile) as (call, wait_event):
+        await call("Page.enable")
+        await call("Page.navigate", url=page_url)
+        await wait_event("Page.loadEventFired")
+        root = (await call("DOM.getDocument"))["root"]["nodeId"]
+        node = (await call("DOM.querySelector", nodeId=root, selector="#file"))["nodeId"]
+        await call("DOM.setFileInputFiles", nodeId=node, files=[str(image)])
+        done = await call("Runtime.evaluate", awaitPromise=True, returnByValue=True, expression="""
+            new Promise((resolve) => {
+              const el = document.getElementById('results');
+              const check = () => {
+                if (el.dataset.state !== 'done' && el.dataset.state !== 'error') return false;
+                if (document.getElementById('model').textContent.startsWith('loading')) return false;
+                resolve({state: el.dataset.state, text: el.textContent,
+                         rows: [...el.querySelectorAll('.prediction')].map(
+                           (p) => [p.dataset.key, p.querySelector('.prob').textContent]),
+                         model: document.getElementById('model').textContent,
+                         canvas: document.getElementById('preview').width});
+                return true;
+              };
+              if (!check()) new MutationObserver(check).observe(document.body, {
+                attributes: true, childList: true, subtree: true, characterData: true});
+            })""")
+        return done["result"]["value"]
 
 
 def test_page_uploads_an_image_and_shows_the_prediction(service, models, tmp_path: Path) -> None:
-    browser = _browser()
+    browser = find_browser()
     if browser is None:
         pytest.skip("no chromium/chromium-browser/google-chrome on PATH: the page was not checked in a browser")
     image = tmp_path / "stop.png"

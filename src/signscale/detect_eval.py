@@ -40,6 +40,7 @@ import torch
 from signscale import distributed, storage
 from signscale.corruptions import CORRUPTIONS, SEVERITIES, apply_corruption
 from signscale.detect import DetectPipeline, FcosDetector, draw_detections, load_pipeline
+from signscale.progress import progress_bar
 from signscale.sources.scenes import is_scene_dataset, is_scene_spec, iter_scenes, open_scene_source
 
 __all__ = [
@@ -84,6 +85,7 @@ class SceneEvalConfig:
     crops: int = 48  # miss crops and false-alarm crops shown in the report, each
     corruptions: tuple[str, ...] = ()  # also score every frame under each of these (CORRUPTIONS, or "all")
     severity: int = 3  # of the corruptions, 1..5
+    progress: bool = True  # a progress bar over the frames on a terminal
     seed: int = 0  # the corruptions' randomness: frame i under corruption c depends on (seed, i, c) only
     mine_thresh: float = 0.2  # false_alarms.json: detections at or above this score ...
     mine_iou: float = 0.3  # ... that overlap no ground-truth box at this IoU
@@ -434,15 +436,18 @@ def evaluate_scenes(cfg: SceneEvalConfig, *, pipeline: Any = None) -> SceneEvalR
                     evidence.examples[cond] = arr
         batch.clear()
 
-    for index, (key, arr, meta) in enumerate(_scenes(cfg.data, cfg.limit)):
-        batch.append((index, key, arr, meta))
-        sizes[f"{arr.shape[1]}x{arr.shape[0]}"] += 1
-        if len(timed) < cfg.speed_frames:
-            timed.append(arr)
-        if len(batch) >= cfg.batch:
+    with progress_bar("evaluate-scenes", cfg.limit or None, enabled=cfg.progress, unit="frames") as advance:
+        for index, (key, arr, meta) in enumerate(_scenes(cfg.data, cfg.limit)):
+            batch.append((index, key, arr, meta))
+            sizes[f"{arr.shape[1]}x{arr.shape[0]}"] += 1
+            if len(timed) < cfg.speed_frames:
+                timed.append(arr)
+            if len(batch) >= cfg.batch:
+                advance(len(batch))
+                flush()
+        if batch:
+            advance(len(batch))
             flush()
-    if batch:
-        flush()
     frames = tallies[CLEAN].frames
     if frames == 0:
         raise SceneEvalError(f"{cfg.data}: no scenes to evaluate")

@@ -163,9 +163,11 @@ def test_flipped_label_byte_is_caught_in_its_block(synthetic_dataset, tmp_path):
 
 
 def _downgrade_to_format_1(url: str) -> None:
-    """Rewrite every shard as signscale wrote it before block sums (format 1), manifest updated."""
+    """Rewrite every shard as signscale wrote it before block sums (format 1), manifest updated (and
+    without the ``shard_format`` it did not record then)."""
     mpath = Path(url) / "manifest.json"
     m = json.loads(mpath.read_text())
+    del m["shard_format"]
     for s in m["shards"]:
         path = Path(url) / s["path"]
         data = path.read_bytes()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from signscale import bench, shards
+from signscale import bench, permutation, shards
 from signscale.config import ConfigError
 from signscale.scale import (
     BenchScaleConfig,
@@ -136,7 +136,10 @@ def test_planning_50m_records_in_10k_shards_for_64_ranks_x_8_workers(tmp_path):
     stream = ShardStream(StreamConfig(datasets=(url,), batch_size=bs), rank=17, world_size=ranks)
     assert stream.sizes == [n] and len(stream.manifests[0].shards) == n_shards
 
-    # what one worker does at the start of an epoch: plan, take its rank's share, locate its first batch
+    # what one worker does at the start of an epoch: plan, take its rank's share, locate its first batch;
+    # the shuffle kernel is compiled before the workers fork (as the loader does), not measured here
+    if permutation.kernels is not None:
+        permutation.kernels.warm()
     tracemalloc.start()
     t0 = time.perf_counter()
     plan = stream.plan(epoch=3)

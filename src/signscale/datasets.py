@@ -245,7 +245,8 @@ def write_dataset(out: str, records: np.ndarray, *, label_space: LabelSpace, nam
         by_reason[x["reason"]] = by_reason.get(x["reason"], 0) + 1
     shape = list(records.dtype["image"].shape)
     manifest = {
-        "format": "signscale.dataset", "format_version": shards.MANIFEST_FORMAT, "name": name, "version": 1,
+        "format": "signscale.dataset", "format_version": shards.MANIFEST_FORMAT, "shard_format": shards.SHARD_FORMAT,
+        "name": name, "version": 1,
         "created": _now(), "source": source or {"kind": "records"}, "encoding": "raw", "image_shape": shape,
         "record_dtype": shards.dtype_to_json(records.dtype), "label_space": label_space.to_dict(),
         "conditions": list(CONDITIONS), "countries": list(COUNTRIES), "sources": [name],

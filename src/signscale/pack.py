@@ -433,6 +433,7 @@ def _finalize(cfg: PackConfig, out: str, source: Source, sides: list[dict[str, A
     manifest = {
         "format": "signscale.dataset",
         "format_version": shards.MANIFEST_FORMAT,
+        "shard_format": shards.SHARD_FORMAT,
         "name": cfg.name or _default_name(cfg.source),
         "version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

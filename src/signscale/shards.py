@@ -658,6 +658,17 @@ class Manifest:
     def count(self) -> int:
         return int(self.starts[-1])
 
+    def shard_format(self) -> int:
+        """The shards' format (2: block sums); older manifests did not record it: the first shard's
+        header says (one small read; a shard that cannot be read counts as checked, as its read fails
+        later with its own error)."""
+        if "shard_format" in self.data:
+            return int(self.data["shard_format"])
+        try:
+            return SHARD_FORMAT if ShardReader(self.shard_url(0)).checked else 1
+        except (OSError, ShardError):
+            return SHARD_FORMAT
+
     @property
     def encoding(self) -> Encoding:
         return self.data["encoding"]

@@ -698,10 +698,11 @@ class ShardStream(IterableDataset):
     def _note_unchecked(self) -> None:
         """One line per dataset whose shards predate block sums (format 1): read, but unchecked.
 
-        Decided here, in the main process, from the first shard's header (one small read), so the
-        note is printed once and not by every worker of every epoch."""
+        Decided here, in the main process, so the note is printed once and not by every worker of
+        every epoch; from the manifest's ``shard_format`` (planning needs nothing but the manifest),
+        or for manifests written before it was recorded from the first shard's header."""
         for url, m in zip(self.cfg.datasets, self.manifests):
-            if m.shards and not ShardReader(m.shard_url(0)).checked:
+            if m.shards and m.shard_format() < 2:
                 log.warning(f"{url}: shards of format 1 carry no block checksums: reading them unchecked; "
                             "re-pack the dataset (`signscale pack`) to have every read checked")
 

@@ -590,7 +590,7 @@ def pack_scenes(cfg: ScenePackConfig, *, progress: Any = None) -> ScenePackResul
 
     manifest = {
         "format": "signscale.dataset", "format_version": shards.MANIFEST_FORMAT,
-        "name": cfg.name or source.kind, "version": 1,
+        "shard_format": shards.SHARD_FORMAT, "name": cfg.name or source.kind, "version": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source.describe(), "encoding": "encoded", "image_shape": None, "scenes": True,
         "record_dtype": shards.dtype_to_json(dtype), "label_space": source.label_space.to_dict(),

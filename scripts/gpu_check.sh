@@ -53,8 +53,8 @@ step detector $PY -m signscale train-detector --data="$OUT/data/scenes" --out="$
 step scenes-per-s $PY - "$OUT" "$DEVICE" <<'PYEOF'
 import sys, time
 import torch
-from signscale.detect import load_pipeline
-from signscale.sources.scenes import iter_scenes
+from signscale.detection.detect import load_pipeline
+from signscale.data.sources.scenes import iter_scenes
 out, device = sys.argv[1], sys.argv[2]
 scenes = [img for img, _ in iter_scenes(f"{out}/data/scenes")]
 pipe = load_pipeline(f"{out}/detector/model", f"{out}/run/model", device=device)

@@ -25,7 +25,7 @@ def s3_server():
     """moto's S3 server in its own process on 127.0.0.1 (port 0, read back), reached over HTTP by s3fs."""
     pytest.importorskip("moto.server", reason="needs moto[server] (pip install 'signscale[test]')")
     pytest.importorskip("s3fs", reason="needs s3fs (pip install 'signscale[test]')")
-    from signscale import s3local
+    from signscale.testing import s3local
 
     with s3local.running() as server:
         yield server
@@ -43,7 +43,7 @@ def s3_bucket(s3_server) -> str:
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> str:
     """300 synthetic signs packed into several small raw shards (shared, read-only)."""
-    from signscale.pack import PackConfig, pack
+    from signscale.data.pack import PackConfig, pack
 
     out = str(tmp_path_factory.mktemp("ds") / "synthetic")
     pack(PackConfig(source="synthetic:?n=300&size=16&seed=1", out=out, size=16, shard_mb=0.2, workers=0,
@@ -54,7 +54,7 @@ def synthetic_dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def base_dataset(tmp_path_factory) -> str:
     """A small packed dataset (120 synthetic 16 px samples) that ingest tests copy and grow."""
-    from signscale.pack import PackConfig, pack
+    from signscale.data.pack import PackConfig, pack
 
     out = str(tmp_path_factory.mktemp("base") / "ds")
     pack(PackConfig(source="synthetic:?n=120&size=16&seed=5&weather=0", out=out, size=16, shard_mb=0.02,

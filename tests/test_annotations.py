@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from signscale.data.sources import SourceError
+from signscale.data.sources.annotations import resolve_names
+from signscale.data.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
 from signscale.labels import LabelSpace
-from signscale.sources import SourceError
-from signscale.sources.annotations import resolve_names
-from signscale.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
 
 
 def _img(path: Path, w: int = 100, h: int = 80) -> None:

@@ -8,8 +8,8 @@ import io
 import pytest
 from rich.console import Console
 
-from signscale import bench
-from signscale.bench import BenchIOConfig, bench_io, ratios, summary
+from signscale.bench import io as bench
+from signscale.bench.io import BenchIOConfig, bench_io, ratios, summary
 from signscale.config import ConfigError
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from signscale.capacity import (
+from signscale.bench.capacity import (
     CheckConfig,
     PlanConfig,
     allreduce_step_seconds,
@@ -19,10 +19,10 @@ from signscale.capacity import (
     rate,
     shard_layout,
 )
+from signscale.bench.scale import NOISE_KIND, noise_source_registered
 from signscale.cli import main
 from signscale.config import ConfigError
-from signscale.pack import PackConfig, pack
-from signscale.scale import NOISE_KIND, noise_source_registered
+from signscale.data.pack import PackConfig, pack
 
 
 def _entries(node, path=()):
@@ -135,7 +135,7 @@ def test_check_compares_predictions_with_runs_here(tmp_path):
 
 
 def test_ranged_read_model_counts_workers_and_header_misses():
-    from signscale.capacity import ranged_reads, window_sharing
+    from signscale.bench.capacity import ranged_reads, window_sharing
 
     rates = default_rates()
     assert window_sharing(0, 256) == 1 and window_sharing(2, 256) == 2 and window_sharing(16, 256) == 8

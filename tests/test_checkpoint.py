@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from signscale import checkpoint
-from signscale.train import TrainConfig, train
+from signscale.training import checkpoint
+from signscale.training.train import TrainConfig, train
 
 TIMING = {"samples_per_s", "data_wait_frac", "seconds"}
 # The synthetic set in batches of 64: 5 steps an epoch, 10 in all. Checkpoint writes, in order:

@@ -91,7 +91,7 @@ def test_every_command_answers_help_with_its_keys():
     # config commands list every key with its type, default and comment, in sections
     out = _cli("train", "--help", env={"COLUMNS": "200"}).stdout
     from signscale import config
-    from signscale.train import TrainConfig
+    from signscale.training.train import TrainConfig
 
     for k in config.keys(TrainConfig):
         assert f"--{k.name.replace('_', '-')} " in out, k.name
@@ -111,7 +111,7 @@ def test_key_value_and_key_equals_value_mean_the_same(synthetic_dataset, tmp_pat
     assert "trained 1 steps" in r.stdout
     import yaml
 
-    from signscale import checkpoint
+    from signscale.training import checkpoint
 
     _, meta = checkpoint.load_model_artefact(str(tmp_path / "run" / "model"))
     cfg = meta["train_config"]
@@ -123,7 +123,7 @@ def test_config_keys_take_both_forms_and_dict_keys_one_at_a_time():
     from signscale import config
     from signscale.cli import build_parser
     from signscale.cli._registry import config_args
-    from signscale.train import TrainConfig
+    from signscale.training.train import TrainConfig
 
     p = build_parser()
     a = p.parse_args(["train", "--data", "d1,d2", "--country-weights.cn", "4", "--country-weights.de=1",

@@ -8,10 +8,12 @@ import os
 
 import pytest
 
-from signscale import emulators, shards, storage
-from signscale.pack import PackConfig, pack
-from signscale.stream import open_stream
-from signscale.train import TrainConfig, train
+from signscale import storage
+from signscale.data import shards
+from signscale.data.pack import PackConfig, pack
+from signscale.data.stream import open_stream
+from signscale.testing import emulators
+from signscale.training.train import TrainConfig, train
 
 SPEC = "synthetic:?n=300&size=32&seed=3"
 _ids = itertools.count()

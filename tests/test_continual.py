@@ -6,13 +6,16 @@ import shutil
 import numpy as np
 import pytest
 
-from signscale import datasets, gate, storage
+from signscale import storage
 from signscale.cli import main
-from signscale.continual import ContinualConfig, DemoConfig, _records, run_cycle, run_demo, watch
-from signscale.gate import GateConfig, SliceRule
-from signscale.pack import PackConfig, pack
-from signscale.registry import Registry
-from signscale.sources import open_source
+from signscale.continual import gate
+from signscale.continual.gate import GateConfig, SliceRule
+from signscale.continual.loop import ContinualConfig, run_cycle, watch
+from signscale.data import datasets
+from signscale.data.pack import PackConfig, pack
+from signscale.data.sources import open_source
+from signscale.demos.continual import DemoConfig, _records, run_demo
+from signscale.serving.registry import Registry
 
 
 def _render(seed: int, n: int, condition: str = "clear") -> tuple[np.ndarray, np.ndarray]:
@@ -20,7 +23,7 @@ def _render(seed: int, n: int, condition: str = "clear") -> tuple[np.ndarray, np
     ss = [src.read(i) for i in range(n)]
     imgs = np.stack([s.image for s in ss])
     if condition != "clear":
-        from signscale.continual import _corrupt
+        from signscale.demos.continual import _corrupt
 
         imgs = _corrupt(imgs, condition, seed)
     return imgs, np.array([s.label for s in ss])
@@ -40,7 +43,7 @@ def _upload(inbox: str, seed: int, n: int, condition: str) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny production model on clear synthetic signs, golden sets, an empty inbox (built once)."""
-    from signscale.train import TrainConfig, train
+    from signscale.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("cl")
     base = str(root / "data")

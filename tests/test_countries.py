@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from signscale.data.sources import open_source
 from signscale.images import encode_png
 from signscale.labels import LabelSpace
-from signscale.sources import open_source
 
 SHARED_TSRD = Path(__file__).resolve().parents[2] / "shared" / "data" / "TSRD23_crops_64px.zip"
 
@@ -114,7 +114,7 @@ def test_grow_head_keeps_old_logits_for_old_classes():
 
 @pytest.fixture(scope="module")
 def two_countries(tmp_path_factory, tsrd_zip) -> tuple[str, str]:
-    from signscale.pack import PackConfig, pack
+    from signscale.data.pack import PackConfig, pack
 
     root = tmp_path_factory.mktemp("countries")
     de = str(root / "de")
@@ -125,8 +125,8 @@ def two_countries(tmp_path_factory, tsrd_zip) -> tuple[str, str]:
 
 
 def test_stream_maps_each_countrys_ids_into_the_merged_space(two_countries):
-    from signscale.shards import ShardError
-    from signscale.stream import ShardStream, StreamConfig, unpack_batch
+    from signscale.data.shards import ShardError
+    from signscale.data.stream import ShardStream, StreamConfig, unpack_batch
 
     de, cn = two_countries
     merged = LabelSpace.for_countries("de,cn", by="meaning")
@@ -146,8 +146,8 @@ def test_stream_maps_each_countrys_ids_into_the_merged_space(two_countries):
 
 
 def test_train_on_two_countries_then_extend_a_one_country_model(two_countries, tmp_path):
-    from signscale.checkpoint import load_model_artefact
-    from signscale.train import TrainConfig, train
+    from signscale.training.checkpoint import load_model_artefact
+    from signscale.training.train import TrainConfig, train
 
     de, cn = two_countries
     common = dict(model="small_cnn", batch_size=32, max_steps=3, workers=0, progress=False, ema=0)
@@ -163,12 +163,14 @@ def test_train_on_two_countries_then_extend_a_one_country_model(two_countries, t
     space = LabelSpace.from_dict(meta["label_space"])
     assert space.keys[:43] == LabelSpace.for_country("de").keys  # old outputs keep their ids
     assert len(space) == 56 and state["head.weight"].shape[0] == 56  # the whole cn catalogue joins
-    from signscale.transfer import TransferConfig, transfer_matrix
+    from signscale.evaluation.transfer import TransferConfig, transfer_matrix
 
     res = transfer_matrix(TransferConfig(models={"de": de_only.model_url, "de+cn": r.model_url},
                                          data={"de": de, "cn": cn}, out=str(tmp_path / "transfer"), workers=0))
     assert res.cells["de"]["cn"]["error"]  # the fixture's cn classes have no meaning in common with de
-    assert res.cells["de+cn"]["cn"]["scored"] == 48 and res.cells["de+cn"]["cn"]["skipped"] == 0  # 49 less the byte copy
+    assert (
+        res.cells["de+cn"]["cn"]["scored"] == 48 and res.cells["de+cn"]["cn"]["skipped"] == 0
+    )  # 49 less the byte copy
     assert res.cells["de"]["de"]["scored"] == res.cells["de+cn"]["de"]["scored"] > 0
     assert "no shared class" in res.table() and (tmp_path / "transfer" / "transfer.png").stat().st_size > 1000
 

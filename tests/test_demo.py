@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from signscale.demo import DemoConfig, run_demo
+from signscale.demos.first_run import DemoConfig, run_demo
 
 
 def test_demo_runs_end_to_end_small(tmp_path):
@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end_small(tmp_path):
 
 
 def test_demo_detection_leg_writes_annotated_scenes(tmp_path):
-    from signscale.detect_eval import demo_detection
+    from signscale.detection.evaluate import demo_detection
 
     det = demo_detection(str(tmp_path / "det"), train_scenes=8, test_scenes=3, steps=2)
     assert os.path.exists(det["files"]["detection report"]) and os.path.isdir(det["files"]["detection overlays"])
@@ -23,7 +23,7 @@ def test_demo_detection_leg_writes_annotated_scenes(tmp_path):
 
 
 def test_demo_never_overwrites_an_output_folder(tmp_path):
-    from signscale.demo import free_folder
+    from signscale.demos.first_run import free_folder
 
     out = tmp_path / "signscale-demo"
     assert free_folder(str(out)) == str(out)

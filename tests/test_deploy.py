@@ -14,7 +14,7 @@ import yaml
 from torch.distributed.run import get_args_parser
 
 from signscale import config
-from signscale.train import TrainConfig
+from signscale.training.train import TrainConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 OBJECT_STORE_ENV = {"AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}

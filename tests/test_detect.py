@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from signscale.detect import CropClassifier, DetectPipeline, detect_files, draw_detections, load_pipeline
-from signscale.detect_eval import SceneEvalConfig, evaluate_scenes, match_boxes
-from signscale.detector import build_detector, make_config
+from signscale.data.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
+from signscale.detection.detect import (
+    CropClassifier,
+    DetectPipeline,
+    detect_files,
+    draw_detections,
+    load_pipeline,
+)
+from signscale.detection.detector import build_detector, make_config
+from signscale.detection.evaluate import SceneEvalConfig, evaluate_scenes, match_boxes
+from signscale.detection.train import save_detector
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
-from signscale.train_detector import save_detector
 from signscale.transforms import Preprocess
 
 CLASSES = (1, 14, 38)  # speed limit 30, stop, keep right: a classifier learns these in seconds
@@ -39,8 +45,8 @@ class GroundTruthDetector:
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> str:
     """A real small classifier trained on crops of three classes (packed and trained by signscale)."""
-    from signscale.pack import PackConfig, pack
-    from signscale.train import TrainConfig, train
+    from signscale.data.pack import PackConfig, pack
+    from signscale.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("clf")
     data = str(root / "crops")
@@ -167,8 +173,8 @@ def test_draw_marks_missed_signs():
 @pytest.fixture(scope="module")
 def classifier_with_background(tmp_path_factory) -> str:
     """The three-class crops plus "not a sign" crops cut from packed training scenes away from the signs."""
-    from signscale.pack import PackConfig, pack
-    from signscale.train import TrainConfig, train
+    from signscale.data.pack import PackConfig, pack
+    from signscale.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("clf-bg")
     crops, scenes, bg = str(root / "crops"), str(root / "scenes"), str(root / "bg")
@@ -182,7 +188,7 @@ def classifier_with_background(tmp_path_factory) -> str:
 
 
 def test_second_stage_background_class_rejects_a_false_box(classifier_with_background):
-    from signscale.sources.scene_crops import background_boxes
+    from signscale.data.sources.scene_crops import background_boxes
 
     clf = CropClassifier.load(classifier_with_background)
     assert clf.label_space[clf.label_space.background_id].key == "not_a_sign"
@@ -210,8 +216,8 @@ def test_second_stage_background_class_rejects_a_false_box(classifier_with_backg
 def test_folding_batchnorm_keeps_the_detector_outputs(untrained_detector):
     import copy
 
-    from signscale.detect import fold_batchnorm
-    from signscale.train_detector import load_detector
+    from signscale.detection.detect import fold_batchnorm
+    from signscale.detection.train import load_detector
 
     model, _ = load_detector(untrained_detector)
     for m in model.modules():  # non-trivial statistics, so a wrong fold would show

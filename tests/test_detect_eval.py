@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from signscale.detect import DetectPipeline
-from signscale.detect_eval import SceneEvalConfig, SceneEvalError, corrupt_frame, evaluate_scenes, size_bucket
+from signscale.detection.detect import DetectPipeline
+from signscale.detection.evaluate import (
+    SceneEvalConfig,
+    SceneEvalError,
+    corrupt_frame,
+    evaluate_scenes,
+    size_bucket,
+)
 from signscale.labels import LabelSpace
 
 SPACE = LabelSpace.for_country("de")
@@ -178,7 +184,7 @@ def test_weather_table_is_deterministic_by_seed(tmp_path):
 
 
 def test_show_draws_the_boxes_on_the_contact_sheet(tmp_path):
-    from signscale.show import BOX_COLOUR, show
+    from signscale.data.show import BOX_COLOUR, show
 
     box = [40, 30, 80, 60]
     spec = write_gtsdb(tmp_path / "g", [[box, [100, 20, 120, 40]], []], suffix="jpg")
@@ -198,7 +204,7 @@ def test_show_draws_the_boxes_on_the_contact_sheet(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/work/shared/data/GTSDB_real_train_816x480.zip").exists(), reason="real GTSDB copy")
 def test_show_reads_the_real_gtsdb_copy(tmp_path):
-    from signscale.show import show
+    from signscale.data.show import show
 
     s = show("gtsdb:/work/shared/data/GTSDB_real_train_816x480.zip", out=str(tmp_path / "sheet.png"))
     assert (s.samples, s.boxes, s.problems, s.frame_sizes) == (466, 801, 0, {"816x480": 466})

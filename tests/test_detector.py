@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from signscale import checkpoint
-from signscale.detector import DetectorError, build_detector, detector_config, detector_labels, make_config
+from signscale.data.sources.scenes import ScenePackConfig, pack_scenes
+from signscale.detection.detector import (
+    DetectorError,
+    build_detector,
+    detector_config,
+    detector_labels,
+    make_config,
+)
+from signscale.detection.train import DetTrainConfig, crop_tile, load_detector, save_detector, train_detector
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.sources.scenes import ScenePackConfig, pack_scenes
-from signscale.train_detector import DetTrainConfig, crop_tile, load_detector, save_detector, train_detector
+from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 
 SCENES = "scenes-synthetic:?n=16&seed=5&width=128&height=96&min_px=8&max_px=28&max_signs=3&empty=0"
@@ -119,7 +125,7 @@ def test_tiles_centre_on_hard_negatives_when_asked():
 
 
 def test_camera_augment_is_deterministic_and_changes_pixels():
-    from signscale.train_detector import camera_augment
+    from signscale.detection.train import camera_augment
 
     img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     a = camera_augment(img, np.random.default_rng(3), photometric=1.0, blur_p=1.0, jpeg_p=1.0)
@@ -189,7 +195,7 @@ def test_fine_tune_from_a_detector_with_real_road_augmentation(scene_data, backb
 
 
 def load_scene_keys(url):
-    from signscale.sources.scenes import iter_scenes
+    from signscale.data.sources.scenes import iter_scenes
 
     return [extra["key"] for _, extra in iter_scenes(url)]
 

@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from signscale import checkpoint
 from signscale.config import ConfigError
-from signscale.evaluate import (
+from signscale.data.pack import PackConfig, pack
+from signscale.evaluation.evaluate import (
     CompareError,
     EvalConfig,
     EvalError,
@@ -40,10 +40,10 @@ from signscale.evaluate import (
     reliability_sums,
     score_predictions,
 )
+from signscale.evaluation.report_html import render_html
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.pack import PackConfig, pack
-from signscale.report_html import render_html
+from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "eval_worker.py")

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from signscale import checkpoint, images
-from signscale.export import ExportConfig, ExportError, export, parity_inputs
+from signscale import images
+from signscale.data.sources.synthetic import SyntheticSource, render_clean
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.predict import PredictError, Predictor
-from signscale.sources.synthetic import SyntheticSource, render_clean
+from signscale.serving.export import ExportConfig, ExportError, export, parity_inputs
+from signscale.serving.predict import PredictError, Predictor
+from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX tests need onnxruntime (pip install 'signscale[onnx]')")

@@ -119,7 +119,9 @@ def _describe(state: Hashable) -> str:
     if isinstance(state, tuple) and state and isinstance(state[0], tuple) and isinstance(state[0][0], str):
         names = [s[0] for s in state]
         tmp = [n for n in names if ".tmp-" in n]
-        return f"{len(names)} files" + (f", temp {tmp}" if tmp else "") + f", newest {max(state, key=lambda s: s[2])[0]}"
+        return (
+            f"{len(names)} files" + (f", temp {tmp}" if tmp else "") + f", newest {max(state, key=lambda s: s[2])[0]}"
+        )
     return repr(state)
 
 
@@ -246,7 +248,7 @@ def test_pack_killed_anywhere_resumes_to_the_same_dataset(tmp_path):
 
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> tuple[str, str]:
-    from signscale.pack import PackConfig, pack
+    from signscale.data.pack import PackConfig, pack
 
     root = tmp_path_factory.mktemp("faults-data")
     for name, n, seed in (("train", 256, 1), ("val", 400, 2)):
@@ -289,8 +291,10 @@ def _tensor_equal(a: dict[str, Any], b: dict[str, Any], what: str) -> None:
 
 def _compare_train(ref: Path, out: Path) -> None:
     ref_lines, out_lines = _jsonl(ref / "metrics.jsonl"), _jsonl(out / "metrics.jsonl")
-    assert out_lines == ref_lines, (f"metrics.jsonl: {len(out_lines)} lines vs {len(ref_lines)}; steps missing: "
-                                    f"{sorted({json.dumps(x) for x in ref_lines} - {json.dumps(x) for x in out_lines})[:4]}")
+    assert out_lines == ref_lines, (
+        f"metrics.jsonl: {len(out_lines)} lines vs {len(ref_lines)}; steps missing: "
+        f"{sorted({json.dumps(x) for x in ref_lines} - {json.dumps(x) for x in out_lines})[:4]}"
+    )
     _tensor_equal(_weights(ref / "model" / "model.pt"), _weights(out / "model" / "model.pt"), "model/model.pt")
     _tensor_equal(_weights(ref / "checkpoints" / "best.pt"), _weights(out / "checkpoints" / "best.pt"), "best.pt")
     assert _json(out / "model" / "model.json")["metrics"] == _json(ref / "model" / "model.json")["metrics"]
@@ -325,7 +329,7 @@ def test_train_killed_after_checkpoints_resumes_to_the_same_run(train_data, tmp_
 
 def _upload(inbox: Path, n: int, seed: int) -> list[str]:
     """n labelled uploads (PNG + sidecar), two re-sent copies and one broken file; returns the good keys."""
-    from signscale.sources import open_source
+    from signscale.data.sources import open_source
 
     src = open_source(f"synthetic:?n={n}&size=16&seed={seed}&weather=0")
     keys = []
@@ -344,9 +348,9 @@ def _upload(inbox: Path, n: int, seed: int) -> list[str]:
 
 
 def _compare_ingest(ref: Path, out: Path, good_keys: list[str]) -> None:
-    from signscale import datasets
-    from signscale.ingest import key_id, list_inbox
-    from signscale.shards import Manifest
+    from signscale.continual.ingest import key_id, list_inbox
+    from signscale.data import datasets
+    from signscale.data.shards import Manifest
 
     assert not _temp_files(out), f"temporary files left: {_temp_files(out)}"
     assert sorted(_files(out, temps=True)) == sorted(_files(ref)), sorted(set(_files(out)) ^ set(_files(ref)))

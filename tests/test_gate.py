@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from signscale.gate import CanaryConfig, GateConfig, SliceRule, decide, paste_sticker, slices
+from signscale.continual.gate import CanaryConfig, GateConfig, SliceRule, decide, paste_sticker, slices
 
 
 def _s(acc: float, n: int = 1000) -> dict:

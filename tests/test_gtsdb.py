@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from signscale.sources import SourceError
-from signscale.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
+from signscale.data.sources import SourceError
+from signscale.data.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
 
 GT = """00000.ppm;10;12;29;31;14
 00001.ppm;5;5;24;24;1

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from signscale import images, shards
-from signscale.pack import PackConfig, pack
-from signscale.sources import Problem, open_source
+from signscale import images
+from signscale.data import shards
+from signscale.data.pack import PackConfig, pack
+from signscale.data.sources import Problem, open_source
 
 GREY16 = 40000
 GREY16_AS_8 = round(GREY16 * 255 / 65535)  # 156: scaled; the old decode clipped it to 255
@@ -159,10 +160,10 @@ def test_a_folder_named_like_an_image_is_not_a_file(tmp_path: Path) -> None:
 def test_predict_decodes_through_the_same_path(tmp_path: Path) -> None:
     """Predictor.prepare (the CLI's and the service's way in) sees what pack sees; a folder is not a file."""
     torch = pytest.importorskip("torch")
-    from signscale import checkpoint
     from signscale.labels import LabelSpace
     from signscale.models import create_model, model_config
-    from signscale.predict import Predictor
+    from signscale.serving.predict import Predictor
+    from signscale.training import checkpoint
     from signscale.transforms import Preprocess
 
     torch.manual_seed(0)

@@ -12,10 +12,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from signscale import datasets, images, storage
-from signscale.ingest import IngestConfig, import_labels, ingest, list_inbox, pending
-from signscale.shards import Manifest
-from signscale.sources import open_source
+from signscale import images, storage
+from signscale.continual.ingest import IngestConfig, import_labels, ingest, list_inbox, pending
+from signscale.data import datasets
+from signscale.data.shards import Manifest
+from signscale.data.sources import open_source
 
 
 def _copy(base: str, tmp_path, name: str = "ds") -> str:
@@ -67,7 +68,7 @@ def test_versions_are_appended_and_old_ones_never_change(base_dataset, tmp_path)
     assert datasets.resolve(f"{ds}@v2").checksum == v2.checksum
     assert vs[2].counts["condition"] == {"clear": 120, "snow": 30, "fog": 20}
     assert len(vs[2].parts) == 3 and vs[2].parts[0] == ds
-    from signscale.stream import open_stream
+    from signscale.data.stream import open_stream
 
     loader = open_stream(list(vs[2].parts), num_workers=0, batch_size=17, remainder="pad", shuffle=False)
     ids = np.concatenate([b["id"][~b["pad"]].numpy() for b in loader])
@@ -89,13 +90,17 @@ def test_validation_dedup_and_protected_sets(base_dataset, tmp_path):
     storage.write_bytes(storage.join(inbox, "veh-01/badside.png"), storage.read_bytes(storage.join(inbox, keys[1]))[:-1]
                         + b"\x00")
     storage.write_bytes(storage.join(inbox, "veh-01/badside.json"), b"{not json")
-    storage.write_bytes(storage.join(inbox, "veh-01/badlabel.png"), images.encode_png(np.full((16, 16, 3), 90, np.uint8)))
+    storage.write_bytes(
+        storage.join(inbox, "veh-01/badlabel.png"), images.encode_png(np.full((16, 16, 3), 90, np.uint8))
+    )
     storage.write_json(storage.join(inbox, "veh-01/badlabel.json"), {"label": "speed_limit_999"})
     # a record of the existing dataset re-uploaded (near-duplicate), and one from the protected set
     rec = datasets.read_records(Manifest.load(ds))
     storage.write_bytes(storage.join(inbox, "veh-01/seen.png"), images.encode_png(rec["image"][5]))
     storage.write_json(storage.join(inbox, "veh-01/seen.json"), {"label": int(rec["label"][5])})
-    storage.write_bytes(storage.join(inbox, "veh-01/nolabel.png"), images.encode_png(np.full((16, 16, 3), 30, np.uint8)))
+    storage.write_bytes(
+        storage.join(inbox, "veh-01/nolabel.png"), images.encode_png(np.full((16, 16, 3), 30, np.uint8))
+    )
     assert pending(IngestConfig(inbox=inbox, dataset=ds)) == 12 + 6
     r = ingest(IngestConfig(inbox=inbox, dataset=ds, protected=(protected,), chunk=5))
     assert r.by_reason == {"duplicate": 1, "not_an_image": 1, "bad_sidecar": 1, "label_out_of_range": 1,
@@ -144,7 +149,7 @@ def test_publish_against_a_moved_head_fails(base_dataset, tmp_path):
 
 _KILLED_INGEST = textwrap.dedent("""
     import sys
-    from signscale.ingest import IngestConfig, ingest
+    from signscale.continual.ingest import IngestConfig, ingest
     def on_chunk(done, total):
         print(f"chunk {done}/{total}", flush=True)
     ingest(IngestConfig(inbox=sys.argv[1], dataset=sys.argv[2], chunk=6, threads=2), on_chunk=on_chunk)
@@ -192,7 +197,7 @@ _DIES_AT_RENAME = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
         return real(src, dst, *args, **kwargs)
     os.replace = dying
-    from signscale.ingest import IngestConfig, ingest
+    from signscale.continual.ingest import IngestConfig, ingest
     ingest(IngestConfig(inbox=sys.argv[1], dataset=sys.argv[2], chunk=4, threads=2))
 """)
 
@@ -245,7 +250,7 @@ def test_label_noise_estimates_the_share_of_wrong_labels_and_names_the_vehicle()
     bad = np.array([v == "veh-2" for v in vehicles]) & (rng.random(n) < 0.9)
     labels[bad] = (truth[bad] + rng.integers(1, 43, bad.sum())) % 43  # veh-2 mislabels 90% of its images
     conf = np.where(rng.random(n) < 0.5, 0.95, 0.4).astype(np.float32)  # the model is sure of half
-    from signscale.ingest import label_noise
+    from signscale.continual.ingest import label_noise
 
     r = label_noise(labels, truth, conf, vehicles, confidence=0.9)
     assert r["suspicious"] == ["veh-2"]

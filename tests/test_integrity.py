@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from signscale import shards, storage
-from signscale.shards import ShardError, ShardReader
-from signscale.stream import open_stream
+from signscale import storage
+from signscale.data import shards
+from signscale.data.shards import ShardError, ShardReader
+from signscale.data.stream import open_stream
 
 
 def _copy(dataset: str, tmp_path: Path, name: str = "ds") -> str:
@@ -186,7 +187,7 @@ def test_format_1_shards_read_unchecked_with_a_note_and_bad_labels_name_the_reco
     url = _copy(synthetic_dataset, tmp_path)
     _downgrade_to_format_1(url)
     assert not ShardReader(str(_shard(url))).checked
-    with caplog.at_level(logging.WARNING, logger="signscale.stream"):
+    with caplog.at_level(logging.WARNING, logger="signscale.data.stream"):
         ids = [i for b in open_stream(url, num_workers=0, batch_size=16) for i in b["id"].tolist()]
     assert sorted(ids) == sorted(_all_ids(url))
     notes = [r.message for r in caplog.records if "format 1" in r.message]
@@ -209,7 +210,7 @@ def test_skip_mode_quarantines_counts_and_keeps_every_good_record_exactly_once(s
     good = sorted(set(_all_ids(url)) - lost)
     kw = {"batch_size": 16, "seed": 3, "on_corrupt": "skip"}
     loader = open_stream(url, num_workers=2, **kw)
-    with caplog.at_level(logging.WARNING, logger="signscale.stream"):
+    with caplog.at_level(logging.WARNING, logger="signscale.data.stream"):
         for epoch in range(2):  # the second epoch's workers share the first's verdicts: the block stays out
             ids = [i for batch in loader for i in batch["id"].tolist()]
             assert sorted(ids) == good, epoch  # every good record once, none of the block's
@@ -288,7 +289,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_train_and_evaluate_stop_with_the_message_on_a_corrupt_dataset(synthetic_dataset, tmp_path):
-    from signscale.train import TrainConfig, train
+    from signscale.training.train import TrainConfig, train
 
     model = train(TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "run"), model="small_cnn", batch_size=32,
                               max_steps=1, workers=0, progress=False)).model_url

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("numba", reason="the compiled kernels need numba (a dependency of signscale)")
 
-from signscale import kernels, permutation
+from signscale import kernels
+from signscale.data import permutation
 from signscale.labels import LabelSpace
 from signscale.transforms import WEATHER_KINDS, AugmentConfig, BatchAugment, LoaderAugment, Preprocess
 
@@ -29,7 +30,9 @@ def both_paths(cfg: AugmentConfig, x: torch.Tensor, y: torch.Tensor, seed: int =
     size = x.shape[1]
     fast = BatchAugment(cfg, Preprocess(size=size), FLIP_MAP, compiled=True)
     slow = BatchAugment(cfg, Preprocess(size=size), FLIP_MAP, compiled=False)
-    return fast.pixels(x, y, torch.Generator().manual_seed(seed)), slow.pixels(x, y, torch.Generator().manual_seed(seed))
+    return fast.pixels(x, y, torch.Generator().manual_seed(seed)), slow.pixels(
+        x, y, torch.Generator().manual_seed(seed)
+    )
 
 
 def assert_same_pixels(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -94,7 +97,9 @@ def test_compiled_permutation_is_the_numpy_one(n):
     rng = np.random.default_rng(n)
     x = rng.integers(0, n, 3000)
     keys = rng.integers(0, 2**63, 3000).astype(np.uint64)
-    assert np.array_equal(permutation.permute(x, n, keys, compiled=True), permutation.permute(x, n, keys, compiled=False))
+    assert np.array_equal(
+        permutation.permute(x, n, keys, compiled=True), permutation.permute(x, n, keys, compiled=False)
+    )
     assert np.array_equal(permutation.permute(x, n, 42, compiled=True), permutation.permute(x, n, 42, compiled=False))
     if n <= 2048:
         whole = permutation.permute(np.arange(n), n, 7, compiled=True)

@@ -137,8 +137,15 @@ def _cls(country: str, cid: int, key: str, flip: str = "never", mirror: str | No
 
 A = LabelSpace(classes=(_cls("aa", 0, "stop"), _cls("aa", 1, "keep_right", "mirror", "keep_left"),
                         _cls("aa", 2, "keep_left", "mirror", "keep_right"), _cls("aa", 3, "only_a")), name="aa")
-B = LabelSpace(classes=(_cls("bb", 0, "only_b"), _cls("bb", 1, "stop"), _cls("bb", 2, "keep_right", "mirror", "keep_left"),
-                        _cls("bb", 3, "guess", uncertain=True)), name="bb")
+B = LabelSpace(
+    classes=(
+        _cls("bb", 0, "only_b"),
+        _cls("bb", 1, "stop"),
+        _cls("bb", 2, "keep_right", "mirror", "keep_left"),
+        _cls("bb", 3, "guess", uncertain=True),
+    ),
+    name="bb",
+)
 
 
 def test_merge_by_meaning_shares_outputs_for_the_same_key_and_appends_new_ones():

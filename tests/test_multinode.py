@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from signscale import checkpoint, shards
+from signscale.data import shards
+from signscale.training import checkpoint
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "multinode_train.py")
 # 300 samples, 2 ranks x batch 16, drop: 150 per rank, 10 steps per epoch (the last batch holds 6)

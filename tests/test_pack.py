@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import signscale.pack as packing
-from signscale import shards, storage
-from signscale.pack import PackConfig, pack
-from signscale.sources import open_source
+import signscale.data.pack as packing
+from signscale import storage
+from signscale.data import shards
+from signscale.data.pack import PackConfig, pack
+from signscale.data.sources import open_source
 
 SPEC = "synthetic:?n=240&size=16&seed=3"
 
@@ -61,7 +62,7 @@ def test_verify_names_flipped_and_truncated_shards(tmp_path):
 
 _KILLER = r"""
 import os, signal, sys
-import signscale.pack as p
+import signscale.data.pack as p
 orig = p._pack_range
 def dying(start, stop):
     if start >= int(sys.argv[3]):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from signscale import checkpoint, images
+from signscale import images
+from signscale.data.sources.synthetic import render_clean
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.predict import PredictConfig, PredictError, Predictor, collect_inputs, is_registry_spec
-from signscale.sources.synthetic import render_clean
+from signscale.serving.predict import PredictConfig, PredictError, Predictor, collect_inputs, is_registry_spec
+from signscale.training import checkpoint
 from signscale.transforms import Preprocess, to_input
 
 SIZE = 24
@@ -27,9 +28,15 @@ def make_model(url: str, seed: int = 0, size: int = SIZE) -> str:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    checkpoint.save_model(url, state_dict=model.state_dict(), model_config=model_config(model),
-                          label_space=LabelSpace.for_country("de").to_dict(), preprocess=Preprocess(size=size).to_dict(),
-                          metrics={"accuracy": 0.5}, extra={"data_crop": "roi"})
+    checkpoint.save_model(
+        url,
+        state_dict=model.state_dict(),
+        model_config=model_config(model),
+        label_space=LabelSpace.for_country("de").to_dict(),
+        preprocess=Preprocess(size=size).to_dict(),
+        metrics={"accuracy": 0.5},
+        extra={"data_crop": "roi"},
+    )
     return url
 
 
@@ -114,7 +121,7 @@ def test_config_and_model_errors_name_the_fix(model_dir: str, tmp_path: Path) ->
 
 
 def test_registry_alias_resolves_to_its_version(model_dir: str, tmp_path: Path) -> None:
-    registry = pytest.importorskip("signscale.registry", reason="signscale.registry is not in this tree yet")
+    registry = pytest.importorskip("signscale.registry", reason="signscale.serving.registry is not in this tree yet")
     reg = registry.Registry(str(tmp_path / "reg"))
     v = reg.register(model_dir)
     reg.promote(v.id)

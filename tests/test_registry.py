@@ -5,10 +5,11 @@ import threading
 
 import pytest
 
-from signscale import checkpoint, storage
+from signscale import storage
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.registry import AliasConflict, Registry, RegistryError, describe_event, resolve
+from signscale.serving.registry import AliasConflict, Registry, RegistryError, describe_event, resolve
+from signscale.training import checkpoint
 
 
 def _artefact(url: str, seed: int) -> str:

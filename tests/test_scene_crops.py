@@ -9,10 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from signscale import images, shards
-from signscale.pack import PackConfig, pack
-from signscale.sources import Problem, Sample, SourceError, open_source
-from signscale.sources.scenes import ScenePackConfig, iter_scenes, pack_scenes
+from signscale import images
+from signscale.data import shards
+from signscale.data.pack import PackConfig, pack
+from signscale.data.sources import Problem, Sample, SourceError, open_source
+from signscale.data.sources.scenes import ScenePackConfig, iter_scenes, pack_scenes
 
 TINY = "scenes-synthetic:?n=6&seed=3&width=160&height=112&min_px=8&max_px=30&max_signs=4"
 
@@ -156,8 +157,8 @@ def test_pack_scene_crops_end_to_end(tmp_path, scenes):
 
 
 def test_background_and_mined_negatives_are_not_a_sign_crops_away_from_signs(tmp_path, scenes):
+    from signscale.data.sources.scene_crops import box_iou_one
     from signscale.labels import BACKGROUND_KEY
-    from signscale.sources.scene_crops import box_iou_one
 
     boxes = _boxes(scenes)
     plain = open_source(f"scene-crops:{scenes}?min_px=0")

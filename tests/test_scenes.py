@@ -8,17 +8,25 @@ import numpy as np
 import pytest
 from conftest import GTSRB_ZIP, require
 
-from signscale import shards
-from signscale.sources import SourceError
-from signscale.sources.scenes import (
+from signscale.data import shards
+from signscale.data.sources import SourceError
+from signscale.data.sources.scenes import (
     ScenePackConfig,
+    SceneStream,
     check_box,
     is_scene_dataset,
     iter_scenes,
     open_scene_source,
-    open_scene_stream,
     pack_scenes,
 )
+from signscale.data.stream import StreamConfig, StreamLoader
+
+
+def open_scene_stream(url: str, *, num_workers: int = 0, **cfg) -> StreamLoader:
+    """A loader over a packed scene dataset, as the detector's trainer builds one."""
+    cfg.setdefault("block_size", 16)
+    return StreamLoader(SceneStream(StreamConfig(datasets=(url,), **cfg)), num_workers=num_workers, pin_memory=False)
+
 
 TINY = "scenes-synthetic:?n=12&seed=3&width=160&height=112&min_px=8&max_px=30&max_signs=4"
 

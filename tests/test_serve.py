@@ -28,12 +28,13 @@ pytest.importorskip("uvicorn", reason="service tests need the serve extra (pip i
 from devtools import devtools_page, find_browser
 from PIL import Image
 
-from signscale import checkpoint, images
+from signscale import images
+from signscale.data.sources.synthetic import render_clean
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
-from signscale.predict import Predictor, resolve_model
-from signscale.serve import ApiError, Batcher, ServeConfig, running
-from signscale.sources.synthetic import render_clean
+from signscale.serving.predict import Predictor, resolve_model
+from signscale.serving.serve import ApiError, Batcher, ServeConfig, running
+from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 
 SIZE = 24
@@ -50,8 +51,13 @@ def make_model(url: str, seed: int) -> str:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    checkpoint.save_model(url, state_dict=model.state_dict(), model_config=model_config(model),
-                          label_space=LabelSpace.for_country("de").to_dict(), preprocess=Preprocess(size=SIZE).to_dict())
+    checkpoint.save_model(
+        url,
+        state_dict=model.state_dict(),
+        model_config=model_config(model),
+        label_space=LabelSpace.for_country("de").to_dict(),
+        preprocess=Preprocess(size=SIZE).to_dict(),
+    )
     return url
 
 
@@ -145,11 +151,13 @@ def test_detect_without_a_detector_is_a_clear_404(service) -> None:
 
 
 def test_detect_round_trip(models, tmp_path: Path) -> None:
-    detect = pytest.importorskip("signscale.detect", reason="signscale.detect is not in this tree yet: "
-                                                            "the detect round trip was not run")
+    detect = pytest.importorskip(
+        "signscale.detection.detect",
+        reason="signscale.detection.detect is not in this tree yet: the detect round trip was not run",
+    )
     try:
-        from signscale.detector import build_detector, make_config
-        from signscale.train_detector import save_detector
+        from signscale.detection.detector import build_detector, make_config
+        from signscale.detection.train import save_detector
     except ImportError as exc:
         pytest.skip(f"the detector model code is not usable here ({exc}): the detect round trip was not run")
     torch.manual_seed(0)  # an untrained FCOS on a small classifier's stages (as tests/test_detect.py makes one)
@@ -182,7 +190,9 @@ def _png_header(w: int, h: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _encoded(label: int, fmt: str, size: int = 40) -> bytes:
@@ -219,7 +229,9 @@ def fuzz_corpus(seed: int = 0) -> list[tuple[str, dict]]:
     for ctype in ("image/png", "image/jpeg", "application/octet-stream", None, "multipart/form-data; boundary=x"):
         raw(f"empty-{ctype}", b"", ctype)
     for i in range(50):
-        raw(f"random-{i}", rng.bytes(int(rng.integers(1, 4000))), ("image/png", "application/octet-stream", None)[i % 3])
+        raw(
+            f"random-{i}", rng.bytes(int(rng.integers(1, 4000))), ("image/png", "application/octet-stream", None)[i % 3]
+        )
     for w, h in ((100_000, 100_000), (70_000, 70_000), (50_000, 1), (3000, 3000), (1, 4_000_001), (0, 10), (10, 0)):
         raw(f"huge-{w}x{h}", _png_header(w, h))
     bomb = io.BytesIO()
@@ -256,7 +268,10 @@ def fuzz_corpus(seed: int = 0) -> list[tuple[str, dict]]:
         multi(f"mp-truncated-{i}", [("file", ("t.png", src[: len(src) // 3], "image/png"))])
         multi(f"mp-random-{i}", [("file", ("r.bin", rng.bytes(500), "application/octet-stream"))])
         multi(f"mp-empty-{i}", [("file", ("e.png", b"", "image/png"))])
-        multi(f"mp-one-bad-of-two-{i}", [("file", ("ok.png", src, "image/png")), ("file", ("bad.png", b"xx", "image/png"))])
+        multi(
+            f"mp-one-bad-of-two-{i}",
+            [("file", ("ok.png", src, "image/png")), ("file", ("bad.png", b"xx", "image/png"))],
+        )
     multi("mp-too-many", [("file", (f"{i}.png", sources[0], "image/png")) for i in range(9)])
     multi("mp-fields-only", [])
     corpus.append(("mp-data-no-file", {"method": "POST", "url": "/v1/classify", "data": {"a": "b"},
@@ -264,9 +279,18 @@ def fuzz_corpus(seed: int = 0) -> list[tuple[str, dict]]:
     for q in ("abc", "0", "-1", "44", "1000000", "1.5", "", "%00"):
         corpus.append((f"top_k={q}", {"method": "POST", "url": f"/v1/classify?top_k={q}", "content": sources[0],
                                       "headers": {"content-type": "image/png"}}))
-    for method, path in (("GET", "/v1/classify"), ("PUT", "/v1/classify"), ("DELETE", "/v1/model"),
-                         ("POST", "/v1/model"), ("GET", "/v1/nothing"), ("POST", "/"), ("GET", "/static/../../etc/passwd"),
-                         ("GET", "/v1/pictogram/..%2f..%2fx.png"), ("PATCH", "/healthz"), ("GET", "/static/nope.js")):
+    for method, path in (
+        ("GET", "/v1/classify"),
+        ("PUT", "/v1/classify"),
+        ("DELETE", "/v1/model"),
+        ("POST", "/v1/model"),
+        ("GET", "/v1/nothing"),
+        ("POST", "/"),
+        ("GET", "/static/../../etc/passwd"),
+        ("GET", "/v1/pictogram/..%2f..%2fx.png"),
+        ("PATCH", "/healthz"),
+        ("GET", "/static/nope.js"),
+    ):
         corpus.append((f"{method} {path}", {"method": method, "url": path}))
     for i in range(5):
         raw(f"detect-garbage-{i}", rng.bytes(100), path="/v1/detect")
@@ -566,7 +590,7 @@ def test_a_folder_updated_non_atomically_is_refused_then_served_once_consistent(
 
 
 def test_registry_alias_promotion_reloads_and_a_corrupt_version_never_serves(models, tmp_path: Path) -> None:
-    registry = pytest.importorskip("signscale.registry", reason="signscale.registry is not in this tree yet")
+    registry = pytest.importorskip("signscale.registry", reason="signscale.serving.registry is not in this tree yet")
     reg = registry.Registry(str(tmp_path / "reg"))
     va, vb, vc = reg.register(models["a"]), reg.register(models["b"]), reg.register(models["a"])
     reg.promote(va.id)
@@ -664,7 +688,7 @@ def test_config_errors_name_the_option(models) -> None:
 
 @pytest.mark.slow
 def test_bench_serve_measures_every_row(models) -> None:
-    from signscale.serve_bench import BenchServeConfig, bench_serve
+    from signscale.bench.serve import BenchServeConfig, bench_serve
 
     result = bench_serve(BenchServeConfig(model=models["a"], rows=("reference", "torch+batch"), concurrency=(1, 4),
                                           seconds=0.4, rounds=1, warmup_s=0.05), show=False)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from signscale import shards, storage
+from signscale import storage
+from signscale.data import shards
 
 
 def _records(n, size=8):

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from signscale import storage
+from signscale.data.sources import Problem, Sample, SourceError, open_source
+from signscale.data.sources.folder import FolderSource, list_tree, open_folder, resolve_label
 from signscale.labels import LabelError, LabelSpace
-from signscale.sources import Problem, Sample, SourceError, open_source
-from signscale.sources.folder import FolderSource, list_tree, open_folder, resolve_label
 
 
 def image(fmt: str, seed: int = 0, size: tuple[int, int] = (20, 16)) -> bytes:

@@ -16,7 +16,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from signscale import emulators, storage
+from signscale import storage
+from signscale.testing import emulators
 
 BACKENDS = ["local", "s3", "gcs", "azure"]
 _ids = itertools.count()

@@ -121,7 +121,7 @@ def test_a_missing_bucket_is_not_a_missing_object(s3_bucket):
 def test_access_denied_names_the_cause_and_the_fix(monkeypatch, tmp_path):
     """A second moto server that checks credentials (moto's INITIAL_NO_AUTH_ACTION_COUNT=0): 403."""
     pytest.importorskip("moto.server")
-    from signscale import s3local
+    from signscale.testing import s3local
 
     monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")  # read by the server process at start
     server = s3local.start()

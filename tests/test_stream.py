@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from signscale import shards
-from signscale.pack import PackConfig, pack
-from signscale.stream import ShardCache, ShardStream, StreamConfig, open_stream, plan_epoch, subtract
+from signscale.data import shards
+from signscale.data.pack import PackConfig, pack
+from signscale.data.stream import ShardCache, ShardStream, StreamConfig, open_stream, plan_epoch, subtract
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "stream_worker.py")
 
@@ -40,7 +40,7 @@ def test_every_sample_once_across_ranks_and_workers(synthetic_dataset, world, wo
             ids += b["id"][~b["pad"]].tolist()
             pads += int(b["pad"].sum())
             n_batches += 1
-        assert n_batches == len(loader) or True
+        assert n_batches == len(loader)
     total = 300
     if remainder == "pad":
         assert sorted(ids) == _all_ids(synthetic_dataset)
@@ -180,20 +180,18 @@ def test_encoded_shards_stream_the_same_pixels_locally_and_from_s3(tmp_path, s3_
 
 def test_planning_50m_records_for_64_ranks_x_8_workers_is_cheap_and_exact():
     """Scale check of the epoch plan: no per-sample structure, every record exactly once, equal ranks."""
-    import time
     import tracemalloc
 
-    from signscale.stream import rank_share
+    from signscale.data.stream import rank_share
 
     n, ranks, workers, bs = 50_000_000, 64, 8, 256
     cfg = StreamConfig(datasets=("unused",), batch_size=bs, block_size=256, window_blocks=8)
     tracemalloc.start()
-    t0 = time.perf_counter()
     plan = plan_epoch([n], cfg, epoch=1)
-    seconds = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert seconds < 1.0 and peak < 64 * 2**20
+    # no per-sample structure: a per-record array alone would be 400 MB; segments are a few MB
+    assert peak < 64 * 2**20 and len(plan.seg_start) < n // 100
     # segments cover [0, n) exactly once
     order = np.argsort(plan.seg_start)
     starts = plan.seg_start[order]

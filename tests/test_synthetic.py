@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from signscale.corruptions import CORRUPTIONS, apply_corruption
+from signscale.data.sources import CONDITIONS, SourceError, open_source
+from signscale.data.sources.synthetic import SyntheticSource, open_synthetic, render_clean, render_template
 from signscale.labels import LabelSpace
-from signscale.sources import CONDITIONS, SourceError, open_source
-from signscale.sources.synthetic import SyntheticSource, open_synthetic, render_clean, render_template
 
 SPACE = LabelSpace.for_country("de")
 FLIP_SIZE = 48

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -7,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from signscale import checkpoint, precision
 from signscale.config import ConfigError
-from signscale.train import TrainConfig, TrainError, train
+from signscale.training import checkpoint, precision
+from signscale.training.train import TrainConfig, TrainError, train
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "train_worker.py")
 BASE = ["model=small_cnn", "batch_size=16", "workers=2", "ema=0.99", "lr=0.01", "progress=false",
@@ -63,7 +64,7 @@ def test_mixed_precision_paths_run(synthetic_dataset, tmp_path, name):
     cfg = TrainConfig(data=(synthetic_dataset,), val=synthetic_dataset, out=str(tmp_path / name), model="small_cnn",
                       batch_size=32, max_steps=3, workers=0, precision=name, progress=False)
     res = train(cfg)
-    assert res.steps == 3 and all(l == l for l in res.losses)  # finite
+    assert res.steps == 3 and all(math.isfinite(x) for x in res.losses)
     assert 0.0 <= res.final_val_acc <= 1.0
     assert res.peak_memory_mb > 0
 
@@ -127,8 +128,8 @@ def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
 
 
 def test_class_balanced_loss_weights(synthetic_dataset, tmp_path):
-    from signscale.shards import Manifest
-    from signscale.train import _class_weights
+    from signscale.data.shards import Manifest
+    from signscale.training.train import _class_weights
 
     cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "cb"), model="small_cnn", batch_size=32,
                       max_steps=2, workers=0, progress=False, class_balance="loss")

@@ -1,14 +1,18 @@
 """signscale: traffic-sign recognition from a laptop to a GPU cluster.
 
-The pipeline, in the order data flows: ``sources`` -> ``pack`` (shards on any ``storage`` URL)
--> ``stream`` (exactly-once loader) -> ``models`` -> ``train`` -> ``evaluate`` / ``reports`` ->
-``registry`` -> ``predict`` / ``serve``; beside them ``detect`` (road scenes) and ``ingest`` /
-``continual`` (the learning loop).
+The package is laid out in wings, in the order data flows (each imports only wings below it):
 
-The public names below are imported lazily, so ``import signscale`` (and ``signscale --help``)
-stays fast. The entry points share their module's name, so they are called through it:
-``from signscale.pack import pack``, ``from signscale.train import train``,
-``from signscale.evaluate import evaluate``.
+    data/        sources -> pack (shards on any storage URL) -> stream (exactly-once loader)
+    training/    train: DDP, precision, checkpoints
+    evaluation/  evaluate and its report; detection/ beside it (road scenes)
+    serving/     Predictor, the service, ONNX export, the model registry
+    continual/   ingest -> retrain -> gate -> promote
+    bench/, demos/, cli/ on top; testing/ (local object-store servers) for tests and benchmarks
+
+with the ground floor (storage, labels, images, config, transforms, kernels, models/) under them all.
+
+The public names below are imported lazily, so ``import signscale`` (and ``signscale --help``) stays
+fast: ``from signscale import pack, train, evaluate, open_stream, Predictor``.
 """
 
 from __future__ import annotations
@@ -20,23 +24,28 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "LabelSpace": "signscale.labels",
-    "open_source": "signscale.sources",
-    "PackConfig": "signscale.pack",
-    "Manifest": "signscale.shards",
-    "open_stream": "signscale.stream",
-    "ShardStream": "signscale.stream",
-    "StreamConfig": "signscale.stream",
-    "StreamLoader": "signscale.stream",
+    "open_source": "signscale.data.sources",
+    "pack": "signscale.data.pack",
+    "PackConfig": "signscale.data.pack",
+    "Manifest": "signscale.data.shards",
+    "open_stream": "signscale.data.stream",
+    "ShardStream": "signscale.data.stream",
+    "StreamConfig": "signscale.data.stream",
+    "StreamLoader": "signscale.data.stream",
     "create_model": "signscale.models",
-    "TrainConfig": "signscale.train",
-    "EvalConfig": "signscale.evaluate",
-    "compare": "signscale.evaluate",
-    "TransferConfig": "signscale.transfer",
-    "Registry": "signscale.registry",
-    "IngestConfig": "signscale.ingest",
-    "ContinualConfig": "signscale.continual",
-    "Predictor": "signscale.predict",
-    "ServeConfig": "signscale.serve",
+    "train": "signscale.training.train",
+    "TrainConfig": "signscale.training.train",
+    "evaluate": "signscale.evaluation.evaluate",
+    "EvalConfig": "signscale.evaluation.evaluate",
+    "compare": "signscale.evaluation.evaluate",
+    "TransferConfig": "signscale.evaluation.transfer",
+    "load_pipeline": "signscale.detection.detect",
+    "Registry": "signscale.serving.registry",
+    "Predictor": "signscale.serving.predict",
+    "ServeConfig": "signscale.serving.serve",
+    "IngestConfig": "signscale.continual.ingest",
+    "ContinualConfig": "signscale.continual.loop",
+    "run_cycle": "signscale.continual.loop",
 }
 
 __all__ = ["__version__", *_PUBLIC]

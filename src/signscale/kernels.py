@@ -10,7 +10,7 @@ occasional blur, occluder or weather condition, and rounds into the 8-bit output
 33k samples per CPU-second, side by side in ``signscale bench io``). :class:`signscale.transforms.BatchAugment`
 uses it on the CPU when numba is importable, and keeps its torch path for GPUs and as the
 reference ``tests/test_kernels.py`` holds the kernel to. :func:`permute` is the compiled twin of
-:func:`signscale.permutation.permute`.
+:func:`signscale.data.permutation.permute`.
 
 The per-image loops run over the whole image (a loop per 32-pixel row costs three times as much:
 its set-up is paid per row) and are compiled per image size, so LLVM sees constant trip counts.
@@ -311,7 +311,7 @@ def _erase(x, q, cols, H, W):  # pragma: no cover
 
 
 def permute(x: np.ndarray, n: int, seeds: np.ndarray, bits: int, rounds: int) -> np.ndarray:
-    """:func:`signscale.permutation.permute` compiled: the same bijection, one element at a time (the
+    """:func:`signscale.data.permutation.permute` compiled: the same bijection, one element at a time (the
     vectorised numpy original pays ~40 array ops per call, a quarter of a millisecond per batch)."""
     out = np.empty(x.shape, np.uint64)
     _feistel(np.ascontiguousarray(x, np.uint64).reshape(-1), np.uint64(n),

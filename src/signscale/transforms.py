@@ -721,14 +721,6 @@ def _warp(x: Tensor, m: Tensor, padding: str, *, projective: bool, grid: Tensor 
 # Occasional effects: each takes the [k, C, H, W] subset that drew it and its rows of draws
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
-    """Separable Gaussian blur with a per-sample sigma, reflecting at the borders."""
-    h, w = x.shape[-2:]
-    radius = max(1, math.ceil(2.5 * sigma_max))
-    rows = _blur_matrix(sigma, h, radius)
-    return _separable(x, rows, rows if w == h else _blur_matrix(sigma, w, radius))
-
-
 def _separable(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """Filter each [k, C, H, W] image by its [k, H, H] matrix along columns and [k, W, W] along rows.
 

@@ -8,8 +8,9 @@ Evaluates the model on each DATA with the EvalConfig overrides after ``--`` (``o
 import json
 import sys
 
-from signscale import config, distributed
-from signscale.evaluate import EvalConfig, evaluate
+from signscale import config
+from signscale.evaluation.evaluate import EvalConfig, evaluate
+from signscale.training import distributed
 
 
 def main() -> None:

@@ -2,15 +2,17 @@
 
 usage: multinode_train.py LOGDIR KILL_RANK KILL_STEP key=value...
 
-Trains with ``signscale.train.train`` and appends one JSON line per optimizer step to
+Trains with ``signscale.training.train.train`` and appends one JSON line per optimizer step to
 ``LOGDIR/rank-R.jsonl``: the attempt (0, or 1 after the restart), the step and the ids of the
-samples in that step's batch (read from the batch's ``meta`` matrix as the loader yields it). Lines are flushed and fsynced before the step returns, so a step that completed is on disk even
+samples in that step's batch (read from the batch's ``meta`` matrix as the loader yields it). Lines are flushed and
+fsynced before the step returns, so a step that completed is on disk even
 if the process is SIGKILLed right after.
 
 Once (a marker file in LOGDIR remembers it), rank ``KILL_RANK`` SIGKILLs itself after step
 ``KILL_STEP`` (-1: never). ``TORCHELASTIC_RESTART_COUNT`` is not used for that: it counts the
 restarts of *this node's* agent, and the agent whose worker did not fail restarts its workers
-without counting one. At the end each rank writes ``LOGDIR/final-R.json`` with a sha256 of its parameters, so the test can check every rank holds the same weights.
+without counting one. At the end each rank writes ``LOGDIR/final-R.json`` with a sha256 of its parameters, so the test
+can check every rank holds the same weights.
 """
 
 import hashlib
@@ -21,9 +23,10 @@ import sys
 
 import torch
 
-import signscale.stream as stream_mod
-from signscale import config, distributed
-from signscale.train import TrainConfig, train
+import signscale.data.stream as stream_mod
+from signscale import config
+from signscale.training import distributed
+from signscale.training.train import TrainConfig, train
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import sys
 
 import torch.distributed as dist
 
-from signscale import distributed
-from signscale.stream import open_stream
+from signscale.data.stream import open_stream
+from signscale.training import distributed
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from signscale import checkpoint, config, distributed
-from signscale.train import TrainConfig, train
+from signscale import config
+from signscale.training import checkpoint, distributed
+from signscale.training.train import TrainConfig, train
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def _debug(argv: list[str]) -> tuple[bool, list[str]]:
 def _say_error(exc: BaseException, *, hint: str = "") -> None:
     text = str(exc) or type(exc).__name__
     if text.startswith("Caught "):  # from a DataLoader worker: its own message, not torch's traceback
-        from signscale.stream import worker_message
+        from signscale.data.stream import worker_message
 
         text = worker_message(exc)
     # one unbroken line (a path or a command in it stays copyable), the text as written (no markup)

@@ -8,16 +8,25 @@ from signscale.cli._registry import Registry
 
 
 def _io(args: argparse.Namespace) -> int:
-    from signscale.bench import BenchIOConfig, bench_io, parse_workers
+    from signscale.bench.io import BenchIOConfig, bench_io, parse_workers
 
-    bench_io(BenchIOConfig(source=args.source, size=args.size, workers=parse_workers(args.workers),
-                           limit=args.limit, no_s3=args.no_s3, stores=tuple(args.stores.split(",")), batch_size=args.batch_size,
-                           workdir=args.workdir or ""))
+    bench_io(
+        BenchIOConfig(
+            source=args.source,
+            size=args.size,
+            workers=parse_workers(args.workers),
+            limit=args.limit,
+            no_s3=args.no_s3,
+            stores=tuple(args.stores.split(",")),
+            batch_size=args.batch_size,
+            workdir=args.workdir or "",
+        )
+    )
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from signscale.bench import BenchTrainConfig, bench_train
+    from signscale.bench.io import BenchTrainConfig, bench_train
 
     bench_train(BenchTrainConfig(data=args.data or "", models=tuple(args.models.split(",")),
                                  precisions=tuple(args.precisions.split(",")), steps=args.steps,
@@ -26,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from signscale.bench import BenchSyntheticConfig, bench_synthetic
+    from signscale.bench.io import BenchSyntheticConfig, bench_synthetic
 
     bench_synthetic(BenchSyntheticConfig(n=args.n, size=args.size))
     return 0

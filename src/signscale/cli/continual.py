@@ -17,11 +17,11 @@ def _say(text: str) -> None:
 
 def errors() -> tuple[type[BaseException], ...]:
     from signscale.config import ConfigError
-    from signscale.continual import ContinualError
-    from signscale.datasets import DatasetVersionError
-    from signscale.ingest import IngestError
-    from signscale.registry import RegistryError
-    from signscale.shards import ShardError
+    from signscale.continual.ingest import IngestError
+    from signscale.continual.loop import ContinualError
+    from signscale.data.datasets import DatasetVersionError
+    from signscale.data.shards import ShardError
+    from signscale.serving.registry import RegistryError
     from signscale.storage import StorageError
 
     return (ConfigError, ContinualError, DatasetVersionError, IngestError, RegistryError, ShardError, StorageError)
@@ -32,7 +32,7 @@ def errors() -> tuple[type[BaseException], ...]:
 
 
 def _registry_list(args: argparse.Namespace) -> int:
-    from signscale.registry import Registry as ModelRegistry
+    from signscale.serving.registry import Registry as ModelRegistry
 
     reg = ModelRegistry(args.url)
     aliases = {a: reg.alias(a) for a in reg.aliases()}
@@ -56,8 +56,8 @@ def _registry_list(args: argparse.Namespace) -> int:
 
 
 def _registry_show(args: argparse.Namespace) -> int:
-    from signscale.registry import Registry as ModelRegistry
-    from signscale.registry import describe_event
+    from signscale.serving.registry import Registry as ModelRegistry
+    from signscale.serving.registry import describe_event
 
     reg = ModelRegistry(args.url)
     if args.version:
@@ -83,8 +83,8 @@ def _registry_show(args: argparse.Namespace) -> int:
 
 
 def _registry_promote(args: argparse.Namespace) -> int:
-    from signscale.registry import CURRENT
-    from signscale.registry import Registry as ModelRegistry
+    from signscale.serving.registry import CURRENT
+    from signscale.serving.registry import Registry as ModelRegistry
 
     reg = ModelRegistry(args.url)
     expect = CURRENT if args.expect is None else (None if args.expect == "none" else args.expect)
@@ -94,7 +94,7 @@ def _registry_promote(args: argparse.Namespace) -> int:
 
 
 def _registry_rollback(args: argparse.Namespace) -> int:
-    from signscale.registry import Registry as ModelRegistry
+    from signscale.serving.registry import Registry as ModelRegistry
 
     a = ModelRegistry(args.url).rollback(reason=args.reason or "manual rollback")
     console.print(f"production rolled back to {a.version}")
@@ -102,7 +102,7 @@ def _registry_rollback(args: argparse.Namespace) -> int:
 
 
 def _registry_register(args: argparse.Namespace) -> int:
-    from signscale.registry import Registry as ModelRegistry
+    from signscale.serving.registry import Registry as ModelRegistry
 
     v = ModelRegistry(args.url).register(args.model, parent=args.parent, note=args.note or "")
     console.print(f"registered {args.model} as {v.id}")
@@ -114,7 +114,7 @@ def _registry_register(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from signscale.ingest import IngestConfig, ingest
+    from signscale.continual.ingest import IngestConfig, ingest
 
     cfg = IngestConfig(inbox=args.inbox, dataset=args.dataset, max_objects=args.max_objects, chunk=args.chunk,
                        protected=tuple(args.protected or ()), publish=not args.stage_only, model=args.model or "",
@@ -127,7 +127,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _import_labels(args: argparse.Namespace) -> int:
-    from signscale.ingest import import_labels
+    from signscale.continual.ingest import import_labels
 
     n = import_labels(args.queue, args.inbox)
     console.print(f"{n} labelled image(s) re-imported into {args.inbox}/relabelled/ (the next ingest picks them up)")
@@ -135,7 +135,7 @@ def _import_labels(args: argparse.Namespace) -> int:
 
 
 def _data_versions(args: argparse.Namespace) -> int:
-    from signscale import datasets
+    from signscale.data import datasets
 
     vs = datasets.versions(args.url)
     head = vs[-1].version
@@ -163,13 +163,13 @@ def _data_versions(args: argparse.Namespace) -> int:
 
 def _load_cfg(args: argparse.Namespace) -> object:
     from signscale import config as config_mod
-    from signscale.continual import ContinualConfig
+    from signscale.continual.loop import ContinualConfig
 
     return config_mod.load(ContinualConfig, args.config, config_args(args))
 
 
 def _continual_run(args: argparse.Namespace) -> int:
-    from signscale.continual import run_cycle
+    from signscale.continual.loop import run_cycle
 
     r = run_cycle(_load_cfg(args), log=_say)  # type: ignore[arg-type]
     _say(r.summary())
@@ -177,7 +177,7 @@ def _continual_run(args: argparse.Namespace) -> int:
 
 
 def _continual_watch(args: argparse.Namespace) -> int:
-    from signscale.continual import watch
+    from signscale.continual.loop import watch
 
     watch(_load_cfg(args), max_cycles=args.max_cycles, log=_say)  # type: ignore[arg-type]
     return 0
@@ -185,14 +185,16 @@ def _continual_watch(args: argparse.Namespace) -> int:
 
 def _continual_demo(args: argparse.Namespace) -> int:
     from signscale import config as config_mod
-    from signscale.continual import SYNTHETIC_PRESET, DemoConfig, run_demo
+    from signscale.demos.continual import SYNTHETIC_PRESET, DemoConfig, run_demo
 
     items = config_args(args)
     gtsrb = any(i.startswith("gtsrb=") and i != "gtsrb=" for i in items)
     cfg = config_mod.load(DemoConfig, None, items, base={} if gtsrb else dict(SYNTHETIC_PRESET))
     r = run_demo(cfg, log=_say)
     _say(r.summary())
-    console.print(f"inspect: signscale registry show {cfg.out}/registry -v ; signscale data versions {cfg.out}/data/signs")
+    console.print(
+        f"inspect: signscale registry show {cfg.out}/registry -v ; signscale data versions {cfg.out}/data/signs"
+    )
     return 0
 
 
@@ -248,8 +250,10 @@ def register(r: Registry) -> None:
         x.add_argument("config", help="YAML with registry, dataset, inbox, golden, slices, ... (docs/continual.md)")
         if name == "watch":
             x.add_argument("--max-cycles", type=int, default=0, help="stop after this many cycles (0: run forever)")
-        add_config(x, "signscale.continual:ContinualConfig",
+        add_config(x, "signscale.continual.loop:ContinualConfig",
                    rest_help="key=value overrides, e.g. steps=400 gate.min_improvement=0.05 (or --steps 400)")
     x = r.add("demo", _continual_demo, "the scenario: snow upload promoted, poison and backdoor rejected, rollback",
               parent="continual")
-    add_config(x, "signscale.continual:DemoConfig", rest_help="DemoConfig key=value, e.g. epochs=6 steps=300 s3=false")
+    add_config(
+        x, "signscale.demos.continual:DemoConfig", rest_help="DemoConfig key=value, e.g. epochs=6 steps=300 s3=false"
+    )

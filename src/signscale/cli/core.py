@@ -11,14 +11,14 @@ from signscale.cli._registry import Registry, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
-    from signscale.checkpoint import CheckpointError
     from signscale.config import ConfigError
-    from signscale.evaluate import CompareError, EvalError
+    from signscale.data.shards import ShardError
+    from signscale.data.sources import SourceError
+    from signscale.evaluation.evaluate import CompareError, EvalError
     from signscale.labels import LabelError
-    from signscale.shards import ShardError
-    from signscale.sources import SourceError
     from signscale.storage import StorageError
-    from signscale.train import TrainError
+    from signscale.training.checkpoint import CheckpointError
+    from signscale.training.train import TrainError
 
     return (ConfigError, SourceError, ShardError, LabelError, StorageError, CheckpointError, EvalError,
             CompareError, TrainError)
@@ -35,7 +35,7 @@ def _sources(args: argparse.Namespace) -> int:
     import inspect
 
     from signscale.config import ConfigError, closest
-    from signscale.sources import SOURCES
+    from signscale.data.sources import SOURCES
 
     kinds = list(SOURCES)
     if args.kind:
@@ -65,14 +65,14 @@ def _sources(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from signscale.show import show
+    from signscale.data.show import show
 
     s = show(args.source, out=args.out or "", per_class=args.per_class)
     table = Table(title=f"{args.source}: {s.unit} per class")
     table.add_column("id", justify="right")
     table.add_column("key")
     table.add_column(s.unit, justify="right")
-    from signscale.sources import open_source
+    from signscale.data.sources import open_source
 
     space = open_source(args.source).label_space
     for i, n in enumerate(s.per_class):
@@ -85,10 +85,10 @@ def _show(args: argparse.Namespace) -> int:
 
 def _pack(args: argparse.Namespace) -> int:
     from signscale import config
-    from signscale.pack import PackConfig, pack
+    from signscale.data.pack import PackConfig, pack
 
     cfg = config.load(PackConfig, args.config, config_args(args), base={"source": args.source, "out": args.out})
-    from signscale import distributed
+    from signscale.training import distributed
 
     distributed.init()
     result = pack(cfg)
@@ -114,7 +114,7 @@ def _plain(value: object) -> str:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from signscale import shards, show
+    from signscale.data import shards, show
 
     if args.data_cmd == "info":
         info = show.dataset_info(args.url, histogram=args.histogram or "")
@@ -179,13 +179,13 @@ def check_model(name: str, option: str = "--model") -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from signscale import config
-    from signscale.train import TrainConfig, train
+    from signscale.training.train import TrainConfig, train
 
     path, overrides = yaml_and_overrides(args)
     cfg = config.load(TrainConfig, path, overrides)
     check_model(cfg.model)
     result = train(cfg)
-    from signscale import distributed
+    from signscale.training import distributed
 
     if distributed.rank() == 0:
         console.print(result.summary(), markup=False)
@@ -194,12 +194,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from signscale import config, distributed
-    from signscale.evaluate import EvalConfig, evaluate
-    from signscale.sources.scenes import is_scene_dataset, is_scene_spec
+    from signscale import config
+    from signscale.data.sources.scenes import is_scene_dataset, is_scene_spec
+    from signscale.evaluation.evaluate import EvalConfig, evaluate
+    from signscale.training import distributed
 
     if is_scene_dataset(args.data) or is_scene_spec(args.data):  # a detector on road scenes
-        from signscale.detect_eval import SceneEvalConfig, evaluate_scenes
+        from signscale.detection.evaluate import SceneEvalConfig, evaluate_scenes
 
         out = next((i.split("=", 1)[1] for i in reversed(config_args(args)) if i.startswith("out=")), "")
         rep = evaluate_scenes(SceneEvalConfig(detector=args.model, data=args.data, classifier=args.classifier or "",
@@ -220,7 +221,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from signscale.evaluate import compare
+    from signscale.evaluation.evaluate import compare
 
     c = compare(args.a, args.b, tolerance=args.tolerance, require_same_data=not args.any_data)
     console.print("\n".join(c.lines(verbose=args.verbose)))
@@ -229,7 +230,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from signscale import config
-    from signscale.demo import DemoConfig, run_demo
+    from signscale.demos.first_run import DemoConfig, run_demo
 
     cfg = config.load(DemoConfig, None, config_args(args))
     check_model(cfg.model)
@@ -256,7 +257,7 @@ def register(r: Registry) -> None:
     s.add_argument("source", help="KIND:LOCATION?options, see `signscale sources`")
     s.add_argument("out", help="dataset folder: local path, s3://, gs://, az://")
     s.add_argument("--config", help="YAML file with PackConfig keys")
-    add_config(s, "signscale.pack:PackConfig", skip=("source", "out"))
+    add_config(s, "signscale.data.pack:PackConfig", skip=("source", "out"))
 
     x = r.add("info", _data, "summary of a dataset", parent="data")
     x.add_argument("url")
@@ -273,15 +274,21 @@ def register(r: Registry) -> None:
               description="signscale train [CONFIG.yaml] [--key value | --key=value | key=value ...]\n"
                           "e.g. signscale train --data runs/gtsrb/train --val runs/gtsrb/val --model msnet "
                           "--epochs 10 --precision bf16 --augment.flip 0.5 --country-weights.cn 4")
-    add_config(s, "signscale.train:TrainConfig", yaml_first=True, rest_help="an optional YAML file of TrainConfig keys first, then key=value "
-                                         "overrides (the same as --key value)")
+    add_config(
+        s,
+        "signscale.training.train:TrainConfig",
+        yaml_first=True,
+        rest_help="an optional YAML file of TrainConfig keys first, then key=value overrides (the same as --key value)",
+    )
 
     s = r.add("evaluate", _evaluate, "score a model on a dataset or source; HTML report, metrics.json")
     s.add_argument("model", help="model artefact folder (local or any storage URL)")
     s.add_argument("data", help="packed dataset URL or a source, e.g. gtsrb-test:GTSRB_Final_Test_Images.zip")
     s.add_argument("--classifier", help="scene datasets: classifier model for the end-to-end (fine class) score")
     s.add_argument("--config", help="YAML with EvalConfig keys")
-    add_config(s, "signscale.evaluate:EvalConfig", skip=("model", "data"), aliases={"severities": ["--severity"]})
+    add_config(
+        s, "signscale.evaluation.evaluate:EvalConfig", skip=("model", "data"), aliases={"severities": ["--severity"]}
+    )
 
     s = r.add("compare", _compare, "differences between two reports; exit 1 when B is worse than A")
     s.add_argument("a", help="report folder or metrics.json of the reference")
@@ -291,4 +298,4 @@ def register(r: Registry) -> None:
     s.add_argument("-v", "--verbose", action="store_true")
 
     s = r.add("demo", _demo, "the main job on the built-in synthetic data, end to end")
-    add_config(s, "signscale.demo:DemoConfig")
+    add_config(s, "signscale.demos.first_run:DemoConfig")

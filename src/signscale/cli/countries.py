@@ -46,7 +46,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    from signscale.transfer import TransferConfig, transfer_matrix
+    from signscale.evaluation.transfer import TransferConfig, transfer_matrix
 
     res = transfer_matrix(TransferConfig(models=_pairs(args.model, "model"), data=_pairs(args.data, "data"),
                                          out=args.out or "", workers=args.workers))
@@ -64,7 +64,9 @@ def register(r: Registry) -> None:
                    help="let classes whose meaning is marked uncertain merge with other countries' classes")
     p.add_argument("--json", action="store_true", help="the mapping as JSON")
 
-    p = r.add("transfer", _transfer, "transfer matrix: every model scored on every country's data, over shared meanings")
+    p = r.add(
+        "transfer", _transfer, "transfer matrix: every model scored on every country's data, over shared meanings"
+    )
     p.add_argument("--model", action="append", default=[], required=True, help="NAME=MODEL_URL (repeat)")
     p.add_argument("--data", action="append", default=[], required=True, help="NAME=DATASET_URL_OR_SOURCE (repeat)")
     p.add_argument("--out", help="folder for transfer.json, transfer.md, transfer.png")

@@ -8,22 +8,22 @@ from signscale.cli._registry import Registry, add_config, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
-    from signscale.checkpoint import CheckpointError
     from signscale.config import ConfigError
-    from signscale.detect_eval import SceneEvalError
-    from signscale.detector import DetectorError
+    from signscale.data.shards import ShardError
+    from signscale.data.sources import SourceError
+    from signscale.detection.detector import DetectorError
+    from signscale.detection.evaluate import SceneEvalError
+    from signscale.detection.train import DetTrainError
     from signscale.images import ImageError
-    from signscale.shards import ShardError
-    from signscale.sources import SourceError
     from signscale.storage import StorageError
-    from signscale.train_detector import DetTrainError
+    from signscale.training.checkpoint import CheckpointError
 
     return (ConfigError, SourceError, ShardError, StorageError, CheckpointError, DetectorError, DetTrainError,
             SceneEvalError, ImageError)
 
 
 def _pack_scenes(args: argparse.Namespace) -> int:
-    from signscale.sources.scenes import ScenePackConfig, pack_scenes
+    from signscale.data.sources.scenes import ScenePackConfig, pack_scenes
 
     result = pack_scenes(ScenePackConfig(source=args.source, out=args.out, shard_mb=args.shard_mb,
                                          image_format=args.format))
@@ -32,9 +32,10 @@ def _pack_scenes(args: argparse.Namespace) -> int:
 
 
 def _train_detector(args: argparse.Namespace) -> int:
-    from signscale import config, distributed
+    from signscale import config
     from signscale.cli.core import yaml_and_overrides
-    from signscale.train_detector import DetTrainConfig, train_detector
+    from signscale.detection.train import DetTrainConfig, train_detector
+    from signscale.training import distributed
 
     path, overrides = yaml_and_overrides(args)
     cfg = config.load(DetTrainConfig, path, overrides)
@@ -49,7 +50,7 @@ def _classifier_for(detector: str, given: str) -> str:
     """The classifier to name signs with: the one given, else the one the detector's backbone came from."""
     if given:
         return given
-    from signscale import checkpoint
+    from signscale.training import checkpoint
 
     _, meta = checkpoint.load_model_artefact(detector)
     backbone = (meta.get("train_config") or {}).get("backbone", "")
@@ -61,7 +62,7 @@ def _classifier_for(detector: str, given: str) -> str:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from signscale.detect import detect_files, load_pipeline
+    from signscale.detection.detect import detect_files, load_pipeline
 
     if args.threads:
         import torch
@@ -72,12 +73,14 @@ def _detect(args: argparse.Namespace) -> int:
     rows = detect_files(pipe, args.images, args.out)
     for r in rows:
         console.print(f"{r['image']}: {r['signs']} sign(s) -> {r['json']}")
-    console.print(f"{len(rows)} image(s), {sum(r['signs'] for r in rows)} sign(s); annotated images and JSON in {args.out}")
+    console.print(
+        f"{len(rows)} image(s), {sum(r['signs'] for r in rows)} sign(s); annotated images and JSON in {args.out}"
+    )
     return 0
 
 
 def _evaluate_scenes(args: argparse.Namespace) -> int:
-    from signscale.detect_eval import SceneEvalConfig, evaluate_scenes
+    from signscale.detection.evaluate import SceneEvalConfig, evaluate_scenes
 
     clf = "" if args.no_classifier else _classifier_for(args.model, args.classifier)
     report = evaluate_scenes(SceneEvalConfig(detector=args.model, data=args.data, classifier=clf, out=args.out or "",
@@ -102,7 +105,7 @@ def register(r: Registry) -> None:
               description="signscale train-detector [CONFIG.yaml] [--key value | --key=value | key=value ...]\n"
                           "e.g. signscale train-detector --data data/scenes-train --backbone runs/gtsrb/model "
                           "--max-steps 170 --tile 224,160 --precision bf16 --resume auto")
-    add_config(s, "signscale.train_detector:DetTrainConfig", yaml_first=True,
+    add_config(s, "signscale.detection.train:DetTrainConfig", yaml_first=True,
                rest_help="an optional YAML file of DetTrainConfig keys first, then key=value overrides")
 
     s = r.add("detect", _detect, "find and name every sign in images: annotated PNGs + one JSON per image")

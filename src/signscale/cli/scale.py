@@ -8,7 +8,7 @@ from signscale.cli._registry import Registry, console
 
 
 def _bench_scale(args: argparse.Namespace) -> int:
-    from signscale.scale import BenchScaleConfig, bench_scale, parse_sizes
+    from signscale.bench.scale import BenchScaleConfig, bench_scale, parse_sizes
 
     bench_scale(BenchScaleConfig(sizes=parse_sizes(args.sizes), image_size=args.size, workers=args.workers,
                                  batch_size=args.batch_size, shard_mb=args.shard_mb, pack_workers=args.pack_workers,
@@ -19,8 +19,8 @@ def _bench_scale(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from signscale.capacity import CheckConfig, PlanConfig, check, load_rates, plan, plan_rows
-    from signscale.scale import parse_count
+    from signscale.bench.capacity import CheckConfig, PlanConfig, check, load_rates, plan, plan_rows
+    from signscale.bench.scale import parse_count
 
     if args.check:
         rows = check(CheckConfig(images=parse_count(args.check_images, name="check-images"),

@@ -9,20 +9,21 @@ from signscale.cli._registry import Registry, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
-    from signscale.checkpoint import CheckpointError
     from signscale.config import ConfigError
-    from signscale.export import ExportError
-    from signscale.predict import PredictError
-    from signscale.serve import ServeError
+    from signscale.serving.export import ExportError
+    from signscale.serving.predict import PredictError
+    from signscale.serving.runtime import BackendError
+    from signscale.serving.serve import ServeError
+    from signscale.training.checkpoint import CheckpointError
 
-    return (CheckpointError, ConfigError, ExportError, PredictError, ServeError)
+    return (BackendError, CheckpointError, ConfigError, ExportError, PredictError, ServeError)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from signscale import config
-    from signscale.predict import PredictConfig, Predictor, collect_inputs
+    from signscale.serving.predict import PredictConfig, Predictor, collect_inputs
 
     cfg = config.load(PredictConfig, None, config_args(args), base={"model": args.model})
     predictor = Predictor.load(cfg)
@@ -43,14 +44,16 @@ def _predict(args: argparse.Namespace) -> int:
             tops = ", ".join(f"{t['key']} {100 * t['probability']:.1f}%" for t in r["top_k"])
             console.print(f"{escape(r['input'])}: {tops}")
     if not args.json:
-        console.print(f"{len(results) - failed} of {len(results)} image(s) classified with model "
-                      f"{predictor.version} ({predictor.backend})" + (f"; {failed} could not be read" if failed else ""))
+        console.print(
+            f"{len(results) - failed} of {len(results)} image(s) classified with model "
+            f"{predictor.version} ({predictor.backend})" + (f"; {failed} could not be read" if failed else "")
+        )
     return 0 if len(results) > failed else 1  # 1: nothing usable came out (no image could be classified)
 
 
 def _scenes(predictor, inputs: list[str]) -> list[dict]:
     from signscale import images, storage
-    from signscale.serve import _plain
+    from signscale.serving.serve import _plain
 
     out = []
     for url in inputs:
@@ -67,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from signscale import config
-    from signscale.serve import ServeConfig, serve
+    from signscale.serving.serve import ServeConfig, serve
 
     cfg = config.load(ServeConfig, args.config, config_args(args), base={"model": args.model})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -77,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from signscale.export import ExportConfig, export
+    from signscale.serving.export import ExportConfig, export
 
     result = export(ExportConfig(model=args.model, out=args.out or "", format=args.format, opset=args.opset,
                                  exporter=args.exporter, samples=args.samples, tolerance=args.tolerance))
@@ -86,11 +89,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from signscale.serve_bench import BenchServeConfig, bench_serve
+    from signscale.bench.serve import BenchServeConfig, bench_serve
 
     bench_serve(BenchServeConfig(model=args.model or "", concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                                  seconds=args.seconds, rows=tuple(args.rows.split(",")), threads=args.threads,
-                                 reference_threads=args.reference_threads, rounds=args.rounds))
+                                 reference_threads=args.reference_threads, rounds=args.rounds), console=console)
     return 0
 
 
@@ -99,12 +102,14 @@ def register(r: Registry) -> None:
     p.add_argument("model", help="model folder, ONNX export folder, or REGISTRY_URL@ALIAS")
     p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files, folders, globs or URLs")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    add_config(p, "signscale.predict:PredictConfig", skip=("model",), rest=False)
+    add_config(p, "signscale.serving.predict:PredictConfig", skip=("model",), rest=False)
 
     p = r.add("serve", _serve, help="HTTP service and a page to try the model (FastAPI + uvicorn)")
     p.add_argument("model", help="model folder, ONNX export folder, or REGISTRY_URL@ALIAS (reloaded when it moves)")
     p.add_argument("--config", help="YAML file with ServeConfig keys")
-    add_config(p, "signscale.serve:ServeConfig", skip=("model",), aliases={"reload_interval_s": ["--reload-interval"]})
+    add_config(
+        p, "signscale.serving.serve:ServeConfig", skip=("model",), aliases={"reload_interval_s": ["--reload-interval"]}
+    )
 
     p = r.add("export", _export, help="export a model to ONNX and check parity with PyTorch")
     p.add_argument("model", help="model artefact folder")

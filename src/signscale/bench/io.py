@@ -1,0 +1,1075 @@
+"""Benchmark commands: side-by-side figures and ratios from one run (DESIGN.md, habit 12).
+
+``signscale bench io`` answers "what do shards buy us, and what does the loader cost?" on one source,
+in one process tree, with every row measured the same way:
+
+* **pack**: images/s of ``pack()`` for the ``raw`` and ``encoded`` encodings (local, and to S3);
+* **read**: samples/s of uint8 NHWC batches at ``--size`` through a torch DataLoader, for
+  - *plain files*: one file (one GET on S3) per sample, decoded and resized per sample by a
+    map-style Dataset: what people do without shards;
+  - *raw shards* and *encoded shards* read directly: ``ShardReader.records`` (and ``blobs``) over
+    consecutive blocks of ``batch_size`` records, no epoch plan;
+  - the *signscale loader* (``StreamLoader`` over the raw dataset), shuffled as in training and
+    in order, so its own overhead and the cost of the shuffle can be told apart; each also with
+    the shards' block sums unchecked (``StreamConfig.check_sums=False``), so the cost of
+    integrity on read is a ratio of two rows of one run;
+  - *litdata*, as a reference, when it is installed;
+* **augment**: samples/s of training inputs (normalised float32 NCHW, augmented) from the raw
+  shards, two ways: *per sample* -- a map-style Dataset applying torchvision v2 random affine, colour
+  jitter and the flip rules to one image at a time, collated by the DataLoader (what a torchvision
+  recipe does) -- and *per batch* -- the signscale loader slicing records with numpy and running
+  :class:`~signscale.transforms.BatchAugment` on each whole batch inside the workers, which hand
+  8-bit pixels to the main process where :func:`~signscale.transforms.to_input` normalises them
+  (what ``signscale train`` does on a CPU host). Besides wall-clock rates, these rows print samples
+  per CPU-second, of this process and of the workers (once joined), which do not depend on the load.
+  The batch path does strictly more work (it adds perspective, blur, weather and occluders), so the
+  ratio understates its advantage.
+
+Each read row is one epoch or ``max_seconds`` of it, whichever ends first; samples/s is over what was
+read, counted from the moment the iterator is created (worker start-up included, as an epoch pays
+it). Local rows run after one warm-up pass over every file, so they measure a warm page cache; the
+S3 server (moto, in its own process) keeps objects in memory. Storage requests are counted by
+wrapping :func:`signscale.storage.read_bytes` for the duration of the S3 rows (DataLoader workers are
+forked, so they inherit the wrapper and share the counters).
+
+``signscale bench synthetic`` renders synthetic signs on one core and prints signs/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from signscale import images, storage
+from signscale.config import ConfigError
+
+# Row names (``Row.what``); ratios look rows up by them.
+PLAIN = "plain files"
+RAW = "raw shards"
+ENCODED = "encoded shards"
+LOADER = "loader (shuffled)"
+LOADER_SEQ = "loader (in order)"
+LOADER_CACHED = "loader (shard cache)"
+LOADER_UNCHECKED = "loader (shuffled, block sums off)"
+LOADER_SEQ_UNCHECKED = "loader (in order, block sums off)"
+LOADER_AGAIN = "loader (shuffled, 2nd epoch)"
+LOADER_AGAIN_UNCHECKED = "loader (shuffled, 2nd epoch, block sums off)"
+LITDATA = "litdata"
+AUG_SAMPLE = "augment per sample (torchvision v2)"
+AUG_BATCH = "augment per batch (BatchAugment)"
+AUG_TORCH = "augment per batch (torch ops)"
+PACK_RAW = "pack raw"
+PACK_ENCODED = "pack encoded"
+PACK_LITDATA = "litdata optimize"
+WRITE_PLAIN = "write plain files"
+UPLOAD_PLAIN = "upload plain files"
+LOCAL, S3, GCS, AZURE = "local", "S3", "GCS", "Azure"
+STORES = {"s3": S3, "gcs": GCS, "azure": AZURE}  # --stores name -> the "where" column
+
+BUCKET = "bench"
+
+
+@dataclass(frozen=True)
+class BenchIOConfig:
+    """What ``signscale bench io`` measures, on what."""
+
+    source: str = "synthetic:?n=20000&size=32"
+    size: int = 32  # images are decoded (and resized) to size x size x 3
+    workers: tuple[int, ...] = (0, 2)  # DataLoader worker counts to try
+    limit: int = 0  # use only the first N samples of the source (0: all)
+    no_s3: bool = False  # skip every object-store row
+    stores: tuple[str, ...] = ("s3",)  # object stores to measure on local emulators: s3, gcs, azure
+    batch_size: int = 256
+    workdir: str = ""  # where the benchmark data goes (kept); empty: a temp dir, removed afterwards
+    max_seconds: float = 15.0  # time box of one read measurement
+    # moto answers ~200 requests/s, so uploading 39k objects would take minutes; reads are time-boxed
+    # anyway, so the plain-file S3 rows read (and extrapolate from) this many objects. 0: all.
+    s3_plain_objects: int = 1000
+    pack_workers: int = -1  # pack()'s decode processes (-1: one per core)
+    shard_mb: float = 64.0  # pack()'s shard size (its default)
+    litdata: bool = True  # add litdata rows when `import litdata` works
+    augment: bool = True  # add the per-sample vs per-batch augmentation rows
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.size <= 1024:
+            raise ConfigError(f"size: {self.size} is outside 4..1024")
+        unknown = [k for k in self.stores if k not in STORES]
+        if unknown:
+            raise ConfigError(f"stores: unknown store {unknown[0]!r}; expected a comma list of {', '.join(STORES)}")
+        if not self.workers or any(w < 0 for w in self.workers):
+            raise ConfigError(f"workers: expected a comma list of counts >= 0, e.g. 0,2; got {self.workers!r}")
+        if self.limit < 0:
+            raise ConfigError(f"limit: must be >= 0 (0: all samples), got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_seconds <= 0:
+            raise ConfigError(f"max_seconds: must be > 0, got {self.max_seconds}")
+        if self.shard_mb <= 0:
+            raise ConfigError(f"shard_mb: must be > 0, got {self.shard_mb}")
+        if self.s3_plain_objects < 0:
+            raise ConfigError(f"s3_plain_objects: must be >= 0 (0: all), got {self.s3_plain_objects}")
+
+
+@dataclass(frozen=True)
+class BenchSyntheticConfig:
+    """What ``signscale bench synthetic`` renders."""
+
+    n: int = 5000
+    size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"n: must be >= 1, got {self.n}")
+        if not 8 <= self.size <= 1024:
+            raise ConfigError(f"size: {self.size} is outside 8..1024")
+
+
+@dataclass
+class Row:
+    """One measurement. ``samples_per_s`` is None for a skipped row (``note`` says why)."""
+
+    what: str
+    where: str
+    workers: int | None
+    kind: str = "read"  # "read" | "pack" | "setup"
+    samples: int = 0  # samples (or images, files) processed in the measurement
+    seconds: float = 0.0
+    first_batch_s: float | None = None
+    steady_per_s: float | None = None  # samples/s after the first batch (start-up excluded)
+    requests: float | None = None  # storage requests per epoch (extrapolated when ``partial``)
+    bytes: float | None = None  # bytes fetched per epoch (same)
+    partial: bool = False  # the epoch was cut by the time box or a subset: per-epoch counts are estimates
+    note: str = ""
+    skipped: bool = False
+    cpu_per_s: float | None = None  # samples per CPU-second of this process and its workers: load-independent
+
+    @property
+    def samples_per_s(self) -> float | None:
+        if self.skipped or self.seconds <= 0:
+            return None
+        return self.samples / self.seconds
+
+
+@dataclass(frozen=True)
+class Ratio:
+    label: str
+    value: float
+    percent: bool = False  # show as an overhead percentage as well
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: torch datasets for each way of reading
+
+
+class PlainFiles(Dataset):
+    """One file per sample, decoded and resized per sample: the baseline without shards."""
+
+    def __init__(self, paths: list[str], labels: list[int], size: int, *, remote: bool) -> None:
+        self.paths, self.labels, self.size, self.remote = paths, labels, size, remote
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.remote:
+            data = storage.read_bytes(self.paths[i])  # one GET per sample
+        else:
+            with open(self.paths[i], "rb") as f:
+                data = f.read()
+        img = images.resize(images.decode(data), self.size)
+        if not img.flags.writeable:  # PIL's buffer when no resize was needed; torch wants its own
+            img = img.copy()
+        return {"image": torch.from_numpy(img), "label": self.labels[i]}
+
+
+class ShardBlocks(IterableDataset):
+    """Shards read directly: consecutive blocks of records, one ranged read per block, no plan.
+
+    Workers take contiguous runs of blocks. ``encoded`` shards decode and resize each blob.
+    """
+
+    def __init__(self, urls: list[str], counts: list[int], block: int, size: int) -> None:
+        super().__init__()
+        self.urls, self.counts, self.block, self.size = urls, counts, block, size
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        return [(s, lo, min(lo + self.block, n)) for s, n in enumerate(self.counts) for lo in range(0, n, self.block)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from signscale.data.shards import ShardReader
+
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        blocks = self.blocks()
+        q, rem = divmod(len(blocks), nw)
+        lo = w * q + min(w, rem)
+        readers: dict[int, ShardReader] = {}
+        for s, a, b in blocks[lo:lo + q + (1 if w < rem else 0)]:
+            r = readers.get(s)
+            if r is None:
+                r = readers[s] = ShardReader(self.urls[s])
+            recs = r.records(a, b)
+            if r.encoding == "raw":
+                img = np.ascontiguousarray(recs["image"])
+                if img.shape[1] != self.size:
+                    img = np.stack([images.resize(im, self.size) for im in img])
+            else:
+                img = np.stack([images.resize(images.decode(blob), self.size) for blob in r.blobs(a, b)])
+            yield {"image": torch.from_numpy(img), "label": torch.from_numpy(recs["label"].astype(np.int64))}
+
+
+class PerSampleAugment(Dataset):
+    """Raw-shard records augmented one at a time with torchvision v2, as a torchvision recipe would.
+
+    Random affine (the same rotation, shift and zoom ranges as :class:`AugmentConfig`), colour
+    jitter, a horizontal flip that obeys the label space's flip rules, then float conversion and
+    normalisation; the DataLoader collates the per-sample tensors into a batch.
+    """
+
+    def __init__(self, url: str, size: int) -> None:
+        from signscale.data.shards import Manifest
+        from signscale.transforms import AugmentConfig, Preprocess
+
+        m = Manifest.load(url)
+        self.urls = [m.shard_url(i) for i in range(len(m.shards))]
+        self.starts = np.concatenate([[0], np.cumsum([s.count for s in m.shards])])
+        self.flip_map = m.label_space.flip_map()
+        self.aug, self.pre, self.size = AugmentConfig(), Preprocess(size=size), size
+        self._readers: dict[int, Any] = {}
+        self._tf: Any = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _transform(self) -> Any:
+        if self._tf is None:  # built lazily: torchvision is imported in the process that augments
+            from torchvision.transforms import v2
+
+            a = self.aug
+            self._tf = v2.Compose([
+                v2.RandomAffine(degrees=a.rotate, translate=(a.translate, a.translate), scale=a.scale),
+                v2.ColorJitter(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation),
+                v2.Resize(self.size, antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.pre.mean), std=list(self.pre.std)),
+            ])
+        return self._tf
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from signscale.data.shards import ShardReader
+
+        s = int(np.searchsorted(self.starts, i, side="right") - 1)
+        r = self._readers.get(s)
+        if r is None:
+            r = self._readers[s] = ShardReader(self.urls[s])
+        rec = r.records(i - int(self.starts[s]), i - int(self.starts[s]) + 1)[0]
+        img = torch.from_numpy(np.array(rec["image"])).permute(2, 0, 1)  # uint8 CHW
+        label = int(rec["label"])
+        x = self._transform()(img)
+        if self.flip_map[label] >= 0 and torch.rand(()) < self.aug.flip:
+            x, label = x.flip(-1), int(self.flip_map[label])
+        return {"image": x, "label": label}
+
+
+def loader_augment(size: int, flip_map: np.ndarray, *, compiled: bool | None = None) -> Any:
+    """The training augmentation as ``signscale train`` runs it in loader workers on a CPU host
+    (``compiled=False``: with the torch ops instead of the compiled kernel)."""
+    from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess
+
+    return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map),
+                                      compiled=compiled))
+
+
+def _normalised(loader: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
+    """What the training loop does with the workers' 8-bit augmented batches: :func:`to_input`."""
+    from signscale.transforms import Preprocess, to_input
+
+    pre, it = Preprocess(size=size), iter(loader)
+    try:
+        for b in it:
+            b["image"] = to_input(b["image"], pre)
+            yield b
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (DataLoader workers, once joined)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
+    """Per-sample (torchvision v2) vs per-batch (BatchAugment in the loader) training inputs, local."""
+    from signscale.data.shards import Manifest
+
+    m = Manifest.load(raw_url)
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return [Row(AUG_SAMPLE, LOCAL, None, skipped=True, note="skipped: torchvision is not installed")]
+    per_sample = PerSampleAugment(raw_url, cfg.size)
+    threads = torch.get_num_threads()
+    # One intra-op thread in this process too, as DataLoader workers have: the 0-worker rows then
+    # measure one core, and tiny per-sample ops do not spin a thread pool on a loaded machine.
+    torch.set_num_threads(1)
+    try:
+        rows = _augment_rows(raw_url, cfg, m, per_sample)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampleAugment) -> list[Row]:
+    from signscale import transforms
+    from signscale.data.stream import open_stream
+
+    def per_batch(w: int, compiled: bool | None) -> Iterable[dict[str, Any]]:
+        loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
+        loader.stream.transform = loader_augment(cfg.size, m.label_space.flip_map(), compiled=compiled)
+        return _normalised(loader, cfg.size)
+
+    batch_note = "numpy slicing + affine, perspective, colour, blur/weather/erase per batch, 8-bit to the main " \
+                 "process, normalised there"
+    rows: list[Row] = []
+    for w in cfg.workers:
+        makers = [(AUG_SAMPLE, lambda w=w: _dataloader(per_sample, w, batch_size=cfg.batch_size, shuffle=True),
+                   "affine + colour jitter + flip rules, one image at a time"),
+                  (AUG_BATCH, lambda w=w: per_batch(w, None),
+                   _join(batch_note, "compiled kernel" if transforms.kernels is not None else "torch ops"))]
+        if transforms.kernels is not None:  # the same augmentation without the kernel, measured beside it
+            makers.append((AUG_TORCH, lambda w=w: per_batch(w, False), _join(batch_note, "torch ops")))
+        for what, make, note in makers:
+            cpu0, kids0 = time.process_time(), _children_cpu()
+            row = _read_row(what, LOCAL, w, make, cfg=cfg, epoch=m.count, check=_check_input, note=note)
+            cpu, kids = time.process_time() - cpu0, _children_cpu() - kids0
+            # CPU seconds do not depend on the load: the rate one core gives, in this process or per worker
+            if w == 0 and cpu > 0:
+                row.note = _join(row.note, f"{row.samples / cpu:,.0f} per CPU-second")
+            if w > 0 and kids > 0:
+                row.note = _join(row.note, f"{row.samples / kids:,.0f} per worker CPU-second, "
+                                           f"main process {row.samples / max(cpu, 1e-9):,.0f} per CPU-second")
+            rows.append(row)
+    return rows
+
+
+def _mp_context() -> str | None:
+    # fork, as StreamLoader uses: workers inherit the request counters (spawn would not count them)
+    return "fork" if "fork" in mp.get_all_start_methods() else None
+
+
+def _dataloader(ds: Dataset, workers: int, **kw: Any) -> DataLoader:
+    extra: dict[str, Any] = {"multiprocessing_context": _mp_context()} if workers > 0 else {}
+    return DataLoader(ds, num_workers=workers, pin_memory=False, **extra, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class _Reads:
+    samples: int
+    seconds: float
+    first_batch_s: float | None
+    first_samples: int  # samples in the first batch
+    complete: bool
+    snaps: list[tuple[int, int, int]]  # (samples, requests, bytes) after each batch
+
+
+def _check_uint8(img: torch.Tensor, size: int) -> None:
+    if img.dtype != torch.uint8 or tuple(img.shape[1:]) != (size, size, 3):
+        raise RuntimeError(f"reader yielded {tuple(img.shape)} {img.dtype}, expected (N, {size}, {size}, 3) uint8")
+
+
+def _check_input(img: torch.Tensor, size: int) -> None:
+    if img.dtype != torch.float32 or tuple(img.shape[1:]) != (3, size, size):
+        raise RuntimeError(f"augmenting reader yielded {tuple(img.shape)} {img.dtype}, expected (N, 3, {size}, "
+                           f"{size}) float32")
+
+
+def _measure(make: Callable[[], Iterable[dict[str, Any]]], *, size: int, epoch: int, max_seconds: float,
+             counter: _RequestCounter | None = None,
+             check: Callable[[torch.Tensor, int], None] = _check_uint8) -> _Reads:
+    """Iterate batches for one epoch or ``max_seconds``; ``check`` validates each batch's images
+    (default: uint8 (N, size, size, 3))."""
+    snap = counter.snapshot if counter is not None else (lambda: (0, 0))
+    t0 = time.perf_counter()
+    it = iter(make())
+    samples, first, first_samples = 0, None, 0
+    snaps: list[tuple[int, int, int]] = []
+    try:
+        for batch in it:
+            img = batch["image"]
+            check(img, size)
+            samples += int(img.shape[0])
+            now = time.perf_counter()
+            if first is None:
+                first, first_samples = now - t0, samples
+            snaps.append((samples, *snap()))
+            if now - t0 >= max_seconds:
+                break
+        seconds = time.perf_counter() - t0
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:  # StreamLoader's generator: shuts its DataLoader workers down
+            close()
+        del it
+    return _Reads(samples, seconds, first, first_samples, samples >= epoch, snaps)
+
+
+def _per_epoch(r: _Reads, epoch: int, k: int) -> float:
+    """Counter ``k`` (1: requests, 2: bytes) for a whole epoch of ``epoch`` samples.
+
+    A cut epoch is extrapolated at the rate of its second half: DataLoader workers run ahead of the
+    consumer, and once their lead is steady it cancels out of the difference (it still adds a batch
+    or two to the total, which is why such counts print with a '~').
+    """
+    end = r.snaps[-1]
+    if r.complete:
+        return float(end[k])
+    mid = r.snaps[len(r.snaps) // 2]
+    if end[0] > mid[0]:
+        return end[k] + (end[k] - mid[k]) / (end[0] - mid[0]) * (epoch - end[0])
+    return end[k] * epoch / max(1, end[0])
+
+
+class _RequestCounter:
+    """Counts calls to (and bytes from) ``storage.read_bytes`` in this process and its forked workers."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context(_mp_context() or "spawn")
+        self.calls = ctx.Value("q", 0)
+        self.nbytes = ctx.Value("q", 0)
+
+    def snapshot(self) -> tuple[int, int]:
+        return int(self.calls.value), int(self.nbytes.value)
+
+    def reset(self) -> None:
+        with self.calls.get_lock():
+            self.calls.value = 0
+        with self.nbytes.get_lock():
+            self.nbytes.value = 0
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_RequestCounter]:
+        original = storage.read_bytes
+        calls, nbytes = self.calls, self.nbytes
+
+        def counting_read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
+            data = original(url, start, end)
+            with calls.get_lock():
+                calls.value += 1
+            with nbytes.get_lock():
+                nbytes.value += len(data)
+            return data
+
+        storage.read_bytes = counting_read_bytes  # type: ignore[assignment]
+        try:
+            yield self
+        finally:
+            storage.read_bytes = original  # type: ignore[assignment]
+
+
+def _loader_row(what: str, where: str, workers: int, make: Callable[[], Iterable[dict[str, Any]]], *,
+                cfg: BenchIOConfig, epoch: int, counter: _RequestCounter | None) -> Row:
+    """:func:`_read_row` plus samples per CPU-second of all processes (workers count once joined):
+    on a shared machine the wall-clock rate moves with the load, the CPU cost per sample does not."""
+    cpu0, kids0 = time.process_time(), _children_cpu()
+    row = _read_row(what, where, workers, make, cfg=cfg, epoch=epoch, counter=counter)
+    cpu = time.process_time() - cpu0 + _children_cpu() - kids0
+    if cpu > 0:
+        row.cpu_per_s = row.samples / cpu
+        row.note = _join(row.note, f"{row.cpu_per_s:,.0f} per CPU-second (all processes)")
+    return row
+
+
+def _read_row(what: str, where: str, workers: int, make: Callable[[], Iterable[dict[str, Any]]], *,
+              cfg: BenchIOConfig, epoch: int, counter: _RequestCounter | None = None,
+              subset_of: int = 0, note: str = "",
+              check: Callable[[torch.Tensor, int], None] = _check_uint8) -> Row:
+    """Measure one reader over an epoch of ``epoch`` samples; per-epoch counts are for a dataset of
+    ``subset_of`` samples when the reader sees only the first ``epoch`` of them (linear: one GET each)."""
+    if counter is not None:
+        counter.reset()
+    r = _measure(make, size=cfg.size, epoch=epoch, max_seconds=cfg.max_seconds, counter=counter, check=check)
+    row = Row(what, where, workers, samples=r.samples, seconds=r.seconds, first_batch_s=r.first_batch_s, note=note)
+    if r.first_batch_s is not None and r.samples > r.first_samples and r.seconds > r.first_batch_s:
+        row.steady_per_s = (r.samples - r.first_samples) / (r.seconds - r.first_batch_s)
+    full = subset_of or epoch
+    row.partial = not r.complete or full != epoch
+    if counter is not None and r.snaps and (workers == 0 or _mp_context() == "fork"):
+        row.requests = _per_epoch(r, epoch, 1) * full / epoch
+        row.bytes = _per_epoch(r, epoch, 2) * full / epoch
+    if not r.complete:
+        row.note = _join(row.note, f"time-boxed at {cfg.max_seconds:g}s ({r.samples:,} of {epoch:,})")
+    return row
+
+
+def _console() -> Console:
+    """Rich console; wide when printing to a file or pipe, so the table is not wrapped at 80 columns."""
+    con = Console(highlight=False)
+    return con if con.is_terminal else Console(highlight=False, width=200)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing the data: plain files, packed datasets
+
+_PLAIN: dict[str, Any] = {}
+
+
+def _init_plain(source: Any, folder: str) -> None:
+    _PLAIN["source"], _PLAIN["folder"] = source, folder
+
+
+def _plain_bytes(item: Any) -> tuple[bytes, str]:
+    """The sample's original bytes and extension (PNG for sources that yield arrays)."""
+    if isinstance(item.image, np.ndarray):
+        return images.encode_png(item.image), ".png"
+    ext = os.path.splitext(item.key)[1].lower()
+    if ext not in (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".pnm", ".bmp", ".gif", ".tif", ".tiff", ".webp"):
+        fmt = images.open_checked(item.image).format or "bin"
+        ext = "." + fmt.lower()
+    return item.image, ext
+
+
+def _write_plain_range(start: int, stop: int) -> list[dict[str, Any]]:
+    from signscale.data.sources import Problem
+
+    source, folder = _PLAIN["source"], _PLAIN["folder"]
+    rows = []
+    for i in range(start, stop):
+        item = source.read(i)
+        if isinstance(item, Problem) or item.image is None:
+            continue
+        data, ext = _plain_bytes(item)
+        rel = f"{item.label:05d}/{i:06d}{ext}"
+        path = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        row = {"path": rel, "label": int(item.label), "condition": item.condition, "country": item.country}
+        if item.track:
+            row["track"] = item.track
+        rows.append(row)
+    return rows
+
+
+def write_plain_files(source: Any, n: int, folder: str, *, workers: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples as one file each under ``folder/<label>/``, plus ``folder/list.jsonl``
+    (a ``folder:`` source spec, so ``pack`` can read them)."""
+    os.makedirs(folder, exist_ok=True)
+    ranges = [(a, min(a + 512, n)) for a in range(0, n, 512)]
+    if workers > 0 and len(ranges) > 1:
+        with ProcessPoolExecutor(workers, initializer=_init_plain, initargs=(source, folder)) as pool:
+            parts = list(pool.map(_write_plain_range, *zip(*ranges)))
+    else:
+        _init_plain(source, folder)
+        parts = [_write_plain_range(a, b) for a, b in ranges]
+    rows = [r for part in parts for r in part]
+    with open(os.path.join(folder, "list.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+def _warm(paths: Iterable[str]) -> None:
+    """Read every file once so the local rows all see a warm page cache."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+
+def _pack_row(spec: str, out: str, encoding: str, where: str, cfg: BenchIOConfig, note: str) -> tuple[Row, str]:
+    from signscale.data.pack import PackConfig, pack
+
+    res = pack(PackConfig(source=spec, out=out, encoding=encoding, size=cfg.size,  # type: ignore[arg-type]
+                          workers=cfg.pack_workers, shard_mb=cfg.shard_mb, progress=False))
+    workers = (os.cpu_count() or 1) if cfg.pack_workers < 0 else cfg.pack_workers
+    q = f"{res.quarantined} quarantined" if res.quarantined else ""
+    row = Row(PACK_RAW if encoding == "raw" else PACK_ENCODED, where, workers, kind="pack",
+              samples=res.count + res.quarantined, seconds=res.seconds,
+              note=_join(note, f"{res.shards} shard(s), {res.bytes / 2**20:.1f} MiB", q))
+    return row, res.url
+
+
+# ---------------------------------------------------------------------------------------------
+# litdata (optional reference)
+
+
+def _litdata_item(path: str, size: int = 32) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        img = images.resize(images.decode(f.read()), size)
+    label = int(os.path.basename(os.path.dirname(path)))
+    return {"image": img, "label": label}
+
+
+class _LitdataPrepare:
+    """Picklable ``fn`` for ``litdata.optimize``: one plain file -> decoded, resized sample."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, path: str) -> dict[str, Any]:
+        return _litdata_item(path, self.size)
+
+
+def _litdata_rows(paths: list[str], out: str, cfg: BenchIOConfig) -> list[Row]:
+    """litdata's optimize + StreamingDataset/StreamingDataLoader over the same samples (local only)."""
+    import litdata
+
+    workers = (os.cpu_count() or 1) if cfg.pack_workers < 0 else max(1, cfg.pack_workers)
+    t0 = time.perf_counter()
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        litdata.optimize(fn=_LitdataPrepare(cfg.size), inputs=paths, output_dir=out, chunk_bytes="64MB",
+                         num_workers=workers, mode="overwrite")
+    rows = [Row(PACK_LITDATA, LOCAL, workers, kind="pack", samples=len(paths), seconds=time.perf_counter() - t0,
+                note="decode + resize to raw arrays, like pack raw")]
+    _warm(os.path.join(out, f) for f in os.listdir(out))
+    for w in cfg.workers:
+        def make(w: int = w) -> Iterable[dict[str, Any]]:
+            ds = litdata.StreamingDataset(out, shuffle=False)
+            return litdata.StreamingDataLoader(ds, batch_size=cfg.batch_size, num_workers=w)
+        rows.append(_read_row(LITDATA, LOCAL, w, make, cfg=cfg, epoch=len(paths)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, enc_url: str, cfg: BenchIOConfig,
+               counter: _RequestCounter | None, plain_note: str = "") -> list[Row]:
+    from signscale.data.shards import Manifest
+    from signscale.data.stream import open_stream
+
+    raw_m, enc_m = Manifest.load(raw_url), Manifest.load(enc_url)
+    raw = ShardBlocks([raw_m.shard_url(i) for i in range(len(raw_m.shards))], [s.count for s in raw_m.shards],
+                      cfg.batch_size, cfg.size)
+    enc = ShardBlocks([enc_m.shard_url(i) for i in range(len(enc_m.shards))], [s.count for s in enc_m.shards],
+                      cfg.batch_size, cfg.size)
+    rows: list[Row] = []
+    for w in cfg.workers:
+        rows.append(_read_row(PLAIN, where, w, lambda w=w: _dataloader(plain, w, batch_size=cfg.batch_size,
+                                                                        shuffle=True),
+                              cfg=cfg, epoch=len(plain), counter=counter, subset_of=plain_full, note=plain_note))
+        rows.append(_read_row(RAW, where, w, lambda w=w: _dataloader(raw, w, batch_size=None),
+                              cfg=cfg, epoch=raw_m.count, counter=counter))
+        rows.append(_read_row(ENCODED, where, w, lambda w=w: _dataloader(enc, w, batch_size=None),
+                              cfg=cfg, epoch=enc_m.count, counter=counter))
+        # each loader row with the block sums checked (the default) and, right after it, without:
+        # what integrity on read costs (#19). A mapped shard's block is checked once per run, so a
+        # second epoch (local rows) shows the steady state; remote reads are checked on every fetch.
+        loaders: list[tuple[str, bool, bool, bool]] = [
+            (LOADER, True, True, False), (LOADER_UNCHECKED, True, False, False),
+            (LOADER_SEQ, False, True, False), (LOADER_SEQ_UNCHECKED, False, False, False)]
+        if where == LOCAL:
+            loaders += [(LOADER_AGAIN, True, True, True), (LOADER_AGAIN_UNCHECKED, True, False, True)]
+        for shuffle in (True, False):  # one-time costs (imports, compiled shuffle) are no row's: one batch each
+            next(iter(open_stream(raw_url, num_workers=0, batch_size=cfg.batch_size, shuffle=shuffle,
+                                  check_sums=False)))
+        for what, shuffle, check, again in loaders:
+            def make(w: int = w, shuffle: bool = shuffle, check: bool = check) -> Iterable[dict[str, Any]]:
+                return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=shuffle,
+                                   check_sums=check)
+            if again:  # the first epoch runs before the measurement starts
+                first = make()
+                for _ in first:
+                    pass
+
+                def make(first: Iterable[dict[str, Any]] = first) -> Iterable[dict[str, Any]]:
+                    return first
+            rows.append(_loader_row(what, where, w, make, cfg=cfg, epoch=raw_m.count, counter=counter))
+        if where != LOCAL:  # whole shards downloaded once into a local cache, then memory-mapped
+            def cached(w: int = w) -> Iterable[dict[str, Any]]:
+                return open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size,
+                                   cache_dir=tempfile.mkdtemp(prefix="signscale-cache-"))
+            rows.append(_read_row(LOADER_CACHED, where, w, cached, cfg=cfg, epoch=raw_m.count, counter=counter,
+                                  note="first epoch, download included"))
+    return rows
+
+
+def bench_io(cfg: BenchIOConfig, *, console: Console | None = None) -> list[Row]:
+    """Pack and read throughput, plain files vs shards vs the loader, local vs S3; prints a table and ratios."""
+    from signscale.data.sources import open_source
+
+    con = console or _console()
+    started = time.perf_counter()
+    say = lambda msg: con.print(f"[dim]{time.perf_counter() - started:6.1f}s  {msg}[/]")
+    source = open_source(cfg.source)
+    n = min(len(source), cfg.limit) if cfg.limit else len(source)
+    work = cfg.workdir or tempfile.mkdtemp(prefix="signscale-bench-")
+    rows: list[Row] = []
+    try:
+        cores = os.cpu_count() or 1
+        plain_dir = os.path.join(os.path.abspath(work), "plain")
+        say(f"writing {n:,} samples of {cfg.source} as plain files under {plain_dir} ...")
+        t0 = time.perf_counter()
+        listing = write_plain_files(source, n, plain_dir, workers=cores)
+        rows.append(Row(WRITE_PLAIN, LOCAL, cores, kind="setup", samples=len(listing),
+                        seconds=time.perf_counter() - t0, note="read source, write one file per sample"))
+        paths = [os.path.join(plain_dir, r["path"]) for r in listing]
+        labels = [r["label"] for r in listing]
+
+        # pack reads the source itself when it can, so the pack rows are what `signscale pack` does;
+        # a cut source (--limit) or a synthetic one (whose render cost `bench synthetic` measures) is
+        # packed from the plain files instead.
+        if n < len(source) or getattr(source, "kind", "") == "synthetic":
+            spec, pack_note = f"folder:{plain_dir}/list.jsonl", "from the plain files"
+        else:
+            spec, pack_note = cfg.source, "from the source"
+        local: dict[str, str] = {}
+        for enc in ("raw", "encoded"):
+            say(f"pack {enc} ({pack_note}) ...")
+            row, local[enc] = _pack_row(spec, os.path.join(os.path.abspath(work), enc), enc, LOCAL, cfg, pack_note)
+            rows.append(row)
+
+        say("warm-up: reading every file once ...")
+        _warm(paths)
+        _warm(os.path.join(local[e], "shards", f) for e in local for f in os.listdir(os.path.join(local[e], "shards")))
+        say("local reads ...")
+        rows += _read_rows(LOCAL, plain=PlainFiles(paths, labels, cfg.size, remote=False), plain_full=len(paths),
+                           raw_url=local["raw"], enc_url=local["encoded"], cfg=cfg, counter=None)
+        if cfg.augment:
+            say("augmentation: per sample (torchvision v2) vs per batch (BatchAugment in the loader) ...")
+            rows += augment_rows(local["raw"], cfg)
+        rows += _litdata(paths, os.path.join(os.path.abspath(work), "litdata"), cfg, say)
+        if cfg.no_s3:
+            rows.append(Row("object-store rows", S3, None, skipped=True, note="skipped: --no-s3"))
+        for store in ([] if cfg.no_s3 else cfg.stores):
+            rows += _store_rows(store, spec, pack_note, paths, labels, plain_dir, cfg, say)
+    finally:
+        if not cfg.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_report(rows, con, title=f"bench io: {cfg.source}" + (f" (first {n:,})" if n < len(source) else "")
+                 + f", {cfg.size}x{cfg.size}, batch {cfg.batch_size}, {os.cpu_count()} cores")
+    return rows
+
+
+def _litdata(paths: list[str], out: str, cfg: BenchIOConfig, say: Callable[[str], None]) -> list[Row]:
+    if not cfg.litdata:
+        return []
+    try:
+        import litdata  # noqa: F401
+    except ImportError:
+        return [Row(LITDATA, LOCAL, None, skipped=True, note="skipped: litdata is not installed (pip install litdata)")]
+    say("litdata optimize + reads ...")
+    try:
+        return _litdata_rows(paths, out, cfg)
+    except Exception as exc:  # noqa: BLE001 - a reference row must not sink the benchmark
+        return [Row(LITDATA, LOCAL, None, skipped=True, note=f"skipped: litdata failed ({type(exc).__name__}: {exc})")]
+
+
+def _store_rows(kind: str, spec: str, pack_note: str, paths: list[str], labels: list[int], plain_dir: str,
+                cfg: BenchIOConfig, say: Callable[[str], None]) -> list[Row]:
+    """The pack and read rows against one object store's emulator (moto, gcp-storage-emulator, Azurite)."""
+    from signscale.testing import emulators
+
+    where = STORES[kind]
+    say(f"starting the local {where} emulator ...")
+    rows: list[Row] = []
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(emulators.running(kind))
+        except (emulators.EmulatorUnavailable, RuntimeError, ImportError) as exc:  # say so in the table
+            return [Row(f"{where} rows", where, None, skipped=True, note=f"skipped: {exc}")]
+        bucket = server.make_bucket(BUCKET)
+        fs, _ = storage.filesystem(bucket)
+        k = len(paths) if not cfg.s3_plain_objects else min(len(paths), cfg.s3_plain_objects)
+        rel = [os.path.relpath(p, plain_dir) for p in paths[:k]]
+        say(f"uploading {k:,} plain files (one object each) ...")
+        t0 = time.perf_counter()
+        root = bucket.split("://", 1)[1]
+        fs.put(paths[:k], [f"{root}/plain/{r}" for r in rel])
+        rows.append(Row(UPLOAD_PLAIN, where, None, kind="setup", samples=k, seconds=time.perf_counter() - t0,
+                        requests=k, note="fsspec put, concurrent" + (f"; first {k:,} of {len(paths):,}"
+                                                                      if k < len(paths) else "")))
+        remote: dict[str, str] = {}
+        for enc in ("raw", "encoded"):
+            say(f"pack {enc} to {where} ...")
+            row, remote[enc] = _pack_row(spec, f"{bucket}/{enc}", enc, where, cfg, pack_note)
+            rows.append(row)
+        plain = PlainFiles([f"{bucket}/plain/{r}" for r in rel], labels[:k], cfg.size, remote=True)
+        note = f"{k:,} of {len(paths):,} objects uploaded" if k < len(paths) else ""
+        say(f"{where} reads ...")
+        counter = _RequestCounter()
+        with counter.installed():
+            rows += _read_rows(where, plain=plain, plain_full=len(paths), raw_url=remote["raw"],
+                               enc_url=remote["encoded"], cfg=cfg, counter=counter, plain_note=note)
+    return rows
+
+
+def bench_synthetic(cfg: BenchSyntheticConfig, *, console: Console | None = None) -> list[Row]:
+    """Render ``cfg.n`` synthetic signs in this process (one core) and print signs/s."""
+    from signscale.data.sources import open_source
+
+    con = console or _console()
+    source = open_source(f"synthetic:?n={cfg.n}&size={cfg.size}&seed={cfg.seed}")
+    source.read(0)  # draws the class templates once, as every worker does at its start
+    t0 = time.perf_counter()
+    for i in range(cfg.n):
+        source.read(i)
+    row = Row("synthetic render", LOCAL, 0, kind="setup", samples=cfg.n, seconds=time.perf_counter() - t0,
+              note="one core, no workers")
+    table = Table(title=f"bench synthetic: {cfg.n:,} signs at {cfg.size}x{cfg.size}")
+    for col in ("what", "signs", "seconds", "signs/s"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    table.add_row(row.what, f"{row.samples:,}", f"{row.seconds:.2f}", f"{row.samples_per_s:,.0f}")
+    con.print(table)
+    con.print(f"rendered {cfg.n:,} synthetic signs at {cfg.size}x{cfg.size} in {row.seconds:.1f}s on one core "
+              f"({row.samples_per_s:,.0f} signs/s)")
+    return [row]
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _find(rows: list[Row], what: str, where: str, workers: int | None = None) -> Row | None:
+    for r in rows:
+        if r.what == what and r.where == where and (workers is None or r.workers == workers) and not r.skipped \
+                and r.samples_per_s:
+            return r
+    return None
+
+
+def _ws(w: int) -> str:
+    return f"{w} worker{'s' if w != 1 else ''}"
+
+
+def ratios(rows: list[Row]) -> list[Ratio]:
+    """The side-by-side ratios the table is for; a ratio is left out when one of its rows is missing."""
+    out: list[Ratio] = []
+
+    def add(label: str, a: Row | None, b: Row | None, *, percent: bool = False) -> None:
+        if a is not None and b is not None:
+            out.append(Ratio(label, a.samples_per_s / b.samples_per_s, percent))  # type: ignore[operator]
+
+    workers = sorted({r.workers for r in rows if r.kind == "read" and r.workers is not None})
+    for w in workers:
+        ws = _ws(w)
+        for where in (LOCAL, S3, GCS, AZURE):
+            add(f"raw shards / plain files ({where}, {ws})", _find(rows, RAW, where, w), _find(rows, PLAIN, where, w))
+            add(f"encoded shards / plain files ({where}, {ws})", _find(rows, ENCODED, where, w),
+                _find(rows, PLAIN, where, w))
+            add(f"loader / raw shards direct ({where}, {ws})", _find(rows, LOADER, where, w),
+                _find(rows, RAW, where, w), percent=True)
+            add(f"loader in order / raw shards direct ({where}, {ws})", _find(rows, LOADER_SEQ, where, w),
+                _find(rows, RAW, where, w), percent=True)
+            for what, off, label in ((LOADER, LOADER_UNCHECKED, "loader"),
+                                     (LOADER_SEQ, LOADER_SEQ_UNCHECKED, "loader in order"),
+                                     (LOADER_AGAIN, LOADER_AGAIN_UNCHECKED, "loader 2nd epoch")):
+                a, b = _find(rows, what, where, w), _find(rows, off, where, w)
+                add(f"{label}, block sums checked / off ({where}, {ws})", a, b, percent=True)
+                if a is not None and b is not None and a.cpu_per_s and b.cpu_per_s:
+                    out.append(Ratio(f"{label}, block sums checked / off, per CPU-second ({where}, {ws})",
+                                     a.cpu_per_s / b.cpu_per_s, True))
+        for remote in (S3, GCS, AZURE):
+            add(f"{remote} raw shards / local raw shards ({ws})", _find(rows, RAW, remote, w),
+                _find(rows, RAW, LOCAL, w))
+        add(f"S3 plain files / local plain files ({ws})", _find(rows, PLAIN, S3, w), _find(rows, PLAIN, LOCAL, w))
+        add(f"S3 loader / local loader ({ws})", _find(rows, LOADER, S3, w), _find(rows, LOADER, LOCAL, w))
+        add(f"S3 loader with shard cache / local loader ({ws})", _find(rows, LOADER_CACHED, S3, w),
+            _find(rows, LOADER, LOCAL, w))
+        add(f"S3 loader with shard cache / plain files from S3 ({ws})", _find(rows, LOADER_CACHED, S3, w),
+            _find(rows, PLAIN, S3, w))
+        add(f"augment per batch / per sample (local, {ws})", _find(rows, AUG_BATCH, LOCAL, w),
+            _find(rows, AUG_SAMPLE, LOCAL, w))
+        add(f"augment per batch, compiled kernel / torch ops (local, {ws})", _find(rows, AUG_BATCH, LOCAL, w),
+            _find(rows, AUG_TORCH, LOCAL, w))
+        add(f"raw shards / litdata (local, {ws})", _find(rows, RAW, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
+        add(f"loader / litdata (local, {ws})", _find(rows, LOADER, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
+    add("pack raw / pack encoded (local)", _find(rows, PACK_RAW, LOCAL), _find(rows, PACK_ENCODED, LOCAL))
+    add("pack raw to S3 / pack raw local", _find(rows, PACK_RAW, S3), _find(rows, PACK_RAW, LOCAL))
+    for w in workers:
+        shuffled = _find(rows, LOADER, S3, w)
+        direct = _find(rows, RAW, S3, w)
+        if shuffled is not None and direct is not None and shuffled.bytes and direct.bytes:
+            out.append(Ratio(f"S3 bytes per epoch, loader (shuffled) / raw shards direct ({_ws(w)})",
+                             shuffled.bytes / direct.bytes))
+    plain_s3 = next((r for r in rows if r.what == PLAIN and r.where == S3 and r.requests), None)
+    raw_s3 = next((r for r in rows if r.what == RAW and r.where == S3 and r.requests), None)
+    if plain_s3 is not None and raw_s3 is not None:
+        out.append(Ratio("S3 requests per epoch, plain files / raw shards", plain_s3.requests / raw_s3.requests))  # type: ignore[operator]
+    return out
+
+
+def _fmt_rate(r: Row) -> str:
+    v = r.samples_per_s
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _fmt_count(v: float | None, partial: bool) -> str:
+    if v is None:
+        return "-"
+    return ("~" if partial else "") + f"{v:,.0f}"
+
+
+def _fmt_mb(v: float | None, partial: bool) -> str:
+    if v is None:
+        return "-"
+    return ("~" if partial else "") + f"{v / 2**20:,.1f}"
+
+
+def summary(rows: list[Row]) -> str:
+    """One line: the headline ratios at the largest worker count measured."""
+    rs = {r.label: r.value for r in ratios(rows)}
+    ws = sorted({r.workers for r in rows if r.kind == "read" and r.workers is not None})
+    if not ws:
+        return "no read rows were measured"
+    w = ws[-1]
+    tag = _ws(w)
+    parts = []
+    if (v := rs.get(f"raw shards / plain files (local, {tag})")) is not None:
+        parts.append(f"raw shards read {v:.1f}x faster than plain files locally")
+    if (v := rs.get(f"raw shards / plain files (S3, {tag})")) is not None:
+        parts.append(f"{v:.1f}x over S3")
+    if (v := rs.get(f"loader / raw shards direct (local, {tag})")) is not None:
+        parts.append(f"the shuffling loader runs at {v:.0%} of direct raw-shard reads locally")
+    if (v := rs.get("S3 requests per epoch, plain files / raw shards")) is not None:
+        parts.append(f"plain files need {v:,.0f}x the S3 requests per epoch")
+    if (v := rs.get(f"S3 bytes per epoch, loader (shuffled) / raw shards direct ({tag})")) is not None and v > 2:
+        parts.append(f"the shuffled loader fetches {v:,.0f}x the bytes of a direct read over S3")
+    return (", ".join(parts) or "no ratios could be computed") + f" ({tag})"
+
+
+def print_report(rows: list[Row], console: Console, *, title: str) -> None:
+    table = Table(title=title)
+    for col, just in (
+        ("what", "left"),
+        ("where", "left"),
+        ("workers", "right"),
+        ("samples", "right"),
+        ("samples/s", "right"),
+        ("after 1st", "right"),
+        ("first batch", "right"),
+        ("requests/epoch", "right"),
+        ("MiB/epoch", "right"),
+        ("note", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    last_kind = None
+    for r in sorted(rows, key=lambda r: ({"setup": 0, "pack": 1, "read": 2}[r.kind], r.where != LOCAL)):
+        if last_kind is not None and (r.kind, r.where) != last_kind:
+            table.add_section()
+        last_kind = (r.kind, r.where)
+        table.add_row(r.what, r.where, "-" if r.workers is None else str(r.workers), f"{r.samples:,}" if r.samples
+                      else "-", _fmt_rate(r), "-" if r.steady_per_s is None else f"{r.steady_per_s:,.0f}",
+                      "-" if r.first_batch_s is None else f"{r.first_batch_s * 1000:,.0f} ms",
+                      _fmt_count(r.requests, r.partial), _fmt_mb(r.bytes, r.partial), r.note)
+    console.print(table)
+    console.print("samples/s: images/s for pack rows, files/s for setup rows; read rows count worker start-up, "
+                  "'after 1st' is the rate after the first batch. "
+                  "Local rows read after a warm-up pass (warm page cache); the S3 server keeps objects in memory. "
+                  "'~': per-epoch counts extrapolated from the part read.", style="dim")
+    rs = ratios(rows)
+    if rs:
+        width = max(len(r.label) for r in rs)
+        console.print("[bold]ratios[/] (samples/s over samples/s)")
+        for r in rs:
+            extra = f"  ({1 - r.value:+.0%} overhead)" if r.percent else ""
+            value = f"{r.value:8.2f}" if r.value >= 0.1 else f"{r.value:8.4f}"
+            console.print(f"  {r.label:<{width}}  {value}x{extra}")
+    console.print(summary(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_workers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"workers: expected a comma list of integers, e.g. 0,2; got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    """``signscale bench train``: training samples/s and peak memory per model x precision."""
+
+    data: str = ""  # packed dataset URL; empty: a synthetic set is packed in a temp folder
+    models: tuple[str, ...] = ("small_cnn", "msnet", "stn_msnet", "resnet18_small")
+    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
+    steps: int = 30
+    batch_size: int = 256
+    channels_last: bool = True
+    device: str = "auto"
+    workers: int = 1
+
+
+def bench_train(cfg: BenchTrainConfig, *, console: Console | None = None) -> list[dict[str, Any]]:
+    """Each model x precision trains ``steps`` steps in its own process (so peak memory is its own)."""
+    import subprocess
+    import sys
+
+    con = console or _console()
+    tmp = tempfile.mkdtemp(prefix="signscale-bench-train-")
+    try:
+        data = cfg.data
+        if not data:
+            from signscale.data.pack import PackConfig, pack
+
+            data = os.path.join(tmp, "data")
+            pack(PackConfig(source=f"synthetic:?n={cfg.batch_size * 12}&size=32", out=data, workers=0,
+                            progress=False))
+        rows = []
+        for model in cfg.models:
+            for prec in cfg.precisions:
+                out = os.path.join(tmp, f"{model}-{prec}")
+                cmd = [sys.executable, "-m", "signscale", "train", f"--data={data}", f"--model={model}",
+                       f"--precision={prec}", f"--max-steps={cfg.steps}", f"--batch-size={cfg.batch_size}",
+                       f"--channels-last={str(cfg.channels_last).lower()}", f"--device={cfg.device}",
+                       f"--workers={cfg.workers}", f"--out={out}", "--progress=false", "--ema=0"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    rows.append({"model": model, "precision": prec, "error": proc.stderr.strip()[-300:]})
+                    continue
+                res = json.loads(open(os.path.join(out, "result.json")).read())
+                rows.append({"model": model, "precision": prec, "samples_per_s": res["samples_per_s"],
+                             "peak_memory_mb": res["peak_memory_mb"], "params": res["params"], "macs": res["macs"]})
+                con.print(f"  {model:16s} {prec:5s} {res['samples_per_s']:8,.0f} samples/s  "
+                          f"peak {res['peak_memory_mb']:8,.0f} MB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    table = Table(title=f"bench train: {cfg.steps} steps, batch {cfg.batch_size}, device {cfg.device}, "
+                        f"channels_last={cfg.channels_last}")
+    for col in ("model", "params", "MACs", "precision", "samples/s", "vs fp32", "peak MB", "vs fp32 mem"):
+        table.add_column(col, justify="left" if col in ("model", "precision") else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["model"], "", "", r["precision"], "failed", "", "", r["error"][:60])
+            continue
+        base = next((b for b in rows if b["model"] == r["model"] and b["precision"] == "fp32" and "error" not in b),
+                    None)
+        table.add_row(r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e6:.0f}M", r["precision"],
+                      f"{r['samples_per_s']:,.0f}",
+                      f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "",
+                      f"{r['peak_memory_mb']:,.0f}",
+                      f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x" if base else "")
+    con.print(table)
+    con.print("peak memory: CUDA max_memory_allocated on a GPU, the process's peak RSS on a CPU "
+              "(which includes the Python runtime and the loader)")
+    return rows

@@ -1,0 +1,1089 @@
+"""``signscale serve``: a FastAPI app, thin over :class:`signscale.serving.predict.Predictor`, run by uvicorn.
+
+Endpoints: ``POST /v1/classify`` (one or more images, multipart or a raw body), ``POST /v1/detect``
+(one scene; needs a detector), ``GET /v1/model``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``
+(Prometheus), ``GET /docs`` (OpenAPI) and ``GET /``, a page to try the model in a browser.
+
+How a request flows, and why:
+
+1. **Body cap before parsing.** An ASGI middleware refuses a ``Content-Length`` over the cap with
+   413 before a byte of the body is read; a chunked body is counted while it streams and refused
+   the moment it passes the cap. Only then is multipart parsed.
+2. **Budget, then decode in a thread.** Every image's header is read first (PIL's lazy open: no
+   pixel decoded) and the request is refused with 413 when one image is over ``max_pixels`` or all
+   of them together over ``max_request_pixels``; decoding then runs image by image, its CPU time
+   checked against ``decode_budget_s`` and its wall time against the request's deadline, so one
+   request cannot cost more than ~2 CPU-seconds by default. The full decode is forced
+   (:func:`images.decode`) so truncated files fail here, and every failure maps to a 4xx JSON error
+   naming the reason (PIL reports non-images and truncation as ``OSError``, lazily; a service that
+   lets those escape answers 500 to bad input).
+3. **Dynamic batching.** Decoded images wait in one bounded queue; one runner thread takes up to
+   ``max_batch`` images, waiting at most ``max_wait_ms`` for the batch to fill, and runs them in one
+   forward pass. On a CPU the per-call overhead of a small CNN is most of its cost, so batching
+   concurrent requests multiplies throughput. A full queue answers 503 with ``Retry-After``; a
+   request not answered within ``request_timeout_s`` of its body arriving (decoding included)
+   answers 503 too (the service is overloaded: the client should retry, not fix its request).
+4. **Hot reload.** With a registry alias (or any *model source*: a callable returning
+   ``(version, url)``), a poller thread resolves the alias every ``reload_interval_s``; a new
+   version is loaded, checksum-verified and warmed up beside the serving one, then swapped in
+   with one reference assignment. Each queued image remembers the predictor that prepared it and
+   is run by that one, so in-flight requests finish on the old model; a model that fails to load
+   or warm up is logged, counted, reported by ``/healthz`` and never serves (Triton's model-control
+   bar). It is tried again when its folder's listing (names, sizes, times) changes, so a folder
+   caught mid-update is served once the update completes.
+
+A 5xx from this service is a bug in it, never a bad request; tests fuzz that with malformed input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Literal
+
+import numpy as np
+
+from signscale import config, images, storage
+
+try:  # the serve extra; without it create_app() says which extra to install
+    from starlette.requests import Request
+except ImportError:  # pragma: no cover
+    Request = Any  # type: ignore[misc,assignment]
+from signscale.serving.predict import DEFAULT_MAX_PIXELS, PredictConfig, Predictor, resolve_model
+
+__all__ = ["ApiError", "Batcher", "ModelSlot", "Refusal", "ServeConfig", "ServeError", "Service", "bind", "create_app",
+           "folder_stamp", "running", "serve"]
+
+log = logging.getLogger("signscale.serving.serve")
+
+ModelSource = Callable[[], tuple[str, str]]  # () -> (version, model URL)
+KNOWN_PATHS = ("/", "/v1/classify", "/v1/detect", "/v1/model", "/healthz", "/readyz", "/metrics")
+RAW_TYPES = ("application/octet-stream",)
+
+
+class ServeError(ValueError):
+    """A service that cannot start as configured; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the service does that a deployment may want to change; nothing is hard-coded."""
+
+    model: str  # model folder, ONNX export folder, or REGISTRY_URL@ALIAS (reloaded when the alias moves)
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (read it back from the bound socket)
+    workers: int = 1  # server processes sharing the socket (each loads the model)
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    device: str = "cpu"
+    threads: int = 0  # intra-op threads of the model runner (0: the back-end's default)
+    detector: str = ""  # detector model URL: enables POST /v1/detect
+    detect_threshold: float = 0.3  # detector score below which a box is dropped
+    top_k: int = 5
+    batching: bool = True  # False: every image is its own forward pass (a baseline)
+    max_batch: int = 32  # images per forward pass
+    max_wait_ms: float = 2.0  # how long the first image of a batch waits for company
+    max_queue: int = 256  # images waiting for the model; beyond this: 503 + Retry-After
+    max_body_bytes: int = 8 << 20  # request bodies above this: 413 before parsing
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per image, from the header: 413 (below Pillow's bomb limit)
+    max_images: int = 64  # images per classify request
+    # Per request, so one request cannot cost more than ~2 CPU-seconds: the pixels of all its images
+    # (from the headers, before any decoding: 413 too_many_pixels; decode + resize cost ~15-25 ns per
+    # pixel on the 2-core dev machine, so 64M pixels is ~1.5 CPU-s), and the CPU time spent decoding
+    # and resizing them (a backstop for formats slower per pixel: 413 decode_budget_exceeded).
+    max_request_pixels: int = 64_000_000
+    decode_budget_s: float = 2.0  # CPU seconds (the decoding thread's own), checked after each image
+    request_timeout_s: float = 30.0  # decoding + waiting for the model, from the moment the body is in: 503
+    read_timeout_s: float = 30.0  # receiving the body beyond this: 408
+    retry_after_s: int = 1
+    reload_interval_s: float = 30.0  # poll the model source for a new version (0: never)
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise config.ConfigError("model: give a model folder, an ONNX export folder or REGISTRY_URL@ALIAS")
+        if not 0 <= self.port <= 65535:
+            raise config.ConfigError(f"port: expected 0..65535, got {self.port}")
+        for name in ("workers", "top_k", "max_batch", "max_queue", "max_body_bytes", "max_pixels", "max_images",
+                     "max_request_pixels", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise config.ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "reload_interval_s", "threads"):
+            if getattr(self, name) < 0:
+                raise config.ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "read_timeout_s", "decode_budget_s"):
+            if not getattr(self, name) > 0:
+                raise config.ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_queue < self.max_images:
+            raise config.ConfigError(f"max_queue ({self.max_queue}) must be >= max_images ({self.max_images}), "
+                                     "or a full-size request could never be queued")
+        if self.max_request_pixels < self.max_pixels:
+            raise config.ConfigError(f"max_request_pixels ({self.max_request_pixels}) must be >= max_pixels "
+                                     f"({self.max_pixels}), or an image within its own limit could never be served")
+        if self.decode_budget_s > self.request_timeout_s:
+            raise config.ConfigError(f"decode_budget_s ({self.decode_budget_s:g}) must be <= request_timeout_s "
+                                     f"({self.request_timeout_s:g}): decoding happens inside the request's time")
+        PredictConfig(model=self.model, top_k=self.top_k, backend=self.backend, max_pixels=self.max_pixels)
+
+    def predict_config(self) -> PredictConfig:
+        return PredictConfig(model=self.model, top_k=self.top_k, batch_size=self.effective_batch(),
+                             backend=self.backend, device=self.device, threads=self.threads,
+                             max_pixels=self.max_pixels, detector=self.detector,
+                             detect_threshold=self.detect_threshold)
+
+    def effective_batch(self) -> int:
+        return self.max_batch if self.batching else 1
+
+
+class ApiError(Exception):
+    """A request the service refuses: becomes ``{"error": {"status", "reason", "message"}}``."""
+
+    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.headers = status, reason, message, headers or {}
+
+
+class Overloaded(ApiError):
+    def __init__(self, reason: str, message: str, retry_after_s: int) -> None:
+        super().__init__(503, reason, message, {"Retry-After": str(retry_after_s)})
+
+
+# Image failures -> (status, what the client should do)
+_IMAGE_STATUS = {"too_many_pixels": 413, "bad_size": 400, "empty": 400}
+
+
+# ---------------------------------------------------------------------------------------------
+# The serving model and its hot reload
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A model version that failed to load or warm up, and the state of its folder when it did."""
+
+    version: str
+    url: str
+    reason: str
+    since: float  # wall-clock time of its first refusal
+    last_tried: float
+    attempts: int
+    stamp: str | None  # the folder's listing (names, sizes, times) before the failed load; None: unknown
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "url": self.url, "reason": self.reason, "since": _iso(self.since),
+                "last_tried": _iso(self.last_tried), "attempts": self.attempts}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def folder_stamp(url: str) -> str:
+    """What a model folder holds, cheaply: each entry's name, size and modification time (or ETag).
+
+    A refused version is tried again only when this changes: a folder written non-atomically (its
+    model.json before its weights) is refused mid-write and served once the write completes, while a
+    truly broken version is not reloaded at every poll.
+    """
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache(path)  # object-store listings are cached by fsspec; a stale one would hide the change
+    entries = fs.ls(path, detail=True)
+    keys = ("size", "mtime", "ino", "LastModified", "ETag", "etag", "md5Hash", "updated", "last_modified")
+    return json.dumps(sorted([str(e.get("name")), *(str(e.get(k)) for k in keys if k in e)] for e in entries))
+
+
+class ModelSlot:
+    """Holds the serving :class:`Predictor`; :meth:`poll` loads a new version beside it and swaps.
+
+    Generic over the *source* (a callable returning ``(version, url)``), so a registry alias, a
+    pointer file or a test can drive it. The swap is one attribute assignment (atomic in Python);
+    readers take ``slot.current`` once per batch and keep that reference. A version that fails to
+    load is remembered with its folder's ``stamp`` and tried again only when that changes.
+    """
+
+    def __init__(self, source: ModelSource, load: Callable[[str, str], Predictor], *,
+                 on_event: Callable[[str, str, str], None] | None = None,
+                 stamp: Callable[[str], str] = folder_stamp) -> None:
+        self._source = source
+        self._load = load
+        self._stamp = stamp
+        self._on_event = on_event or (lambda result, version, detail: None)
+        self._lock = threading.Lock()  # one reload at a time
+        self._refused: dict[str, Refusal] = {}  # version -> why it does not serve
+        self.current: Predictor | None = None
+
+    def start(self) -> Predictor:
+        """Load the first model; unlike a reload, a failure here stops the service from starting."""
+        version, url = self._source()
+        self.current = self._prepare(url, version)
+        self._on_event("loaded", version, url)
+        return self.current
+
+    def _prepare(self, url: str, version: str) -> Predictor:
+        predictor = self._load(url, version)
+        predictor.warmup()
+        return predictor
+
+    def poll(self) -> str:
+        """Check the source once: ``unchanged``, ``swapped``, ``refused`` (load/warm-up failed) or ``error``."""
+        with self._lock:
+            try:
+                version, url = self._source()
+            except Exception as exc:  # noqa: BLE001 - a flaky registry must not stop the service
+                self._on_event("source_error", "", f"{type(exc).__name__}: {exc}")
+                return "error"
+            current = self.current
+            if current is not None and version == current.version:
+                return "unchanged"
+            stamp = self._stamp_of(url)  # before the load: a write during it shows at the next poll
+            before = self._refused.get(version)
+            if before is not None and before.url == url and stamp is not None and before.stamp == stamp:
+                return "unchanged"
+            try:
+                fresh = self._prepare(url, version)
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the old model keeps serving
+                why = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, OSError):  # transient reads are retried at the next poll
+                    now = time.time()
+                    self._refused[version] = Refusal(version, url, why, before.since if before else now, now,
+                                                     (before.attempts if before else 0) + 1, stamp)
+                self._on_event("refused", version, why)
+                return "refused"
+            self._refused.pop(version, None)
+            self.current = fresh
+            self._on_event("swapped", version, url)
+            return "swapped"
+
+    def _stamp_of(self, url: str) -> str | None:
+        try:
+            return self._stamp(url)
+        except Exception as exc:  # noqa: BLE001 - unknown: a refused version is then tried at every poll
+            log.debug("cannot list %s (%s): a refusal there is retried at every poll", url, exc)
+            return None
+
+    def refused(self) -> dict[str, str]:
+        """version -> why it was refused (its latest attempt)."""
+        return {v: r.reason for v, r in self._refused.items()}
+
+    def refusals(self) -> list[Refusal]:
+        return sorted(self._refused.values(), key=lambda r: r.since)
+
+
+class _Poller:
+    """A daemon thread calling ``slot.poll()`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, slot: ModelSlot, interval: float) -> None:
+        self._slot, self._interval = slot, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="signscale-model-poller", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._slot.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic batching
+
+
+@dataclass
+class _Item:
+    arrays: list[np.ndarray]
+    predictor: Predictor
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """Groups images of concurrent requests into forward passes of up to ``max_batch`` images.
+
+    Runs in the event loop; the forward pass runs on one dedicated thread (the network is the
+    bottleneck, and two passes at once on a small CPU only contend for its cores).
+    """
+
+    def __init__(self, *, max_batch: int, max_wait_s: float, max_queue: int, retry_after_s: int,
+                 observe: Callable[[int], None] | None = None) -> None:
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.retry_after_s = retry_after_s
+        self._observe = observe or (lambda n: None)
+        self._items: deque[_Item] = deque()
+        self.queued = 0  # images waiting
+        self.incoming = 0  # requests decoding, about to submit
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="signscale-runner")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._pool.shutdown(wait=True)
+
+    def enqueue(self, arrays: list[np.ndarray], predictor: Predictor) -> asyncio.Future:
+        """Queue ``arrays`` (prepared by ``predictor``, and to be run by it); 503 when the queue is full."""
+        if self.queued + len(arrays) > self.max_queue:
+            raise Overloaded("queue_full", f"{self.queued} images are waiting for the model (limit "
+                             f"{self.max_queue}); retry after {self.retry_after_s}s", self.retry_after_s)
+        item = _Item(arrays, predictor, asyncio.get_running_loop().create_future())
+        self._items.append(item)
+        self.queued += len(arrays)
+        self._wake.set()
+        return item.future
+
+    async def result(self, future: asyncio.Future, timeout_s: float, request_timeout_s: float | None = None) \
+            -> np.ndarray:
+        """The probabilities for a queued request; 503 when the model does not get to it in time.
+
+        ``timeout_s`` is what is left of the request's time (``request_timeout_s``, said in the error).
+        """
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise Overloaded("timeout", f"no answer within {request_timeout_s or timeout_s:g}s (the service is "
+                             f"overloaded); retry after {self.retry_after_s}s", self.retry_after_s) from None
+
+    async def submit(self, arrays: list[np.ndarray], predictor: Predictor, timeout_s: float) -> np.ndarray:
+        return await self.result(self.enqueue(arrays, predictor), timeout_s)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = await self._collect(loop)
+            if not batch:
+                continue
+            predictor = batch[0].predictor
+            x = np.stack([a for it in batch for a in it.arrays])
+            self._observe(len(x))
+            try:
+                probs = await loop.run_in_executor(self._pool, predictor.probabilities, x)
+            except Exception as exc:  # noqa: BLE001 - delivered to each waiting request (a 500: a bug)
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+                continue
+            start = 0
+            for it in batch:
+                n = len(it.arrays)
+                if not it.future.done():
+                    it.future.set_result(probs[start:start + n])
+                start += n
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+        """Up to ``max_batch`` images of one predictor.
+
+        Waits at most ``max_wait_s`` for more, and only while some request is still decoding: with
+        nobody on the way, waiting would only add latency (a lone client pays nothing for batching).
+        """
+        deadline = loop.time() + self.max_wait_s
+        batch: list[_Item] = []
+        n = 0
+        while True:
+            while self._items:
+                head = self._items[0]
+                if head.future.done():  # timed out: skip its work
+                    self._items.popleft()
+                    self.queued -= len(head.arrays)
+                    continue
+                if batch and (head.predictor is not batch[0].predictor or n + len(head.arrays) > self.max_batch):
+                    return batch
+                self._items.popleft()
+                self.queued -= len(head.arrays)
+                batch.append(head)
+                n += len(head.arrays)
+                if n >= self.max_batch:
+                    return batch
+            remaining = deadline - loop.time()
+            if not batch or remaining <= 0 or self.incoming == 0:
+                return batch
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return batch
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Marks a request as on its way (decoding), so a forming batch waits for it."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
+            self._wake.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class _Metrics:
+    """Prometheus series in a registry of this app's own (several apps in one process stay apart)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("signscale_requests", "HTTP requests by path and status", ["path", "status"],
+                                registry=r)
+        self.latency = Histogram("signscale_request_seconds", "request latency", ["path"], registry=r,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.errors = Counter("signscale_errors", "refused or failed requests by reason", ["reason"], registry=r)
+        self.batch = Histogram("signscale_batch_images", "images per forward pass", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.queue = Gauge("signscale_queue_images", "images waiting for the model", registry=r)
+        self.reloads = Counter("signscale_model_reloads", "model source events", ["result"], registry=r)
+        self.decoded = Counter("signscale_decode_images", "images whose decoding started", registry=r)
+        self.decode_cpu = Counter("signscale_decode_cpu_seconds", "CPU time spent decoding and resizing images",
+                                  registry=r)
+        self.model = Gauge("signscale_model_info", "the serving model (value 1)", ["version", "backend"],
+                           registry=r)
+
+    def serving(self, predictor: Predictor) -> None:
+        self.model.clear()
+        self.model.labels(predictor.version, predictor.backend).set(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def _error_body(status: int, reason: str, message: str) -> dict[str, Any]:
+    return {"error": {"status": status, "reason": reason, "message": message}}
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: 413 for a declared body over the cap, before the app reads anything."""
+
+    def __init__(self, app: Any, max_bytes: int, on_refuse: Callable[[str], None]) -> None:
+        self.app, self.max_bytes, self.on_refuse = app, max_bytes, on_refuse
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope.get("headers") or ()).get(b"content-length")
+            reason = None
+            if declared is not None:
+                text = declared.decode("latin-1").strip()
+                if not text.isdigit():
+                    reason, status, msg = "bad_content_length", 400, f"Content-Length {text[:40]!r} is not a number"
+                elif int(text) > self.max_bytes:
+                    reason, status, msg = "body_too_large", 413, (f"request body of {int(text)} bytes exceeds the "
+                                                                   f"limit of {self.max_bytes} bytes")
+            if reason is not None:
+                self.on_refuse(reason)
+                await _drain(receive, _drain_limit(self.max_bytes))
+                await _send_json(send, status, _error_body(status, reason, msg), {"Connection": "close"})
+                return
+        await self.app(scope, receive, send)
+
+
+def _drain_limit(max_bytes: int) -> int:
+    return max(8 * max_bytes, 64 << 20)
+
+
+async def _drain(receive: Any, limit: int) -> None:
+    """Read and drop up to ``limit`` body bytes before refusing a request.
+
+    Closing a socket with unread data makes the kernel send a reset, which destroys the refusal
+    the client has not read yet; the client then sees "connection reset" instead of a 413 that
+    says why. Beyond ``limit`` the connection is closed anyway (a lingering close, as nginx does).
+    """
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _send_json(send: Any, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _Observe:
+    """Pure ASGI middleware: request count and latency per known path and status."""
+
+    def __init__(self, app: Any, metrics: _Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        label = path if path in KNOWN_PATHS else ("/static" if path.startswith("/static/") else "other")
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def send_(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            self.metrics.requests.labels(label, str(status["code"])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+
+@dataclass
+class _State:
+    cfg: ServeConfig
+    slot: ModelSlot
+    metrics: _Metrics
+    batcher: Batcher | None = None
+    poller: _Poller | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    startup_error: BaseException | None = None
+
+
+def _fastapi() -> Any:
+    try:
+        import fastapi
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ServeError("serving needs FastAPI, uvicorn and prometheus_client: pip install 'signscale[serve]'") \
+            from None
+    return fastapi
+
+
+def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
+    """The ASGI app. ``source`` overrides where versions come from (default: resolve ``cfg.model``)."""
+    fastapi = _fastapi()
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    metrics = _Metrics()
+    pcfg = cfg.predict_config()
+
+    def on_event(result: str, version: str, detail: str) -> None:
+        metrics.reloads.labels(result).inc()
+        if result in ("loaded", "swapped") and slot.current is not None:
+            metrics.serving(slot.current)
+            log.info("serving model version %s (%s)", version, detail)
+        elif result != "unchanged":
+            log.warning("model %s %s: %s; the serving model is unchanged", version or "source", result, detail)
+
+    load = functools.partial(_load_predictor, pcfg)
+    slot = ModelSlot(source or functools.partial(resolve_model, cfg.model), load, on_event=on_event)
+    state = _State(cfg=cfg, slot=slot, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, slot.start)
+            state.batcher = Batcher(max_batch=cfg.effective_batch(), max_wait_s=cfg.max_wait_ms / 1000 if cfg.batching
+                                    else 0.0, max_queue=cfg.max_queue, retry_after_s=cfg.retry_after_s,
+                                    observe=metrics.batch.observe)
+            state.batcher.start()
+            if cfg.reload_interval_s > 0:
+                state.poller = _Poller(slot, cfg.reload_interval_s)
+                state.poller.start()
+        except BaseException as exc:
+            state.startup_error = exc
+            state.ready.set()
+            raise
+        state.ready.set()
+        try:
+            yield
+        finally:
+            if state.poller is not None:
+                state.poller.stop()
+            if state.batcher is not None:
+                await state.batcher.stop()
+
+    app = fastapi.FastAPI(title="signscale", version=_version(), lifespan=lifespan, docs_url=None,
+                          description="Traffic-sign recognition: classify sign crops, detect signs in scenes.")
+    app.state.signscale = state
+    from signscale.serving.apidocs import add_docs
+
+    add_docs(app, title="signscale")  # /docs with Swagger UI served from the package, no CDN (apidocs.py)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Any, exc: ApiError) -> Any:
+        metrics.errors.labels(exc.reason).inc()
+        return JSONResponse(_error_body(exc.status, exc.reason, exc.message), exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Any, exc: Any) -> Any:
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        metrics.errors.labels(reason).inc()
+        return JSONResponse(_error_body(exc.status_code, reason, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Any, exc: Any) -> Any:
+        metrics.errors.labels("bad_parameter").inc()
+        return JSONResponse(_error_body(400, "bad_parameter", str(exc.errors())[:500]), 400)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Any, exc: Exception) -> Any:
+        log.exception("internal error on %s", request.url.path)
+        metrics.errors.labels("internal").inc()
+        return JSONResponse(_error_body(500, "internal", f"internal error ({type(exc).__name__}); this is a bug "
+                                        "in signscale, please report it"), 500)
+
+    image_body = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+            "type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.post("/v1/classify", openapi_extra=image_body, summary="Classify sign crops (top-k per image)")
+    async def classify(request: Request) -> Any:
+        predictor = _serving(state)
+        top_k = _top_k(request, predictor, cfg.top_k)
+        blobs = await _images_in(request, cfg)
+        deadline = time.monotonic() + cfg.request_timeout_s  # decoding and the model's answer, both inside
+        batcher = state.batcher
+        assert batcher is not None
+        with batcher.expecting():
+            arrays = await _prepare(predictor.prepare, blobs, _Limits.of(cfg, deadline), metrics)
+            started = time.perf_counter()
+            future = batcher.enqueue(arrays, predictor)
+        probs = await batcher.result(future, max(0.0, deadline - time.monotonic()), cfg.request_timeout_s)
+        # a JSONResponse, not a dict: FastAPI would walk the plain dict with jsonable_encoder first
+        return JSONResponse({"model": {"version": predictor.version, "backend": predictor.backend},
+                             "results": [{"index": i, "filename": name, "top_k": top}
+                                         for i, ((name, _), top) in enumerate(zip(blobs, predictor.top(probs, top_k)))],
+                             "model_ms": round((time.perf_counter() - started) * 1000, 3)})
+
+    @app.post("/v1/detect", openapi_extra=image_body, summary="Detect and classify the signs in one scene")
+    async def detect(request: Request) -> Any:
+        predictor = _serving(state)
+        if not cfg.detector:
+            raise ApiError(404, "detect_disabled", "detection is not enabled on this service; start it with "
+                           "`signscale serve MODEL --detector DETECTOR_URL`")
+        blobs = await _images_in(request, cfg)
+        if len(blobs) != 1:
+            raise ApiError(400, "one_scene", f"send exactly one scene image, got {len(blobs)}")
+        limits = _Limits.of(cfg, time.monotonic() + cfg.request_timeout_s)
+        scene = (await _prepare(functools.partial(images.decode, max_pixels=cfg.max_pixels), blobs, limits,
+                                metrics))[0]
+        boxes = await asyncio.get_running_loop().run_in_executor(None, predictor.detect, [scene])
+        return {"model": {"version": predictor.version}, "width": int(scene.shape[1]),
+                "height": int(scene.shape[0]), "boxes": _plain(boxes[0])}
+
+    @app.get("/v1/model", summary="The serving model: version, label space, preprocessing, metrics")
+    async def model_info() -> Any:
+        predictor = _serving(state)
+        return {**predictor.info(), "serving": {
+            "batching": cfg.batching, "max_batch": cfg.effective_batch(), "max_wait_ms": cfg.max_wait_ms,
+            "max_queue": cfg.max_queue, "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
+            "max_images": cfg.max_images, "max_request_pixels": cfg.max_request_pixels,
+            "decode_budget_s": cfg.decode_budget_s, "request_timeout_s": cfg.request_timeout_s,
+            "detect": bool(cfg.detector), "refused_versions": slot.refused()}}
+
+    @app.get("/v1/pictogram/{key}.png", summary="A clean drawing of a sign class (for the page)")
+    async def pictogram(key: str) -> Any:
+        png = _pictogram(key)
+        if png is None:
+            raise ApiError(404, "no_pictogram", f"no pictogram for class {key!r}")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/healthz", summary="The process is alive; the serving version and any refused versions")
+    async def healthz() -> Any:
+        # Always 200 while the process answers (a liveness probe must not restart a service whose old
+        # model still serves); a refused version is reported here so an operator sees why an update
+        # did not take: which version, why, since when, how often tried.
+        current = slot.current
+        return {"status": "ok", "serving": current.version if current is not None else None,
+                "refused": [r.to_dict() for r in slot.refusals()]}
+
+    @app.get("/readyz", summary="A model is loaded and warmed up")
+    async def readyz() -> Any:
+        if slot.current is None or state.batcher is None:
+            raise ApiError(503, "not_ready", "no model is loaded yet", {"Retry-After": str(cfg.retry_after_s)})
+        return {"status": "ready", "version": slot.current.version}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Any:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if state.batcher is not None:
+            metrics.queue.set(state.batcher.queued)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    web = resources.files("signscale.serving") / "web"
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> Any:
+        return HTMLResponse((web / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(directory=str(web)), name="static")
+    wrapped = _BodyLimit(app, cfg.max_body_bytes, lambda reason: metrics.errors.labels(reason).inc())
+    return _Outer(_Observe(wrapped, metrics), app)  # observing outermost: it sees body-limit refusals too
+
+
+class _Outer:
+    """The ASGI callable uvicorn runs: middlewares around FastAPI; ``.app`` is the FastAPI object."""
+
+    def __init__(self, asgi: Any, app: Any) -> None:
+        self.asgi, self.app = asgi, app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self.asgi(scope, receive, send)
+
+
+def _version() -> str:
+    import signscale
+
+    return signscale.__version__
+
+
+def _load_predictor(pcfg: PredictConfig, url: str, version: str) -> Predictor:
+    return Predictor.load_url(url, version=version, cfg=pcfg)
+
+
+def _serving(state: _State) -> Predictor:
+    predictor = state.slot.current
+    if predictor is None or state.batcher is None:
+        raise ApiError(503, "not_ready", "no model is loaded yet", {"Retry-After": str(state.cfg.retry_after_s)})
+    return predictor
+
+
+def _top_k(request: Any, predictor: Predictor, default: int) -> int:
+    raw = request.query_params.get("top_k")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= len(predictor.label_space):
+        raise ApiError(400, "bad_parameter", f"top_k: expected an integer 1..{len(predictor.label_space)}, "
+                       f"got {raw[:20]!r}")
+    return int(raw)
+
+
+async def _read_body(request: Any, cfg: ServeConfig) -> bytes:
+    """The body, refused with 413 the moment it passes the cap (chunked bodies declare no length)."""
+    chunks, total = [], 0
+
+    async def read() -> None:
+        nonlocal total
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":  # the client went away mid-body
+                raise ApiError(400, "incomplete_body", "the client disconnected before sending the whole body")
+            chunk, more = message.get("body", b""), message.get("more_body", False)
+            total += len(chunk)
+            if total > cfg.max_body_bytes:
+                if more:
+                    await _drain(request.receive, _drain_limit(cfg.max_body_bytes))
+                raise ApiError(413, "body_too_large", f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not more:
+                return
+
+    try:
+        await asyncio.wait_for(read(), cfg.read_timeout_s)
+    except TimeoutError:
+        raise ApiError(408, "read_timeout", f"the request body did not arrive within {cfg.read_timeout_s:g}s") \
+            from None
+    body = b"".join(chunks)
+    request._body = body  # starlette's own cache: request.form() now parses these bytes, not the stream
+    return body
+
+
+async def _images_in(request: Any, cfg: ServeConfig) -> list[tuple[str | None, bytes]]:
+    """(filename, bytes) of each image in a multipart body, or the one raw-body image."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await _read_body(request, cfg)
+    if not body:
+        raise ApiError(400, "empty", "the request body is empty; send an image")
+    if ctype == "multipart/form-data":
+        blobs = await _multipart(request, cfg)
+    elif not ctype or ctype.startswith("image/") or ctype in RAW_TYPES:
+        blobs = [(None, body)]
+    else:
+        raise ApiError(415, "unsupported_media_type", f"content type {ctype[:60]!r} is not accepted; send the image "
+                       "as the body (Content-Type: image/png, image/jpeg or application/octet-stream) or as "
+                       "multipart/form-data file fields")
+    if len(blobs) > cfg.max_images:
+        raise ApiError(413, "too_many_images", f"{len(blobs)} images in one request; the limit is {cfg.max_images} "
+                       "(max_images): split it into several requests")
+    return blobs
+
+
+async def _multipart(request: Any, cfg: ServeConfig) -> list[tuple[str | None, bytes]]:
+    from starlette.datastructures import UploadFile
+
+    try:
+        form = await request.form(max_files=cfg.max_images, max_fields=cfg.max_images + 16)
+    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted multipart is a bad request
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        if str(detail).lower().startswith("too many files"):
+            # starlette stops at the (max_images + 1)-th file part, before spooling it: the parse fails,
+            # but the request is well-formed and too big, which the API documents as 413
+            raise ApiError(413, "too_many_images", f"more than {cfg.max_images} images in one request; the limit "
+                           f"is {cfg.max_images} (max_images): split it into several requests") from None
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {detail}") from None
+    try:
+        blobs = []
+        for _, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                blobs.append((value.filename, await value.read()))
+    finally:
+        await form.close()
+    if not blobs:
+        raise ApiError(400, "no_image", "the multipart body has no file part; send each image as a file field, "
+                       "e.g. curl -F file=@sign.png")
+    return blobs
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """What one request may cost to decode: pixels (from headers), CPU seconds, and its deadline."""
+
+    max_pixels: int  # per image
+    max_request_pixels: int  # all its images together
+    decode_budget_s: float
+    deadline: float  # time.monotonic() by which the request must be answered
+    timeout_s: float  # the configured request timeout (for the message)
+    retry_after_s: int
+
+    @classmethod
+    def of(cls, cfg: ServeConfig, deadline: float) -> _Limits:
+        return cls(cfg.max_pixels, cfg.max_request_pixels, cfg.decode_budget_s, deadline, cfg.request_timeout_s,
+                   cfg.retry_after_s)
+
+
+def _check_pixels(blobs: list[tuple[str | None, bytes]], limits: _Limits) -> int:
+    """Refuse the request from its images' headers alone when all of them together are too many pixels.
+
+    PIL's ``open`` reads only the header, so this costs microseconds per image however large it claims
+    to be; a request of 64 PNGs of 4900x4900 (4.5 MB on the wire) would otherwise cost ~30 CPU-seconds.
+    """
+    total = 0
+    for i, (name, data) in enumerate(blobs):
+        try:
+            w, h = images.open_checked(data, max_pixels=limits.max_pixels).size
+        except images.ImageError as exc:
+            raise _image_error(exc, name, i) from None
+        total += w * h
+    if total > limits.max_request_pixels:
+        raise ApiError(413, "too_many_pixels", f"the {len(blobs)} image(s) of this request have {total} pixels in "
+                       f"all; the limit per request is {limits.max_request_pixels} (max_request_pixels): send "
+                       "fewer or smaller images per request")
+    return total
+
+
+def _decode_all(convert: Callable[[bytes], np.ndarray], blobs: list[tuple[str | None, bytes]], limits: _Limits,
+                metrics: _Metrics, *, checked: bool = False) -> list[np.ndarray]:
+    """Check the pixel budget, then decode image by image within the CPU budget and the request's deadline.
+
+    The budget is this thread's CPU time (not wall time), so a busy machine does not refuse honest
+    requests; it is checked after each image, so a request costs at most the budget plus one image,
+    and that one is bounded by ``max_pixels``.
+    """
+    if not checked:
+        _check_pixels(blobs, limits)
+    out: list[np.ndarray] = []
+    started = time.thread_time()
+    try:
+        for i, (name, data) in enumerate(blobs):
+            if time.monotonic() > limits.deadline:
+                raise Overloaded("timeout", f"no answer within {limits.timeout_s:g}s: image {i} of {len(blobs)} "
+                                 f"was still waiting to be decoded (the service is overloaded); retry after "
+                                 f"{limits.retry_after_s}s", limits.retry_after_s)
+            metrics.decoded.inc()
+            try:
+                out.append(convert(data))
+            except images.ImageError as exc:
+                raise _image_error(exc, name, i) from None
+            used = time.thread_time() - started
+            if used > limits.decode_budget_s:
+                raise ApiError(413, "decode_budget_exceeded", f"decoding image {i} of {len(blobs)} brought this "
+                               f"request to {used:.3f} CPU-seconds, over its budget of {limits.decode_budget_s:g}s "
+                               "(decode_budget_s): send fewer or smaller images, or a format that decodes faster")
+    finally:
+        metrics.decode_cpu.inc(time.thread_time() - started)
+    return out
+
+
+# Requests this small are decoded in the event loop: a sign crop decodes in ~0.1 ms, less than the
+# hand-off to a worker thread and back costs; larger ones go to a thread so the loop keeps serving.
+# Both bounds matter: a 12 KB PNG can claim 25M pixels of one colour (~0.3 CPU-s to decode).
+INLINE_DECODE_BYTES = 32 << 10
+INLINE_DECODE_PIXELS = 1 << 16
+
+
+async def _prepare(convert: Callable[[bytes], np.ndarray], blobs: list[tuple[str | None, bytes]], limits: _Limits,
+                   metrics: _Metrics) -> list[np.ndarray]:
+    """Decode (and resize, for classify) every image (small ones inline, others in a thread) within the limits."""
+    if sum(len(data) for _, data in blobs) <= INLINE_DECODE_BYTES:  # headers of a few KB: read them here
+        if _check_pixels(blobs, limits) <= INLINE_DECODE_PIXELS:
+            return _decode_all(convert, blobs, limits, metrics, checked=True)
+        work = functools.partial(_decode_all, convert, blobs, limits, metrics, checked=True)
+    else:
+        work = functools.partial(_decode_all, convert, blobs, limits, metrics)
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def _image_error(exc: images.ImageError, name: str | None, index: int) -> ApiError:
+    which = f"image {index}" + (f" ({name[:80]!r})" if name else "")
+    return ApiError(_IMAGE_STATUS.get(exc.reason, 400), exc.reason, f"{which}: {exc}")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays in a detector's output -> JSON-able Python values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@functools.lru_cache(maxsize=128)
+def _pictogram(key: str) -> bytes | None:
+    """A clean rendering of the class with this semantic key, from the synthetic source's drawings."""
+    from signscale.data.sources.synthetic import render_clean
+    from signscale.labels import LabelError, LabelSpace
+
+    try:
+        label = LabelSpace.for_country("de").index(key)
+    except LabelError:
+        return None
+    return images.encode_png(render_clean(label, 64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 picks a free one (read it back with ``sock.getsockname()``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they
+    # are TCP, and without it every keep-alive response stalls ~40 ms on the client's delayed ACK
+    # (uvicorn writes headers and body separately). Accepted sockets inherit NODELAY on Linux too.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"host/port: cannot listen on {host}:{port} ({exc}); pick another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_server(app: Any, cfg: ServeConfig) -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ServeError("serving needs uvicorn: pip install 'signscale[serve]'") from None
+    return uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, lifespan="on", access_log=False,
+                                         timeout_graceful_shutdown=5, backlog=2048))
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service started by :func:`running`: its base URL and its model slot (``poll()`` reloads now)."""
+
+    url: str
+    slot: ModelSlot
+
+    def poll(self) -> str:
+        return self.slot.poll()
+
+
+@contextlib.contextmanager
+def running(cfg: ServeConfig, *, source: ModelSource | None = None) -> Iterator[Service]:
+    """Serve in a background thread of this process; yields the :class:`Service` once the model is ready."""
+    sock = bind(cfg.host, cfg.port)
+    app = create_app(cfg, source=source)
+    server = _uvicorn_server(app, cfg)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="signscale-serve", daemon=True)
+    thread.start()
+    state: _State = app.app.state.signscale
+    try:
+        while not state.ready.wait(0.5):  # startup loads and warms the model; a dead thread means it failed
+            if not thread.is_alive():
+                break
+        if state.startup_error is not None or not thread.is_alive():
+            raise ServeError(f"the service did not start: {state.startup_error!r}")
+        host, port = sock.getsockname()[:2]
+        yield Service(url=f"http://{host if ':' not in host else f'[{host}]'}:{port}", slot=state.slot)
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
+
+
+def serve_socket(cfg: ServeConfig, sock: socket.socket) -> None:
+    """Run the service on an already-bound socket in this process until interrupted."""
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.WARNING))
+    _uvicorn_server(create_app(cfg), cfg).run(sockets=[sock])
+
+
+def serve(cfg: ServeConfig, *, on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted; ``workers`` > 1 runs that many processes on one shared socket."""
+    _fastapi()
+    resolve_model(cfg.model)  # a wrong path or alias: one clear error now, not a traceback from each worker
+    sock = bind(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    if on_listening is not None:
+        on_listening(f"http://{host}:{port}")
+    if cfg.workers == 1:
+        serve_socket(cfg, sock)
+        return
+    import multiprocessing as mp
+    import signal
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
+    procs = [ctx.Process(target=serve_socket, args=(cfg, sock), name=f"signscale-serve-{i}")
+             for i in range(cfg.workers)]
+    for p in procs:
+        p.start()
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (a process manager) stops the workers too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join()
+    finally:
+        sock.close()

@@ -1,0 +1,665 @@
+"""``train(TrainConfig) -> TrainResult``: the only place that knows about processes, devices and precision.
+
+One process or ``torchrun --nproc-per-node N -m signscale train ...`` on one or many nodes: the
+process group comes from torchrun's environment (NCCL with CUDA, gloo on CPU), the model is
+wrapped in DDP, gradient accumulation skips the all-reduce with ``no_sync`` until the last
+micro-batch, and only rank 0 logs and writes.
+
+Exact resume: every step seeds its own RNGs from (seed, step, rank), the loader resumes at the
+sample it stopped at, and the checkpoint holds model, EMA, optimizer, scheduler, scaler and loader
+state, so a resumed run's per-step losses equal an uninterrupted run's (CPU, fp32).
+
+No crash window: metrics lines are flushed before the checkpoint that counts them (a resumed run cuts
+the file back to that count), and a checkpoint taken after an epoch's last step but before its
+validation says so, and resume runs that validation first; a run killed anywhere and resumed leaves
+the metrics, curve, ``best.pt`` and model an uninterrupted run leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from signscale import config as config_mod
+from signscale import storage
+from signscale.data.shards import Manifest, ShardError
+from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
+from signscale.labels import LabelSpace
+from signscale.models import create_model, grow_head, model_config, model_info
+from signscale.training import checkpoint, distributed, precision
+from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess, to_input
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message names the step, the data and the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (saved inside every checkpoint and model)."""
+
+    data: tuple[str, ...] = ()  # packed dataset URLs to train on
+    val: str = ""  # packed dataset URL for per-epoch validation (held-out tracks)
+    out: str = "runs/train"  # run folder: checkpoints, metrics, model
+    weights: tuple[float, ...] = ()  # mixing weights for several datasets (empty: all of each)
+    country_weights: dict[str, float] = field(default_factory=dict)  # e.g. {de: 1, cn: 2}: per-country mixing
+    merge_by: Literal["meaning", "design"] = "meaning"  # how datasets of different countries share outputs
+    init_from: str = ""  # model artefact to start from; its head grows to the data's label space
+    model: str = "msnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps (0: epochs decide)
+    batch_size: int = 256  # per process, per micro-batch
+    accumulate: int = 1  # micro-batches per optimizer step
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_frac: float = 0.15
+    label_smoothing: float = 0.1
+    class_balance: Literal["none", "loss"] = "none"  # loss: weight classes by 1/frequency (from the manifests)
+    ema: float = 0.999  # 0: no EMA of the weights
+    clip_norm: float = 5.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 2
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    block_size: int = 256
+    on_corrupt: Literal["raise", "skip"] = "raise"  # a data block failing its checksum: stop, or skip it (counted)
+    world_invariant: bool = False  # interleave global batches over ranks: N ranks == 1 rank x accumulate N
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at epoch ends)
+    keep_last: int = 3
+    resume: str = ""  # "" | "auto" | checkpoint URL
+    log_every: int = 20
+    progress: bool = True
+    threads: int = 0  # torch intra-op threads per process (0: torch's default)
+
+    def __post_init__(self) -> None:
+        precision.check(self.precision)
+        if self.batch_size < 1 or self.accumulate < 1:
+            raise config_mod.ConfigError("batch_size and accumulate must be >= 1")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise config_mod.ConfigError("epochs: must be >= 1 (or set max_steps)")
+        if self.weights and self.country_weights:
+            raise config_mod.ConfigError("weights and country_weights: give one of them (country_weights sets "
+                                         "each dataset's weight from the countries it holds)")
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int = 0
+    epochs: int = 0
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    best_val_acc: float = float("nan")
+    final_val_acc: float = float("nan")
+    curve: list[dict[str, float]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    model_url: str = ""
+    params: int = 0
+    macs: int = 0
+    peak_memory_mb: float = 0.0
+    precision: str = "fp32"
+    world_size: int = 1
+    preempted: bool = False
+    skipped_steps: int = 0
+    data_wait_s: float = 0.0  # rank 0's time blocked on the loader (the accelerator idles meanwhile)
+    loop_s: float = 0.0  # the training loop's wall time, validation included
+
+    def summary(self) -> str:
+        val = f", best val acc {self.best_val_acc:.2%}" if not math.isnan(self.best_val_acc) else ""
+        stop = " (preempted: checkpoint written, resume with --resume auto)" if self.preempted else ""
+        wait = f", waiting for data {self.data_wait_s / self.loop_s:.1%} of the time" if self.loop_s > 0 else ""
+        return (f"trained {self.steps} steps / {self.epochs} epoch(s) in {self.seconds:.0f}s at "
+                f"{self.samples_per_s:,.0f} samples/s on {self.world_size} process(es), {self.precision}, "
+                f"{self.params / 1e6:.2f}M params, {self.macs / 1e6:.1f}M MACs, peak mem "
+                f"{self.peak_memory_mb:,.0f} MB{wait}{val}; model: {self.model_url or '-'}{stop}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights of convs and linears only, never on norms or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, total_steps),
+                                                   pct_start=cfg.warmup_frac, div_factor=20, final_div_factor=200)
+    if cfg.schedule == "cosine":
+        warm = max(1, int(total_steps * cfg.warmup_frac))
+        return torch.optim.lr_scheduler.SequentialLR(opt, [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.05, total_iters=warm),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps - warm))], milestones=[warm])
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _timed(loader: Iterable[dict[str, Any]], result: TrainResult) -> Iterator[dict[str, Any]]:
+    """The loader's batches, adding the time spent blocked on each one to ``result.data_wait_s``.
+
+    Every step ends in a synchronising loss all-reduce (``float(...)``), so time inside ``next`` is
+    time the accelerator has nothing queued: the figure that says whether the loader keeps up.
+    """
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        result.data_wait_s += time.perf_counter() - t
+        yield batch
+
+
+def _ema_update(decay: float) -> Callable[..., None]:
+    """EMA with warm-up: the decay grows as (1 + n) / (10 + n) up to ``decay``, so early averages are not
+    dominated by the random initial weights (a fixed 0.999 needs thousands of steps to forget them)."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        for e, p in zip(ema_params, params):
+            if e.is_floating_point():
+                e.lerp_(p.to(e.dtype), 1 - d)
+            else:
+                e.copy_(p)
+
+    return update
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+class _Preemption:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint is written first."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Preemption":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Logger:
+    """Rank-0 metrics JSONL (and TensorBoard events when tensorboard is installed)."""
+
+    def __init__(self, out: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.lines: list[str] = []
+        self.url = storage.join(out, "metrics.jsonl")
+        self.tb = None
+        if enabled and storage.is_local(out):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(storage.join(out, "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.lines.append(json.dumps(record))
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, record.get("step", 0))
+
+    def restore(self, count: int | None) -> None:
+        """Resume the file as it stood at a checkpoint: its first ``count`` lines (all for older checkpoints).
+
+        Lines are flushed before each checkpoint, so the file holds at least ``count``; any after them
+        were logged past the checkpoint by the run that stopped, and the resumed run logs them again.
+        """
+        if not self.enabled:
+            return
+        lines = storage.read_text(self.url).splitlines() if storage.exists(self.url) else []
+        if count is not None and len(lines) < count:
+            print(f"warning: {self.url} holds {len(lines)} lines, fewer than the {count} the checkpoint "
+                  "covers (written by an older signscale, or edited); the missing ones are not rebuilt",
+                  file=sys.stderr)
+        self.lines = lines if count is None else lines[:count]
+
+    def flush(self) -> None:
+        if self.enabled and self.lines:
+            storage.write_bytes(self.url, ("\n".join(self.lines) + "\n").encode())
+            if self.tb is not None:
+                self.tb.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, loader: StreamLoader, pre: Preprocess, device: torch.device,
+             prec: str, channels_last: bool) -> tuple[int, int]:
+    """(correct, counted) over this rank's share, padding excluded; summed over ranks by the caller."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    for b in loader:
+        x = to_input(b["image"].to(device, non_blocking=True), pre, channels_last=channels_last)
+        with precision.autocast(prec, device):  # type: ignore[arg-type]
+            logits = model(x)
+        keep = ~b["pad"].to(device)
+        correct += ((logits.argmax(1) == b["label"].to(device)) & keep).sum()
+        count += keep.sum()
+    distributed.all_reduce_sum(correct)
+    distributed.all_reduce_sum(count)
+    return int(correct), int(count)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@distributed.restores_threads
+def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], None] | None = None) -> TrainResult:
+    """Train a classifier on packed datasets; see the module docstring.
+
+    ``on_step(step, loss, model)`` is called on every rank after each optimizer step (for tests,
+    custom logging or early stopping); ``loss`` is the global batch's mean loss.
+    """
+    started = time.perf_counter()
+    if not cfg.data:
+        raise config_mod.ConfigError("data: give at least one packed dataset URL (see `signscale pack`)")
+    rank, world, device = distributed.setup(cfg.device, cfg.threads, cfg.seed)
+    main = rank == 0
+
+    manifests = [Manifest.load(u) for u in cfg.data]
+    init = _load_init(cfg.init_from) if cfg.init_from else None
+    space = training_space([m.label_space for m in manifests], cfg.merge_by, init[2] if init else None)
+    weights = country_mixing(manifests, cfg.country_weights) if cfg.country_weights else tuple(cfg.weights)
+    train_stream = ShardStream(StreamConfig(datasets=tuple(cfg.data), weights=weights,
+                                            batch_size=cfg.batch_size, seed=cfg.seed, block_size=cfg.block_size,
+                                            remainder="drop", on_corrupt=cfg.on_corrupt,
+                                            rank_layout="interleaved" if cfg.world_invariant else "contiguous"),
+                               label_space=space)
+    loader = StreamLoader(train_stream, num_workers=cfg.workers)
+    manifest_checksums = [m.checksum() for m in manifests]
+    pre = Preprocess(size=train_stream.image_size)
+    val_loader = None
+    if cfg.val:
+        try:
+            vs = ShardStream(StreamConfig(datasets=(cfg.val,), batch_size=512, shuffle=False, remainder="pad",
+                                          block_size=cfg.block_size, on_corrupt=cfg.on_corrupt), label_space=space)
+        except ShardError as exc:
+            raise TrainError(f"val dataset {cfg.val} cannot be scored in the training label space: {exc}") from None
+        val_loader = StreamLoader(vs, num_workers=min(cfg.workers, 1))
+
+    if init is not None:
+        model = _grown(init, space)
+    else:
+        model = create_model(cfg.model, len(space), **cfg.model_kwargs)
+    info = model_info(model, train_stream.image_size)
+    model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.ema > 0:
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True)
+    net: torch.nn.Module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    fwd = torch.compile(net) if cfg.compile else net
+    opt = _optimizer(cfg, model)
+    steps_per_epoch = max(1, len(loader) // cfg.accumulate)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    sched = _scheduler(cfg, opt, total_steps)
+    scaler = precision.make_scaler(cfg.precision, device)
+    class_weight = _class_weights(cfg.class_balance, manifests, train_stream.label_luts, len(space), device)
+    augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
+    if device.type == "cpu" and cfg.workers > 0:
+        # On a CPU box the loader workers augment while the main process trains; on a GPU the
+        # augmentation runs on the device after transfer. Same seed -> same pixels either way (the
+        # workers hand over 8-bit pixels, so up to half a grey level of rounding).
+        train_stream.transform = LoaderAugment(augment)
+
+    result = TrainResult(out=cfg.out, params=info["params"], macs=info["macs"], precision=cfg.precision,
+                         world_size=world)
+    step, best = 0, -1.0
+    pending: dict[str, Any] | None = None  # a finished epoch whose validation the checkpoint did not cover
+    metrics_lines: int | None = None
+    resume_url = _resume_url(cfg)
+    if resume_url:
+        state = checkpoint.load_checkpoint(resume_url)
+        _check_resume(state, cfg, space, manifest_checksums, resume_url)
+        model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(json.loads(state["loader"]))
+        checkpoint.set_rng_state(state["rng"])
+        step, best = int(state["step"]), float(state["best"])
+        result.curve = json.loads(state["curve"])
+        result.losses = [float(x) for x in state["losses"]]
+        if state.get("val_pending"):
+            pending = {**json.loads(state["val_pending"]), "loader": json.loads(state["loader"])}
+        metrics_lines = int(state["metrics_lines"]) if "metrics_lines" in state else None
+        if main:
+            print(f"resumed from {resume_url} at step {step} (epoch {loader.stream.epoch})")
+
+    logger = _Logger(cfg.out, main)
+    if resume_url:
+        logger.restore(metrics_lines)
+    if main:
+        storage.makedirs(cfg.out)
+        storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
+    precision.reset_peak_memory(device)
+    last_ckpt = resume_url or ""
+    samples_seen = 0
+    t_loop = time.perf_counter()
+
+    def loader_state() -> dict[str, Any]:
+        return loader.state_dict(distributed.all_gather_object(loader.local_state()), world)
+
+    def save(ls: dict[str, Any], best_flag: bool = False, val_pending: dict[str, Any] | None = None) -> str:
+        """Checkpoint at ``step`` with loader state ``ls``; the metrics lines it covers are flushed first."""
+        st = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "loader": json.dumps(ls),
+            "rng": checkpoint.rng_state(),
+            "best": best,
+            "curve": json.dumps(result.curve),
+            "losses": torch.tensor(result.losses, dtype=torch.float64),
+            "config": config_mod.to_dict(cfg),
+            "label_space": json.dumps(space.to_dict()),
+            "manifests": manifest_checksums,
+            "world_size": world,
+            # a kill after this save finds the epoch's validation still owed, and the file's first lines
+            "val_pending": json.dumps(val_pending) if val_pending else "",
+            "metrics_lines": len(logger.lines),
+        }
+        logger.flush()
+        url = checkpoint.save_checkpoint(cfg.out, step, st, keep_last=cfg.keep_last, best=best_flag) if main else ""
+        distributed.barrier()
+        return url
+
+    def save_in_epoch(epoch: int) -> str:
+        """A checkpoint between steps; after an epoch's (or the run's) last step it owes that validation."""
+        ls = loader_state()
+        owed = ls["epoch"] > epoch or bool(cfg.max_steps and step >= total_steps)
+        return save(ls, val_pending={"epoch": epoch} if owed else None)
+
+    def validate_and_save(epoch: int, ls: dict[str, Any]) -> str:
+        """The validation that ends an epoch (or the run): curve point, metrics line, best.pt, checkpoint."""
+        nonlocal best
+        acc = _run_validation(val_loader, ema.module if ema is not None else model, pre, device, cfg)
+        result.curve.append({"epoch": _epochs_done(ls), "step": step, "seconds": time.perf_counter() - started,
+                             "val_acc": acc, "loss": result.losses[-1] if result.losses else float("nan")})
+        logger.log({"step": step, "epoch": epoch, "val_acc": acc})
+        if main and not math.isnan(acc):
+            print(f"epoch {epoch + 1}: val acc {acc:.2%} at {time.perf_counter() - started:.0f}s")
+        is_best = not math.isnan(acc) and acc > best
+        best = max(best, acc) if not math.isnan(acc) else best
+        return save(ls, best_flag=is_best)
+
+    from signscale.progress import progress_bar
+
+    with _Preemption() as preempt, progress_bar("train", total_steps - step, enabled=cfg.progress and main,
+                                                unit="steps") as advance:
+        if pending is not None:  # the run stopped between an epoch's last step and its validation
+            last_ckpt = validate_and_save(int(pending["epoch"]), pending["loader"])
+        # An epochs-driven run can reach its last step with micro-batches of the epoch still to go
+        # (accumulation); they run, as they would have without the stop, before the final validation.
+        done = bool(cfg.max_steps and step >= total_steps) or loader.stream.epoch >= cfg.epochs
+        while not done:
+            epoch = loader.stream.epoch
+            net.train()
+            opt.zero_grad(set_to_none=True)  # an epoch's unfinished accumulation does not leak into the next
+            micro = 0
+            step_loss = torch.zeros((), device=device)
+            for batch in _timed(loader, result):
+                micro += 1
+                last_micro = micro % cfg.accumulate == 0
+                # one seed per global micro-batch: N ranks and 1 rank x accumulate N draw the same numbers
+                global_micro = (step * cfg.accumulate + (micro - 1) % cfg.accumulate) * world + rank
+                seed = _step_seed(cfg.seed, global_micro, 0)
+                torch.manual_seed(seed)  # dropout and anything else random in the step
+                if batch.get("augmented"):  # 8-bit augmented pixels from the workers: normalise only
+                    x, y = to_input(batch["image"].to(device, non_blocking=True), pre), batch["label"].to(device)
+                else:
+                    gen = torch.Generator(device=device).manual_seed(batch["seed"])
+                    x, y = augment(batch["image"].to(device, non_blocking=True), batch["label"].to(device), gen)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                sync = nullcontext() if (last_micro or world == 1) else net.no_sync()  # type: ignore[operator]
+                with sync:
+                    with precision.autocast(cfg.precision, device):
+                        logits = fwd(x)
+                        loss = F.cross_entropy(logits.float(), y, weight=class_weight,
+                                               label_smoothing=cfg.label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise TrainError(
+                            f"non-finite loss at step {step} (epoch {epoch}) on a batch of sample ids "
+                            f"{batch['id'][:8].tolist()}... from {cfg.data[int(batch['dataset'][0])]}; last good "
+                            f"checkpoint: {last_ckpt or 'none'}. Lower lr or use bf16/fp32.")
+                    precision.backward(loss / cfg.accumulate, scaler)
+                step_loss += loss.detach() / cfg.accumulate
+                samples_seen += len(y) * world
+                if not last_micro:
+                    continue
+                res = precision.optimizer_step(opt, scaler, model.parameters(), clip_norm=cfg.clip_norm)
+                result.skipped_steps += int(res.skipped)
+                if ema is not None:
+                    ema.update_parameters(model)
+                sched.step()
+                step += 1
+                global_loss = float(distributed.all_reduce_sum(step_loss)) / world
+                step_loss = torch.zeros((), device=device)
+                result.losses.append(global_loss)
+                if on_step is not None:
+                    on_step(step, global_loss, model)
+                advance(1)
+                if step % cfg.log_every == 0:
+                    logger.log({"step": step, "epoch": epoch, "loss": global_loss, "lr": sched.get_last_lr()[0],
+                                "grad_norm": res.grad_norm, "skipped": res.skipped,
+                                "samples_per_s": samples_seen / (time.perf_counter() - t_loop),
+                                "data_wait_frac": result.data_wait_s / (time.perf_counter() - t_loop)})
+                if _any_rank(preempt.requested, device):
+                    last_ckpt = save_in_epoch(epoch)
+                    result.preempted = True
+                    done = True
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    last_ckpt = save_in_epoch(epoch)
+                if cfg.max_steps and step >= total_steps:
+                    done = True
+                    break
+            if result.preempted:
+                break
+            finished_epoch = loader.stream.epoch > epoch
+            done = done or step >= total_steps or loader.stream.epoch >= cfg.epochs
+            if finished_epoch or done:
+                last_ckpt = validate_and_save(epoch, loader_state())
+            if micro == 0:
+                raise TrainError(f"the training data yields no batch: {cfg.data} holds fewer samples than "
+                                 f"{world} process(es) x batch size {cfg.batch_size}")
+    logger.flush()
+    result.steps = step
+    result.epochs = loader.stream.epoch
+    result.seconds = time.perf_counter() - started
+    result.loop_s = time.perf_counter() - t_loop
+    result.samples_per_s = samples_seen / max(1e-9, result.loop_s)
+    result.peak_memory_mb = precision.peak_memory_bytes(device) / 2**20
+    result.best_val_acc = best if best >= 0 else float("nan")
+    result.final_val_acc = result.curve[-1]["val_acc"] if result.curve else float("nan")
+    if main and not result.preempted:
+        final = ema.module if ema is not None else model
+        result.model_url = checkpoint.save_model(
+            storage.join(cfg.out, "model"), state_dict=final.state_dict(), model_config=model_config(model),
+            label_space=space.to_dict(), preprocess=pre.to_dict(),
+            metrics={"val_acc": result.final_val_acc, "best_val_acc": result.best_val_acc, "steps": step},
+            extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
+                   "dataset_checksums": manifest_checksums,
+                   # how the training images were cut from their sources, so scoring a raw source matches
+                   "data_crop": manifests[0].data.get("pack_config", {}).get("crop", "none")})
+        storage.write_json(storage.join(cfg.out, "result.json"), {k: v for k, v in result.__dict__.items()
+                                                                  if k != "losses"})
+    distributed.barrier()
+    return result
+
+
+def _class_weights(balance: str, manifests: list[Manifest], luts: list[np.ndarray | None], n: int,
+                   device: torch.device) -> torch.Tensor | None:
+    """Inverse-frequency class weights from the datasets' class histograms, or None.
+
+    Every present class then carries the same total weight, and the average sample keeps weight 1,
+    so the learning rate means the same with and without balancing.
+    """
+    if balance == "none":
+        return None
+    counts = np.zeros(n, dtype="float64")
+    for m, lut in zip(manifests, luts):  # each dataset's histogram, counted in the training label space
+        hist = m.class_histogram().astype("float64")
+        np.add.at(counts, lut if lut is not None else np.arange(len(hist)), hist)
+    present = counts > 0
+    w = torch.zeros(n, dtype=torch.float32)
+    w[torch.from_numpy(present)] = torch.from_numpy(counts[present].sum() / (present.sum() * counts[present])).float()
+    return w.to(device)
+
+
+def training_space(data_spaces: list[LabelSpace], merge_by: str, model_space: LabelSpace | None = None) -> LabelSpace:
+    """The label space a run trains in: the data's, merged across countries, after a starting model's.
+
+    A starting model's outputs come first and keep their ids, so growing its head keeps every old
+    row; when the data adds nothing new, the model's space is used as it is (same fingerprint).
+    """
+    unique = list({s.fingerprint(): s for s in data_spaces}.values())
+    if model_space is not None:
+        if all((model_space.map_from(s) >= 0).all() for s in unique):
+            return model_space
+        return LabelSpace.merge([model_space, *unique], by=model_space.by or merge_by)  # type: ignore[arg-type]
+    if len(unique) == 1:
+        return unique[0]
+    return LabelSpace.merge(unique, by=merge_by)  # type: ignore[arg-type]
+
+
+def country_mixing(manifests: list[Manifest], country_weights: dict[str, float]) -> tuple[float, ...]:
+    """Stream mixing weights from per-country weights: a dataset's weight is its samples' country weight.
+
+    The stream's weight w draws about ``w x size`` samples of a dataset per epoch, so weights here
+    scale each country's share; countries not named keep weight 1.
+    """
+    out = []
+    for m in manifests:
+        countries = m.label_space.countries()  # the catalogues its labels come from
+        ws = {country_weights.get(c, 1.0) for c in countries}
+        if len(ws) > 1:
+            raise config_mod.ConfigError(f"country_weights: {m.root} mixes countries {countries} with different "
+                                         "weights; pack one dataset per country to weight them apart")
+        out.append(float(ws.pop()))
+    return tuple(out)
+
+
+def _load_init(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], LabelSpace]:
+    state, meta = checkpoint.load_model_artefact(url)
+    return state, meta, LabelSpace.from_dict(meta["label_space"])
+
+
+def _grown(init: tuple[dict[str, torch.Tensor], dict[str, Any], LabelSpace], space: LabelSpace) -> torch.nn.Module:
+    """The starting model with one output per class of ``space``; old classes keep their head rows."""
+    state, meta, old = init
+    rows = [-1] * len(space)
+    for j, i in enumerate(space.map_from(old)):
+        if i >= 0:
+            rows[int(i)] = j
+    return grow_head(meta["model_config"], state, rows)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any: a signal may reach one rank only."""
+    if not distributed.is_initialized():
+        return flag
+    return bool(distributed.all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+
+
+def _run_validation(val_loader: StreamLoader | None, model: torch.nn.Module, pre: Preprocess,
+                    device: torch.device, cfg: TrainConfig) -> float:
+    if val_loader is None:
+        return float("nan")
+    val_loader.set_epoch(0)
+    correct, count = validate(model, val_loader, pre, device, cfg.precision, cfg.channels_last)
+    return correct / count if count else float("nan")
+
+
+def _epochs_done(loader_state: dict[str, Any]) -> float:
+    """Epochs done at a loader state, fractional mid-epoch: the same number whether or not the run resumed."""
+    if loader_state["remaining"] is None:
+        return float(loader_state["epoch"])
+    left = sum(b - a for a, b in loader_state["remaining"])
+    return loader_state["epoch"] + 1 - left / max(1, loader_state["total"])
+
+
+def _resume_url(cfg: TrainConfig) -> str:
+    if not cfg.resume:
+        return ""
+    if cfg.resume == "auto":
+        return checkpoint.latest_checkpoint(cfg.out) or ""
+    return cfg.resume
+
+
+def _check_resume(state: dict[str, Any], cfg: TrainConfig, space: Any, checksums: list[str], url: str) -> None:
+    saved_space = json.loads(state["label_space"])
+    if saved_space != space.to_dict():
+        raise TrainError(f"{url}: the checkpoint's label space ({saved_space['name']}, "
+                         f"{len(saved_space['classes'])} classes) differs from the data's ({space.name}, "
+                         f"{len(space)} classes); resume on the same datasets")
+    if list(state["manifests"]) != checksums:
+        raise TrainError(f"{url}: the training datasets changed since this checkpoint (manifest checksums differ); "
+                         "resume on the same datasets or start a new run")
+    if state["config"].get("model") != cfg.model:
+        raise TrainError(f"{url}: checkpoint is of model {state['config'].get('model')!r}, config says {cfg.model!r}")

@@ -25,8 +25,9 @@ from signscale.bench.scale import (
 )
 from signscale.config import ConfigError
 from signscale.data import permutation, shards
+from signscale.data.plan import rank_share
 from signscale.data.sources import SOURCES, open_source
-from signscale.data.stream import ShardStream, StreamConfig, rank_share
+from signscale.data.stream import ShardStream, StreamConfig
 
 
 def test_counts_parse_and_bad_ones_name_the_flag():

@@ -9,7 +9,9 @@ import pytest
 
 from signscale.data import shards
 from signscale.data.pack import PackConfig, pack
-from signscale.data.stream import ShardCache, ShardStream, StreamConfig, open_stream, plan_epoch, subtract
+from signscale.data.plan import plan_epoch, subtract
+from signscale.data.reader import ShardCache
+from signscale.data.stream import ShardStream, StreamConfig, open_stream
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "stream_worker.py")
 
@@ -182,7 +184,7 @@ def test_planning_50m_records_for_64_ranks_x_8_workers_is_cheap_and_exact():
     """Scale check of the epoch plan: no per-sample structure, every record exactly once, equal ranks."""
     import tracemalloc
 
-    from signscale.data.stream import rank_share
+    from signscale.data.plan import rank_share
 
     n, ranks, workers, bs = 50_000_000, 64, 8, 256
     cfg = StreamConfig(datasets=("unused",), batch_size=bs, block_size=256, window_blocks=8)

@@ -9,7 +9,9 @@ import pytest
 from rich.console import Console
 
 from signscale.bench import io as bench
-from signscale.bench.io import BenchIOConfig, bench_io, ratios, summary
+from signscale.bench import report
+from signscale.bench.io import BenchIOConfig, bench_io
+from signscale.bench.report import ratios, summary
 from signscale.config import ConfigError
 
 
@@ -20,12 +22,12 @@ def test_bench_io_smoke(tmp_path):
     rows = bench_io(cfg, console=Console(file=out, width=200))
 
     measured = {(r.what, r.where, r.workers) for r in rows if not r.skipped}
-    for what in (bench.PLAIN, bench.RAW, bench.ENCODED, bench.LOADER, bench.LOADER_SEQ, bench.LOADER_UNCHECKED,
-                 bench.LOADER_SEQ_UNCHECKED, bench.LOADER_AGAIN, bench.LOADER_AGAIN_UNCHECKED, bench.AUG_SAMPLE,
-                 bench.AUG_BATCH, bench.AUG_TORCH):
+    for what in (report.PLAIN, report.RAW, report.ENCODED, report.LOADER, report.LOADER_SEQ, report.LOADER_UNCHECKED,
+                 report.LOADER_SEQ_UNCHECKED, report.LOADER_AGAIN, report.LOADER_AGAIN_UNCHECKED, report.AUG_SAMPLE,
+                 report.AUG_BATCH, report.AUG_TORCH):
         for w in (0, 1):
             assert (what, "local", w) in measured, (what, w)
-    assert {bench.PACK_RAW, bench.PACK_ENCODED} <= {r.what for r in rows if r.kind == "pack"}
+    assert {report.PACK_RAW, report.PACK_ENCODED} <= {r.what for r in rows if r.kind == "pack"}
     for r in rows:
         if r.kind == "read" and not r.skipped:
             assert r.samples == 120 and r.samples_per_s > 0 and r.first_batch_s is not None
@@ -37,7 +39,7 @@ def test_bench_io_smoke(tmp_path):
     assert {"loader, block sums checked / off (local, 1 worker)",  # the cost of integrity on read (#19)
             "loader, block sums checked / off, per CPU-second (local, 0 workers)"} <= labels
     assert "augment per batch, compiled kernel / torch ops (local, 1 worker)" in labels
-    assert "per worker CPU-second" in next(r.note for r in rows if (r.what, r.workers) == (bench.AUG_BATCH, 1))
+    assert "per worker CPU-second" in next(r.note for r in rows if (r.what, r.workers) == (report.AUG_BATCH, 1))
     assert all(r.value > 0 for r in ratios(rows))
     text = out.getvalue()
     assert "ratios" in text

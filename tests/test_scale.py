@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 
 from signscale.bench import io as bench
+from signscale.bench import report
 from signscale.bench.scale import (
     BenchScaleConfig,
     MemoryProbe,
@@ -83,11 +84,11 @@ def test_bench_io_augmentation_rows_side_by_side(synthetic_dataset):
     cfg = bench.BenchIOConfig(size=16, workers=(0, 1), batch_size=50, max_seconds=30)
     rows = bench.augment_rows(synthetic_dataset, cfg)
     got = {(r.what, r.workers): r for r in rows}
-    for what in (bench.AUG_SAMPLE, bench.AUG_BATCH):
+    for what in (report.AUG_SAMPLE, report.AUG_BATCH):
         for w in (0, 1):
             r = got[(what, w)]
             assert not r.skipped and r.samples == 300 and r.samples_per_s > 0
-    labels = {r.label for r in bench.ratios(rows)}
+    labels = {r.label for r in report.ratios(rows)}
     assert "augment per batch / per sample (local, 0 workers)" in labels
     assert "augment per batch / per sample (local, 1 worker)" in labels
 

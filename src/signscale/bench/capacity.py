@@ -382,7 +382,7 @@ def check(cfg: CheckConfig, *, say: Any = print) -> list[CheckRow]:
     import shutil
     import tempfile
 
-    from signscale.bench.io import _children_cpu, _RequestCounter, loader_augment
+    from signscale.bench.readers import RequestCounter, children_cpu, loader_augment
     from signscale.bench.scale import (
         NOISE_KIND,
         SCALEFS,
@@ -420,10 +420,10 @@ def check(cfg: CheckConfig, *, say: Any = print) -> list[CheckRow]:
         # rate is per worker, hand-off to the main process included.
         loader = open_stream(out, num_workers=1, batch_size=256, shuffle=True)
         loader.stream.transform = loader_augment(32, Manifest.load(out).label_space.flip_map())
-        kids0 = _children_cpu()
+        kids0 = children_cpu()
         seen = sum(int(b["image"].shape[0]) for b in loader)
         del loader
-        aug_cpu = _children_cpu() - kids0
+        aug_cpu = children_cpu() - kids0
         rows.append(
             CheckRow(
                 "loader CPU time, slice + BatchAugment in one worker",
@@ -436,7 +436,7 @@ def check(cfg: CheckConfig, *, say: Any = print) -> list[CheckRow]:
 
         say("stream one epoch over ranged reads, counting requests ...")
         _register_scalefs()
-        counter = _RequestCounter()
+        counter = RequestCounter()
         with counter.installed():
             fig = stream_epoch(f"{SCALEFS}://{os.path.abspath(out)}", scfg, counter)
         req, nbytes = ranged_reads(n, total, n_shards, cfg.workers, 256, rates)

@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
-import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -54,32 +52,49 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from signscale import images, storage
+from signscale.bench import report
+from signscale.bench.readers import (
+    PerSampleAugment,
+    PlainFiles,
+    RequestCounter,
+    ShardBlocks,
+    children_cpu,
+    dataloader,
+    loader_augment,
+    mp_context,
+    normalised,
+)
+from signscale.bench.report import (
+    AUG_BATCH,
+    AUG_SAMPLE,
+    AUG_TORCH,
+    AZURE,
+    ENCODED,
+    GCS,
+    LITDATA,
+    LOADER,
+    LOADER_AGAIN,
+    LOADER_AGAIN_UNCHECKED,
+    LOADER_CACHED,
+    LOADER_SEQ,
+    LOADER_SEQ_UNCHECKED,
+    LOADER_UNCHECKED,
+    LOCAL,
+    PACK_ENCODED,
+    PACK_LITDATA,
+    PACK_RAW,
+    PLAIN,
+    RAW,
+    S3,
+    UPLOAD_PLAIN,
+    WRITE_PLAIN,
+    Row,
+    print_report,
+)
 from signscale.config import ConfigError
 
-# Row names (``Row.what``); ratios look rows up by them.
-PLAIN = "plain files"
-RAW = "raw shards"
-ENCODED = "encoded shards"
-LOADER = "loader (shuffled)"
-LOADER_SEQ = "loader (in order)"
-LOADER_CACHED = "loader (shard cache)"
-LOADER_UNCHECKED = "loader (shuffled, block sums off)"
-LOADER_SEQ_UNCHECKED = "loader (in order, block sums off)"
-LOADER_AGAIN = "loader (shuffled, 2nd epoch)"
-LOADER_AGAIN_UNCHECKED = "loader (shuffled, 2nd epoch, block sums off)"
-LITDATA = "litdata"
-AUG_SAMPLE = "augment per sample (torchvision v2)"
-AUG_BATCH = "augment per batch (BatchAugment)"
-AUG_TORCH = "augment per batch (torch ops)"
-PACK_RAW = "pack raw"
-PACK_ENCODED = "pack encoded"
-PACK_LITDATA = "litdata optimize"
-WRITE_PLAIN = "write plain files"
-UPLOAD_PLAIN = "upload plain files"
-LOCAL, S3, GCS, AZURE = "local", "S3", "GCS", "Azure"
 STORES = {"s3": S3, "gcs": GCS, "azure": AZURE}  # --stores name -> the "where" column
 
 BUCKET = "bench"
@@ -141,181 +156,8 @@ class BenchSyntheticConfig:
             raise ConfigError(f"size: {self.size} is outside 8..1024")
 
 
-@dataclass
-class Row:
-    """One measurement. ``samples_per_s`` is None for a skipped row (``note`` says why)."""
-
-    what: str
-    where: str
-    workers: int | None
-    kind: str = "read"  # "read" | "pack" | "setup"
-    samples: int = 0  # samples (or images, files) processed in the measurement
-    seconds: float = 0.0
-    first_batch_s: float | None = None
-    steady_per_s: float | None = None  # samples/s after the first batch (start-up excluded)
-    requests: float | None = None  # storage requests per epoch (extrapolated when ``partial``)
-    bytes: float | None = None  # bytes fetched per epoch (same)
-    partial: bool = False  # the epoch was cut by the time box or a subset: per-epoch counts are estimates
-    note: str = ""
-    skipped: bool = False
-    cpu_per_s: float | None = None  # samples per CPU-second of this process and its workers: load-independent
-
-    @property
-    def samples_per_s(self) -> float | None:
-        if self.skipped or self.seconds <= 0:
-            return None
-        return self.samples / self.seconds
-
-
-@dataclass(frozen=True)
-class Ratio:
-    label: str
-    value: float
-    percent: bool = False  # show as an overhead percentage as well
-
-
 # ---------------------------------------------------------------------------------------------
 # Readers: torch datasets for each way of reading
-
-
-class PlainFiles(Dataset):
-    """One file per sample, decoded and resized per sample: the baseline without shards."""
-
-    def __init__(self, paths: list[str], labels: list[int], size: int, *, remote: bool) -> None:
-        self.paths, self.labels, self.size, self.remote = paths, labels, size, remote
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if self.remote:
-            data = storage.read_bytes(self.paths[i])  # one GET per sample
-        else:
-            with open(self.paths[i], "rb") as f:
-                data = f.read()
-        img = images.resize(images.decode(data), self.size)
-        if not img.flags.writeable:  # PIL's buffer when no resize was needed; torch wants its own
-            img = img.copy()
-        return {"image": torch.from_numpy(img), "label": self.labels[i]}
-
-
-class ShardBlocks(IterableDataset):
-    """Shards read directly: consecutive blocks of records, one ranged read per block, no plan.
-
-    Workers take contiguous runs of blocks. ``encoded`` shards decode and resize each blob.
-    """
-
-    def __init__(self, urls: list[str], counts: list[int], block: int, size: int) -> None:
-        super().__init__()
-        self.urls, self.counts, self.block, self.size = urls, counts, block, size
-
-    def blocks(self) -> list[tuple[int, int, int]]:
-        return [(s, lo, min(lo + self.block, n)) for s, n in enumerate(self.counts) for lo in range(0, n, self.block)]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from signscale.data.shards import ShardReader
-
-        info = get_worker_info()
-        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        blocks = self.blocks()
-        q, rem = divmod(len(blocks), nw)
-        lo = w * q + min(w, rem)
-        readers: dict[int, ShardReader] = {}
-        for s, a, b in blocks[lo:lo + q + (1 if w < rem else 0)]:
-            r = readers.get(s)
-            if r is None:
-                r = readers[s] = ShardReader(self.urls[s])
-            recs = r.records(a, b)
-            if r.encoding == "raw":
-                img = np.ascontiguousarray(recs["image"])
-                if img.shape[1] != self.size:
-                    img = np.stack([images.resize(im, self.size) for im in img])
-            else:
-                img = np.stack([images.resize(images.decode(blob), self.size) for blob in r.blobs(a, b)])
-            yield {"image": torch.from_numpy(img), "label": torch.from_numpy(recs["label"].astype(np.int64))}
-
-
-class PerSampleAugment(Dataset):
-    """Raw-shard records augmented one at a time with torchvision v2, as a torchvision recipe would.
-
-    Random affine (the same rotation, shift and zoom ranges as :class:`AugmentConfig`), colour
-    jitter, a horizontal flip that obeys the label space's flip rules, then float conversion and
-    normalisation; the DataLoader collates the per-sample tensors into a batch.
-    """
-
-    def __init__(self, url: str, size: int) -> None:
-        from signscale.data.shards import Manifest
-        from signscale.transforms import AugmentConfig, Preprocess
-
-        m = Manifest.load(url)
-        self.urls = [m.shard_url(i) for i in range(len(m.shards))]
-        self.starts = np.concatenate([[0], np.cumsum([s.count for s in m.shards])])
-        self.flip_map = m.label_space.flip_map()
-        self.aug, self.pre, self.size = AugmentConfig(), Preprocess(size=size), size
-        self._readers: dict[int, Any] = {}
-        self._tf: Any = None
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _transform(self) -> Any:
-        if self._tf is None:  # built lazily: torchvision is imported in the process that augments
-            from torchvision.transforms import v2
-
-            a = self.aug
-            self._tf = v2.Compose([
-                v2.RandomAffine(degrees=a.rotate, translate=(a.translate, a.translate), scale=a.scale),
-                v2.ColorJitter(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation),
-                v2.Resize(self.size, antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(self.pre.mean), std=list(self.pre.std)),
-            ])
-        return self._tf
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from signscale.data.shards import ShardReader
-
-        s = int(np.searchsorted(self.starts, i, side="right") - 1)
-        r = self._readers.get(s)
-        if r is None:
-            r = self._readers[s] = ShardReader(self.urls[s])
-        rec = r.records(i - int(self.starts[s]), i - int(self.starts[s]) + 1)[0]
-        img = torch.from_numpy(np.array(rec["image"])).permute(2, 0, 1)  # uint8 CHW
-        label = int(rec["label"])
-        x = self._transform()(img)
-        if self.flip_map[label] >= 0 and torch.rand(()) < self.aug.flip:
-            x, label = x.flip(-1), int(self.flip_map[label])
-        return {"image": x, "label": label}
-
-
-def loader_augment(size: int, flip_map: np.ndarray, *, compiled: bool | None = None) -> Any:
-    """The training augmentation as ``signscale train`` runs it in loader workers on a CPU host
-    (``compiled=False``: with the torch ops instead of the compiled kernel)."""
-    from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess
-
-    return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map),
-                                      compiled=compiled))
-
-
-def _normalised(loader: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
-    """What the training loop does with the workers' 8-bit augmented batches: :func:`to_input`."""
-    from signscale.transforms import Preprocess, to_input
-
-    pre, it = Preprocess(size=size), iter(loader)
-    try:
-        for b in it:
-            b["image"] = to_input(b["image"], pre)
-            yield b
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-
-
-def _children_cpu() -> float:
-    """CPU seconds of this process's finished children (DataLoader workers, once joined)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
@@ -346,22 +188,22 @@ def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampl
     def per_batch(w: int, compiled: bool | None) -> Iterable[dict[str, Any]]:
         loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
         loader.stream.transform = loader_augment(cfg.size, m.label_space.flip_map(), compiled=compiled)
-        return _normalised(loader, cfg.size)
+        return normalised(loader, cfg.size)
 
     batch_note = "numpy slicing + affine, perspective, colour, blur/weather/erase per batch, 8-bit to the main " \
                  "process, normalised there"
     rows: list[Row] = []
     for w in cfg.workers:
-        makers = [(AUG_SAMPLE, lambda w=w: _dataloader(per_sample, w, batch_size=cfg.batch_size, shuffle=True),
+        makers = [(AUG_SAMPLE, lambda w=w: dataloader(per_sample, w, batch_size=cfg.batch_size, shuffle=True),
                    "affine + colour jitter + flip rules, one image at a time"),
                   (AUG_BATCH, lambda w=w: per_batch(w, None),
                    _join(batch_note, "compiled kernel" if transforms.kernels is not None else "torch ops"))]
         if transforms.kernels is not None:  # the same augmentation without the kernel, measured beside it
             makers.append((AUG_TORCH, lambda w=w: per_batch(w, False), _join(batch_note, "torch ops")))
         for what, make, note in makers:
-            cpu0, kids0 = time.process_time(), _children_cpu()
+            cpu0, kids0 = time.process_time(), children_cpu()
             row = _read_row(what, LOCAL, w, make, cfg=cfg, epoch=m.count, check=_check_input, note=note)
-            cpu, kids = time.process_time() - cpu0, _children_cpu() - kids0
+            cpu, kids = time.process_time() - cpu0, children_cpu() - kids0
             # CPU seconds do not depend on the load: the rate one core gives, in this process or per worker
             if w == 0 and cpu > 0:
                 row.note = _join(row.note, f"{row.samples / cpu:,.0f} per CPU-second")
@@ -370,16 +212,6 @@ def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampl
                                            f"main process {row.samples / max(cpu, 1e-9):,.0f} per CPU-second")
             rows.append(row)
     return rows
-
-
-def _mp_context() -> str | None:
-    # fork, as StreamLoader uses: workers inherit the request counters (spawn would not count them)
-    return "fork" if "fork" in mp.get_all_start_methods() else None
-
-
-def _dataloader(ds: Dataset, workers: int, **kw: Any) -> DataLoader:
-    extra: dict[str, Any] = {"multiprocessing_context": _mp_context()} if workers > 0 else {}
-    return DataLoader(ds, num_workers=workers, pin_memory=False, **extra, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +240,7 @@ def _check_input(img: torch.Tensor, size: int) -> None:
 
 
 def _measure(make: Callable[[], Iterable[dict[str, Any]]], *, size: int, epoch: int, max_seconds: float,
-             counter: _RequestCounter | None = None,
+             counter: RequestCounter | None = None,
              check: Callable[[torch.Tensor, int], None] = _check_uint8) -> _Reads:
     """Iterate batches for one epoch or ``max_seconds``; ``check`` validates each batch's images
     (default: uint8 (N, size, size, 3))."""
@@ -453,50 +285,13 @@ def _per_epoch(r: _Reads, epoch: int, k: int) -> float:
     return end[k] * epoch / max(1, end[0])
 
 
-class _RequestCounter:
-    """Counts calls to (and bytes from) ``storage.read_bytes`` in this process and its forked workers."""
-
-    def __init__(self) -> None:
-        ctx = mp.get_context(_mp_context() or "spawn")
-        self.calls = ctx.Value("q", 0)
-        self.nbytes = ctx.Value("q", 0)
-
-    def snapshot(self) -> tuple[int, int]:
-        return int(self.calls.value), int(self.nbytes.value)
-
-    def reset(self) -> None:
-        with self.calls.get_lock():
-            self.calls.value = 0
-        with self.nbytes.get_lock():
-            self.nbytes.value = 0
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_RequestCounter]:
-        original = storage.read_bytes
-        calls, nbytes = self.calls, self.nbytes
-
-        def counting_read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
-            data = original(url, start, end)
-            with calls.get_lock():
-                calls.value += 1
-            with nbytes.get_lock():
-                nbytes.value += len(data)
-            return data
-
-        storage.read_bytes = counting_read_bytes  # type: ignore[assignment]
-        try:
-            yield self
-        finally:
-            storage.read_bytes = original  # type: ignore[assignment]
-
-
 def _loader_row(what: str, where: str, workers: int, make: Callable[[], Iterable[dict[str, Any]]], *,
-                cfg: BenchIOConfig, epoch: int, counter: _RequestCounter | None) -> Row:
+                cfg: BenchIOConfig, epoch: int, counter: RequestCounter | None) -> Row:
     """:func:`_read_row` plus samples per CPU-second of all processes (workers count once joined):
     on a shared machine the wall-clock rate moves with the load, the CPU cost per sample does not."""
-    cpu0, kids0 = time.process_time(), _children_cpu()
+    cpu0, kids0 = time.process_time(), children_cpu()
     row = _read_row(what, where, workers, make, cfg=cfg, epoch=epoch, counter=counter)
-    cpu = time.process_time() - cpu0 + _children_cpu() - kids0
+    cpu = time.process_time() - cpu0 + children_cpu() - kids0
     if cpu > 0:
         row.cpu_per_s = row.samples / cpu
         row.note = _join(row.note, f"{row.cpu_per_s:,.0f} per CPU-second (all processes)")
@@ -504,7 +299,7 @@ def _loader_row(what: str, where: str, workers: int, make: Callable[[], Iterable
 
 
 def _read_row(what: str, where: str, workers: int, make: Callable[[], Iterable[dict[str, Any]]], *,
-              cfg: BenchIOConfig, epoch: int, counter: _RequestCounter | None = None,
+              cfg: BenchIOConfig, epoch: int, counter: RequestCounter | None = None,
               subset_of: int = 0, note: str = "",
               check: Callable[[torch.Tensor, int], None] = _check_uint8) -> Row:
     """Measure one reader over an epoch of ``epoch`` samples; per-epoch counts are for a dataset of
@@ -517,18 +312,12 @@ def _read_row(what: str, where: str, workers: int, make: Callable[[], Iterable[d
         row.steady_per_s = (r.samples - r.first_samples) / (r.seconds - r.first_batch_s)
     full = subset_of or epoch
     row.partial = not r.complete or full != epoch
-    if counter is not None and r.snaps and (workers == 0 or _mp_context() == "fork"):
+    if counter is not None and r.snaps and (workers == 0 or mp_context() == "fork"):
         row.requests = _per_epoch(r, epoch, 1) * full / epoch
         row.bytes = _per_epoch(r, epoch, 2) * full / epoch
     if not r.complete:
         row.note = _join(row.note, f"time-boxed at {cfg.max_seconds:g}s ({r.samples:,} of {epoch:,})")
     return row
-
-
-def _console() -> Console:
-    """Rich console; wide when printing to a file or pipe, so the table is not wrapped at 80 columns."""
-    con = Console(highlight=False)
-    return con if con.is_terminal else Console(highlight=False, width=200)
 
 
 def _join(*parts: str) -> str:
@@ -662,7 +451,7 @@ def _litdata_rows(paths: list[str], out: str, cfg: BenchIOConfig) -> list[Row]:
 
 
 def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, enc_url: str, cfg: BenchIOConfig,
-               counter: _RequestCounter | None, plain_note: str = "") -> list[Row]:
+               counter: RequestCounter | None, plain_note: str = "") -> list[Row]:
     from signscale.data.shards import Manifest
     from signscale.data.stream import open_stream
 
@@ -673,12 +462,12 @@ def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, 
                       cfg.batch_size, cfg.size)
     rows: list[Row] = []
     for w in cfg.workers:
-        rows.append(_read_row(PLAIN, where, w, lambda w=w: _dataloader(plain, w, batch_size=cfg.batch_size,
+        rows.append(_read_row(PLAIN, where, w, lambda w=w: dataloader(plain, w, batch_size=cfg.batch_size,
                                                                         shuffle=True),
                               cfg=cfg, epoch=len(plain), counter=counter, subset_of=plain_full, note=plain_note))
-        rows.append(_read_row(RAW, where, w, lambda w=w: _dataloader(raw, w, batch_size=None),
+        rows.append(_read_row(RAW, where, w, lambda w=w: dataloader(raw, w, batch_size=None),
                               cfg=cfg, epoch=raw_m.count, counter=counter))
-        rows.append(_read_row(ENCODED, where, w, lambda w=w: _dataloader(enc, w, batch_size=None),
+        rows.append(_read_row(ENCODED, where, w, lambda w=w: dataloader(enc, w, batch_size=None),
                               cfg=cfg, epoch=enc_m.count, counter=counter))
         # each loader row with the block sums checked (the default) and, right after it, without:
         # what integrity on read costs (#19). A mapped shard's block is checked once per run, so a
@@ -716,7 +505,7 @@ def bench_io(cfg: BenchIOConfig, *, console: Console | None = None) -> list[Row]
     """Pack and read throughput, plain files vs shards vs the loader, local vs S3; prints a table and ratios."""
     from signscale.data.sources import open_source
 
-    con = console or _console()
+    con = console or report.console_for_tables()
     started = time.perf_counter()
     say = lambda msg: con.print(f"[dim]{time.perf_counter() - started:6.1f}s  {msg}[/]")
     source = open_source(cfg.source)
@@ -815,7 +604,7 @@ def _store_rows(kind: str, spec: str, pack_note: str, paths: list[str], labels: 
         plain = PlainFiles([f"{bucket}/plain/{r}" for r in rel], labels[:k], cfg.size, remote=True)
         note = f"{k:,} of {len(paths):,} objects uploaded" if k < len(paths) else ""
         say(f"{where} reads ...")
-        counter = _RequestCounter()
+        counter = RequestCounter()
         with counter.installed():
             rows += _read_rows(where, plain=plain, plain_full=len(paths), raw_url=remote["raw"],
                                enc_url=remote["encoded"], cfg=cfg, counter=counter, plain_note=note)
@@ -826,7 +615,7 @@ def bench_synthetic(cfg: BenchSyntheticConfig, *, console: Console | None = None
     """Render ``cfg.n`` synthetic signs in this process (one core) and print signs/s."""
     from signscale.data.sources import open_source
 
-    con = console or _console()
+    con = console or report.console_for_tables()
     source = open_source(f"synthetic:?n={cfg.n}&size={cfg.size}&seed={cfg.seed}")
     source.read(0)  # draws the class templates once, as every worker does at its start
     t0 = time.perf_counter()
@@ -848,154 +637,6 @@ def bench_synthetic(cfg: BenchSyntheticConfig, *, console: Console | None = None
 # Report
 
 
-def _find(rows: list[Row], what: str, where: str, workers: int | None = None) -> Row | None:
-    for r in rows:
-        if r.what == what and r.where == where and (workers is None or r.workers == workers) and not r.skipped \
-                and r.samples_per_s:
-            return r
-    return None
-
-
-def _ws(w: int) -> str:
-    return f"{w} worker{'s' if w != 1 else ''}"
-
-
-def ratios(rows: list[Row]) -> list[Ratio]:
-    """The side-by-side ratios the table is for; a ratio is left out when one of its rows is missing."""
-    out: list[Ratio] = []
-
-    def add(label: str, a: Row | None, b: Row | None, *, percent: bool = False) -> None:
-        if a is not None and b is not None:
-            out.append(Ratio(label, a.samples_per_s / b.samples_per_s, percent))  # type: ignore[operator]
-
-    workers = sorted({r.workers for r in rows if r.kind == "read" and r.workers is not None})
-    for w in workers:
-        ws = _ws(w)
-        for where in (LOCAL, S3, GCS, AZURE):
-            add(f"raw shards / plain files ({where}, {ws})", _find(rows, RAW, where, w), _find(rows, PLAIN, where, w))
-            add(f"encoded shards / plain files ({where}, {ws})", _find(rows, ENCODED, where, w),
-                _find(rows, PLAIN, where, w))
-            add(f"loader / raw shards direct ({where}, {ws})", _find(rows, LOADER, where, w),
-                _find(rows, RAW, where, w), percent=True)
-            add(f"loader in order / raw shards direct ({where}, {ws})", _find(rows, LOADER_SEQ, where, w),
-                _find(rows, RAW, where, w), percent=True)
-            for what, off, label in ((LOADER, LOADER_UNCHECKED, "loader"),
-                                     (LOADER_SEQ, LOADER_SEQ_UNCHECKED, "loader in order"),
-                                     (LOADER_AGAIN, LOADER_AGAIN_UNCHECKED, "loader 2nd epoch")):
-                a, b = _find(rows, what, where, w), _find(rows, off, where, w)
-                add(f"{label}, block sums checked / off ({where}, {ws})", a, b, percent=True)
-                if a is not None and b is not None and a.cpu_per_s and b.cpu_per_s:
-                    out.append(Ratio(f"{label}, block sums checked / off, per CPU-second ({where}, {ws})",
-                                     a.cpu_per_s / b.cpu_per_s, True))
-        for remote in (S3, GCS, AZURE):
-            add(f"{remote} raw shards / local raw shards ({ws})", _find(rows, RAW, remote, w),
-                _find(rows, RAW, LOCAL, w))
-        add(f"S3 plain files / local plain files ({ws})", _find(rows, PLAIN, S3, w), _find(rows, PLAIN, LOCAL, w))
-        add(f"S3 loader / local loader ({ws})", _find(rows, LOADER, S3, w), _find(rows, LOADER, LOCAL, w))
-        add(f"S3 loader with shard cache / local loader ({ws})", _find(rows, LOADER_CACHED, S3, w),
-            _find(rows, LOADER, LOCAL, w))
-        add(f"S3 loader with shard cache / plain files from S3 ({ws})", _find(rows, LOADER_CACHED, S3, w),
-            _find(rows, PLAIN, S3, w))
-        add(f"augment per batch / per sample (local, {ws})", _find(rows, AUG_BATCH, LOCAL, w),
-            _find(rows, AUG_SAMPLE, LOCAL, w))
-        add(f"augment per batch, compiled kernel / torch ops (local, {ws})", _find(rows, AUG_BATCH, LOCAL, w),
-            _find(rows, AUG_TORCH, LOCAL, w))
-        add(f"raw shards / litdata (local, {ws})", _find(rows, RAW, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
-        add(f"loader / litdata (local, {ws})", _find(rows, LOADER, LOCAL, w), _find(rows, LITDATA, LOCAL, w))
-    add("pack raw / pack encoded (local)", _find(rows, PACK_RAW, LOCAL), _find(rows, PACK_ENCODED, LOCAL))
-    add("pack raw to S3 / pack raw local", _find(rows, PACK_RAW, S3), _find(rows, PACK_RAW, LOCAL))
-    for w in workers:
-        shuffled = _find(rows, LOADER, S3, w)
-        direct = _find(rows, RAW, S3, w)
-        if shuffled is not None and direct is not None and shuffled.bytes and direct.bytes:
-            out.append(Ratio(f"S3 bytes per epoch, loader (shuffled) / raw shards direct ({_ws(w)})",
-                             shuffled.bytes / direct.bytes))
-    plain_s3 = next((r for r in rows if r.what == PLAIN and r.where == S3 and r.requests), None)
-    raw_s3 = next((r for r in rows if r.what == RAW and r.where == S3 and r.requests), None)
-    if plain_s3 is not None and raw_s3 is not None:
-        out.append(Ratio("S3 requests per epoch, plain files / raw shards", plain_s3.requests / raw_s3.requests))  # type: ignore[operator]
-    return out
-
-
-def _fmt_rate(r: Row) -> str:
-    v = r.samples_per_s
-    return "-" if v is None else f"{v:,.0f}"
-
-
-def _fmt_count(v: float | None, partial: bool) -> str:
-    if v is None:
-        return "-"
-    return ("~" if partial else "") + f"{v:,.0f}"
-
-
-def _fmt_mb(v: float | None, partial: bool) -> str:
-    if v is None:
-        return "-"
-    return ("~" if partial else "") + f"{v / 2**20:,.1f}"
-
-
-def summary(rows: list[Row]) -> str:
-    """One line: the headline ratios at the largest worker count measured."""
-    rs = {r.label: r.value for r in ratios(rows)}
-    ws = sorted({r.workers for r in rows if r.kind == "read" and r.workers is not None})
-    if not ws:
-        return "no read rows were measured"
-    w = ws[-1]
-    tag = _ws(w)
-    parts = []
-    if (v := rs.get(f"raw shards / plain files (local, {tag})")) is not None:
-        parts.append(f"raw shards read {v:.1f}x faster than plain files locally")
-    if (v := rs.get(f"raw shards / plain files (S3, {tag})")) is not None:
-        parts.append(f"{v:.1f}x over S3")
-    if (v := rs.get(f"loader / raw shards direct (local, {tag})")) is not None:
-        parts.append(f"the shuffling loader runs at {v:.0%} of direct raw-shard reads locally")
-    if (v := rs.get("S3 requests per epoch, plain files / raw shards")) is not None:
-        parts.append(f"plain files need {v:,.0f}x the S3 requests per epoch")
-    if (v := rs.get(f"S3 bytes per epoch, loader (shuffled) / raw shards direct ({tag})")) is not None and v > 2:
-        parts.append(f"the shuffled loader fetches {v:,.0f}x the bytes of a direct read over S3")
-    return (", ".join(parts) or "no ratios could be computed") + f" ({tag})"
-
-
-def print_report(rows: list[Row], console: Console, *, title: str) -> None:
-    table = Table(title=title)
-    for col, just in (
-        ("what", "left"),
-        ("where", "left"),
-        ("workers", "right"),
-        ("samples", "right"),
-        ("samples/s", "right"),
-        ("after 1st", "right"),
-        ("first batch", "right"),
-        ("requests/epoch", "right"),
-        ("MiB/epoch", "right"),
-        ("note", "left"),
-    ):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    last_kind = None
-    for r in sorted(rows, key=lambda r: ({"setup": 0, "pack": 1, "read": 2}[r.kind], r.where != LOCAL)):
-        if last_kind is not None and (r.kind, r.where) != last_kind:
-            table.add_section()
-        last_kind = (r.kind, r.where)
-        table.add_row(r.what, r.where, "-" if r.workers is None else str(r.workers), f"{r.samples:,}" if r.samples
-                      else "-", _fmt_rate(r), "-" if r.steady_per_s is None else f"{r.steady_per_s:,.0f}",
-                      "-" if r.first_batch_s is None else f"{r.first_batch_s * 1000:,.0f} ms",
-                      _fmt_count(r.requests, r.partial), _fmt_mb(r.bytes, r.partial), r.note)
-    console.print(table)
-    console.print("samples/s: images/s for pack rows, files/s for setup rows; read rows count worker start-up, "
-                  "'after 1st' is the rate after the first batch. "
-                  "Local rows read after a warm-up pass (warm page cache); the S3 server keeps objects in memory. "
-                  "'~': per-epoch counts extrapolated from the part read.", style="dim")
-    rs = ratios(rows)
-    if rs:
-        width = max(len(r.label) for r in rs)
-        console.print("[bold]ratios[/] (samples/s over samples/s)")
-        for r in rs:
-            extra = f"  ({1 - r.value:+.0%} overhead)" if r.percent else ""
-            value = f"{r.value:8.2f}" if r.value >= 0.1 else f"{r.value:8.4f}"
-            console.print(f"  {r.label:<{width}}  {value}x{extra}")
-    console.print(summary(rows))
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1006,70 +647,3 @@ def parse_workers(text: str) -> tuple[int, ...]:
         raise ConfigError(f"workers: expected a comma list of integers, e.g. 0,2; got {text!r}") from None
 
 
-@dataclass(frozen=True)
-class BenchTrainConfig:
-    """``signscale bench train``: training samples/s and peak memory per model x precision."""
-
-    data: str = ""  # packed dataset URL; empty: a synthetic set is packed in a temp folder
-    models: tuple[str, ...] = ("small_cnn", "msnet", "stn_msnet", "resnet18_small")
-    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
-    steps: int = 30
-    batch_size: int = 256
-    channels_last: bool = True
-    device: str = "auto"
-    workers: int = 1
-
-
-def bench_train(cfg: BenchTrainConfig, *, console: Console | None = None) -> list[dict[str, Any]]:
-    """Each model x precision trains ``steps`` steps in its own process (so peak memory is its own)."""
-    import subprocess
-    import sys
-
-    con = console or _console()
-    tmp = tempfile.mkdtemp(prefix="signscale-bench-train-")
-    try:
-        data = cfg.data
-        if not data:
-            from signscale.data.pack import PackConfig, pack
-
-            data = os.path.join(tmp, "data")
-            pack(PackConfig(source=f"synthetic:?n={cfg.batch_size * 12}&size=32", out=data, workers=0,
-                            progress=False))
-        rows = []
-        for model in cfg.models:
-            for prec in cfg.precisions:
-                out = os.path.join(tmp, f"{model}-{prec}")
-                cmd = [sys.executable, "-m", "signscale", "train", f"--data={data}", f"--model={model}",
-                       f"--precision={prec}", f"--max-steps={cfg.steps}", f"--batch-size={cfg.batch_size}",
-                       f"--channels-last={str(cfg.channels_last).lower()}", f"--device={cfg.device}",
-                       f"--workers={cfg.workers}", f"--out={out}", "--progress=false", "--ema=0"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    rows.append({"model": model, "precision": prec, "error": proc.stderr.strip()[-300:]})
-                    continue
-                res = json.loads(open(os.path.join(out, "result.json")).read())
-                rows.append({"model": model, "precision": prec, "samples_per_s": res["samples_per_s"],
-                             "peak_memory_mb": res["peak_memory_mb"], "params": res["params"], "macs": res["macs"]})
-                con.print(f"  {model:16s} {prec:5s} {res['samples_per_s']:8,.0f} samples/s  "
-                          f"peak {res['peak_memory_mb']:8,.0f} MB")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    table = Table(title=f"bench train: {cfg.steps} steps, batch {cfg.batch_size}, device {cfg.device}, "
-                        f"channels_last={cfg.channels_last}")
-    for col in ("model", "params", "MACs", "precision", "samples/s", "vs fp32", "peak MB", "vs fp32 mem"):
-        table.add_column(col, justify="left" if col in ("model", "precision") else "right")
-    for r in rows:
-        if "error" in r:
-            table.add_row(r["model"], "", "", r["precision"], "failed", "", "", r["error"][:60])
-            continue
-        base = next((b for b in rows if b["model"] == r["model"] and b["precision"] == "fp32" and "error" not in b),
-                    None)
-        table.add_row(r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e6:.0f}M", r["precision"],
-                      f"{r['samples_per_s']:,.0f}",
-                      f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "",
-                      f"{r['peak_memory_mb']:,.0f}",
-                      f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x" if base else "")
-    con.print(table)
-    con.print("peak memory: CUDA max_memory_allocated on a GPU, the process's peak RSS on a CPU "
-              "(which includes the Python runtime and the loader)")
-    return rows

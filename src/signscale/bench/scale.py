@@ -322,7 +322,7 @@ def measure_size(n: int, cfg: BenchScaleConfig, root: str, counter: Any, say: Ca
 
 def bench_scale(cfg: BenchScaleConfig, *, console: Console | None = None) -> list[ScaleRow]:
     """Pack and stream each size in ``cfg.sizes``; print the side-by-side table and ratios."""
-    from signscale.bench.io import _RequestCounter
+    from signscale.bench.readers import RequestCounter
 
     con = console or Console(highlight=False, width=200)
     started = time.perf_counter()
@@ -330,7 +330,7 @@ def bench_scale(cfg: BenchScaleConfig, *, console: Console | None = None) -> lis
     root = cfg.workdir or tempfile.mkdtemp(prefix="signscale-scale-")
     os.makedirs(root, exist_ok=True)
     _register_scalefs()
-    counter = _RequestCounter()
+    counter = RequestCounter()
     rows: list[ScaleRow] = []
     try:
         with noise_source_registered():

@@ -26,7 +26,7 @@ def _io(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from signscale.bench.io import BenchTrainConfig, bench_train
+    from signscale.bench.train import BenchTrainConfig, bench_train
 
     bench_train(BenchTrainConfig(data=args.data or "", models=tuple(args.models.split(",")),
                                  precisions=tuple(args.precisions.split(",")), steps=args.steps,

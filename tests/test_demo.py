@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end_small(tmp_path):
 
 
 def test_demo_detection_leg_writes_annotated_scenes(tmp_path):
-    from signscale.detection.evaluate import demo_detection
+    from signscale.demos.detection import demo_detection
 
     det = demo_detection(str(tmp_path / "det"), train_scenes=8, test_scenes=3, steps=2)
     assert os.path.exists(det["files"]["detection report"]) and os.path.isdir(det["files"]["detection overlays"])

@@ -17,7 +17,8 @@ from signscale.detection.detect import (
     load_pipeline,
 )
 from signscale.detection.detector import build_detector, make_config
-from signscale.detection.evaluate import SceneEvalConfig, evaluate_scenes, match_boxes
+from signscale.detection.evaluate import SceneEvalConfig, evaluate_scenes
+from signscale.detection.matching import match_boxes
 from signscale.detection.train import save_detector
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config

@@ -11,13 +11,8 @@ import pytest
 from PIL import Image
 
 from signscale.detection.detect import DetectPipeline
-from signscale.detection.evaluate import (
-    SceneEvalConfig,
-    SceneEvalError,
-    corrupt_frame,
-    evaluate_scenes,
-    size_bucket,
-)
+from signscale.detection.evaluate import SceneEvalConfig, SceneEvalError, corrupt_frame, evaluate_scenes
+from signscale.detection.matching import size_bucket
 from signscale.labels import LabelSpace
 
 SPACE = LabelSpace.for_country("de")

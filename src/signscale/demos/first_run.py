@@ -133,7 +133,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _quiet) -> DemoResult
         result.detection_summary = "skipped: the detection leg needs pip install 'signscale[detection]'"
         say(f"\n== 3/{legs} road scenes: {result.detection_summary}")
     elif cfg.detection:
-        from signscale.detection.evaluate import demo_detection
+        from signscale.demos.detection import demo_detection
 
         say(f"\n== 3/{legs} road scenes: synthetic scenes, a detector for {cfg.detection_steps} steps, its report")
         det = demo_detection(storage.join(out, "detection"), classifier=trained.model_url, steps=cfg.detection_steps,

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from signscale.data.scene_shards import ScenePackConfig, pack_scenes
 from signscale.data.sources import SourceError
 from signscale.data.sources.annotations import resolve_names
-from signscale.data.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
+from signscale.data.sources.scenes import open_scene_source
 from signscale.labels import LabelSpace
 
 

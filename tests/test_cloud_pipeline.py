@@ -9,7 +9,7 @@ import os
 import pytest
 
 from signscale import storage
-from signscale.data import shards
+from signscale.data.manifest import Manifest, verify
 from signscale.data.pack import PackConfig, pack
 from signscale.data.stream import open_stream
 from signscale.testing import emulators
@@ -44,7 +44,7 @@ def cloud(request):
 
 
 def _shard_table(url: str) -> list[tuple[str, str, int, int]]:
-    m = shards.Manifest.load(url)
+    m = Manifest.load(url)
     return [(s.path, s.sha256, s.count, s.bytes) for s in m.shards]
 
 
@@ -57,8 +57,8 @@ def test_pack_stream_train_from_the_cloud_match_local(cloud, local_pack, tmp_pat
     # the same shards, byte for byte, as the local pack; and they verify in place
     assert len(_shard_table(url)) > 1
     assert _shard_table(url) == _shard_table(local_pack)
-    assert shards.Manifest.load(url).checksum() == shards.Manifest.load(local_pack).checksum()
-    assert shards.verify(url) == []
+    assert Manifest.load(url).checksum() == Manifest.load(local_pack).checksum()
+    assert verify(url) == []
 
     # streaming from the bucket (ranged reads in 2 worker processes, then via the shard cache)
     kw = {"num_workers": 2, "batch_size": 32, "block_size": 16, "seed": 7}

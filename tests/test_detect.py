@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from signscale.data.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
+from signscale.data.scene_shards import ScenePackConfig, pack_scenes
+from signscale.data.sources.scenes import open_scene_source
 from signscale.detection.detect import (
     CropClassifier,
     DetectPipeline,

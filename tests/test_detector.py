@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from signscale.data.sources.scenes import ScenePackConfig, pack_scenes
+from signscale.data.scene_shards import ScenePackConfig, pack_scenes
 from signscale.detection.detector import (
     DetectorError,
     build_detector,
@@ -195,7 +195,7 @@ def test_fine_tune_from_a_detector_with_real_road_augmentation(scene_data, backb
 
 
 def load_scene_keys(url):
-    from signscale.data.sources.scenes import iter_scenes
+    from signscale.data.scene_shards import iter_scenes
 
     return [extra["key"] for _, extra in iter_scenes(url)]
 

@@ -350,7 +350,7 @@ def _upload(inbox: Path, n: int, seed: int) -> list[str]:
 def _compare_ingest(ref: Path, out: Path, good_keys: list[str]) -> None:
     from signscale.continual.ingest import key_id, list_inbox
     from signscale.data import datasets
-    from signscale.data.shards import Manifest
+    from signscale.data.manifest import Manifest
 
     assert not _temp_files(out), f"temporary files left: {_temp_files(out)}"
     assert sorted(_files(out, temps=True)) == sorted(_files(ref)), sorted(set(_files(out)) ^ set(_files(ref)))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from signscale.data.scene_shards import ScenePackConfig, pack_scenes
 from signscale.data.sources import SourceError
-from signscale.data.sources.scenes import ScenePackConfig, open_scene_source, pack_scenes
+from signscale.data.sources.scenes import open_scene_source
 
 GT = """00000.ppm;10;12;29;31;14
 00001.ppm;5;5;24;24;1

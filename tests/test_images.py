@@ -18,6 +18,7 @@ from PIL import Image
 
 from signscale import images
 from signscale.data import shards
+from signscale.data.manifest import Manifest
 from signscale.data.pack import PackConfig, pack
 from signscale.data.sources import Problem, open_source
 
@@ -85,7 +86,7 @@ def test_16bit_grey_png_packs_scaled(tmp_path: Path) -> None:
     res = pack(PackConfig(source=f"folder:{tmp_path / 'imgs'}", out=str(tmp_path / "ds"), size=16, workers=0,
                           progress=False))
     assert res.count == 1 and res.quarantined == 0
-    m = shards.Manifest.load(str(tmp_path / "ds"))
+    m = Manifest.load(str(tmp_path / "ds"))
     rec = shards.ShardReader(m.shard_url(0)).records(0, 1)[0]
     assert (rec["image"] == GREY16_AS_8).all()
 

@@ -15,7 +15,7 @@ import pytest
 from signscale import images, storage
 from signscale.continual.ingest import IngestConfig, import_labels, ingest, list_inbox, pending
 from signscale.data import datasets
-from signscale.data.shards import Manifest
+from signscale.data.manifest import Manifest
 from signscale.data.sources import open_source
 
 

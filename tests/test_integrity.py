@@ -19,6 +19,7 @@ import pytest
 
 from signscale import storage
 from signscale.data import shards
+from signscale.data.manifest import Manifest, verify
 from signscale.data.shards import ShardError, ShardReader
 from signscale.data.stream import open_stream
 
@@ -30,7 +31,7 @@ def _copy(dataset: str, tmp_path: Path, name: str = "ds") -> str:
 
 
 def _shard(url: str, k: int = 0) -> Path:
-    return Path(shards.Manifest.load(url).shard_url(k))
+    return Path(Manifest.load(url).shard_url(k))
 
 
 def _flip(path: Path, offset: int, xor: int = 0x01) -> None:
@@ -45,12 +46,12 @@ def _field_offset(path: Path, record: int, name: str) -> int:
 
 
 def _ids(url: str, shard: int, start: int, stop: int) -> list[int]:
-    r = ShardReader(shards.Manifest.load(url).shard_url(shard))
+    r = ShardReader(Manifest.load(url).shard_url(shard))
     return [int(i) for i in r.records(start, stop, check=False)["id"]]
 
 
 def _all_ids(url: str) -> list[int]:
-    m = shards.Manifest.load(url)
+    m = Manifest.load(url)
     return [i for k, s in enumerate(m.shards) for i in _ids(url, k, 0, s.count)]
 
 
@@ -255,7 +256,7 @@ def test_shard_cache_refuses_a_download_that_does_not_match_the_manifest(synthet
     for path in Path(synthetic_dataset).rglob("*"):
         if path.is_file():
             storage.write_bytes(f"{remote}/{path.relative_to(synthetic_dataset).as_posix()}", path.read_bytes())
-    m = shards.Manifest.load(remote)
+    m = Manifest.load(remote)
     data = bytearray(storage.read_bytes(m.shard_url(1)))
     data[-1] ^= 0x01  # the object changed in storage after the manifest was written
     storage.write_bytes(m.shard_url(1), bytes(data))
@@ -272,7 +273,7 @@ def test_data_verify_names_the_corrupt_blocks(synthetic_dataset, tmp_path):
     shard = _shard(url, 0)
     per = ShardReader(str(shard)).sums.per
     _flip(shard, _field_offset(shard, 2 * per + 1, "roi"))
-    problems = shards.verify(url)
+    problems = verify(url)
     assert len(problems) == 1
     assert "shard-00000.sgs: sha256 mismatch" in problems[0]
     assert f"corrupt block(s) 2 (records {2 * per}..{3 * per - 1})" in problems[0]

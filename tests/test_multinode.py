@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from signscale.data import shards
+from signscale.data.manifest import Manifest
 from signscale.training import checkpoint
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "multinode_train.py")
@@ -69,7 +70,7 @@ def steps_by_rank(logdir: Path) -> dict[int, list[dict]]:
 
 
 def all_ids(url: str) -> list[int]:
-    m = shards.Manifest.load(url)
+    m = Manifest.load(url)
     return sorted(int(i) for k in range(len(m.shards)) for i in shards.ShardReader(m.shard_url(k)).records()["id"])
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 import signscale.data.pack as packing
 from signscale import storage
 from signscale.data import shards
+from signscale.data.manifest import Manifest, verify
 from signscale.data.pack import PackConfig, pack
 from signscale.data.sources import open_source
 
@@ -29,10 +30,10 @@ def _pack(out, **kw):
 def test_pack_manifest_and_readback(tmp_path):
     res = _pack(tmp_path / "ds")
     assert res.finalized and res.count == 240 and res.quarantined == 0 and res.shards > 2
-    m = shards.Manifest.load(str(tmp_path / "ds"))
+    m = Manifest.load(str(tmp_path / "ds"))
     assert m.count == 240 and m.label_space.name == "de"
     assert sum(m.class_histogram()) == 240
-    assert shards.verify(str(tmp_path / "ds")) == []
+    assert verify(str(tmp_path / "ds")) == []
     src = open_source(SPEC)
     first = shards.ShardReader(m.shard_url(0)).records(0, 5)
     for rec in first:
@@ -44,14 +45,14 @@ def test_pack_manifest_and_readback(tmp_path):
 def test_verify_names_flipped_and_truncated_shards(tmp_path):
     out = tmp_path / "ds"
     _pack(out)
-    m = shards.Manifest.load(str(out))
+    m = Manifest.load(str(out))
     p1 = out / m.shards[1].path
     data = bytearray(p1.read_bytes())
     data[len(data) // 2] ^= 0x01
     p1.write_bytes(bytes(data))
     p2 = out / m.shards[2].path
     p2.write_bytes(p2.read_bytes()[:-10])
-    problems = shards.verify(str(out))
+    problems = verify(str(out))
     assert len(problems) == 2
     assert m.shards[1].path in problems[0] and "sha256" in problems[0]
     assert m.shards[2].path in problems[1] and "truncated" in problems[1]
@@ -76,7 +77,7 @@ p.pack(p.PackConfig(source=sys.argv[1], out=sys.argv[2], size=16, shard_mb=0.04,
 def test_killed_pack_resumes_to_the_same_dataset(tmp_path):
     ref = _pack(tmp_path / "ref")
     out = tmp_path / "crashed"
-    rps = shards.Manifest.load(str(tmp_path / "ref")).data["records_per_chunk"]
+    rps = Manifest.load(str(tmp_path / "ref")).data["records_per_chunk"]
     proc = subprocess.run([sys.executable, "-c", _KILLER, SPEC, str(out), str(2 * rps)])
     assert proc.returncode == -9
     assert not (out / "manifest.json").exists()
@@ -171,7 +172,7 @@ def test_the_next_run_removes_only_old_temp_files_of_ours(tmp_path):
     assert res.finalized and res.count == 240
     assert [f.name for f in stale if f.exists()] == []
     assert [f.name for f in kept if not f.exists()] == []
-    assert shards.verify(str(out)) == []
+    assert verify(str(out)) == []
 
 
 def test_two_ranks_equal_one_rank(tmp_path):
@@ -181,7 +182,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
                                "--shard-mb", "0.04", "--workers", "0", "--rank", str(r), "--world-size", "2"])
              for r in range(2)]
     assert [p.wait() for p in procs] == [0, 0]
-    m = shards.Manifest.load(str(out))
+    m = Manifest.load(str(out))
     assert m.checksum() == ref.checksum and m.count == ref.count
 
 
@@ -254,10 +255,10 @@ def test_pack_to_s3_info_verify_and_read_back(tmp_path, s3_bucket):
     remote = _pack(url, workers=2)
     assert remote.checksum == local.checksum
     assert storage.exists(f"{url}/manifest.json")
-    assert shards.verify(url) == []
-    m = shards.Manifest.load(url)
+    assert verify(url) == []
+    m = Manifest.load(url)
     r = shards.ShardReader(m.shard_url(1))
-    lm = shards.Manifest.load(str(tmp_path / "local"))
+    lm = Manifest.load(str(tmp_path / "local"))
     assert np.array_equal(r.records(3, 9), shards.ShardReader(lm.shard_url(1)).records(3, 9))
     for cmd in (["data", "info", url], ["data", "verify", url]):
         cli = subprocess.run([sys.executable, "-m", "signscale", *cmd], capture_output=True, text=True)
@@ -272,4 +273,4 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
                            "--workers", "0"], capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert shards.Manifest.load(str(out)).checksum() == ref.checksum
+    assert Manifest.load(str(out)).checksum() == ref.checksum

@@ -26,6 +26,7 @@ from signscale.bench.scale import (
 )
 from signscale.config import ConfigError
 from signscale.data import permutation, shards
+from signscale.data.manifest import Manifest
 from signscale.data.plan import rank_share
 from signscale.data.sources import SOURCES, open_source
 from signscale.data.stream import ShardStream, StreamConfig
@@ -102,7 +103,7 @@ def test_per_sample_augment_keeps_flip_rules(synthetic_dataset):
         rec = ds[i]
         assert rec["image"].shape == (3, 16, 16) and rec["image"].dtype == torch.float32
     # a class that must never be mirrored keeps its label in every draw
-    m = shards.Manifest.load(synthetic_dataset)
+    m = Manifest.load(synthetic_dataset)
     labels = np.concatenate([shards.ShardReader(m.shard_url(k)).records()["label"] for k in range(len(m.shards))])
     idx = [i for i, lab in enumerate(labels) if flip_map[lab] < 0][:10]
     assert idx and all(ds[i]["label"] == labels[i] for i in idx for _ in range(3))

@@ -11,9 +11,10 @@ import pytest
 
 from signscale import images
 from signscale.data import shards
+from signscale.data.manifest import Manifest
 from signscale.data.pack import PackConfig, pack
+from signscale.data.scene_shards import ScenePackConfig, iter_scenes, pack_scenes
 from signscale.data.sources import Problem, Sample, SourceError, open_source
-from signscale.data.sources.scenes import ScenePackConfig, iter_scenes, pack_scenes
 
 TINY = "scenes-synthetic:?n=6&seed=3&width=160&height=112&min_px=8&max_px=30&max_signs=4"
 
@@ -64,7 +65,7 @@ def test_one_sample_per_box_and_copy_and_small_boxes_are_problems(scenes):
 def test_without_jitter_each_crop_is_the_box_pixel_for_pixel(scenes):
     boxes = _boxes(scenes)
     src = open_source(f"scene-crops:{scenes}?jitter=0&margin=0&copies=2&min_px=0")
-    manifest = shards.Manifest.load(scenes)
+    manifest = Manifest.load(scenes)
     assert src.label_space.fingerprint() == manifest.label_space.fingerprint()
     for b, (scene, box, label) in enumerate(boxes):
         expected = images.crop_box(scene, tuple(box))
@@ -146,8 +147,8 @@ def test_pack_scene_crops_end_to_end(tmp_path, scenes):
     res = pack(PackConfig(source=spec, out=out, size=32, workers=0, progress=False, dedup=False))
     assert res.count == len(good) and res.quarantined == len(items) - len(good)
     assert res.by_reason == {"box_too_small": len(items) - len(good)}
-    m = shards.Manifest.load(out)
-    assert m.count == len(good) and m.data["source"]["dataset_checksum"] == shards.Manifest.load(scenes).checksum()
+    m = Manifest.load(out)
+    assert m.count == len(good) and m.data["source"]["dataset_checksum"] == Manifest.load(scenes).checksum()
     recs = np.concatenate([shards.ShardReader(m.shard_url(i)).records() for i in range(len(m.shards))])
     assert Counter(recs["label"].tolist()) == Counter(s.label for s in good)
     assert recs["image"].shape[1:] == (32, 32, 3)

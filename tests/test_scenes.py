@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 from conftest import GTSRB_ZIP, require
 
-from signscale.data import shards
+from signscale.data.manifest import Manifest
+from signscale.data.scene_shards import ScenePackConfig, SceneStream, is_scene_dataset, iter_scenes, pack_scenes
 from signscale.data.sources import SourceError
-from signscale.data.sources.scenes import (
-    ScenePackConfig,
-    SceneStream,
-    check_box,
-    is_scene_dataset,
-    iter_scenes,
-    open_scene_source,
-    pack_scenes,
-)
+from signscale.data.sources.scenes import check_box, open_scene_source
 from signscale.data.stream import StreamConfig, StreamLoader
 
 
@@ -72,7 +65,7 @@ def test_boxes_survive_pack_then_stream_unchanged(tmp_path):
     out = str(tmp_path / "scenes")
     res = pack_scenes(ScenePackConfig(source=TINY, out=out, shard_mb=0.05, image_format="png"))
     assert res.count == 12 and res.shards >= 2 and is_scene_dataset(out)
-    m = shards.Manifest.load(out)
+    m = Manifest.load(out)
     assert m.data["totals"]["boxes"] == res.boxes
     src = open_scene_source(TINY)
     expected = {i: src.read(i) for i in range(12)}

@@ -3,6 +3,7 @@ import pytest
 
 from signscale import storage
 from signscale.data import shards
+from signscale.data.manifest import Manifest
 
 
 def _records(n, size=8):
@@ -75,4 +76,4 @@ def test_bad_magic_version_and_truncation(tmp_path):
 
 def test_manifest_missing_names_the_fix(tmp_path):
     with pytest.raises(shards.ShardError, match="signscale pack"):
-        shards.Manifest.load(str(tmp_path))
+        Manifest.load(str(tmp_path))

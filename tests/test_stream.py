@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from signscale.data import shards
+from signscale.data.manifest import Manifest
 from signscale.data.pack import PackConfig, pack
 from signscale.data.plan import plan_epoch, subtract
 from signscale.data.reader import ShardCache
@@ -17,7 +18,7 @@ SCRIPT = str(Path(__file__).parent / "scripts" / "stream_worker.py")
 
 
 def _all_ids(url):
-    m = shards.Manifest.load(url)
+    m = Manifest.load(url)
     return sorted(int(i) for k in range(len(m.shards)) for i in shards.ShardReader(m.shard_url(k)).records()["id"])
 
 
@@ -134,7 +135,7 @@ def test_s3_reads_match_local_and_cache_is_bounded(tmp_path, s3_bucket):
     ids_local = [i for b in open_stream(local, **kw) for i in b["id"].tolist()]
     ids_range = [i for b in open_stream(url, **kw) for i in b["id"].tolist()]
     assert ids_range == ids_local
-    m = shards.Manifest.load(url)
+    m = Manifest.load(url)
     bound = int(max(s.bytes for s in m.shards) * 2.5)
     cache = tmp_path / "cache"
     loader = open_stream(url, cache_dir=str(cache), cache_bytes=bound, **kw)
@@ -157,7 +158,7 @@ def test_s3_reads_match_local_and_cache_is_bounded(tmp_path, s3_bucket):
 def test_a_cached_shard_evicted_by_another_process_is_fetched_again(tmp_path, s3_bucket):
     url = f"{s3_bucket}/evict"
     pack(PackConfig(source="synthetic:?n=40&size=16&seed=2", out=url, size=16, workers=0, progress=False))
-    m = shards.Manifest.load(url)
+    m = Manifest.load(url)
     info = m.shards[0]
     cache = ShardCache(str(tmp_path / "cache"), 10 * info.bytes)
     first = cache.path(m.shard_url(0), info.sha256, info.bytes)

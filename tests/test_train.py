@@ -128,7 +128,7 @@ def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
 
 
 def test_class_balanced_loss_weights(synthetic_dataset, tmp_path):
-    from signscale.data.shards import Manifest
+    from signscale.data.manifest import Manifest
     from signscale.training.train import _class_weights
 
     cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "cb"), model="small_cnn", batch_size=32,

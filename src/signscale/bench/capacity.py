@@ -413,7 +413,7 @@ def check(cfg: CheckConfig, *, say: Any = print) -> list[CheckRow]:
 
         scfg = BenchScaleConfig(sizes=(n,), workers=cfg.workers)
         say("one epoch of BatchAugment in one loader worker ...")
-        from signscale.data.shards import Manifest
+        from signscale.data.manifest import Manifest
         from signscale.data.stream import open_stream
 
         # A real worker (DataLoader worker threads default to one), timed by the OS once it exits: the

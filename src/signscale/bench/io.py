@@ -162,7 +162,7 @@ class BenchSyntheticConfig:
 
 def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
     """Per-sample (torchvision v2) vs per-batch (BatchAugment in the loader) training inputs, local."""
-    from signscale.data.shards import Manifest
+    from signscale.data.manifest import Manifest
 
     m = Manifest.load(raw_url)
     try:
@@ -452,7 +452,7 @@ def _litdata_rows(paths: list[str], out: str, cfg: BenchIOConfig) -> list[Row]:
 
 def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, enc_url: str, cfg: BenchIOConfig,
                counter: RequestCounter | None, plain_note: str = "") -> list[Row]:
-    from signscale.data.shards import Manifest
+    from signscale.data.manifest import Manifest
     from signscale.data.stream import open_stream
 
     raw_m, enc_m = Manifest.load(raw_url), Manifest.load(enc_url)

@@ -83,7 +83,7 @@ class PerSampleAugment(Dataset):
     """
 
     def __init__(self, url: str, size: int) -> None:
-        from signscale.data.shards import Manifest
+        from signscale.data.manifest import Manifest
         from signscale.transforms import AugmentConfig, Preprocess
 
         m = Manifest.load(url)

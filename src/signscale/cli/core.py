@@ -114,7 +114,8 @@ def _plain(value: object) -> str:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from signscale.data import shards, show
+    from signscale.data import show
+    from signscale.data.manifest import Manifest, verify
 
     if args.data_cmd == "info":
         info = show.dataset_info(args.url, histogram=args.histogram or "")
@@ -137,8 +138,8 @@ def _data(args: argparse.Namespace) -> int:
         console.print(info.summary())
         return 0
     if args.data_cmd == "verify":
-        m = shards.Manifest.load(args.url)
-        problems = shards.verify(args.url)
+        m = Manifest.load(args.url)
+        problems = verify(args.url)
         if problems:
             for p in problems:
                 console.print(f"[red]BAD[/] {p}")
@@ -195,7 +196,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from signscale import config
-    from signscale.data.sources.scenes import is_scene_dataset, is_scene_spec
+    from signscale.data.scene_shards import is_scene_dataset
+    from signscale.data.sources.scenes import is_scene_spec
     from signscale.evaluation.evaluate import EvalConfig, evaluate
     from signscale.training import distributed
 

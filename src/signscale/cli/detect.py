@@ -23,7 +23,7 @@ def errors() -> tuple[type[BaseException], ...]:
 
 
 def _pack_scenes(args: argparse.Namespace) -> int:
-    from signscale.data.sources.scenes import ScenePackConfig, pack_scenes
+    from signscale.data.scene_shards import ScenePackConfig, pack_scenes
 
     result = pack_scenes(ScenePackConfig(source=args.source, out=args.out, shard_mb=args.shard_mb,
                                          image_format=args.format))

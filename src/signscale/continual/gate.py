@@ -197,7 +197,7 @@ class EvalSet:
     @classmethod
     def from_dataset(cls, name: str, url: str) -> "EvalSet":
         from signscale.data import datasets
-        from signscale.data.shards import Manifest
+        from signscale.data.manifest import Manifest
 
         r = datasets.read_records(Manifest.load(url))
         return cls(name, r["image"], r["label"].astype(np.int64), r["condition"], r["country"], r["id"])

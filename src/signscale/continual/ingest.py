@@ -41,7 +41,7 @@ import numpy as np
 from signscale import config as config_mod
 from signscale import images, storage
 from signscale.data import datasets, shards
-from signscale.data.shards import Manifest
+from signscale.data.manifest import Manifest
 from signscale.data.sources import CONDITIONS
 from signscale.labels import COUNTRIES, LabelError, LabelSpace
 

@@ -31,7 +31,7 @@ from signscale import storage
 from signscale.continual import gate, ingest
 from signscale.continual.gate import GateConfig
 from signscale.data import datasets
-from signscale.data.shards import Manifest
+from signscale.data.manifest import Manifest
 from signscale.serving.registry import AliasConflict, Registry
 
 

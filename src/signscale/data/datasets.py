@@ -34,7 +34,7 @@ import numpy as np
 
 from signscale import storage
 from signscale.data import shards
-from signscale.data.shards import Manifest
+from signscale.data.manifest import Manifest
 from signscale.data.sources import CONDITIONS
 from signscale.labels import COUNTRIES, LabelSpace
 

@@ -41,6 +41,7 @@ from signscale import config as config_mod
 from signscale import images, storage
 from signscale.data import permutation, shards
 from signscale.data import world as process_group
+from signscale.data.manifest import Manifest
 from signscale.data.sources import CONDITIONS, Problem, Sample, Source, open_source
 from signscale.labels import COUNTRIES
 
@@ -455,8 +456,8 @@ def _finalize(cfg: PackConfig, out: str, source: Source, sides: list[dict[str, A
         "quarantine": {"count": len(quarantine), "by_reason": by_reason, "file": "quarantine.jsonl"},
         "pack_config": {k: v for k, v in config_mod.to_dict(cfg).items() if k not in ("rank", "world_size")},
     }
-    storage.write_json(storage.join(out, shards.Manifest.NAME), manifest)
-    m = shards.Manifest.load(out)
+    storage.write_json(storage.join(out, Manifest.NAME), manifest)
+    m = Manifest.load(out)
     return PackResult(url=out, count=total, shards=len(shard_infos), bytes=manifest["totals"]["bytes"],
                       quarantined=len(quarantine), by_reason=by_reason, seconds=time.perf_counter() - started,
                       finalized=True, checksum=m.checksum())
@@ -538,7 +539,7 @@ def pack(cfg: PackConfig) -> PackResult:
 
 
 def _load_result(out: str, partial: PackResult, started: float) -> PackResult:
-    m = shards.Manifest.load(out)
+    m = Manifest.load(out)
     q = m.data["quarantine"]
     return dataclasses.replace(partial, count=m.count, shards=len(m.shards), bytes=m.data["totals"]["bytes"],
                                quarantined=q["count"], by_reason=q["by_reason"], finalized=True,

@@ -15,7 +15,8 @@ import numpy as np
 
 from signscale import storage
 from signscale.data import shards
-from signscale.data.shards import FIX, Manifest, ShardError, ShardReader
+from signscale.data.manifest import Manifest
+from signscale.data.shards import FIX, ShardError, ShardReader
 
 Records = np.ndarray | dict[str, np.ndarray]  # a structured array, or its fields gathered one by one
 _Block = tuple[np.ndarray, list[bytes] | None, np.ndarray | None]  # records, blobs, rows in corrupt blocks

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from signscale import images, reports
-from signscale.data import shards
+from signscale.data.manifest import Manifest
 from signscale.data.sources import Problem, Sample, open_source
 
 
@@ -100,7 +100,8 @@ def show_scenes(spec: str, *, out: str = "", per_class: int = 2, width: int = 27
     """Scenes, boxes per class and problems of a scene source, read once; optionally a contact sheet of
     frames with their boxes drawn (up to ``per_class`` frames per class, each frame once, frames
     without signs last)."""
-    from signscale.data.sources.scenes import _problem_reason, open_scene_source
+    from signscale.data.scene_shards import _problem_reason
+    from signscale.data.sources.scenes import open_scene_source
 
     source = open_scene_source(spec)
     space = source.label_space
@@ -222,7 +223,7 @@ class DatasetInfo:
 
 
 def dataset_info(url: str, *, histogram: str = "") -> DatasetInfo:
-    m = shards.Manifest.load(url)
+    m = Manifest.load(url)
     hist = [int(x) for x in m.class_histogram()]
     info = DatasetInfo(url=url, manifest=m.data, count=m.count, shards=len(m.shards),
                        bytes=int(m.data["totals"]["bytes"]), per_class=hist, names=m.label_space.names)

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from signscale import images
+from signscale.data.manifest import Manifest
 from signscale.data.plan import (
     EpochPlan,
     Intervals,
@@ -49,7 +50,7 @@ from signscale.data.plan import (
     virtual_to_global,
 )
 from signscale.data.reader import DatasetReader, ShardCache
-from signscale.data.shards import Manifest, ShardError
+from signscale.data.shards import ShardError
 from signscale.data.world import World
 from signscale.labels import LabelSpace
 

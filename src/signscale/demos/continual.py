@@ -19,7 +19,7 @@ from signscale.continual import gate
 from signscale.continual.gate import GateConfig
 from signscale.continual.loop import ContinualConfig, ContinualError, run_cycle
 from signscale.data import datasets
-from signscale.data.shards import Manifest
+from signscale.data.manifest import Manifest
 from signscale.serving.registry import Registry
 
 

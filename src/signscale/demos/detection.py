@@ -16,7 +16,7 @@ def demo_detection(out: str, *, classifier: str = "", train_scenes: int = 300, t
     About a minute on 2 CPU cores: 240 steps of 8 tiles give a usable detector, enough to see the
     whole path (the figures in docs/detection.md come from a longer run). Returns summary and files.
     """
-    from signscale.data.sources.scenes import ScenePackConfig, pack_scenes
+    from signscale.data.scene_shards import ScenePackConfig, pack_scenes
     from signscale.detection.evaluate import SceneEvalConfig, evaluate_scenes
     from signscale.detection.train import DetTrainConfig, train_detector
 

@@ -39,7 +39,8 @@ import torch
 
 from signscale import storage
 from signscale.corruptions import CORRUPTIONS, SEVERITIES, apply_corruption
-from signscale.data.sources.scenes import is_scene_dataset, is_scene_spec, iter_scenes, open_scene_source
+from signscale.data.scene_shards import is_scene_dataset, iter_scenes
+from signscale.data.sources.scenes import is_scene_spec, open_scene_source
 from signscale.detection.detect import DetectPipeline, FcosDetector, draw_detections, load_pipeline
 from signscale.detection.matching import (
     SIZE_BUCKETS,

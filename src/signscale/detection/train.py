@@ -4,7 +4,7 @@ Same machinery as the classifier trainer: the process group from torchrun's envi
 (:mod:`signscale.training.distributed`; gloo on CPU, NCCL on GPUs) with DDP, autocast and the one
 optimizer-step function of :mod:`signscale.training.precision` (bf16/fp16), checkpoints of tensors and plain
 data at any storage URL (:mod:`signscale.training.checkpoint`), and the exactly-once, resumable stream
-(:class:`signscale.data.sources.scenes.SceneStream` over :mod:`signscale.data.stream`).
+(:class:`signscale.data.scene_shards.SceneStream` over :mod:`signscale.data.stream`).
 
 **Tiles, not whole scenes.** Training crops a ``tile`` (default 256x192) from each scene, centred
 on a random sign most of the time. Convolutions are translation-invariant, so the detector still
@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from signscale import config as config_mod
 from signscale import images, storage
-from signscale.data.shards import Manifest
-from signscale.data.sources.scenes import SceneStream
+from signscale.data.manifest import Manifest
+from signscale.data.scene_shards import SceneStream
 from signscale.data.stream import StreamConfig, StreamLoader
 from signscale.detection.detector import build_detector, detector_config, detector_labels, make_config
 from signscale.labels import LabelSpace
@@ -57,7 +57,7 @@ class DetTrainError(RuntimeError):
 class DetTrainConfig:
     """Everything a detector training run depends on (saved inside every checkpoint and model)."""
 
-    data: tuple[str, ...] = ()  # packed scene dataset URLs (signscale.data.sources.scenes.pack_scenes)
+    data: tuple[str, ...] = ()  # packed scene dataset URLs (signscale.data.scene_shards.pack_scenes)
     out: str = "runs/detector"
     backbone: str = ""  # a signscale classifier model folder to initialise from ("": random msnet)
     init_from: str = ""  # a detector model folder to fine-tune (its architecture; backbone is then unused)

@@ -455,7 +455,8 @@ def _open_data(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: boo
 
 
 def _open_dataset(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: bool) -> _Data:
-    from signscale.data.shards import Manifest, ShardError
+    from signscale.data.manifest import Manifest
+    from signscale.data.shards import ShardError
     from signscale.data.stream import ShardStream, StreamConfig
 
     try:

@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from signscale import config as config_mod
 from signscale import storage
-from signscale.data.shards import Manifest, ShardError
+from signscale.data.manifest import Manifest
+from signscale.data.shards import ShardError
 from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
 from signscale.labels import LabelSpace
 from signscale.models import create_model, grow_head, model_config, model_info

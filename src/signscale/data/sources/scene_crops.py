@@ -3,7 +3,7 @@
 The second stage of :mod:`signscale.detection.detect` is a crop classifier. Trained on clean GTSRB crops, it
 meets something else in road scenes: small signs, partly hidden, weathered, cut out by a detector
 box that is a few pixels off. This source turns the boxes of a packed *training* scene dataset
-(:func:`signscale.data.sources.scenes.pack_scenes`) into crops, so the classifier can be trained or
+(:func:`signscale.data.scene_shards.pack_scenes`) into crops, so the classifier can be trained or
 fine-tuned on what the pipeline will show it::
 
     signscale pack "scene-crops:/data/det/scenes-train?margin=0&jitter=0.1&copies=2" /data/det/crops-train
@@ -35,6 +35,7 @@ import numpy as np
 
 from signscale import images, storage
 from signscale.data import shards
+from signscale.data.manifest import Manifest
 from signscale.data.sources.base import Problem, Sample, Source, SourceError
 from signscale.data.sources.folder import normalize_location
 
@@ -99,7 +100,7 @@ class SceneCropSource(Source):
     def __init__(self, url: str, *, margin: float = 0.0, jitter: float = 0.1, copies: int = 1, seed: int = 0,
                  min_px: int = 6, background: int = 0, negatives: str = "", spec: str = "") -> None:
         self.url = url
-        self.manifest = shards.Manifest.load(url)
+        self.manifest = Manifest.load(url)
         space = self.manifest.label_space
         if background or negatives:
             space = space.with_background()
@@ -320,7 +321,7 @@ def open_scene_crops(location: str, *, spec: str = "", margin: str | float = "0.
     if not location:
         raise SourceError(f"{KIND}: no dataset given; expected a packed scene dataset, e.g. {_EXAMPLE}")
     url = normalize_location(location)
-    from signscale.data.sources.scenes import is_scene_dataset
+    from signscale.data.scene_shards import is_scene_dataset
 
     if not is_scene_dataset(url):
         raise SourceError(f"{KIND}: {location!r} is not a packed scene dataset (no manifest with \"scenes\": true); "

@@ -1,4 +1,4 @@
-"""Whole road scenes with boxed signs: the scene Sample convention, ``scenes-synthetic:``, packing, streaming.
+"""Whole road scenes with boxed signs: the scene Sample convention and ``scenes-synthetic:``.
 
 **A scene is a Sample** whose ``image`` is the whole picture and whose ``meta`` carries the boxes::
 
@@ -12,13 +12,8 @@
 records need one label, but detection reads ``meta``. Readers of other formats (``gtsdb:``,
 ``yolo:``, ``coco:``) follow the same convention, so everything downstream is format-blind.
 
-**Packing** (:func:`pack_scenes`): the generic packer (:mod:`signscale.data.pack`) does not yet write a
-Sample's ``meta`` into the ``encoded`` encoding's per-record JSON extras, so scenes are packed here
-with the same shard format, manifest and quarantine file (boxes in the extras); the manifest
-records ``"scenes": true``. **Streaming** (:class:`SceneStream`): the generic stream decodes every
-record to one square size and drops extras, so this subclass keeps the exactly-once epoch plan,
-partition and resume of :class:`signscale.data.stream.ShardStream` and only replaces how a batch is
-assembled: a list of full-resolution images plus their boxes, unchanged.
+Packing scenes (boxes as per-record extras) and streaming them back (full images plus boxes) are
+the dataset's side: :mod:`signscale.data.scene_shards`.
 
 **``scenes-synthetic:``** draws a road scene from ``(seed, index)`` alone: sky, horizon, road with
 markings, verges, buildings with windows, trees, poles, cars, sign-coloured clutter; then 0-6 signs
@@ -31,24 +26,18 @@ appearances and a held-out split of tracks gives a held-out scene set.
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from signscale import images, storage
+from signscale import images
 from signscale.corruptions import CORRUPTIONS, apply_corruption
-from signscale.data import shards
-from signscale.data.sources.base import CONDITIONS, Problem, Sample, Source, SourceError
-from signscale.data.stream import ShardStream, StreamConfig
-from signscale.labels import COUNTRIES, LabelSpace
+from signscale.data.sources.base import Problem, Sample, Source, SourceError
+from signscale.labels import LabelSpace
 
 KIND = "scenes-synthetic"
 SCENE_KINDS = ("scenes-synthetic", "gtsdb", "yolo", "coco")
@@ -455,248 +444,7 @@ def open_scenes_synthetic(location: str = "", *, spec: str = "", n: str | int = 
 # Packing scenes into encoded shards with boxes as per-record extras
 
 
-@dataclass(frozen=True)
-class ScenePackConfig:
-    source: str  # a scene source spec
-    out: str
-    shard_mb: float = 64.0
-    image_format: str = "jpeg"  # jpeg | png | original (bytes as the source gives them)
-    quality: int = 92
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if self.image_format not in ("jpeg", "png", "original"):
-            raise ValueError(f"image_format: expected jpeg, png or original, got {self.image_format!r}")
-
-
-@dataclass
-class ScenePackResult:
-    url: str
-    count: int = 0
-    boxes: int = 0
-    shards: int = 0
-    bytes: int = 0
-    quarantined: int = 0
-    box_problems: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        q = f", {self.quarantined} scene(s) quarantined" if self.quarantined else ""
-        bp = (
-            f", {self.box_problems} box problem(s) ({', '.join(f'{k}={v}' for k, v in sorted(self.by_reason.items()))})"
-            if self.by_reason
-            else ""
-        )
-        return (f"packed {self.count:,} scenes with {self.boxes:,} boxes into {self.shards} shard(s), "
-                f"{self.bytes / 2**20:.1f} MiB at {self.url} in {self.seconds:.1f}s{q}{bp}")
-
-
-def _encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=quality)
-    return buf.getvalue()
-
-
-def _scene_record(sample: Sample, index: int, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    rec = np.zeros((), dtype=dtype)
-    rec["id"], rec["label"], rec["track"] = index, sample.label, shards.track_hash(sample.track)
-    rec["roi"] = (-1, -1, -1, -1)
-    rec["condition"] = CONDITIONS.index(sample.condition) if sample.condition in CONDITIONS else 0
-    rec["country"] = COUNTRIES.index(sample.country) if sample.country in COUNTRIES else 0
-    return rec
-
-
-def _problem_reason(text: str) -> str:
-    """'gt.txt:12: box_outside_image (...)' -> 'box_outside_image'."""
-    tail = text.split(": ", 1)[-1] if ": " in text else text
-    return tail.split(" ", 1)[0]
-
-
-def pack_scenes(cfg: ScenePackConfig, *, progress: Any = None) -> ScenePackResult:
-    """Pack a scene source into ``encoded`` shards at ``cfg.out``; boxes go into each record's extras.
-
-    Scenes that cannot be read are quarantined; boxes dropped by a reader (outside the image, zero area,
-    class outside the catalogue) are listed in ``quarantine.jsonl`` with their file and line. The
-    manifest is written last, after every shard.
-    """
-    started = time.perf_counter()
-    source = open_scene_source(cfg.source) if is_scene_spec(cfg.source) else _raise_not_scene(cfg.source)
-    out = cfg.out.rstrip("/")
-    storage.makedirs(out)
-    dtype = shards.record_dtype("encoded", None)
-    result = ScenePackResult(url=out)
-    quarantine: list[dict[str, Any]] = [{"index": -1, "key": p.key, "reason": p.reason, "detail": p.detail,
-                                         "source": cfg.source} for p in getattr(source, "problems", [])]
-    infos: list[dict[str, Any]] = []
-    recs: list[np.ndarray] = []
-    blobs: list[bytes] = []
-    extras: list[bytes] = []
-    hist = np.zeros(len(source.label_space), np.int64)
-    budget = cfg.shard_mb * 2**20
-
-    def flush() -> None:
-        if not recs:
-            return
-        c = len(infos)
-        data = shards.encode_encoded_shard(np.array(recs, dtype=dtype), blobs, extras)
-        path = f"shards/shard-{c:05d}.sgs"
-        sha = storage.write_bytes(storage.join(out, path), data)
-        labels = np.array([x for e in extras for x in json.loads(e)["labels"]], dtype=np.int64)
-        ch = np.bincount(labels, minlength=len(source.label_space))[:len(source.label_space)]
-        infos.append({"path": path, "sha256": sha, "bytes": len(data), "count": len(recs),
-                      "class_histogram": [int(x) for x in ch]})
-        recs.clear(), blobs.clear(), extras.clear()
-
-    size = 0
-    for i in range(len(source)):
-        item = source.read(i)
-        if progress is not None:
-            progress(1)
-        if isinstance(item, Problem):
-            quarantine.append({"index": i, "key": item.key, "reason": item.reason, "detail": item.detail,
-                               "source": cfg.source})
-            continue
-        try:
-            arr = item.image if isinstance(item.image, np.ndarray) else images.decode(item.image or b"",
-                                                                                       max_pixels=cfg.max_pixels)
-            if arr.shape[0] * arr.shape[1] > cfg.max_pixels:
-                raise images.ImageError("too_many_pixels", f"{arr.shape[1]}x{arr.shape[0]} > {cfg.max_pixels}")
-        except images.ImageError as exc:
-            quarantine.append({"index": i, "key": item.key, "reason": exc.reason, "detail": exc.detail,
-                               "source": cfg.source})
-            continue
-        meta = dict(item.meta)
-        for text in meta.get("problems", []):
-            quarantine.append({"index": i, "key": item.key, "reason": _problem_reason(text), "detail": text,
-                               "source": cfg.source})
-        blob = item.image if (cfg.image_format == "original" and isinstance(item.image, bytes)) else \
-            _encode(arr, "png" if cfg.image_format == "original" else cfg.image_format, cfg.quality)
-        meta["key"] = item.key
-        recs.append(_scene_record(item, i, arr, dtype))
-        blobs.append(blob)
-        extras.append(json.dumps(meta, separators=(",", ":")).encode())
-        hist += np.bincount(np.asarray(meta["labels"], np.int64), minlength=len(hist))[:len(hist)]
-        result.count += 1
-        result.boxes += len(meta["labels"])
-        size += len(blob) + 200
-        if size >= budget:
-            flush()
-            size = 0
-    flush()
-    by_reason: dict[str, int] = {}
-    for q in quarantine:
-        by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
-    storage.write_bytes(storage.join(out, "quarantine.jsonl"), "".join(json.dumps(q) + "\n" for q in quarantine)
-                        .encode())
-    from datetime import datetime
-
-    manifest = {
-        "format": "signscale.dataset", "format_version": shards.MANIFEST_FORMAT,
-        "shard_format": shards.SHARD_FORMAT, "name": cfg.name or source.kind, "version": 1,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": source.describe(), "encoding": "encoded", "image_shape": None, "scenes": True,
-        "record_dtype": shards.dtype_to_json(dtype), "label_space": source.label_space.to_dict(),
-        "conditions": list(CONDITIONS), "countries": list(COUNTRIES), "sources": [cfg.source],
-        "shards": infos,
-        "totals": {"count": result.count, "boxes": result.boxes, "shards": len(infos),
-                   "bytes": sum(s["bytes"] for s in infos), "classes": int((hist > 0).sum())},
-        "quarantine": {"count": len(quarantine), "by_reason": by_reason, "file": "quarantine.jsonl"},
-        "pack_config": {k: getattr(cfg, k) for k in ScenePackConfig.__dataclass_fields__},
-    }
-    storage.write_json(storage.join(out, shards.Manifest.NAME), manifest)
-    result.shards, result.bytes = len(infos), manifest["totals"]["bytes"]
-    scene_level = {"missing_file", "unreadable_image", "not_an_image", "too_many_pixels", "truncated", "empty",
-                   "undecodable", "missing_label_file", "bad_array"}
-    result.quarantined = sum(1 for q in quarantine if q["reason"] in scene_level)
-    result.box_problems = len(quarantine) - result.quarantined
-    result.by_reason = by_reason
-    result.seconds = time.perf_counter() - started
-    return result
-
-
-def _raise_not_scene(spec: str) -> Source:
-    raise SourceError(f"{spec!r} is not a scene source; scene kinds: {', '.join(SCENE_KINDS)}")
-
-
-def is_scene_dataset(url: str) -> bool:
-    """True for a packed scene dataset (a manifest with ``"scenes": true``)."""
-    try:
-        m = shards.Manifest.load(url)
-    except (shards.ShardError, storage.StorageError, OSError, ValueError):
-        return False
-    return bool(m.data.get("scenes"))
-
-
-def iter_scenes(url: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-    """(image, extras) of every record of a packed scene dataset in stored order (for evaluation)."""
-    m = shards.Manifest.load(url)
-    for s in range(len(m.shards)):
-        r = shards.ShardReader(m.shard_url(s))
-        for blob, extra in zip(r.blobs(), r.extras()):
-            yield images.decode(blob), extra
-
-
 # ---------------------------------------------------------------------------------------------
 # Streaming scenes: the exactly-once plan of ShardStream, batches of full images plus boxes
 
 
-class SceneStream(ShardStream):
-    """A ShardStream whose batches hold full-size scenes and their boxes (not square crops).
-
-    A batch is ``{"images": [HxWx3 uint8 tensors], "targets": [{"boxes": float32 [N, 4],
-    "labels": int64 [N]}], "keys": [scene key], "meta": ...}``; boxes come straight from the record's extras,
-    so what was packed is what training sees (tested). ``id``/``pad``/``worker``/``batch`` work as in the parent,
-    so resume and exact accounting are the parent's.
-    """
-
-    def __init__(self, cfg: StreamConfig, **kw: Any) -> None:
-        if not cfg.image_size:  # the parent insists on a decode size for encoded data; scenes keep theirs
-            from dataclasses import replace
-
-            cfg = replace(cfg, image_size=1)
-        super().__init__(cfg, **kw)
-        for u, m in zip(cfg.datasets, self.manifests):
-            if not m.data.get("scenes"):
-                raise shards.ShardError(f"{u}: not a scene dataset; pack scenes with "
-                                        "`signscale pack-scenes SOURCE OUT` (boxes go into the records' extras)")
-
-    def _assemble(self, ds: np.ndarray, rec: np.ndarray, pad: np.ndarray, worker: int, j: int) -> dict[str, Any]:
-        n = len(ds)
-        imgs: list[torch.Tensor | None] = [None] * n
-        targets: list[dict[str, torch.Tensor] | None] = [None] * n
-        keys: list[str] = [""] * n  # the scene's source key (hard negatives are looked up by it)
-        meta = np.zeros((n, 11), dtype=np.int64)
-        skip = np.zeros(n, dtype=bool)  # rows in corrupt blocks (on_corrupt="skip"; "raise" raised)
-        readers = self._dataset_readers()
-        for d in np.unique(ds):
-            sel = np.nonzero(ds == d)[0]
-            reader = readers[int(d)]
-            recs, blobs, bad = reader.take(rec[sel])
-            if bad is not None:
-                skip[sel] = bad
-            shard_of = np.searchsorted(reader.m.starts, rec[sel], side="right") - 1
-            for k, (i, b) in enumerate(zip(sel, blobs or [])):
-                if skip[i]:
-                    continue
-                s = int(shard_of[k])
-                local = int(rec[sel][k] - reader.m.starts[s])
-                extra = reader.reader(s).extras(local, local + 1)[0]
-                imgs[i] = torch.from_numpy(np.array(images.decode(b)))
-                keys[i] = str(extra.get("key", ""))
-                targets[i] = {"boxes": torch.tensor(extra.get("boxes", []), dtype=torch.float32).reshape(-1, 4),
-                              "labels": torch.tensor(extra.get("labels", []), dtype=torch.int64)}
-            for c, key in enumerate(("id", "label", "track", "condition", "country")):
-                meta[sel, c] = recs[key]
-        meta[:, 5] = ds
-        meta[:, 6] = pad
-        out = {"images": imgs, "targets": targets, "keys": keys, "meta": torch.from_numpy(meta), "worker": worker,
-               "batch": j}
-        if skip.any():
-            keep = np.flatnonzero(~skip)
-            out.update(images=[imgs[i] for i in keep], targets=[targets[i] for i in keep],
-                       keys=[keys[i] for i in keep], meta=torch.from_numpy(meta[keep]), skipped=self.skipped(skip))
-        return out

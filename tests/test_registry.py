@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from signscale import storage
+from signscale import pointers, storage
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
 from signscale.serving.registry import AliasConflict, Registry, RegistryError, describe_event, resolve
@@ -125,14 +125,14 @@ def test_alias_race_on_s3_exactly_one_wins(s3_bucket, tmp_path, rounds):
 def test_alias_race_with_raw_pointer_tokens(s3_bucket, tmp_path):
     """The same race at the lowest level: both writers hold the same token; one PUT wins."""
     url = s3_bucket + "/ptr/production"
-    token = storage.write_pointer(url, json.dumps({"version": "v1"}).encode(), expect=None)
+    token = pointers.write_pointer(url, json.dumps({"version": "v1"}).encode(), expect=None)
     barrier = threading.Barrier(2)
     results = []
 
     def put(v: str) -> None:
         barrier.wait()
         try:
-            storage.write_pointer(url, json.dumps({"version": v}).encode(), expect=token)
+            pointers.write_pointer(url, json.dumps({"version": v}).encode(), expect=token)
             results.append(("won", v))
         except storage.PreconditionFailed:
             results.append(("lost", v))
@@ -144,7 +144,7 @@ def test_alias_race_with_raw_pointer_tokens(s3_bucket, tmp_path):
         t.join()
     assert sorted(r[0] for r in results) == ["lost", "won"]
     won = next(v for o, v in results if o == "won")
-    assert json.loads(storage.read_pointer(url)[0])["version"] == won
+    assert json.loads(pointers.read_pointer(url)[0])["version"] == won
 
 
 def test_cli_promote_show_rollback(tmp_path, capsys):

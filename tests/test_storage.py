@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from signscale import storage
+from signscale import pointers, storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -126,13 +126,13 @@ def test_transient_classification_for_gcs_and_azure_errors():
 
 def test_pointer_on_unsupported_store_is_refused():
     with pytest.raises(storage.StorageError, match="conditional writes are not supported on memory://"):
-        storage.write_pointer("memory://bucket/head", b"x", expect=None)
+        pointers.write_pointer("memory://bucket/head", b"x", expect=None)
 
 
 def test_local_pointer_tokens_and_lock_file(tmp_path):
     url = str(tmp_path / "aliases" / "prod")
-    t1 = storage.write_pointer(url, b"v1", expect=None)
-    assert storage.read_pointer(url) == (b"v1", t1)
+    t1 = pointers.write_pointer(url, b"v1", expect=None)
+    assert pointers.read_pointer(url) == (b"v1", t1)
     with pytest.raises(storage.PreconditionFailed, match="prod"):
-        storage.write_pointer(url, b"v2", expect="not-a-token")
+        pointers.write_pointer(url, b"v2", expect="not-a-token")
     assert sorted(os.listdir(tmp_path / "aliases")) == [".prod.lock", "prod"]  # no temp files left behind

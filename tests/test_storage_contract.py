@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from signscale import storage
+from signscale import pointers, storage
 from signscale.testing import emulators
 
 BACKENDS = ["local", "s3", "gcs", "azure"]
@@ -110,11 +110,11 @@ def test_pointer_create_then_compare_and_swap(backend):
     _, root, _ = backend
     url = storage.join(root, "heads", "main")
     with pytest.raises(FileNotFoundError):
-        storage.read_pointer(url)
-    t1 = storage.write_pointer(url, b"v1", expect=None)
-    assert storage.read_pointer(url) == (b"v1", t1)
-    t2 = storage.write_pointer(url, b"v2", expect=t1)
-    assert t2 != t1 and storage.read_pointer(url) == (b"v2", t2)
+        pointers.read_pointer(url)
+    t1 = pointers.write_pointer(url, b"v1", expect=None)
+    assert pointers.read_pointer(url) == (b"v1", t1)
+    t2 = pointers.write_pointer(url, b"v2", expect=t1)
+    assert t2 != t1 and pointers.read_pointer(url) == (b"v2", t2)
 
 
 def test_pointer_lost_races_are_reported(backend):
@@ -123,16 +123,16 @@ def test_pointer_lost_races_are_reported(backend):
         pytest.skip("gcp-storage-emulator does not enforce ifGenerationMatch (the real service does); "
                     "test_gcs_every_pointer_write_carries_its_generation_precondition checks what is sent")
     url = storage.join(root, "heads", "main")
-    t1 = storage.write_pointer(url, b"v1", expect=None)
+    t1 = pointers.write_pointer(url, b"v1", expect=None)
     with pytest.raises(storage.PreconditionFailed, match="already exists"):
-        storage.write_pointer(url, b"other", expect=None)
-    t2 = storage.write_pointer(url, b"v2", expect=t1)
+        pointers.write_pointer(url, b"other", expect=None)
+    t2 = pointers.write_pointer(url, b"v2", expect=t1)
     with pytest.raises(storage.PreconditionFailed, match="changed since"):
-        storage.write_pointer(url, b"stale", expect=t1)
-    assert storage.read_pointer(url) == (b"v2", t2)  # the losers wrote nothing
+        pointers.write_pointer(url, b"stale", expect=t1)
+    assert pointers.read_pointer(url) == (b"v2", t2)  # the losers wrote nothing
     storage.delete(url)
     with pytest.raises(storage.PreconditionFailed):
-        storage.write_pointer(url, b"resurrect", expect=t2)
+        pointers.write_pointer(url, b"resurrect", expect=t2)
     assert not storage.exists(url)
 
 
@@ -145,7 +145,7 @@ def _race_round(url: str, expect: str | None, tag: str) -> list[tuple[str, objec
     def writer(name: str) -> None:
         barrier.wait()
         try:
-            out: object = storage.write_pointer(url, f"{tag}-{name}".encode(), expect=expect)
+            out: object = pointers.write_pointer(url, f"{tag}-{name}".encode(), expect=expect)
         except storage.PreconditionFailed as exc:
             out = exc
         with lock:
@@ -164,7 +164,7 @@ def _check_one_winner(url: str, results: list[tuple[str, object]], tag: str) -> 
     losers = [n for n, tok in results if isinstance(tok, storage.PreconditionFailed)]
     assert len(winners) == 1 and len(losers) == 1, results
     name, token = winners[0]
-    assert storage.read_pointer(url) == (f"{tag}-{name}".encode(), token)  # the winner's bytes, whole
+    assert pointers.read_pointer(url) == (f"{tag}-{name}".encode(), token)  # the winner's bytes, whole
     return str(token)
 
 
@@ -182,7 +182,7 @@ def test_two_writer_race_has_exactly_one_winner(backend):
 def _process_writer(url: str, name: str, expect: str | None, barrier, queue) -> None:
     barrier.wait()
     try:
-        queue.put((name, storage.write_pointer(url, name.encode(), expect=expect)))
+        queue.put((name, pointers.write_pointer(url, name.encode(), expect=expect)))
     except storage.PreconditionFailed:
         queue.put((name, "lost"))
 
@@ -191,7 +191,7 @@ def test_two_processes_race_on_local_disk(tmp_path):
     """flock, not just the in-process lock, serialises writers: two real processes, one winner each round."""
     ctx = mp.get_context("spawn")
     url = str(tmp_path / "heads" / "main")
-    token = storage.write_pointer(url, b"start", expect=None)
+    token = pointers.write_pointer(url, b"start", expect=None)
     for i in range(3):
         barrier, queue = ctx.Barrier(2), ctx.Queue()
         procs = [ctx.Process(target=_process_writer, args=(url, f"p{i}{n}", token, barrier, queue))
@@ -205,7 +205,7 @@ def test_two_processes_race_on_local_disk(tmp_path):
         winners = {n: t for n, t in results.items() if t != "lost"}
         assert len(winners) == 1, results
         (name, token), = winners.items()
-        assert storage.read_pointer(url) == (name.encode(), token)
+        assert pointers.read_pointer(url) == (name.encode(), token)
 
 
 def test_gcs_every_pointer_write_carries_its_generation_precondition(gcs_emulator):
@@ -214,9 +214,9 @@ def test_gcs_every_pointer_write_carries_its_generation_precondition(gcs_emulato
     root = gcs_emulator.make_bucket(f"gen-{os.getpid()}-{next(_ids)}")
     url = storage.join(root, "heads", "main")
     with emulators.through_proxy(gcs_emulator) as proxy:
-        t1 = storage.write_pointer(url, b"v1", expect=None)
-        t2 = storage.write_pointer(url, b"v2", expect=t1)
-        storage.write_pointer(url, b"v3", expect=t2)
+        t1 = pointers.write_pointer(url, b"v1", expect=None)
+        t2 = pointers.write_pointer(url, b"v2", expect=t1)
+        pointers.write_pointer(url, b"v3", expect=t2)
         uploads = [s for s in proxy.requests("/upload/") if s.method == "POST"]
     sent = [parse_qs(urlparse(s.path).query) for s in uploads]
     assert [q.get("name") for q in sent] == [["heads/main"]] * 3
@@ -242,21 +242,21 @@ def test_transient_error_is_retried_and_final_error_is_not(backend):
     if kind == "local":
         pytest.skip("local disk has no transient errors; retry() itself is unit-tested in test_storage.py")
     url = storage.join(root, "ptr-retry")
-    token = storage.write_pointer(url, b"v1", expect=None)
+    token = pointers.write_pointer(url, b"v1", expect=None)
     transient, final, ctype = _ERRORS[kind]
     with emulators.through_proxy(emu) as proxy:
         proxy.fail_next(2, 503, match="ptr-retry", body=transient, content_type=ctype)
-        assert storage.read_pointer(url) == (b"v1", token)
+        assert pointers.read_pointer(url) == (b"v1", token)
         statuses = [s.status for s in proxy.requests("ptr-retry")]
         assert statuses[:2] == [503, 503] and 200 <= statuses[2] < 300  # retried past the injected 503s
 
         proxy.fail_next(1, 503, match="ptr-retry", body=transient, content_type=ctype)
-        t2 = storage.write_pointer(url, b"v2", expect=token)  # a conditional write is retried too
-        assert storage.read_pointer(url) == (b"v2", t2)
+        t2 = pointers.write_pointer(url, b"v2", expect=token)  # a conditional write is retried too
+        assert pointers.read_pointer(url) == (b"v2", t2)
 
         before = len(proxy.requests("ptr-retry"))
         proxy.fail_next(1, 403, match="ptr-retry", body=final, content_type=ctype)
         with pytest.raises(Exception) as info:
-            storage.read_pointer(url)
+            pointers.read_pointer(url)
         assert not storage.is_transient(info.value)
         assert len(proxy.requests("ptr-retry")) == before + 1  # a denied request is not retried

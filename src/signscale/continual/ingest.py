@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from signscale import config as config_mod
-from signscale import images, storage
+from signscale import images, pointers, storage
 from signscale.data import datasets, shards
 from signscale.data.manifest import Manifest
 from signscale.data.sources import CONDITIONS
@@ -272,7 +272,7 @@ def _claim(cfg: IngestConfig, keys: list[str]) -> tuple[str, dict[str, Any]]:
         plan = {"batch": batch, "inbox": cfg.inbox.rstrip("/"), "keys": todo, "created": _now(),
                 "chunk": cfg.chunk, "publish": cfg.publish}
         try:
-            storage.write_pointer(storage.join(_ingest_dir(cfg.dataset), f"{batch}.plan.json"),
+            pointers.write_pointer(storage.join(_ingest_dir(cfg.dataset), f"{batch}.plan.json"),
                                   json.dumps(plan).encode(), expect=None)
             return batch, plan
         except storage.PreconditionFailed:

@@ -12,7 +12,7 @@ packed as a dataset of its own under ``batches/`` and published as the next vers
 Publishing writes the version manifest create-only (named by version and batch, so a manifest left by
 a publisher that crashed before moving HEAD is inert and never blocks another), then moves ``HEAD``
 with a conditional write
-(:func:`storage.write_pointer`), the way lakeFS merges a branch or Iceberg swaps a table's metadata
+(:func:`pointers.write_pointer`), the way lakeFS merges a branch or Iceberg swaps a table's metadata
 file: a reader sees the old version or the new one, never a mix, and a batch that was never
 published (rejected by validation or by the promotion gate) appears in no version manifest. Old
 version manifests and shards are never rewritten, so a model's lineage ("trained on version 3")
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from signscale import storage
+from signscale import pointers, storage
 from signscale.data import shards
 from signscale.data.manifest import Manifest
 from signscale.data.sources import CONDITIONS
@@ -108,7 +108,7 @@ def read_head(root: str) -> tuple[str, str | None]:
     """(head version manifest name, "" for version 1; pointer token, None when nothing was ever published)."""
     root = root.rstrip("/")
     try:
-        data, token = storage.read_pointer(_head_url(root))
+        data, token = pointers.read_pointer(_head_url(root))
     except FileNotFoundError:
         if not storage.exists(storage.join(root, Manifest.NAME)):
             raise DatasetVersionError(
@@ -334,11 +334,11 @@ def publish(root: str, batch_url: str, *, expect: Any = CURRENT, counts: dict[st
     data.pop("pack_config", None)
     blob = (json.dumps(data, indent=1) + "\n").encode()
     try:
-        storage.write_pointer(_version_url(root, name), blob, expect=None)  # create-only: immutable
+        pointers.write_pointer(_version_url(root, name), blob, expect=None)  # create-only: immutable
     except storage.PreconditionFailed:
         pass  # left by a crashed attempt at this same (version, batch): identical meaning, keep it
     try:
-        storage.write_pointer(_head_url(root), json.dumps({"version": new, "manifest": name,
+        pointers.write_pointer(_head_url(root), json.dumps({"version": new, "manifest": name,
                                                            "changed": _now()}).encode(), expect=token)
     except storage.PreconditionFailed:
         raise HeadMoved(f"{root}: head moved while publishing {rel}; re-validate against the new head") from None

@@ -11,7 +11,7 @@ Layout (format version 1)::
     REGISTRY/history/<time_ns>-<rand>.json     one immutable object per event, never rewritten
 
 Versions are immutable: once ``version.json`` exists nothing under that folder changes. Aliases are
-small pointer objects moved with :func:`storage.write_pointer`: a rename on local disk, a conditional
+small pointer objects moved with :func:`pointers.write_pointer`: a rename on local disk, a conditional
 PUT (If-Match / If-None-Match) on object stores, so of two writers racing to move the same alias
 exactly one wins and the other gets :class:`AliasConflict`. ``previous`` is not a separate object:
 the production pointer carries the stack of versions it replaced, so production and previous move
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from signscale import storage
+from signscale import pointers, storage
 
 REGISTRY_FORMAT = 1
 ALIASES = ("production", "candidate")
@@ -130,7 +130,7 @@ class Registry:
             return
         storage.makedirs(self.url)
         try:
-            storage.write_pointer(marker, json.dumps({"format": "signscale.registry",
+            pointers.write_pointer(marker, json.dumps({"format": "signscale.registry",
                                                       "format_version": REGISTRY_FORMAT}).encode(), expect=None)
         except storage.PreconditionFailed:
             pass  # another writer created it first: same content
@@ -159,7 +159,7 @@ class Registry:
         while True:
             vid = f"v{n:06d}"
             try:
-                storage.write_pointer(storage.join(self._version_dir(vid), "claim"),
+                pointers.write_pointer(storage.join(self._version_dir(vid), "claim"),
                                       json.dumps({"claimed": _now()}).encode(), expect=None)
                 return vid
             except storage.PreconditionFailed:
@@ -238,7 +238,7 @@ class Registry:
 
     def alias(self, name: str) -> Alias | None:
         try:
-            data, token = storage.read_pointer(self._alias_url(name))
+            data, token = pointers.read_pointer(self._alias_url(name))
         except FileNotFoundError:
             return None
         d = json.loads(data)
@@ -271,7 +271,7 @@ class Registry:
         body = {"alias": name, "version": version, "previous": list(previous), "changed": _now(),
                 "reason": reason, "seq": uuid.uuid4().hex}
         try:
-            token = storage.write_pointer(self._alias_url(name), json.dumps(body).encode(),
+            token = pointers.write_pointer(self._alias_url(name), json.dumps(body).encode(),
                                           expect=cur.token if cur else None)
         except storage.PreconditionFailed:
             raise AliasConflict(f"{self.url}: alias {name!r} was moved by another writer while this one "

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from signscale import images
-from signscale.data.sources.synthetic import SyntheticSource, render_clean
+from signscale.data.sources.pictograms import render_clean
+from signscale.data.sources.synthetic import SyntheticSource
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
 from signscale.serving.export import ExportConfig, ExportError, export, parity_inputs

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from signscale import images
-from signscale.data.sources.synthetic import render_clean
+from signscale.data.sources.pictograms import render_clean
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
 from signscale.serving.predict import PredictConfig, PredictError, Predictor, collect_inputs, is_registry_spec

@@ -29,7 +29,7 @@ from devtools import devtools_page, find_browser
 from PIL import Image
 
 from signscale import images
-from signscale.data.sources.synthetic import render_clean
+from signscale.data.sources.pictograms import render_clean
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
 from signscale.serving.predict import Predictor, resolve_model

@@ -14,7 +14,8 @@ import pytest
 
 from signscale.corruptions import CORRUPTIONS, apply_corruption
 from signscale.data.sources import CONDITIONS, SourceError, open_source
-from signscale.data.sources.synthetic import SyntheticSource, open_synthetic, render_clean, render_template
+from signscale.data.sources.pictograms import render_clean, render_template
+from signscale.data.sources.synthetic import SyntheticSource, open_synthetic
 from signscale.labels import LabelSpace
 
 SPACE = LabelSpace.for_country("de")

@@ -299,7 +299,7 @@ def bench_serve(cfg: BenchServeConfig, *, show: bool = True, console: Any = None
     the run spreads over every row instead of landing on one.
     """
     from signscale import images
-    from signscale.data.sources.synthetic import render_clean
+    from signscale.data.sources.pictograms import render_clean
 
     png = images.encode_png(render_clean(14, cfg.image_px))
     counts: dict[tuple[str, int], list[Any]] = {}

@@ -79,7 +79,7 @@ class ExportResult:
 
 def parity_inputs(size: int, n: int, seed: int = 0) -> np.ndarray:
     """[n, size, size, 3] uint8: clean rendered signs (confident outputs) and random pixels (flat ones)."""
-    from signscale.data.sources.synthetic import render_clean
+    from signscale.data.sources.pictograms import render_clean
 
     rng = np.random.default_rng(seed)
     clean = [render_clean(i % 43, size) for i in range(n // 2)]

@@ -971,7 +971,7 @@ def _plain(value: Any) -> Any:
 @functools.lru_cache(maxsize=128)
 def _pictogram(key: str) -> bytes | None:
     """A clean rendering of the class with this semantic key, from the synthetic source's drawings."""
-    from signscale.data.sources.synthetic import render_clean
+    from signscale.data.sources.pictograms import render_clean
     from signscale.labels import LabelError, LabelSpace
 
     try:

@@ -144,7 +144,7 @@ class _SignPictures:
     def picture(self, label: int, w: int, h: int, rng: np.random.Generator) -> Image.Image:
         """An RGBA picture of class ``label`` resized to w x h (transparent outside a drawn sign)."""
         if not self.spec or self.spec == "synthetic":
-            from signscale.data.sources.synthetic import render_template
+            from signscale.data.sources.pictograms import render_template
 
             tpl = Image.fromarray(render_template(label, 128), "RGBA")
             return tpl.resize((w, h), Image.LANCZOS)

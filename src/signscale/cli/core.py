@@ -1,4 +1,4 @@
-"""The core commands: sources, show, pack, data, train, evaluate, compare, demo."""
+"""The core commands: sources, show, pack, data, train, evaluate, calibrate, compare, demo."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from signscale.cli._registry import Registry, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
+    from signscale.calibration import CalibrationError
     from signscale.checkpoint import CheckpointError
     from signscale.config import ConfigError
     from signscale.evaluate import CompareError, EvalError
@@ -21,7 +22,7 @@ def errors() -> tuple[type[BaseException], ...]:
     from signscale.train import TrainError
 
     return (ConfigError, SourceError, ShardError, LabelError, StorageError, CheckpointError, EvalError,
-            CompareError, TrainError)
+            CompareError, TrainError, CalibrationError)
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -219,6 +220,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from signscale import config
+    from signscale.evaluate import CalibrateConfig, calibrate
+
+    cfg = config.load(CalibrateConfig, None, [f"model={args.model}", f"data={args.data}", *config_args(args)])
+    console.print(calibrate(cfg).summary(), markup=False)
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from signscale.evaluate import compare
 
@@ -282,6 +292,11 @@ def register(r: Registry) -> None:
     s.add_argument("--classifier", help="scene datasets: classifier model for the end-to-end (fine class) score")
     s.add_argument("--config", help="YAML with EvalConfig keys")
     add_config(s, "signscale.evaluate:EvalConfig", skip=("model", "data"), aliases={"severities": ["--severity"]})
+
+    s = r.add("calibrate", _calibrate, "fit a model's temperature on held-out data; predict/serve/evaluate use it")
+    s.add_argument("model", help="model artefact folder: its model.json gains the temperature")
+    s.add_argument("data", help="held-out data (the validation split), a packed dataset URL or a source")
+    add_config(s, "signscale.evaluate:CalibrateConfig", skip=("model", "data"))
 
     s = r.add("compare", _compare, "differences between two reports; exit 1 when B is worse than A")
     s.add_argument("a", help="report folder or metrics.json of the reference")

@@ -17,7 +17,7 @@ What is scored, and how (docs/evaluation.md has the user's version):
   ``CONF_SCALE``), so ranks add their tallies with ``all_reduce_sum`` and any number of processes,
   or any batch size, gives the single-process numbers to the last digit.
 * **Corruptions are a function of the sample.** Sample ``id`` under corruption ``k`` (its index in
-  :data:`corruptions.CORRUPTIONS`) at severity ``s`` draws from
+  :data:`corruptions.KINDS`: weather and camera faults) at severity ``s`` draws from
   ``np.random.default_rng([seed, k, s, id])``: the same image gets the same pixels whatever the
   batch size, the worker count or the number of ranks, and whichever other corruptions were asked for.
 """
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from signscale import __version__, calibration, checkpoint, distributed, images, precision, storage, tta
 from signscale import config as config_mod
-from signscale.corruptions import CORRUPTIONS, SEVERITIES, apply_corruption
+from signscale.corruptions import KINDS, SEVERITIES, apply_corruption
 from signscale.labels import COUNTRIES, LabelError, LabelSpace
 from signscale.models import rebuild
 from signscale.transforms import Preprocess, to_input
@@ -80,7 +80,7 @@ EXAMPLES_PER_CONFUSION = 4  # images kept per (true, predicted) pair, chosen by 
 SKIP_EXAMPLES = 20  # skipped entries listed by name in the report
 DEFAULT_DATA = "synthetic:?n=2000&seed=1000"  # a seed no default training set uses
 # Corrupted copies travel from the loader workers with their batch; passes are split so that one
-# batch's copies stay under this size (all 40 corruption x severity pairs fit at 32 px, batch 512).
+# batch's copies stay under this size (at 32 px and batch 512, 85 corruption x severity pairs fit: all 65 do).
 VARIANT_BUDGET_BYTES = 128 << 20
 
 
@@ -103,7 +103,7 @@ class EvalConfig:
     workers: int = 2  # loader processes (0: read in this process)
     device: str = "auto"  # auto | cpu | cuda
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    corruptions: tuple[str, ...] = ()  # kinds from corruptions.CORRUPTIONS, or "all"
+    corruptions: tuple[str, ...] = ()  # kinds from corruptions.KINDS (weather and camera faults), or "all"
     severities: tuple[int, ...] = (3,)  # 1..5
     seed: int = 0  # corruption randomness (see the module docstring)
     examples: int = 20  # most frequent confusions listed, each with example images
@@ -129,10 +129,10 @@ class EvalConfig:
             precision.check(self.precision)
         except ValueError as exc:
             raise config_mod.ConfigError(str(exc)) from None
-        unknown = [c for c in self.corruptions if c not in CORRUPTIONS and c != "all"]
+        unknown = [c for c in self.corruptions if c not in KINDS and c != "all"]
         if unknown:
             raise config_mod.ConfigError(f"corruptions: unknown kind {unknown[0]!r}; valid: all, "
-                                         f"{', '.join(CORRUPTIONS)}")
+                                         f"{', '.join(KINDS)}")
         bad = [s for s in self.severities if s not in SEVERITIES]
         if bad or not self.severities:
             raise config_mod.ConfigError(f"severities: each must be an integer 1..5, got {list(self.severities)}")
@@ -146,9 +146,9 @@ class EvalConfig:
             raise config_mod.ConfigError(f"threads: must be >= 0, got {self.threads}")
 
     def corruption_kinds(self) -> tuple[str, ...]:
-        """The requested corruptions in :data:`CORRUPTIONS` order, ``all`` expanded, repeats removed."""
-        wanted = set(CORRUPTIONS) if "all" in self.corruptions else set(self.corruptions)
-        return tuple(c for c in CORRUPTIONS if c in wanted)
+        """The requested corruptions in :data:`KINDS` order, ``all`` expanded, repeats removed."""
+        wanted = set(KINDS) if "all" in self.corruptions else set(self.corruptions)
+        return tuple(c for c in KINDS if c in wanted)
 
     def pairs(self) -> list[tuple[str, int]]:
         """(corruption, severity) pairs to evaluate, corruption-major."""
@@ -364,7 +364,7 @@ def corrupt_batch(images_nhwc: np.ndarray, ids: Sequence[int] | np.ndarray, *, c
     One image at a time, on purpose: every corruption draws its randomness for the whole array it
     is given, so a batched call would make a sample's pixels depend on its neighbours.
     """
-    k = CORRUPTIONS.index(corruption)
+    k = KINDS.index(corruption)  # the weather kinds first, as before the camera faults were added
     out = np.empty_like(images_nhwc)
     for j, (img, i) in enumerate(zip(images_nhwc, np.asarray(ids, dtype=np.int64))):
         out[j] = apply_corruption(img, corruption, severity, np.random.default_rng([seed, k, severity, int(i)]))

@@ -202,7 +202,7 @@ def test_report_files_and_source_equals_packed(model_dir: str, packed: str, tmp_
     rep = evaluate(_cfg(model_dir, packed, out=str(out), corruptions=("fog", "noise"), batch_size=32, workers=2,
                         examples=6))
     for name in ("metrics.json", "report.html", "confusion.png", "per_class.png", "confusions.png",
-                 "reliability.png", "robustness.png"):
+                 "reliability.png", "risk_coverage.png", "robustness.png"):
         assert (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         with Image.open(png) as im:
@@ -217,7 +217,7 @@ def test_report_files_and_source_equals_packed(model_dir: str, packed: str, tmp_
     assert len(rep.example_images) == len(metrics["top_confusions"]) > 0
     assert "top-1" in rep.summary() and "mCA" in rep.summary() and "0 skipped" in rep.summary()
     images = _data_uri_images((out / "report.html").read_text())
-    assert len(images) == 5 and all(im.format == "PNG" for im in images)
+    assert len(images) == 6 and all(im.format == "PNG" for im in images)
 
     # the same samples read straight from the source, in more and smaller batches, score the same
     src = evaluate(_cfg(model_dir, SYNTHETIC, corruptions=("fog", "noise"), batch_size=50, examples=6)).metrics
@@ -412,7 +412,7 @@ def test_report_renders_in_a_headless_browser(model_dir: str, packed: str, tmp_p
     out = tmp_path / "r"
     evaluate(_cfg(model_dir, packed, out=str(out), corruptions=("blur",), examples=4))
     page = (out / "report.html").read_text()
-    assert len(_data_uri_images(page)) == 5
+    assert len(_data_uri_images(page)) == 6
     # the browser reports each image's decoded width in the title once the page has loaded
     probe = out / "probe.html"
     probe.write_text(page.replace("</body>", "<script>addEventListener('load', () => { document.title = 'widths:' + "
@@ -424,4 +424,4 @@ def test_report_renders_in_a_headless_browser(model_dir: str, packed: str, tmp_p
     widths = re.search(r"<title>widths:([^<]*)</title>", proc.stdout)
     assert widths, proc.stdout[:500]
     values = [int(w) for w in widths.group(1).split(",")]
-    assert len(values) == 5 and all(w > 0 for w in values), values
+    assert len(values) == 6 and all(w > 0 for w in values), values

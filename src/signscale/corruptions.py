@@ -1,4 +1,11 @@
-"""Weather and sensor corruptions of sign images: snow, rain, fog, night, glare, blur, noise, contrast.
+"""Weather, sensor and camera-fault corruptions of sign images.
+
+Two families: the weather and sensor conditions ``snow, rain, fog, night, glare, blur, noise,
+contrast`` (:data:`CORRUPTIONS`), which are also the condition names a dataset records (so this tuple
+cannot grow without changing every packed dataset's condition table and the synthetic renderer's
+draws), and the faults of a real dashcam ``jpeg, motion_blur, low_light, defocus, lens_rain``
+(:data:`CAMERA_FAULTS`), which only evaluation applies. :data:`KINDS` is both, in a fixed order
+(new kinds are appended, so an existing kind's seed in a robustness report never changes).
 
 One implementation serves three users: the synthetic renderer (to tag samples with a condition),
 training augmentation, and robustness evaluation (accuracy per condition and severity). Sharing it
@@ -20,6 +27,8 @@ from collections.abc import Callable
 import numpy as np
 
 CORRUPTIONS: tuple[str, ...] = ("snow", "rain", "fog", "night", "glare", "blur", "noise", "contrast")
+CAMERA_FAULTS: tuple[str, ...] = ("jpeg", "motion_blur", "low_light", "defocus", "lens_rain")
+KINDS: tuple[str, ...] = CORRUPTIONS + CAMERA_FAULTS
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
 # Sizes below are tuned at 32 px, the usual classifier input; larger images scale them up.
@@ -38,7 +47,7 @@ def apply_corruption(img: np.ndarray, kind: str, severity: int, rng: np.random.G
     objects that matter over 32 px for images that hold more than one sign, such as road scenes.
     """
     if kind not in _CORRUPTIONS:
-        raise ValueError(f"unknown corruption {kind!r}; valid kinds: {', '.join(CORRUPTIONS)}")
+        raise ValueError(f"unknown corruption {kind!r}; valid kinds: {', '.join(KINDS)}")
     if severity not in SEVERITIES:
         raise ValueError(f"corruption severity must be an integer 1..5, got {severity!r}")
     if img.dtype != np.uint8 or img.ndim not in (3, 4) or img.shape[-1] != 3:
@@ -200,8 +209,121 @@ def contrast(x: np.ndarray, severity: int, rng: np.random.Generator, scale: floa
     return mean + (x - mean) * keep
 
 
+# ---------------------------------------------------------------------------------------------
+# Camera faults: what a dashcam does to a sign besides the weather
+
+
+def jpeg(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """JPEG compression (Pillow's libjpeg, 4:2:0 chroma) at a falling quality: blocks, ringing, colour bleed.
+
+    Compressed at the image's own size, as a crop of a frame a camera stored at low bit rate; needs
+    no randomness. 8x8 blocks are a larger share of a 32 px crop than of a 128 px one, which is also
+    what happens to a small sign in a compressed frame.
+    """
+    import io
+
+    from PIL import Image
+
+    quality = _pick((30, 20, 14, 10, 6), severity)
+    out = np.empty_like(x)
+    for i, img in enumerate(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=int(quality), subsampling=2)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            out[i] = np.asarray(im.convert("RGB"), dtype=np.float32) * np.float32(1 / 255)
+    return out
+
+
+def motion_blur(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Camera shake or a passing sign: the image averaged along a line of random direction per image."""
+    n = x.shape[0]
+    length = _pick((2.0, 3.0, 4.5, 6.0, 8.0), severity) * scale  # pixels at 32 px
+    angles = rng.uniform(0.0, np.pi, size=n)
+    taps = max(2, int(np.ceil(length)) + 1)
+    out = np.empty_like(x)
+    for i in range(n):
+        t = np.linspace(-length / 2, length / 2, taps)
+        dy, dx = np.round(t * np.sin(angles[i])).astype(int), np.round(t * np.cos(angles[i])).astype(int)
+        out[i] = np.mean([_shifted(x[i], int(a), int(b)) for a, b in zip(dy, dx)], axis=0)
+    return out
+
+
+def _shifted(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``img`` moved by (dy, dx) pixels, the border repeated (HxWxC)."""
+    h, w = img.shape[:2]
+    ys = np.clip(np.arange(h) - dy, 0, h - 1)
+    xs = np.clip(np.arange(w) - dx, 0, w - 1)
+    return img[ys][:, xs]
+
+
+def low_light(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Under-exposure brightened by the camera's gain: shot and read noise amplified into coloured grain.
+
+    Unlike :func:`night` (a darker picture with a blue cast), the camera here lifts the brightness
+    back most of the way, so the image is about as bright as by day but the little light it caught
+    is noisy: photon (shot) noise grows with the signal, read noise does not, and both are multiplied
+    by the gain; the sensor's bit depth crushes the darkest tones.
+    """
+    exposure = _pick((0.25, 0.14, 0.08, 0.05, 0.03), severity)  # share of the daylight signal caught
+    linear = np.power(x, 2.2) * exposure
+    electrons = 2000.0  # at full scale: a small dashcam pixel; shot noise std = sqrt(signal / electrons)
+    shot = rng.normal(0.0, 1.0, size=x.shape).astype(np.float32) * np.sqrt(np.maximum(linear, 0) / electrons)
+    read = rng.normal(0.0, 0.004, size=x.shape).astype(np.float32)
+    levels = 1023.0  # 10-bit sensor
+    signal = np.round(np.clip(linear + shot + read, 0, 1) * levels) / levels
+    gain = 0.7 / exposure  # the camera brings the picture back to ~70% of its daylight brightness
+    return np.power(np.clip(signal * gain, 0, 1), 1 / 2.2).astype(np.float32)
+
+
+def defocus(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """An out-of-focus lens: a disc (pillbox) kernel, flatter and with harder edges than :func:`blur`'s Gaussian."""
+    radius = _pick((0.8, 1.2, 1.7, 2.3, 3.0), severity) * scale
+    r = int(np.ceil(radius))
+    ys, xs = np.mgrid[-r:r + 1, -r:r + 1]
+    weights = np.clip(radius + 0.5 - np.hypot(ys, xs), 0.0, 1.0).astype(np.float32)  # anti-aliased rim
+    weights /= weights.sum()
+    pad = ((0, 0), (r, r), (r, r), (0, 0))
+    padded = np.pad(x, pad, mode="reflect" if min(x.shape[1:3]) > r else "edge")
+    out = np.zeros_like(x)
+    h, w = x.shape[1:3]
+    for (dy, dx), wgt in np.ndenumerate(weights):
+        if wgt:
+            out += wgt * padded[:, dy:dy + h, dx:dx + w]
+    return out
+
+
+def lens_rain(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Water on the lens or windscreen: out-of-focus drops that show a blurred, shifted patch of the scene,
+    with trails running down below some of them."""
+    n, h, w, _ = x.shape
+    drops = int(_pick((2, 3, 5, 7, 9), severity) * max(1.0, h * w / 1024) ** 0.5)
+    size = _pick((0.12, 0.15, 0.18, 0.21, 0.24), severity) * min(h, w)  # drop radius, share of the image
+    soft = gaussian_blur(x, 1.5 * scale)
+    ys = np.arange(h, dtype=np.float32)[:, None]
+    xs = np.arange(w, dtype=np.float32)[None, :]
+    out = x.copy()
+    for i in range(n):
+        mask = np.zeros((h, w), np.float32)
+        cy, cx = rng.uniform(0, h, drops), rng.uniform(0, w, drops)
+        ry = size * rng.uniform(0.5, 1.0, drops)
+        rx = ry * rng.uniform(0.7, 1.1, drops)
+        trails = rng.random(drops) < 0.5
+        for j in range(drops):
+            d = ((ys - cy[j]) / ry[j]) ** 2 + ((xs - cx[j]) / rx[j]) ** 2
+            mask = np.maximum(mask, np.clip(1.6 * (1.0 - d), 0.0, 1.0))
+            if trails[j]:  # a thin trail from the drop down to the bottom edge
+                below = (ys > cy[j]) & (np.abs(xs - cx[j]) < 0.35 * rx[j])
+                mask = np.maximum(mask, 0.6 * below.astype(np.float32))
+        # a drop is a small lens: it shows a blurred patch of the scene from a little above (refraction)
+        refracted = _shifted(soft[i], -max(1, round(0.5 * size)), 0)
+        m = mask[..., None]
+        out[i] = x[i] * (1 - m) + (refracted * 0.9 + 0.08) * m
+    return out
+
+
 _CORRUPTIONS: dict[str, Corruption] = {
     "snow": snow, "rain": rain, "fog": fog, "night": night, "glare": glare,
     "blur": blur, "noise": noise, "contrast": contrast,
+    "jpeg": jpeg, "motion_blur": motion_blur, "low_light": low_light, "defocus": defocus, "lens_rain": lens_rain,
 }
-assert tuple(_CORRUPTIONS) == CORRUPTIONS
+assert tuple(_CORRUPTIONS) == KINDS

@@ -1,4 +1,4 @@
-"""The core commands: sources, show, pack, data, train, evaluate, compare, demo."""
+"""The core commands: sources, show, pack, data, train, evaluate, calibrate, compare, demo."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from signscale.cli._registry import Registry, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
+    from signscale.calibration import CalibrationError
     from signscale.config import ConfigError
     from signscale.data.shards import ShardError
     from signscale.data.sources import SourceError
@@ -21,7 +22,7 @@ def errors() -> tuple[type[BaseException], ...]:
     from signscale.training.train import TrainError
 
     return (ConfigError, SourceError, ShardError, LabelError, StorageError, CheckpointError, EvalError,
-            CompareError, TrainError)
+            CompareError, TrainError, CalibrationError)
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -222,6 +223,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from signscale import config
+    from signscale.evaluation.evaluate import CalibrateConfig, calibrate
+
+    cfg = config.load(CalibrateConfig, None, [f"model={args.model}", f"data={args.data}", *config_args(args)])
+    console.print(calibrate(cfg).summary(), markup=False)
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from signscale.evaluation.evaluate import compare
 
@@ -291,6 +301,11 @@ def register(r: Registry) -> None:
     add_config(
         s, "signscale.evaluation.evaluate:EvalConfig", skip=("model", "data"), aliases={"severities": ["--severity"]}
     )
+
+    s = r.add("calibrate", _calibrate, "fit a model's temperature on held-out data; predict/serve/evaluate use it")
+    s.add_argument("model", help="model artefact folder: its model.json gains the temperature")
+    s.add_argument("data", help="held-out data (the validation split), a packed dataset URL or a source")
+    add_config(s, "signscale.evaluation.evaluate:CalibrateConfig", skip=("model", "data"))
 
     s = r.add("compare", _compare, "differences between two reports; exit 1 when B is worse than A")
     s.add_argument("a", help="report folder or metrics.json of the reference")

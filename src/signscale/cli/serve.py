@@ -29,9 +29,10 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.load(cfg)
     inputs = collect_inputs(args.inputs)
     results = _scenes(predictor, inputs) if cfg.detector else predictor.classify_files(inputs)
-    failed = 0
+    failed = unsure = 0
     for r in results:
         failed += "error" in r
+        unsure += bool(r.get("unsure"))
         if args.json:
             print(json.dumps(r), flush=False)
         elif "error" in r:
@@ -42,11 +43,13 @@ def _predict(args: argparse.Namespace) -> int:
             console.print(f"{escape(r['input'])}: {escape(found) or 'no sign found'}")
         else:
             tops = ", ".join(f"{t['key']} {100 * t['probability']:.1f}%" for t in r["top_k"])
-            console.print(f"{escape(r['input'])}: {tops}")
+            flag = f"[yellow]unsure[/] (below {cfg.min_confidence:.0%}; best guesses: " if r.get("unsure") else ""
+            console.print(f"{escape(r['input'])}: {flag}{escape(tops)}{')' if flag else ''}")
     if not args.json:
         console.print(
             f"{len(results) - failed} of {len(results)} image(s) classified with model "
             f"{predictor.version} ({predictor.backend})" + (f"; {failed} could not be read" if failed else "")
+            + (f"; {unsure} unsure (below --min-confidence {cfg.min_confidence:g})" if unsure else "")
         )
     return 0 if len(results) > failed else 1  # 1: nothing usable came out (no image could be classified)
 

@@ -95,6 +95,7 @@ def _rule(cfg: GateConfig, kind: str) -> SliceRule:
 
 def load_model(model_url: str) -> tuple[Any, Any, Any]:
     """(model in eval mode, label space, preprocess) of a model artefact, checksum-verified."""
+    from signscale import calibration
     from signscale.labels import LabelSpace
     from signscale.models import rebuild
     from signscale.training import checkpoint
@@ -103,6 +104,8 @@ def load_model(model_url: str) -> tuple[Any, Any, Any]:
     state, meta = checkpoint.load_model_artefact(model_url)
     model = rebuild(meta["model_config"])
     model.load_state_dict(state)
+    # calibrated confidences (the labelling queue and label-noise thresholds read them); top-1 is unchanged
+    model = calibration.with_temperature(model.eval(), meta, where=f"{model_url}/model.json")
     model.eval()
     return model, LabelSpace.from_dict(meta["label_space"]), Preprocess.from_dict(meta["preprocess"])
 

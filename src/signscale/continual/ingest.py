@@ -4,9 +4,14 @@ The inbox is a prefix on any storage URL where vehicles upload sign images (PNG/
 optionally with a JSON sidecar of the same name (``img_001.png`` + ``img_001.json``)::
 
     {"label": 14 | "stop", "vehicle": "veh-07", "time": "...", "gps": [52.5, 13.4], "condition": "snow",
-     "country": "de", "track": "...", "roi": [x1, y1, x2, y2], "prediction": 14, "confidence": 0.93}
+     "country": "de", "track": "...", "roi": [x1, y1, x2, y2], "prediction": 14, "confidence": 0.93,
+     "unsure": false}
 
 Every field is optional; an image without a label is kept for the labelling queue, not for training.
+Unlabelled images go to the queue when a model is unsure of them: the server's (calibrated)
+confidence is below ``queue_confidence``, the on-board model disagrees with the server, or the
+vehicle's predictor answered ``"unsure": true`` (``predict``/``serve --min-confidence``): an edge
+case is exactly where the models are unsure.
 
 **Exactly once.** Before any work, a batch *claims* the inbox keys it will process by writing its
 plan (``DATASET/_ingest/b000002.plan.json``) with a create-only conditional write; the ledger is the
@@ -363,7 +368,7 @@ def _process(item: _Item, dtype: np.dtype, size: int, space: LabelSpace) -> tupl
     rec["source"] = 0
     info.update(vehicle=str(meta.get("vehicle", "")), time=meta.get("time"), gps=meta.get("gps"),
                 condition=condition, country=country, label=label, onboard=onboard,
-                onboard_confidence=meta.get("confidence"),
+                onboard_confidence=meta.get("confidence"), onboard_unsure=meta.get("unsure") is True,
                 sha=hashlib.blake2b(item.image or b"", digest_size=8).hexdigest())
     return rec, info
 
@@ -594,6 +599,7 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
     storage.write_bytes(storage.join(batch_url, "records.jsonl"),
                         "".join(json.dumps(i) + "\n" for i in infos_kept).encode())
     queue = [i for i in infos_kept if i["label"] < 0 and (not cfg.model or i["server_confidence"] < cfg.queue_confidence
+                                                          or i.get("onboard_unsure")
                                                           or (i.get("onboard") is not None
                                                               and i["onboard"] != i["server_prediction"]))]
     if queue:
@@ -602,7 +608,7 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
                  "condition": i["condition"], "server_prediction": space[i["server_prediction"]].key
                  if i["server_prediction"] >= 0 else None, "server_confidence": i["server_confidence"],
                  "onboard_prediction": space[i["onboard"]].key if i.get("onboard") is not None else None,
-                 "label": None} for i in queue]
+                 "onboard_unsure": bool(i.get("onboard_unsure")), "label": None} for i in queue]
         storage.write_bytes(result.queue, "".join(json.dumps(r) + "\n" for r in rows).encode())
     kept = records[labelled]
     m = datasets.write_dataset(batch_url, kept, label_space=space, name=f"{head.manifest().name}-{batch}",

@@ -63,6 +63,7 @@ class ContinualConfig:
     near_dup_bits: int = 1  # see IngestConfig.near_dup_bits
     max_quarantine: float = 0.5
     noise_confidence: float = 0.9
+    queue_confidence: float = 0.6  # unlabelled uploads production is less sure of go to the labelling queue
     min_new: int = 1  # watch: run a cycle when at least this many new objects wait
     every_s: float = 0.0  # watch: also run on this schedule (0: only on min_new)
     poll_s: float = 30.0  # watch: how often to look at the inbox
@@ -202,7 +203,7 @@ def run_cycle(cfg: ContinualConfig, *, log: Callable[[str], None] = print) -> Cy
                                protected=protected_sets(cfg), publish=False, max_quarantine=cfg.max_quarantine,
                                model=storage.join(cfg.registry, "versions", prod.version, "model"),
                                noise_confidence=cfg.noise_confidence, max_noise=1.0,  # the gate judges noise
-                               noise_conditions=known)
+                               noise_conditions=known, queue_confidence=cfg.queue_confidence)
     if batch is None:
         res = ingest.ingest(icfg)
         if res.state == "empty":

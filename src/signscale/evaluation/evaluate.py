@@ -17,7 +17,7 @@ What is scored, and how (docs/evaluation.md has the user's version):
   ``CONF_SCALE``), so ranks add their tallies with ``all_reduce_sum`` and any number of processes,
   or any batch size, gives the single-process numbers to the last digit.
 * **Corruptions are a function of the sample.** Sample ``id`` under corruption ``k`` (its index in
-  :data:`corruptions.CORRUPTIONS`) at severity ``s`` draws from
+  :data:`corruptions.KINDS`: weather and camera faults) at severity ``s`` draws from
   ``np.random.default_rng([seed, k, s, id])``: the same image gets the same pixels whatever the
   batch size, the worker count or the number of ranks, and whichever other corruptions were asked for.
 """
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from signscale import __version__, images, storage
+from signscale import __version__, calibration, images, storage, tta
 from signscale import config as config_mod
-from signscale.corruptions import CORRUPTIONS, SEVERITIES, apply_corruption
+from signscale.corruptions import KINDS, SEVERITIES, apply_corruption
 from signscale.labels import COUNTRIES, LabelError, LabelSpace
 from signscale.models import rebuild
 from signscale.training import checkpoint, distributed, precision
@@ -49,12 +49,14 @@ from signscale.transforms import Preprocess, to_input
 __all__ = [
     "EVAL_FORMAT",
     "EVAL_VERSION",
+    "CalibrateConfig",
     "CompareError",
     "Comparison",
     "Difference",
     "EvalConfig",
     "EvalError",
     "EvalReport",
+    "calibrate",
     "compare",
     "confusion_matrix",
     "corrupt_batch",
@@ -64,6 +66,7 @@ __all__ = [
     "load_metrics",
     "per_class",
     "reliability_sums",
+    "risk_coverage",
     "score_predictions",
 ]
 
@@ -71,11 +74,14 @@ EVAL_FORMAT = "signscale.eval"
 EVAL_VERSION = 1
 ECE_BINS = 15
 TOP_K = 5
+# Selective prediction: the report's error when only the most confident 99% / 95% are answered
+COVERAGES = (0.99, 0.95)
+CURVE_POINTS = 100  # risk-coverage curve at coverage 1%, 2%, ..., 100%
 EXAMPLES_PER_CONFUSION = 4  # images kept per (true, predicted) pair, chosen by _rank(id)
 SKIP_EXAMPLES = 20  # skipped entries listed by name in the report
 DEFAULT_DATA = "synthetic:?n=2000&seed=1000"  # a seed no default training set uses
 # Corrupted copies travel from the loader workers with their batch; passes are split so that one
-# batch's copies stay under this size (all 40 corruption x severity pairs fit at 32 px, batch 512).
+# batch's copies stay under this size (at 32 px and batch 512, 85 corruption x severity pairs fit: all 65 do).
 VARIANT_BUDGET_BYTES = 128 << 20
 
 
@@ -98,7 +104,7 @@ class EvalConfig:
     workers: int = 2  # loader processes (0: read in this process)
     device: str = "auto"  # auto | cpu | cuda
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    corruptions: tuple[str, ...] = ()  # kinds from corruptions.CORRUPTIONS, or "all"
+    corruptions: tuple[str, ...] = ()  # kinds from corruptions.KINDS (weather and camera faults), or "all"
     severities: tuple[int, ...] = (3,)  # 1..5
     seed: int = 0  # corruption randomness (see the module docstring)
     examples: int = 20  # most frequent confusions listed, each with example images
@@ -106,6 +112,8 @@ class EvalConfig:
     crop: Literal["auto", "none", "roi"] = "auto"
     threads: int = 0  # torch intra-op threads in this process while evaluating (0: torch's default)
     progress: bool = True
+    # test-time augmentation: also score the mirror image where the flip rules allow it (see signscale.tta)
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -122,10 +130,10 @@ class EvalConfig:
             precision.check(self.precision)
         except ValueError as exc:
             raise config_mod.ConfigError(str(exc)) from None
-        unknown = [c for c in self.corruptions if c not in CORRUPTIONS and c != "all"]
+        unknown = [c for c in self.corruptions if c not in KINDS and c != "all"]
         if unknown:
             raise config_mod.ConfigError(f"corruptions: unknown kind {unknown[0]!r}; valid: all, "
-                                         f"{', '.join(CORRUPTIONS)}")
+                                         f"{', '.join(KINDS)}")
         bad = [s for s in self.severities if s not in SEVERITIES]
         if bad or not self.severities:
             raise config_mod.ConfigError(f"severities: each must be an integer 1..5, got {list(self.severities)}")
@@ -139,9 +147,9 @@ class EvalConfig:
             raise config_mod.ConfigError(f"threads: must be >= 0, got {self.threads}")
 
     def corruption_kinds(self) -> tuple[str, ...]:
-        """The requested corruptions in :data:`CORRUPTIONS` order, ``all`` expanded, repeats removed."""
-        wanted = set(CORRUPTIONS) if "all" in self.corruptions else set(self.corruptions)
-        return tuple(c for c in CORRUPTIONS if c in wanted)
+        """The requested corruptions in :data:`KINDS` order, ``all`` expanded, repeats removed."""
+        wanted = set(KINDS) if "all" in self.corruptions else set(self.corruptions)
+        return tuple(c for c in KINDS if c in wanted)
 
     def pairs(self) -> list[tuple[str, int]]:
         """(corruption, severity) pairs to evaluate, corruption-major."""
@@ -233,11 +241,44 @@ def expected_calibration_error(sums: np.ndarray) -> float:
     return float(np.abs(correct - conf).sum() / n)  # count * |correct/count - conf/count| = |correct - conf|
 
 
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray, *, coverages: Sequence[float] = COVERAGES,
+                  points: int = CURVE_POINTS, order: np.ndarray | None = None) -> dict[str, Any]:
+    """Selective prediction: the error among the samples a model is most sure of, at each coverage.
+
+    At coverage ``c`` the ``ceil(c * N)`` most confident samples are answered and the rest refused;
+    the *risk* is the error rate of the answered ones. Returns ``error_at`` (coverage -> risk),
+    ``threshold_at`` (coverage -> the lowest confidence answered there: a ``--min-confidence`` that
+    keeps that coverage on data like this), ``aurc`` (the area under the risk-coverage curve, the
+    mean risk over every N) and ``curve``, ``points`` rows of (coverage, risk, threshold). ``order``
+    (indices, most confident first) fixes how ties are broken; by default a stable sort.
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    n = len(conf)
+    if n == 0:
+        return {"error_at": {c: math.nan for c in coverages}, "threshold_at": {c: math.nan for c in coverages},
+                "aurc": math.nan, "curve": []}
+    order = np.argsort(-conf, kind="stable") if order is None else np.asarray(order)
+    errors = np.cumsum(~ok[order])  # errors among the k most confident, k = 1..n
+    risk = errors / np.arange(1, n + 1)
+
+    def kept(c: float) -> int:  # the 1e-9 keeps 0.95 * 100 from rounding up to 96
+        return min(n, max(1, math.ceil(c * n - 1e-9)))
+
+    at = {c: kept(c) for c in coverages}
+    curve = [{"coverage": j / points, "risk": float(risk[kept(j / points) - 1]),
+              "threshold": float(conf[order[kept(j / points) - 1]])} for j in range(1, points + 1)]
+    return {"error_at": {c: float(risk[k - 1]) for c, k in at.items()},
+            "threshold_at": {c: float(conf[order[k - 1]]) for c, k in at.items()},
+            "aurc": float(risk.mean()), "curve": curve}
+
+
 def score_predictions(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """The headline metrics of one set of predictions: for tests and notebooks.
 
     ``labels`` [N] class ids, ``probs`` [N, C] class probabilities. Returns ``top1``, ``top5``,
-    ``macro_f1``, ``balanced_accuracy``, ``ece``, ``nll``, ``confusion`` and the :func:`per_class` arrays.
+    ``macro_f1``, ``balanced_accuracy``, ``ece``, ``nll``, ``error_at_99_coverage``,
+    ``error_at_95_coverage``, ``confusion`` and the :func:`per_class` arrays.
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -251,6 +292,7 @@ def _summary_numbers(t: _Tally) -> dict[str, float]:
     pc = per_class(t.confusion)
     n = int(t.confusion.sum())
     supported = pc["support"] > 0
+    sel = t.selective()
     return {
         "count": n,
         "correct": int(pc["tp"].sum()),
@@ -261,6 +303,10 @@ def _summary_numbers(t: _Tally) -> dict[str, float]:
         "ece": expected_calibration_error(t.calibration),
         "nll": float(t.nll_fixed / NLL_SCALE / n) if n else math.nan,
         "mean_confidence": float(t.calibration[:, 1].sum() / n) if n else math.nan,
+        **{f"error_at_{round(100 * c)}_coverage": sel["error_at"][c] for c in COVERAGES},
+        # the same figures before the model's temperature (and TTA): what calibration changed
+        "ece_uncalibrated": expected_calibration_error(_unfixed(t.calibration_raw_fixed)),
+        "nll_uncalibrated": float(t.nll_raw_fixed / NLL_SCALE / n) if n else math.nan,
     }
 
 
@@ -319,7 +365,7 @@ def corrupt_batch(images_nhwc: np.ndarray, ids: Sequence[int] | np.ndarray, *, c
     One image at a time, on purpose: every corruption draws its randomness for the whole array it
     is given, so a batched call would make a sample's pixels depend on its neighbours.
     """
-    k = CORRUPTIONS.index(corruption)
+    k = KINDS.index(corruption)  # the weather kinds first, as before the camera faults were added
     out = np.empty_like(images_nhwc)
     for j, (img, i) in enumerate(zip(images_nhwc, np.asarray(ids, dtype=np.int64))):
         out[j] = apply_corruption(img, corruption, severity, np.random.default_rng([seed, k, severity, int(i)]))
@@ -528,6 +574,14 @@ class _Tally:
         self.top5 = 0
         self.calibration_fixed = np.zeros((ECE_BINS, 3), dtype=np.int64)  # see CONF_SCALE
         self.nll_fixed = 0  # NLL_SCALE units
+        # the same before the model's temperature and TTA (ECE before/after calibration)
+        self.calibration_raw_fixed = np.zeros((ECE_BINS, 3), dtype=np.int64)
+        self.nll_raw_fixed = 0
+        # per sample, for selective prediction (a ranking, so not a sum): top log-probability, right or
+        # wrong, and the id that breaks ties the same way whatever the batching
+        self.scores: list[np.ndarray] = []
+        self.hits: list[np.ndarray] = []
+        self.score_ids: list[np.ndarray] = []
         self.conditions = np.zeros((n_conditions, 2), dtype=np.int64)  # (count, correct)
         self.countries = np.zeros((n_countries, 2), dtype=np.int64)
         self.sources = np.zeros((n_sources, 2), dtype=np.int64)
@@ -546,8 +600,13 @@ class _Tally:
         return _unfixed(self.calibration_fixed)
 
     def add(self, logp: torch.Tensor, labels: torch.Tensor, *, ids: np.ndarray, keep: np.ndarray,
-            images: np.ndarray | None, meta: Mapping[str, np.ndarray], keys: Sequence[str] | None = None) -> None:
-        """Add one batch of log-probabilities [B, C] for the rows ``keep`` (labels in the model's ids)."""
+            images: np.ndarray | None, meta: Mapping[str, np.ndarray], keys: Sequence[str] | None = None,
+            logp_raw: torch.Tensor | None = None) -> None:
+        """Add one batch of log-probabilities [B, C] for the rows ``keep`` (labels in the model's ids).
+
+        ``logp`` is what is scored (with the model's temperature, and TTA when asked); ``logp_raw``
+        the plain network at temperature 1, for the calibration's "before" (default: ``logp``).
+        """
         if not keep.any():
             return
         rows = torch.from_numpy(np.flatnonzero(keep)).to(logp.device)
@@ -562,6 +621,14 @@ class _Tally:
         y_np, pred_np, ok = y.cpu().numpy(), pred.cpu().numpy(), correct_t.cpu().numpy()
         self.confusion += confusion_matrix(y_np, pred_np, self.num_classes)
         self.calibration_fixed += _reliability_fixed(conf.exp().cpu().numpy(), ok)
+        raw = logp if logp_raw is None else logp_raw.index_select(0, rows.to(logp_raw.device)).double().to(logp.device)
+        raw_conf, raw_pred = raw.max(1)
+        self.nll_raw_fixed += int(_fixed((-raw.gather(1, y[:, None])).clamp(max=NLL_CAP).cpu().numpy(),
+                                         NLL_SCALE).sum())
+        self.calibration_raw_fixed += _reliability_fixed(raw_conf.exp().cpu().numpy(), (raw_pred == y).cpu().numpy())
+        self.scores.append(conf.cpu().numpy())
+        self.hits.append(ok.astype(bool))
+        self.score_ids.append(np.asarray(ids, dtype=np.int64)[keep])
         for name, table in (("condition", self.conditions), ("country", self.countries), ("source", self.sources)):
             if name in meta:
                 g = meta[name][keep]
@@ -591,6 +658,14 @@ class _Tally:
             if c not in self.prototypes or _rank(i) < _rank(self.prototypes[c][0]):
                 self.prototypes[c] = (i, imgs[j].copy())
 
+    def selective(self) -> dict[str, Any]:
+        """:func:`risk_coverage` of everything added, ties in confidence broken by sample id."""
+        scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
+        hits = np.concatenate(self.hits) if self.hits else np.zeros(0, dtype=bool)
+        ids = np.concatenate(self.score_ids) if self.score_ids else np.zeros(0, dtype=np.int64)
+        # ranked on the log-probability: exp() rounds many confident rows to exactly 1.0
+        return risk_coverage(np.exp(scores), hits, order=np.lexsort((ids, -scores)))
+
     def add_skips(self, skips: Iterable[tuple[str, str, str]]) -> None:
         for key, reason, detail in skips:
             self.skips[reason] += 1
@@ -601,19 +676,25 @@ class _Tally:
         """Sum every rank's tally into every rank's (a no-op in a single process)."""
         if not distributed.is_initialized():
             return
-        for name in ("confusion", "calibration_fixed", "conditions", "countries", "sources", "corrupted"):
+        for name in ("confusion", "calibration_fixed", "calibration_raw_fixed", "conditions", "countries", "sources",
+                     "corrupted"):
             t = distributed.all_reduce_sum(torch.from_numpy(getattr(self, name).copy()).to(device))
             setattr(self, name, t.cpu().numpy())
-        scalars = distributed.all_reduce_sum(torch.tensor([self.top5, self.nll_fixed], dtype=torch.int64,
-                                                          device=device)).cpu().tolist()
-        self.top5, self.nll_fixed = scalars
-        parts = distributed.all_gather_object({"skips": self.skips, "skip_examples": self.skip_examples,
+        scalars = distributed.all_reduce_sum(torch.tensor([self.top5, self.nll_fixed, self.nll_raw_fixed],
+                                                          dtype=torch.int64, device=device)).cpu().tolist()
+        self.top5, self.nll_fixed, self.nll_raw_fixed = scalars
+        parts = distributed.all_gather_object({"scores": self.scores, "hits": self.hits, "score_ids": self.score_ids,
+                                               "skips": self.skips, "skip_examples": self.skip_examples,
                                                "unmapped": self.unmapped, "examples": self.examples,
                                                "prototypes": self.prototypes, "seconds": self.seconds,
                                                "corruption_seconds": self.corruption_seconds})
         self.skips, self.unmapped = Counter(), Counter()
         self.skip_examples, self.examples, self.prototypes = [], {}, {}
+        self.scores, self.hits, self.score_ids = [], [], []
         for p in parts:
+            self.scores += p["scores"]
+            self.hits += p["hits"]
+            self.score_ids += p["score_ids"]
             self.skips.update(p["skips"])
             self.unmapped.update(p["unmapped"])
             self.skip_examples += p["skip_examples"]
@@ -652,7 +733,12 @@ class EvalReport:
         if skipped:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(m["skipped"]["by_reason"].items()))
             skip = f" ({reasons})"
-        return (f"top-1 {_pct(o['top1'])}, macro-F1 {_fmt(o['macro_f1'], '.4f')}, ECE {_fmt(o['ece'], '.4f')}{mca} "
+        temp = m["calibration"].get("temperature", 1.0)
+        ece = (f"ECE {_fmt(o['ece'], '.4f')} (T={temp:.3g}; {_fmt(o.get('ece_uncalibrated'), '.4f')} at T=1)"
+               if temp != 1.0 else f"ECE {_fmt(o['ece'], '.4f')}")
+        sel = (f", error at 99%/95% coverage {_pct(o.get('error_at_99_coverage'))}/"
+               f"{_pct(o.get('error_at_95_coverage'))}")
+        return (f"top-1 {_pct(o['top1'])}, macro-F1 {_fmt(o['macro_f1'], '.4f')}, {ece}{sel}{mca} "
                 f"on {o['count']:,} images at {m['run']['images_per_s']:,.0f} images/s; {skipped:,} skipped{skip}"
                 + (f"; report: {self.files['report']}" if "report" in self.files else ""))
 
@@ -710,9 +796,13 @@ def _metrics(cfg: EvalConfig, t: _Tally, *, model_info: dict[str, Any], data: _D
         top.append({"true": keys[tr], "predicted": keys[pr], "true_id": int(tr), "predicted_id": int(pr),
                     "count": int(off[tr, pr]), "rate": _num(off[tr, pr] / max(1, pc["support"][tr])),
                     "examples": [e[0] for e in kept], "example_keys": [e[1] for e in kept]})
-    bins = [{"lo": b / ECE_BINS, "hi": (b + 1) / ECE_BINS, "count": int(n),
-             "confidence": _num(c / n) if n else None, "accuracy": _num(k / n) if n else None}
-            for b, (n, c, k) in enumerate(t.calibration.tolist())]
+    def reliability(sums: np.ndarray) -> list[dict[str, Any]]:
+        return [{"lo": b / ECE_BINS, "hi": (b + 1) / ECE_BINS, "count": int(n),
+                 "confidence": _num(c / n) if n else None, "accuracy": _num(k / n) if n else None}
+                for b, (n, c, k) in enumerate(sums.tolist())]
+
+    bins = reliability(t.calibration)
+    sel = t.selective()
     robustness = None
     if pairs:
         results = [{"corruption": c, "severity": s, "count": int(n), "correct": int(k), "accuracy": _num(k / n)
@@ -758,7 +848,15 @@ def _metrics(cfg: EvalConfig, t: _Tally, *, model_info: dict[str, Any], data: _D
         "overall": {k: _num(v) for k, v in head.items()},
         "classes": classes,
         "confusion": {"labels": keys, "matrix": t.confusion.tolist()},
-        "calibration": {"bins": ECE_BINS, "ece": _num(head["ece"]), "reliability": bins},
+        "calibration": {"bins": ECE_BINS, "ece": _num(head["ece"]), "reliability": bins,
+                        "temperature": model_info.get("temperature", 1.0), "fitted": model_info.get("calibration"),
+                        "tta": cfg.tta,
+                        "uncalibrated": {"ece": _num(head["ece_uncalibrated"]), "nll": _num(head["nll_uncalibrated"]),
+                                         "reliability": reliability(_unfixed(t.calibration_raw_fixed))}},
+        "selective": {"coverages": list(COVERAGES),
+                      "error_at": {str(c): sel["error_at"][c] for c in COVERAGES},
+                      "threshold_at": {str(c): sel["threshold_at"][c] for c in COVERAGES},
+                      "aurc": sel["aurc"], "curve": sel["curve"]},
         "conditions": _groups(t.conditions, data.conditions),
         "countries": _groups(t.countries, data.countries),
         "cross_country_confusions": cross_country_confusions(t.confusion, space),
@@ -786,7 +884,12 @@ def _load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelS
     space = LabelSpace.from_dict(meta["label_space"])
     pre = Preprocess.from_dict(meta["preprocess"])
     cfg = meta["model_config"]
+    try:
+        temperature = calibration.temperature_of(meta, where=storage.join(url, "model.json"))
+    except calibration.CalibrationError as exc:
+        raise EvalError(str(exc)) from None
     info = {"url": url, "sha256": meta.get("sha256"), "name": cfg.get("name"), "num_classes": cfg.get("num_classes"),
+            "temperature": temperature, "calibration": meta.get(calibration.CALIBRATION_KEY),
             "params": sum(p.numel() for p in model.parameters()), "label_space": space.name,
             "label_space_fingerprint": space.fingerprint(), "preprocess": pre.to_dict(),
             "train_metrics": _plain(meta.get("metrics", {})), "datasets": list(meta.get("datasets", [])),
@@ -795,12 +898,28 @@ def _load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelS
 
 
 @torch.no_grad()
-def _log_probs(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess, device: torch.device,
-               prec: str) -> torch.Tensor:
+def _logits(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess, device: torch.device,
+            prec: str) -> torch.Tensor:
     x = to_input(images_nhwc.to(device, non_blocking=True), pre)
     with precision.autocast(prec, device):  # type: ignore[arg-type]
         logits = model(x)
-    return logits.float().log_softmax(1)
+    return logits.float()
+
+
+@torch.no_grad()
+def _log_probs(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess, device: torch.device,
+               prec: str, *, temperature: float = 1.0, flip_map: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scored, plain) log-probabilities: scored with the model's temperature and, given the label
+    space's ``flip_map``, flip-rule TTA (:mod:`signscale.tta`); plain is the network at T = 1."""
+    logits = _logits(model, images_nhwc, pre, device, prec)
+    plain = logits.log_softmax(1)
+    scored = calibration.scale_logits(logits, temperature).log_softmax(1)
+    if flip_map is not None:
+        mirrored = _logits(model, tta.flip_images(images_nhwc), pre, device, prec)
+        probs = tta.combine(scored.exp(), calibration.scale_logits(mirrored, temperature).softmax(1), flip_map)
+        scored = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
+    return scored, plain
 
 
 def _pair_groups(pairs: list[tuple[str, int]], batch_size: int, image_size: int) -> list[list[int]]:
@@ -837,6 +956,11 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     from signscale.progress import progress_bar
 
     show = cfg.progress and rank == 0
+    flip_map = torch.from_numpy(space.flip_map()) if cfg.tta else None
+
+    def score(images_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _log_probs(model, images_nhwc, pre, device, cfg.precision, temperature=model_info["temperature"],
+                          flip_map=flip_map)
 
     def rows(b: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """(labels in the model's ids, rows to score, real rows of classes the model lacks)."""
@@ -851,10 +975,10 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
             labels, keep, unknown = rows(b)
             tally.unmapped.update(b["label"].numpy()[unknown].tolist())
             if keep.any():
-                logp = _log_probs(model, b["image"], pre, device, cfg.precision)
+                logp, plain = score(b["image"])
                 meta = {k: b[k].numpy() for k in ("condition", "country", "source")}
                 tally.add(logp, labels, ids=b["id"].numpy(), keep=keep, images=b["image"].numpy(), meta=meta,
-                          keys=b.get("keys"))
+                          keys=b.get("keys"), logp_raw=plain)
             advance(1)
     tally.seconds = time.perf_counter() - started
 
@@ -868,7 +992,7 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
                     sel = torch.from_numpy(keep)
                     y = labels[sel].to(device)
                     for variant, i in zip(b["variants"], group):
-                        pred = _log_probs(model, variant[sel], pre, device, cfg.precision).argmax(1)
+                        pred = score(variant[sel])[0].argmax(1)
                         tally.corrupted[i] += (int(keep.sum()), int((pred == y).sum()))
                 advance(1)
     tally.corruption_seconds = time.perf_counter() - started
@@ -891,6 +1015,101 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
                                                 class_images=report.class_images)
     distributed.barrier()
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate(): fit a model's temperature on held-out data
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Which model to calibrate, on which held-out data (read as ``evaluate`` reads it)."""
+
+    model: str  # model artefact folder; its model.json gains the fitted temperature
+    data: str = DEFAULT_DATA  # held-out data: the validation split (never the training data), dataset or source
+    batch_size: int = 512
+    workers: int = 2
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    crop: Literal["auto", "none", "roi"] = "auto"
+    threads: int = 0
+    progress: bool = True
+    write: bool = True  # False: fit and print, leave model.json as it is
+
+    def __post_init__(self) -> None:
+        # the shared fields are checked exactly as evaluate checks them
+        self.eval_config()
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(model=self.model, data=self.data, batch_size=self.batch_size, workers=self.workers,
+                          device=self.device, precision=self.precision, crop=self.crop, threads=self.threads,
+                          progress=self.progress)
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    fit: calibration.TemperatureFit
+    ece_before: float
+    ece_after: float
+    top1: float
+    written: str  # the model.json that now holds the temperature ("" with write=False)
+
+    def summary(self) -> str:
+        where = f"; written to {self.written}" if self.written else "; not written (write=false)"
+        return (f"{self.fit.summary()}, ECE {self.ece_before:.4f} -> {self.ece_after:.4f} (top-1 "
+                f"{_pct(self.top1)}, unchanged){where}")
+
+
+@distributed.restores_threads
+def calibrate(cfg: CalibrateConfig) -> CalibrationResult:
+    """Fit ``cfg.model``'s temperature on ``cfg.data`` and record it in its ``model.json``.
+
+    One process; the data is read, cropped and resized exactly as :func:`evaluate` reads it. The
+    fit starts from the plain network (T = 1) whatever temperature the model had, so calibrating
+    again on other data replaces the old value rather than stacking on it.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ecfg = cfg.eval_config()
+    device = distributed.device(cfg.device)
+    model, space, pre, info = _load_model(cfg.model, device)
+    if cfg.data.rstrip("/") in [str(d).rstrip("/") for d in info.get("datasets", [])]:
+        raise EvalError(f"{cfg.data}: the model was trained on this data; a temperature fitted on it would make the "
+                        "model over-confident. Give the held-out validation split (train's --val)")
+    if ecfg.crop == "auto":
+        ecfg = dataclasses.replace(ecfg, crop=info.get("data_crop", "none"))
+    data = _open_data(ecfg, pre, 0, 1, pin=device.type == "cuda")
+    lut = torch.from_numpy(label_map(data.label_space, space)[0])
+    logps, labels = [], []
+    from signscale.progress import progress_bar
+
+    with progress_bar("calibrate", data.batches, enabled=cfg.progress, unit="batches") as advance:
+        for b in data.loader([]):
+            mapped = lut[b["label"].long()]
+            keep = ~b["pad"] & (mapped >= 0)
+            if keep.any():
+                logps.append(_log_probs(model, b["image"][keep], pre, device, cfg.precision)[1].cpu())
+                labels.append(mapped[keep])
+            advance(1)
+    if not logps:
+        raise EvalError(f"{cfg.data}: no sample of a class the model knows; nothing to calibrate on")
+    z, y = torch.cat(logps).double(), torch.cat(labels)
+    try:
+        fit = calibration.fit_temperature(z, y, data=cfg.data)
+    except calibration.CalibrationError as exc:
+        raise EvalError(f"{cfg.data}: {exc}") from None
+
+    def ece(t: float) -> float:
+        p = calibration.scale_logits(z, t).softmax(1)
+        conf, pred = p.max(1)
+        return expected_calibration_error(reliability_sums(conf.numpy(), (pred == y).numpy()))
+
+    before, after = ece(1.0), ece(fit.temperature)
+    top1 = float((z.argmax(1) == y).double().mean())
+    written = ""
+    if cfg.write:
+        written = calibration.save_temperature(cfg.model, fit, {"ece_before": before, "ece_after": after})
+    return CalibrationResult(fit=fit, ece_before=before, ece_after=after, top1=top1, written=written)
 
 
 # ---------------------------------------------------------------------------------------------

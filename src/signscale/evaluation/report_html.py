@@ -27,7 +27,7 @@ from signscale import storage
 
 __all__ = ["PNG_NAMES", "render_charts", "render_html", "write_report"]
 
-PNG_NAMES = ("confusion", "per_class", "confusions", "reliability", "robustness")
+PNG_NAMES = ("confusion", "per_class", "confusions", "reliability", "risk_coverage", "robustness")
 DPI = 110
 INK = "#1f2933"
 MUTED = "#6b7785"
@@ -90,6 +90,8 @@ def render_charts(metrics: Mapping[str, Any], *, example_images: Sequence[Sequen
     charts = {"confusion": confusion_png(metrics), "per_class": per_class_png(metrics),
               "confusions": confusions_png(metrics, example_images, class_images or {}),
               "reliability": reliability_png(metrics)}
+    if (metrics.get("selective") or {}).get("curve"):
+        charts["risk_coverage"] = risk_coverage_png(metrics)
     if metrics.get("robustness"):
         charts["robustness"] = robustness_png(metrics)
     return charts
@@ -280,10 +282,17 @@ def reliability_png(metrics: Mapping[str, Any]) -> bytes:
     gaps = [a - c for a, c in zip(acc, conf)]
     top.bar(centres, [-g for g in gaps], bottom=acc, width=width * 0.94, color="none", edgecolor=BAD,
             hatch="////", linewidth=0.8, label="gap to mean confidence")
+    before = cal.get("uncalibrated")
+    calibrated = cal.get("temperature", 1.0) != 1.0 or cal.get("tta")
+    if before and calibrated:  # the plain network (T = 1): the same bins, as points, to show the change
+        pts = [b for b in before["reliability"] if b["count"]]
+        top.plot([b["confidence"] for b in pts], [b["accuracy"] for b in pts], color=BAD, marker="o", markersize=3,
+                 linewidth=1, label=f"before calibration (T=1): ECE {_pct(before['ece'])}")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy", fontsize=9, color=INK)
-    top.set_title(f"Reliability ({cal['bins']} bins): ECE {_pct(cal['ece'])}, mean confidence "
+    temp = f", T={cal['temperature']:.3g}" if calibrated else ""
+    top.set_title(f"Reliability ({cal['bins']} bins{temp}): ECE {_pct(cal['ece'])}, mean confidence "
                   f"{_pct(metrics['overall']['mean_confidence'])}, top-1 {_pct(metrics['overall']['top1'])}",
                   fontsize=10, color=INK, loc="left")
     top.legend(loc="upper left", fontsize=8, frameon=False)
@@ -300,6 +309,32 @@ def reliability_png(metrics: Mapping[str, Any]) -> bytes:
         ax.set_axisbelow(True)
     top.yaxis.set_major_formatter(_percent_formatter())
     low.xaxis.set_major_formatter(_percent_formatter())
+    return _png(fig)
+
+
+def risk_coverage_png(metrics: Mapping[str, Any]) -> bytes:
+    """Selective prediction: the error among the answered images as the model answers fewer of them."""
+    sel = metrics["selective"]
+    cov = [p["coverage"] for p in sel["curve"]]
+    risk = [p["risk"] for p in sel["curve"]]
+    fig = _figure(6.4, 3.6)
+    ax = fig.add_axes((0.13, 0.16, 0.82, 0.72))
+    ax.plot(cov, risk, color=ACCENT, linewidth=1.5, label="error of the answered images")
+    for c in sel["coverages"]:
+        e = sel["error_at"][str(c)]
+        if e is not None:
+            ax.plot([c], [e], "o", color=BAD, markersize=4)
+            ax.annotate(f"{_pct(e)} at {c:.0%}\n(confidence >= {sel['threshold_at'][str(c)]:.3f})", (c, e),
+                        textcoords="offset points", xytext=(-8, 10), ha="right", fontsize=8, color=INK)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max([*risk, 1e-3]) * 1.15)
+    ax.set_xlabel("coverage (share of images answered, most confident first)", fontsize=9, color=INK)
+    ax.set_ylabel("error", fontsize=9, color=INK)
+    ax.set_title(f"Risk-coverage: AURC {_num(sel['aurc'], '.4f')}", fontsize=10, color=INK, loc="left")
+    _style(ax)
+    ax.grid(color="#e4e7eb", linewidth=0.6)
+    ax.xaxis.set_major_formatter(_percent_formatter())
+    ax.yaxis.set_major_formatter(_percent_formatter())
     return _png(fig)
 
 
@@ -445,6 +480,8 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
         ("balanced accuracy", _pct(o["balanced_accuracy"]), False),
         ("ECE (15 bins)", _pct(o["ece"]), False),
     ]
+    if o.get("error_at_99_coverage") is not None:
+        cards.append(("error at 99% coverage", _pct(o["error_at_99_coverage"]), False))
     if rob:
         cards.append(("mean corruption acc. (mCA)", _pct(rob["mca"]), False))
     cards += [("images scored", f"{o['count']:,}", False), ("skipped", f"{skipped['total']:,}", skipped["total"] > 0),
@@ -505,6 +542,26 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
         parts.append(_img(charts["reliability"], "reliability diagram",
                           "A calibrated model's bars follow the diagonal: of the images it is 90% sure about, 90% "
                           "are right. ECE is the sample-weighted mean gap."))
+    cal = m["calibration"]
+    if cal.get("uncalibrated"):
+        fitted = cal.get("fitted") or {}
+        how = (f"temperature {cal.get('temperature', 1.0):.4g}"
+               + (f", fitted on {fitted.get('count', 0):,} images of <code>{_e(fitted.get('data'))}</code>"
+                  if fitted else " (the model was never calibrated: `signscale calibrate MODEL VALIDATION_DATA`)")
+               + (", with flip-rule test-time augmentation" if cal.get("tta") else ""))
+        parts.append(f"<p>Scored with {how}. ECE {_pct(cal['uncalibrated']['ece'])} &rarr; {_pct(cal['ece'])}, "
+                     f"NLL {_num(cal['uncalibrated']['nll'], '.4f')} &rarr; {_num(o['nll'], '.4f')}.</p>")
+    sel = m.get("selective")
+    if sel:
+        parts.append("<h2>Knowing when unsure</h2>")
+        if "risk_coverage" in charts:
+            parts.append(_img(charts["risk_coverage"], "risk-coverage curve",
+                              "Answer only the images the model is most sure of: the error of those answered, by the "
+                              "share answered. The confidence shown is the --min-confidence that keeps that share."))
+        parts.append(_table(["coverage", "error", "min. confidence"],
+                            [[f"{c:.0%}", _pct(sel["error_at"][str(c)]), _num(sel["threshold_at"][str(c)], ".4f")]
+                             for c in sel["coverages"]] + [["100%", _pct(1 - o["top1"]), "0"]],
+                            [True, True, True], cls="narrow"))
 
     parts.append("<h2>By condition, source and country</h2>")
     for label, key in (("condition", "conditions"), ("source", "sources"), ("country", "countries")):

@@ -113,7 +113,9 @@ def export(cfg: ExportConfig) -> ExportResult:
         "opset": cfg.opset, "exporter": cfg.exporter,
         "parity": {"max_abs_diff": diff, "samples": cfg.samples, "tolerance": cfg.tolerance},
         "source": {"url": cfg.model, "sha256": meta.get("sha256")},
-        **{k: meta[k] for k in ("model_config", "label_space", "preprocess", "metrics", "data_crop") if k in meta},
+        # calibration is a record only: the temperature is already inside the exported graph
+        **{k: meta[k] for k in ("model_config", "label_space", "preprocess", "metrics", "data_crop", "calibration")
+           if k in meta},
     }
     storage.write_json(storage.join(out, "model.json"), desc)  # last: its presence means the folder is whole
     return ExportResult(out=out, files=(storage.join(out, "model.onnx"), storage.join(out, "model.json")),

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from signscale import config, images, storage
+from signscale import calibration, config, images, storage, tta
 from signscale.labels import LabelSpace
 from signscale.serving.runtime import OnnxRunner, TorchRunner, onnx_bytes
 from signscale.training import checkpoint
@@ -69,6 +69,9 @@ class PredictConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from the header, before decoding
     detector: str = ""  # detector model URL: enables detect() (detect-then-classify on scenes)
     detect_threshold: float = 0.3  # detector score below which a box is dropped
+    # below this top-class probability the answer is "unsure" (a field of the result, not a class)
+    min_confidence: float = 0.0
+    tta: bool = False  # also look at the mirror image where the flip rules allow it (twice the compute)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -83,8 +86,17 @@ class PredictConfig:
             raise config.ConfigError(f"threads: must be >= 0, got {self.threads}")
         if not 0 <= self.detect_threshold <= 1:
             raise config.ConfigError(f"detect_threshold: expected 0..1, got {self.detect_threshold}")
+        check_min_confidence(self.min_confidence)
         if not 1 <= self.max_pixels <= 89_478_485:
             raise config.ConfigError(f"max_pixels: must be in 1..89478485 (Pillow's bomb limit), got {self.max_pixels}")
+
+
+def check_min_confidence(value: float, name: str = "min_confidence") -> float:
+    """``value`` if it is a probability, else a ConfigError naming ``name`` (shared with serve's query option)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise config.ConfigError(f"{name}: expected a probability in [0, 1] (e.g. 0.9; 0 never answers unsure), "
+                                 f"got {value!r}")
+    return float(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +182,10 @@ def load_torch(url: str, device: torch.device) -> tuple[ProbabilityModel, dict[s
         raise PredictError(f"{url}: cannot read the model artefact ({exc})") from None
     model = rebuild(meta["model_config"])
     model.load_state_dict(state)
+    try:  # a calibrated model's logits are divided by its temperature inside the graph (and an ONNX export)
+        model = calibration.with_temperature(model.eval(), meta, where=storage.join(url, "model.json"))
+    except calibration.CalibrationError as exc:
+        raise PredictError(str(exc)) from None
     return ProbabilityModel(model.eval(), Preprocess.from_dict(meta["preprocess"])), meta
 
 
@@ -196,7 +212,8 @@ class Predictor:
 
     def __init__(self, *, run: Callable[[np.ndarray], np.ndarray], backend: str, meta: dict[str, Any], url: str,
                  version: str, top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 64,
-                 detector: str = "", detect_threshold: float = 0.3) -> None:
+                 detector: str = "", detect_threshold: float = 0.3, min_confidence: float = 0.0,
+                 tta: bool = False) -> None:
         self._run = run
         self.backend = backend
         self.meta = meta
@@ -209,6 +226,9 @@ class Predictor:
         self.preprocess = Preprocess.from_dict(meta["preprocess"])
         self.detector = detector
         self.detect_threshold = detect_threshold
+        self.min_confidence = min_confidence
+        self.tta = tta
+        self.flip_map = torch.from_numpy(self.label_space.flip_map())
         self._pipeline: Any = None
         self._pipeline_lock = threading.Lock()
 
@@ -229,7 +249,8 @@ class Predictor:
             torch.set_num_threads(cfg.threads)
         meta = _read_meta(url)
         common = {"meta": meta, "url": url, "version": version, "top_k": cfg.top_k, "max_pixels": cfg.max_pixels,
-                  "batch_size": cfg.batch_size, "detector": cfg.detector, "detect_threshold": cfg.detect_threshold}
+                  "batch_size": cfg.batch_size, "detector": cfg.detector, "detect_threshold": cfg.detect_threshold,
+                  "min_confidence": cfg.min_confidence, "tta": cfg.tta}
         if meta.get("format") == ONNX_FORMAT:
             if cfg.backend == "torch":
                 raise PredictError(f"{url}: this is an ONNX export; use backend onnx (or auto), or the original "
@@ -254,13 +275,34 @@ class Predictor:
         return images.resize(arr, self.preprocess.size)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] uint8 (already :meth:`prepare`-d) -> float32 [B, C] class probabilities."""
+        """[B, S, S, 3] uint8 (already :meth:`prepare`-d) -> float32 [B, C] class probabilities.
+
+        Calibrated when the model carries a temperature (it is inside the network), and with
+        flip-rule test-time augmentation when the predictor was loaded with ``tta``.
+        """
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.label_space)), np.float32)
         out = []
         for i in range(0, batch.shape[0], self.batch_size):
-            out.append(np.asarray(self._run(batch[i:i + self.batch_size]), dtype=np.float32))
+            chunk = batch[i:i + self.batch_size]
+            probs = np.asarray(self._run(chunk), dtype=np.float32)
+            if self.tta:
+                mirrored = np.asarray(self._run(tta.flip_images(chunk)), dtype=np.float32)
+                probs = tta.combine(torch.from_numpy(probs), torch.from_numpy(mirrored), self.flip_map).numpy()
+            out.append(probs)
         return np.concatenate(out)
+
+    def unsure(self, probs: np.ndarray, min_confidence: float | None = None) -> np.ndarray:
+        """[B] bool: rows whose top probability is below ``min_confidence`` (default: the predictor's)."""
+        threshold = self.min_confidence if min_confidence is None else min_confidence
+        return probs.max(1) < threshold if probs.size else np.zeros(len(probs), dtype=bool)
+
+    def answers(self, probs: np.ndarray, top_k: int | None = None, min_confidence: float | None = None
+                ) -> list[dict[str, Any]]:
+        """Per row: ``{"top_k": [...], "unsure": bool}``; unsure rows still carry their top-k, so a
+        caller can show the best guess, but must not act on it as an answer."""
+        return [{"top_k": t, "unsure": bool(u)}
+                for t, u in zip(self.top(probs, top_k), self.unsure(probs, min_confidence))]
 
     def top(self, probs: np.ndarray, k: int | None = None) -> list[list[dict[str, Any]]]:
         """Per row of probabilities: the ``k`` most likely classes, each as plain JSON-able data."""
@@ -281,15 +323,15 @@ class Predictor:
         return self.top(self.probabilities(batch), top_k)
 
     def classify_files(self, urls: Iterable[str], top_k: int | None = None) -> list[dict[str, Any]]:
-        """One result per file: ``{"input", "top_k": [...]}`` or ``{"input", "error": {reason, message}}``."""
+        """One result per file: ``{"input", "top_k": [...], "unsure"}`` or ``{"input", "error": {reason, message}}``."""
         results: list[dict[str, Any]] = []
         pending: list[tuple[int, np.ndarray]] = []
 
         def flush() -> None:
             if pending:
-                tops = self.top(self.probabilities(np.stack([a for _, a in pending])), top_k)
-                for (slot, _), t in zip(pending, tops):
-                    results[slot]["top_k"] = t
+                answers = self.answers(self.probabilities(np.stack([a for _, a in pending])), top_k)
+                for (slot, _), a in zip(pending, answers):
+                    results[slot].update(a)
                 pending.clear()
 
         for url in urls:
@@ -350,6 +392,9 @@ class Predictor:
                 "preprocess": {**self.preprocess.to_dict(), "data_crop": meta.get("data_crop", "none"),
                                "resize": "PIL bilinear (antialiased) to size x size"},
                 "metrics": json.loads(json.dumps(meta.get("metrics", {}), default=str)),
+                # temperature scaling, applied inside the model (None: never calibrated, T = 1)
+                "calibration": meta.get(calibration.CALIBRATION_KEY),
+                "min_confidence": self.min_confidence, "tta": self.tta,
                 "detector": self.detector or None}
 
 

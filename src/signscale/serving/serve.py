@@ -61,7 +61,7 @@ try:  # the serve extra; without it create_app() says which extra to install
     from starlette.requests import Request
 except ImportError:  # pragma: no cover
     Request = Any  # type: ignore[misc,assignment]
-from signscale.serving.predict import DEFAULT_MAX_PIXELS, PredictConfig, Predictor, resolve_model
+from signscale.serving.predict import DEFAULT_MAX_PIXELS, PredictConfig, Predictor, check_min_confidence, resolve_model
 
 __all__ = ["ApiError", "Batcher", "ModelSlot", "Refusal", "ServeConfig", "ServeError", "Service", "bind", "create_app",
            "folder_stamp", "running", "serve"]
@@ -91,6 +91,9 @@ class ServeConfig:
     detector: str = ""  # detector model URL: enables POST /v1/detect
     detect_threshold: float = 0.3  # detector score below which a box is dropped
     top_k: int = 5
+    # below this top-class probability a result says "unsure": true (per request: ?min_confidence=0.9)
+    min_confidence: float = 0.0
+    tta: bool = False  # flip-rule test-time augmentation (signscale.tta): twice the compute per image
     batching: bool = True  # False: every image is its own forward pass (a baseline)
     max_batch: int = 32  # images per forward pass
     max_wait_ms: float = 2.0  # how long the first image of a batch waits for company
@@ -134,13 +137,15 @@ class ServeConfig:
         if self.decode_budget_s > self.request_timeout_s:
             raise config.ConfigError(f"decode_budget_s ({self.decode_budget_s:g}) must be <= request_timeout_s "
                                      f"({self.request_timeout_s:g}): decoding happens inside the request's time")
-        PredictConfig(model=self.model, top_k=self.top_k, backend=self.backend, max_pixels=self.max_pixels)
+        PredictConfig(model=self.model, top_k=self.top_k, backend=self.backend, max_pixels=self.max_pixels,
+                      min_confidence=self.min_confidence)
 
     def predict_config(self) -> PredictConfig:
         return PredictConfig(model=self.model, top_k=self.top_k, batch_size=self.effective_batch(),
                              backend=self.backend, device=self.device, threads=self.threads,
                              max_pixels=self.max_pixels, detector=self.detector,
-                             detect_threshold=self.detect_threshold)
+                             detect_threshold=self.detect_threshold, min_confidence=self.min_confidence,
+                             tta=self.tta)
 
     def effective_batch(self) -> int:
         return self.max_batch if self.batching else 1
@@ -666,6 +671,7 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
     async def classify(request: Request) -> Any:
         predictor = _serving(state)
         top_k = _top_k(request, predictor, cfg.top_k)
+        min_confidence = _min_confidence(request, cfg.min_confidence)
         blobs = await _images_in(request, cfg)
         deadline = time.monotonic() + cfg.request_timeout_s  # decoding and the model's answer, both inside
         batcher = state.batcher
@@ -677,8 +683,9 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         probs = await batcher.result(future, max(0.0, deadline - time.monotonic()), cfg.request_timeout_s)
         # a JSONResponse, not a dict: FastAPI would walk the plain dict with jsonable_encoder first
         return JSONResponse({"model": {"version": predictor.version, "backend": predictor.backend},
-                             "results": [{"index": i, "filename": name, "top_k": top}
-                                         for i, ((name, _), top) in enumerate(zip(blobs, predictor.top(probs, top_k)))],
+                             "results": [{"index": i, "filename": name, **answer} for i, ((name, _), answer)
+                                         in enumerate(zip(blobs, predictor.answers(probs, top_k, min_confidence)))],
+                             "min_confidence": min_confidence,
                              "model_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     @app.post("/v1/detect", openapi_extra=image_body, summary="Detect and classify the signs in one scene")
@@ -783,6 +790,17 @@ def _top_k(request: Any, predictor: Predictor, default: int) -> int:
         raise ApiError(400, "bad_parameter", f"top_k: expected an integer 1..{len(predictor.label_space)}, "
                        f"got {raw[:20]!r}")
     return int(raw)
+
+
+def _min_confidence(request: Any, default: float) -> float:
+    raw = request.query_params.get("min_confidence")
+    if raw is None:
+        return default
+    try:
+        return check_min_confidence(float(raw))
+    except (ValueError, config.ConfigError):
+        raise ApiError(400, "bad_parameter", f"min_confidence: expected a probability in [0, 1], got {raw[:20]!r}"
+                       ) from None
 
 
 async def _read_body(request: Any, cfg: ServeConfig) -> bytes:

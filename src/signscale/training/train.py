@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from signscale import calibration, storage
 from signscale import config as config_mod
-from signscale import storage
 from signscale.data.manifest import Manifest
 from signscale.data.shards import ShardError
 from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
@@ -90,6 +90,8 @@ class TrainConfig:
     log_every: int = 20
     progress: bool = True
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    # fit the model's temperature on --val at the end (signscale.calibration): calibrated confidence
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         precision.check(self.precision)
@@ -538,8 +540,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     result.peak_memory_mb = precision.peak_memory_bytes(device) / 2**20
     result.best_val_acc = best if best >= 0 else float("nan")
     result.final_val_acc = result.curve[-1]["val_acc"] if result.curve else float("nan")
+    final = ema.module if ema is not None else model
+    fit = None
+    if cfg.calibrate and val_loader is not None and not result.preempted:  # every rank: each holds a share
+        fit = _fit_temperature(final, val_loader, pre, device, cfg)
     if main and not result.preempted:
-        final = ema.module if ema is not None else model
         result.model_url = checkpoint.save_model(
             storage.join(cfg.out, "model"), state_dict=final.state_dict(), model_config=model_config(model),
             label_space=space.to_dict(), preprocess=pre.to_dict(),
@@ -547,7 +552,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
                    "dataset_checksums": manifest_checksums,
                    # how the training images were cut from their sources, so scoring a raw source matches
-                   "data_crop": manifests[0].data.get("pack_config", {}).get("crop", "none")})
+                   "data_crop": manifests[0].data.get("pack_config", {}).get("crop", "none"),
+                   **({calibration.CALIBRATION_KEY: fit.to_dict()} if fit is not None else {})})
+        if fit is not None:
+            print(f"calibration: {fit.summary()}")
         storage.write_json(storage.join(cfg.out, "result.json"), {k: v for k, v in result.__dict__.items()
                                                                   if k != "losses"})
     distributed.barrier()
@@ -635,6 +643,28 @@ def _run_validation(val_loader: StreamLoader | None, model: torch.nn.Module, pre
     val_loader.set_epoch(0)
     correct, count = validate(model, val_loader, pre, device, cfg.precision, cfg.channels_last)
     return correct / count if count else float("nan")
+
+
+@torch.no_grad()
+def _fit_temperature(model: torch.nn.Module, loader: StreamLoader, pre: Preprocess, device: torch.device,
+                     cfg: TrainConfig) -> calibration.TemperatureFit | None:
+    """The temperature of the final weights, fitted on the whole validation set (every rank's share)."""
+    model.eval()
+    loader.set_epoch(0)
+    logits, labels = [], []
+    for b in loader:
+        x = to_input(b["image"].to(device, non_blocking=True), pre, channels_last=cfg.channels_last)
+        with precision.autocast(cfg.precision, device):  # type: ignore[arg-type]
+            z = model(x).float()
+        keep = ~b["pad"]
+        logits.append(z.cpu()[keep])
+        labels.append(b["label"][keep])
+    parts = distributed.all_gather_object((logits, labels)) if distributed.is_initialized() else [(logits, labels)]
+    z_all = [t for p in parts for t in p[0]]
+    y_all = [t for p in parts for t in p[1]]
+    if not z_all or sum(len(t) for t in y_all) == 0:
+        return None
+    return calibration.fit_temperature(torch.cat(z_all), torch.cat(y_all), data=cfg.val)
 
 
 def _epochs_done(loader_state: dict[str, Any]) -> float:

@@ -12,7 +12,8 @@ import torch
 
 from signscale.calibration import CalibrationError, fit_temperature, nll, temperature_of
 from signscale.data.pack import PackConfig, pack
-from signscale.evaluation.evaluate import CalibrateConfig, EvalConfig, EvalError, calibrate, evaluate
+from signscale.evaluation.calibrate import CalibrateConfig, calibrate
+from signscale.evaluation.evaluate import EvalConfig, EvalError, evaluate
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
 from signscale.serving.predict import Predictor

@@ -12,7 +12,8 @@ import torch
 from test_predict import make_model
 
 from signscale import images
-from signscale.evaluation.evaluate import EvalConfig, evaluate, risk_coverage, score_predictions
+from signscale.evaluation.evaluate import EvalConfig, evaluate, score_predictions
+from signscale.evaluation.metrics import risk_coverage
 from signscale.labels import LabelSpace
 from signscale.serving.predict import PredictConfig, Predictor
 from signscale.training import checkpoint

@@ -26,21 +26,11 @@ from PIL import Image
 
 from signscale.config import ConfigError
 from signscale.data.pack import PackConfig, pack
-from signscale.evaluation.evaluate import (
-    CompareError,
-    EvalConfig,
-    EvalError,
-    compare,
-    confusion_matrix,
-    corrupt_batch,
-    evaluate,
-    expected_calibration_error,
-    label_map,
-    per_class,
-    reliability_sums,
-    score_predictions,
-)
+from signscale.evaluation.compare import CompareError, compare
+from signscale.evaluation.evaluate import EvalConfig, EvalError, evaluate, label_map, score_predictions
+from signscale.evaluation.metrics import confusion_matrix, expected_calibration_error, per_class, reliability_sums
 from signscale.evaluation.report_html import render_html
+from signscale.evaluation.robustness import corrupt_batch
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
 from signscale.training import checkpoint

@@ -37,7 +37,7 @@ _PUBLIC = {
     "TrainConfig": "signscale.training.train",
     "evaluate": "signscale.evaluation.evaluate",
     "EvalConfig": "signscale.evaluation.evaluate",
-    "compare": "signscale.evaluation.evaluate",
+    "compare": "signscale.evaluation.compare",
     "TransferConfig": "signscale.evaluation.transfer",
     "load_pipeline": "signscale.detection.detect",
     "Registry": "signscale.serving.registry",

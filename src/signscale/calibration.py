@@ -11,7 +11,7 @@ Where things happen, so that no two places disagree:
 * :func:`fit_temperature` minimises the NLL of labelled logits over ``log T`` (L-BFGS, float64);
 * the model folder's ``model.json`` carries the result under ``"calibration"`` (plain JSON, read
   without executing code), written at the end of training (:mod:`signscale.training.train`, on ``--val``)
-  or for an existing model by ``signscale calibrate`` (:func:`signscale.evaluation.evaluate.calibrate`);
+  or for an existing model by ``signscale calibrate`` (:func:`signscale.evaluation.calibrate.calibrate`);
 * :func:`temperature_of` is the one reader of that field and :func:`scale_logits` the one function
   that applies it: the predictor (so ``predict`` and ``serve``, and an ONNX export), the evaluator
   and the continual gate's predictions all go through them.

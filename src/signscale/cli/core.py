@@ -15,7 +15,8 @@ def errors() -> tuple[type[BaseException], ...]:
     from signscale.config import ConfigError
     from signscale.data.shards import ShardError
     from signscale.data.sources import SourceError
-    from signscale.evaluation.evaluate import CompareError, EvalError
+    from signscale.evaluation.compare import CompareError
+    from signscale.evaluation.evaluate import EvalError
     from signscale.labels import LabelError
     from signscale.storage import StorageError
     from signscale.training.checkpoint import CheckpointError
@@ -225,7 +226,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from signscale import config
-    from signscale.evaluation.evaluate import CalibrateConfig, calibrate
+    from signscale.evaluation.calibrate import CalibrateConfig, calibrate
 
     cfg = config.load(CalibrateConfig, None, [f"model={args.model}", f"data={args.data}", *config_args(args)])
     console.print(calibrate(cfg).summary(), markup=False)
@@ -233,7 +234,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from signscale.evaluation.evaluate import compare
+    from signscale.evaluation.compare import compare
 
     c = compare(args.a, args.b, tolerance=args.tolerance, require_same_data=not args.any_data)
     console.print("\n".join(c.lines(verbose=args.verbose)))

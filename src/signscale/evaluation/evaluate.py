@@ -40,49 +40,28 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from signscale import __version__, calibration, images, storage, tta
 from signscale import config as config_mod
-from signscale.corruptions import KINDS, SEVERITIES, apply_corruption
+from signscale.corruptions import KINDS, SEVERITIES
+from signscale.evaluation.metrics import (
+    COVERAGES,
+    ECE_BINS,
+    EVAL_FORMAT,
+    EVAL_VERSION,
+    NLL_SCALE,
+    cross_country_confusions,
+    expected_calibration_error,
+    per_class,
+    unfixed,
+)
+from signscale.evaluation.robustness import pair_groups, with_variants
+from signscale.evaluation.tally import SKIP_EXAMPLES, Tally
 from signscale.labels import COUNTRIES, LabelError, LabelSpace
 from signscale.models import rebuild
 from signscale.training import checkpoint, distributed, precision
 from signscale.transforms import Preprocess, to_input
 
-__all__ = [
-    "EVAL_FORMAT",
-    "EVAL_VERSION",
-    "CalibrateConfig",
-    "CompareError",
-    "Comparison",
-    "Difference",
-    "EvalConfig",
-    "EvalError",
-    "EvalReport",
-    "calibrate",
-    "compare",
-    "confusion_matrix",
-    "corrupt_batch",
-    "evaluate",
-    "expected_calibration_error",
-    "label_map",
-    "load_metrics",
-    "per_class",
-    "reliability_sums",
-    "risk_coverage",
-    "score_predictions",
-]
+__all__ = ["EvalConfig", "EvalError", "EvalReport", "evaluate", "label_map", "score_predictions"]
 
-EVAL_FORMAT = "signscale.eval"
-EVAL_VERSION = 1
-ECE_BINS = 15
-TOP_K = 5
-# Selective prediction: the report's error when only the most confident 99% / 95% are answered
-COVERAGES = (0.99, 0.95)
-CURVE_POINTS = 100  # risk-coverage curve at coverage 1%, 2%, ..., 100%
-EXAMPLES_PER_CONFUSION = 4  # images kept per (true, predicted) pair, chosen by _rank(id)
-SKIP_EXAMPLES = 20  # skipped entries listed by name in the report
 DEFAULT_DATA = "synthetic:?n=2000&seed=1000"  # a seed no default training set uses
-# Corrupted copies travel from the loader workers with their batch; passes are split so that one
-# batch's copies stay under this size (at 32 px and batch 512, 85 corruption x severity pairs fit: all 65 do).
-VARIANT_BUDGET_BYTES = 128 << 20
 
 
 class EvalError(ValueError):
@@ -167,112 +146,6 @@ class EvalConfig:
 # Metric functions: plain numpy, on labels and predictions or on the sums they reduce to
 
 
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """``m[t, p]`` = number of samples of true class ``t`` predicted as ``p`` (int64 [C, C])."""
-    labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
-    flat = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
-
-
-def per_class(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-class support, predicted, tp, precision, recall and F1 from a confusion matrix.
-
-    Undefined values are NaN: precision of a class never predicted, recall and F1 of a class with
-    no samples. F1 is ``2 tp / (2 tp + fp + fn)``, which equals the harmonic mean of precision and
-    recall where both exist and is 0 for a class with samples that is never predicted right.
-    """
-    cm = np.asarray(confusion, dtype=np.int64)
-    tp = np.diag(cm)
-    support, predicted = cm.sum(1), cm.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision_ = np.where(predicted > 0, tp / np.maximum(predicted, 1), np.nan)
-        recall = np.where(support > 0, tp / np.maximum(support, 1), np.nan)
-        denom = support + predicted  # 2 tp + fp + fn
-        f1 = np.where(support > 0, 2 * tp / np.maximum(denom, 1), np.nan)
-    return {"support": support, "predicted": predicted, "tp": tp, "precision": precision_, "recall": recall,
-            "f1": f1}
-
-
-def reliability_sums(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
-    """[bins, 3] float64: per equal-width confidence bin, (count, sum of confidence, number correct).
-
-    Bin ``b`` holds confidences in ``(b / bins, (b + 1) / bins]`` (the first bin also takes 0), the
-    convention of Guo et al. (2017). Sums, not means, so that ranks can add them; the confidence
-    sum is accumulated in fixed point (:func:`_fixed`), so it does not depend on the order of addition.
-    """
-    return _unfixed(_reliability_fixed(confidence, correct, bins))
-
-
-def _reliability_fixed(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
-    conf = np.asarray(confidence, dtype=np.float64)
-    idx = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
-    out = np.zeros((bins, 3), dtype=np.int64)
-    np.add.at(out[:, 0], idx, 1)
-    np.add.at(out[:, 1], idx, _fixed(conf, CONF_SCALE))
-    np.add.at(out[:, 2], idx, np.asarray(correct, dtype=np.int64))
-    return out
-
-
-# Float sums depend on the order of addition, so 2 ranks, or another batch size, would change the
-# last digits of the ECE. Sums of per-sample values are kept as integers in these units instead:
-# integer addition is exact in any order (confidence to 2^-32; an NLL term, capped at 100, to 2^-24).
-CONF_SCALE = 2 ** 32
-NLL_SCALE = 2 ** 24
-NLL_CAP = 100.0
-
-
-def _fixed(values: np.ndarray, scale: int) -> np.ndarray:
-    return np.round(np.asarray(values, dtype=np.float64) * scale).astype(np.int64)
-
-
-def _unfixed(sums: np.ndarray) -> np.ndarray:
-    """[bins, 3] int64 (count, fixed-point confidence, correct) -> float64 values."""
-    out = sums.astype(np.float64)
-    out[:, 1] = sums[:, 1] / CONF_SCALE
-    return out
-
-
-def expected_calibration_error(sums: np.ndarray) -> float:
-    """ECE = sum over bins of (bin count / N) * |accuracy in bin - mean confidence in bin|; NaN if N = 0."""
-    count, conf, correct = np.asarray(sums, dtype=np.float64).T
-    n = count.sum()
-    if n == 0:
-        return math.nan
-    return float(np.abs(correct - conf).sum() / n)  # count * |correct/count - conf/count| = |correct - conf|
-
-
-def risk_coverage(confidence: np.ndarray, correct: np.ndarray, *, coverages: Sequence[float] = COVERAGES,
-                  points: int = CURVE_POINTS, order: np.ndarray | None = None) -> dict[str, Any]:
-    """Selective prediction: the error among the samples a model is most sure of, at each coverage.
-
-    At coverage ``c`` the ``ceil(c * N)`` most confident samples are answered and the rest refused;
-    the *risk* is the error rate of the answered ones. Returns ``error_at`` (coverage -> risk),
-    ``threshold_at`` (coverage -> the lowest confidence answered there: a ``--min-confidence`` that
-    keeps that coverage on data like this), ``aurc`` (the area under the risk-coverage curve, the
-    mean risk over every N) and ``curve``, ``points`` rows of (coverage, risk, threshold). ``order``
-    (indices, most confident first) fixes how ties are broken; by default a stable sort.
-    """
-    conf = np.asarray(confidence, dtype=np.float64)
-    ok = np.asarray(correct, dtype=bool)
-    n = len(conf)
-    if n == 0:
-        return {"error_at": {c: math.nan for c in coverages}, "threshold_at": {c: math.nan for c in coverages},
-                "aurc": math.nan, "curve": []}
-    order = np.argsort(-conf, kind="stable") if order is None else np.asarray(order)
-    errors = np.cumsum(~ok[order])  # errors among the k most confident, k = 1..n
-    risk = errors / np.arange(1, n + 1)
-
-    def kept(c: float) -> int:  # the 1e-9 keeps 0.95 * 100 from rounding up to 96
-        return min(n, max(1, math.ceil(c * n - 1e-9)))
-
-    at = {c: kept(c) for c in coverages}
-    curve = [{"coverage": j / points, "risk": float(risk[kept(j / points) - 1]),
-              "threshold": float(conf[order[kept(j / points) - 1]])} for j in range(1, points + 1)]
-    return {"error_at": {c: float(risk[k - 1]) for c, k in at.items()},
-            "threshold_at": {c: float(conf[order[k - 1]]) for c, k in at.items()},
-            "aurc": float(risk.mean()), "curve": curve}
-
-
 def score_predictions(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """The headline metrics of one set of predictions: for tests and notebooks.
 
@@ -282,32 +155,10 @@ def score_predictions(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    tally = _Tally(probs.shape[1], 1, 1, 0)
+    tally = Tally(probs.shape[1], 1, 1, 0)
     tally.add(torch.from_numpy(np.log(np.maximum(probs, 1e-300))), torch.from_numpy(labels),
               ids=np.arange(len(labels)), keep=np.ones(len(labels), dtype=bool), images=None, meta={})
     return {**_summary_numbers(tally), "confusion": tally.confusion, **per_class(tally.confusion)}
-
-
-def _summary_numbers(t: _Tally) -> dict[str, float]:
-    pc = per_class(t.confusion)
-    n = int(t.confusion.sum())
-    supported = pc["support"] > 0
-    sel = t.selective()
-    return {
-        "count": n,
-        "correct": int(pc["tp"].sum()),
-        "top1": float(pc["tp"].sum() / n) if n else math.nan,
-        "top5": float(t.top5 / n) if n else math.nan,
-        "macro_f1": float(pc["f1"][supported].mean()) if supported.any() else math.nan,
-        "balanced_accuracy": float(pc["recall"][supported].mean()) if supported.any() else math.nan,
-        "ece": expected_calibration_error(t.calibration),
-        "nll": float(t.nll_fixed / NLL_SCALE / n) if n else math.nan,
-        "mean_confidence": float(t.calibration[:, 1].sum() / n) if n else math.nan,
-        **{f"error_at_{round(100 * c)}_coverage": sel["error_at"][c] for c in COVERAGES},
-        # the same figures before the model's temperature (and TTA): what calibration changed
-        "ece_uncalibrated": expected_calibration_error(_unfixed(t.calibration_raw_fixed)),
-        "nll_uncalibrated": float(t.nll_raw_fixed / NLL_SCALE / n) if n else math.nan,
-    }
 
 
 def label_map(data_space: LabelSpace, model_space: LabelSpace) -> tuple[np.ndarray, str]:
@@ -339,46 +190,30 @@ def label_map(data_space: LabelSpace, model_space: LabelSpace) -> tuple[np.ndarr
     return lut, how
 
 
-def cross_country_confusions(confusion: np.ndarray, space: LabelSpace, limit: int = 10) -> list[dict[str, Any]]:
-    """Mistakes whose predicted class belongs to no country of the true class (e.g. a cn sign taken for
-    a de-only sign): the errors a merged model makes because it knows other countries' designs."""
-    if len(space.countries()) < 2:
-        return []
-    countries = [{m[0] for m in space.members_of(i)} for i in range(len(space))]
-    rows = []
-    for tr, pr in zip(*np.nonzero(confusion)):
-        if tr != pr and not countries[tr] & countries[pr]:
-            rows.append({"true": space.ident(space[tr]), "predicted": space.ident(space[pr]),
-                         "true_countries": sorted(countries[tr]), "predicted_countries": sorted(countries[pr]),
-                         "count": int(confusion[tr, pr])})
-    return sorted(rows, key=lambda r: (-r["count"], r["true"], r["predicted"]))[:limit]
+def _summary_numbers(t: Tally) -> dict[str, float]:
+    pc = per_class(t.confusion)
+    n = int(t.confusion.sum())
+    supported = pc["support"] > 0
+    sel = t.selective()
+    return {
+        "count": n,
+        "correct": int(pc["tp"].sum()),
+        "top1": float(pc["tp"].sum() / n) if n else math.nan,
+        "top5": float(t.top5 / n) if n else math.nan,
+        "macro_f1": float(pc["f1"][supported].mean()) if supported.any() else math.nan,
+        "balanced_accuracy": float(pc["recall"][supported].mean()) if supported.any() else math.nan,
+        "ece": expected_calibration_error(t.calibration),
+        "nll": float(t.nll_fixed / NLL_SCALE / n) if n else math.nan,
+        "mean_confidence": float(t.calibration[:, 1].sum() / n) if n else math.nan,
+        **{f"error_at_{round(100 * c)}_coverage": sel["error_at"][c] for c in COVERAGES},
+        # the same figures before the model's temperature (and TTA): what calibration changed
+        "ece_uncalibrated": expected_calibration_error(unfixed(t.calibration_raw_fixed)),
+        "nll_uncalibrated": float(t.nll_raw_fixed / NLL_SCALE / n) if n else math.nan,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Corruptions
-
-
-def corrupt_batch(images_nhwc: np.ndarray, ids: Sequence[int] | np.ndarray, *, corruption: str, severity: int,
-                  seed: int) -> np.ndarray:
-    """Corrupt each uint8 image with its own generator, seeded by (seed, corruption index, severity, id).
-
-    One image at a time, on purpose: every corruption draws its randomness for the whole array it
-    is given, so a batched call would make a sample's pixels depend on its neighbours.
-    """
-    k = KINDS.index(corruption)  # the weather kinds first, as before the camera faults were added
-    out = np.empty_like(images_nhwc)
-    for j, (img, i) in enumerate(zip(images_nhwc, np.asarray(ids, dtype=np.int64))):
-        out[j] = apply_corruption(img, corruption, severity, np.random.default_rng([seed, k, severity, int(i)]))
-    return out
-
-
-def _with_variants(batch: dict[str, Any], pairs: Sequence[tuple[str, int]], seed: int) -> dict[str, Any]:
-    """Attach ``variants`` [P, B, H, W, 3]: the batch under each (corruption, severity) pair."""
-    if pairs:
-        imgs, ids = batch["image"].numpy(), batch["id"].numpy()
-        batch["variants"] = torch.from_numpy(np.stack([corrupt_batch(imgs, ids, corruption=c, severity=s, seed=seed)
-                                                       for c, s in pairs]))
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +234,7 @@ class _StreamBatches(IterableDataset):
 
                 b = unpack_batch(b)
             n = len(b["label"])
-            yield _with_variants({"image": b["image"], "label": b["label"], "id": b["id"], "pad": b["pad"],
+            yield with_variants({"image": b["image"], "label": b["label"], "id": b["id"], "pad": b["pad"],
                                   "condition": b["condition"], "country": b["country"],
                                   "source": torch.zeros(n, dtype=torch.int64)}, self.pairs, self.seed)
 
@@ -451,7 +286,7 @@ class _SourceBatches(Dataset):
                for c, k in ((1, "label"), (2, "id"), (3, "condition"), (4, "country"), (5, "source"))},
             "pad": torch.zeros(len(rows), dtype=torch.bool), "keys": [r[6] for r in rows], "skips": skips,
         }
-        return _with_variants(batch, self.pairs, self.seed)
+        return with_variants(batch, self.pairs, self.seed)
 
     def _pixels(self, item: Any) -> np.ndarray:
         if isinstance(item.image, np.ndarray):
@@ -494,7 +329,7 @@ def _dataloader(ds: Dataset | IterableDataset, workers: int, pin: bool) -> DataL
     return DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin, **kw)
 
 
-def _open_data(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: bool) -> _Data:
+def open_data(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: bool) -> _Data:
     if cfg.data_is_source():
         return _open_source(cfg, pre, rank, world, pin)
     return _open_dataset(cfg, pre, rank, world, pin)
@@ -560,155 +395,6 @@ def _open_source(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: b
 # The tally: everything the metrics need, as sums that ranks can add
 
 
-def _rank(sample_id: int) -> int:
-    """A fixed scramble of sample ids (Fibonacci hashing): which examples a report shows."""
-    return (sample_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-
-
-class _Tally:
-    def __init__(self, num_classes: int, n_conditions: int, n_countries: int, n_pairs: int,
-                 n_sources: int = 1) -> None:
-        c = num_classes
-        self.num_classes = c
-        self.confusion = np.zeros((c, c), dtype=np.int64)
-        self.top5 = 0
-        self.calibration_fixed = np.zeros((ECE_BINS, 3), dtype=np.int64)  # see CONF_SCALE
-        self.nll_fixed = 0  # NLL_SCALE units
-        # the same before the model's temperature and TTA (ECE before/after calibration)
-        self.calibration_raw_fixed = np.zeros((ECE_BINS, 3), dtype=np.int64)
-        self.nll_raw_fixed = 0
-        # per sample, for selective prediction (a ranking, so not a sum): top log-probability, right or
-        # wrong, and the id that breaks ties the same way whatever the batching
-        self.scores: list[np.ndarray] = []
-        self.hits: list[np.ndarray] = []
-        self.score_ids: list[np.ndarray] = []
-        self.conditions = np.zeros((n_conditions, 2), dtype=np.int64)  # (count, correct)
-        self.countries = np.zeros((n_countries, 2), dtype=np.int64)
-        self.sources = np.zeros((n_sources, 2), dtype=np.int64)
-        self.corrupted = np.zeros((n_pairs, 2), dtype=np.int64)
-        self.skips: Counter[str] = Counter()
-        self.skip_examples: list[tuple[str, str, str]] = []
-        self.unmapped: Counter[int] = Counter()  # data class id -> samples the model cannot score
-        # (true, pred) -> [(id, key, image)] of lowest _rank; class -> (id, image) of a correct sample
-        self.examples: dict[tuple[int, int], list[tuple[int, str, np.ndarray]]] = {}
-        self.prototypes: dict[int, tuple[int, np.ndarray]] = {}
-        self.seconds = 0.0
-        self.corruption_seconds = 0.0
-
-    @property
-    def calibration(self) -> np.ndarray:
-        return _unfixed(self.calibration_fixed)
-
-    def add(self, logp: torch.Tensor, labels: torch.Tensor, *, ids: np.ndarray, keep: np.ndarray,
-            images: np.ndarray | None, meta: Mapping[str, np.ndarray], keys: Sequence[str] | None = None,
-            logp_raw: torch.Tensor | None = None) -> None:
-        """Add one batch of log-probabilities [B, C] for the rows ``keep`` (labels in the model's ids).
-
-        ``logp`` is what is scored (with the model's temperature, and TTA when asked); ``logp_raw``
-        the plain network at temperature 1, for the calibration's "before" (default: ``logp``).
-        """
-        if not keep.any():
-            return
-        rows = torch.from_numpy(np.flatnonzero(keep)).to(logp.device)
-        logp = logp.index_select(0, rows).double()
-        y = labels.to(logp.device).index_select(0, rows)
-        conf, pred = logp.max(1)
-        top = logp.topk(min(TOP_K, logp.shape[1]), dim=1).indices
-        correct_t = pred == y
-        self.top5 += int((top == y[:, None]).any(1).sum())
-        nll = (-logp.gather(1, y[:, None])).clamp(max=NLL_CAP).cpu().numpy()
-        self.nll_fixed += int(_fixed(nll, NLL_SCALE).sum())
-        y_np, pred_np, ok = y.cpu().numpy(), pred.cpu().numpy(), correct_t.cpu().numpy()
-        self.confusion += confusion_matrix(y_np, pred_np, self.num_classes)
-        self.calibration_fixed += _reliability_fixed(conf.exp().cpu().numpy(), ok)
-        raw = logp if logp_raw is None else logp_raw.index_select(0, rows.to(logp_raw.device)).double().to(logp.device)
-        raw_conf, raw_pred = raw.max(1)
-        self.nll_raw_fixed += int(_fixed((-raw.gather(1, y[:, None])).clamp(max=NLL_CAP).cpu().numpy(),
-                                         NLL_SCALE).sum())
-        self.calibration_raw_fixed += _reliability_fixed(raw_conf.exp().cpu().numpy(), (raw_pred == y).cpu().numpy())
-        self.scores.append(conf.cpu().numpy())
-        self.hits.append(ok.astype(bool))
-        self.score_ids.append(np.asarray(ids, dtype=np.int64)[keep])
-        for name, table in (("condition", self.conditions), ("country", self.countries), ("source", self.sources)):
-            if name in meta:
-                g = meta[name][keep]
-                np.add.at(table[:, 0], g, 1)
-                np.add.at(table[:, 1], g, ok.astype(np.int64))
-        if images is not None:
-            self._keep_examples(y_np, pred_np, ids[keep], images[keep], [keys[i] for i in np.flatnonzero(keep)]
-                                if keys is not None else None)
-
-    def _keep_examples(self, y: np.ndarray, pred: np.ndarray, ids: np.ndarray, imgs: np.ndarray,
-                       keys: list[str] | None) -> None:
-        """Keep, per confusion pair, the ids of lowest :func:`_rank`, and per class one correct sample.
-
-        A rank that depends on the id alone makes the choice independent of batching and ranks; a
-        scrambled one (not the smallest ids) spreads the examples over the data, where the smallest
-        ids of GTSRB would be consecutive frames of a single track.
-        """
-        for j in np.flatnonzero(y != pred):
-            pair, i = (int(y[j]), int(pred[j])), int(ids[j])
-            kept = self.examples.setdefault(pair, [])
-            if len(kept) < EXAMPLES_PER_CONFUSION or _rank(i) < _rank(kept[-1][0]):
-                kept.append((i, keys[j] if keys else str(i), imgs[j].copy()))
-                kept.sort(key=lambda e: _rank(e[0]))
-                del kept[EXAMPLES_PER_CONFUSION:]
-        for j in np.flatnonzero(y == pred):
-            c, i = int(y[j]), int(ids[j])
-            if c not in self.prototypes or _rank(i) < _rank(self.prototypes[c][0]):
-                self.prototypes[c] = (i, imgs[j].copy())
-
-    def selective(self) -> dict[str, Any]:
-        """:func:`risk_coverage` of everything added, ties in confidence broken by sample id."""
-        scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
-        hits = np.concatenate(self.hits) if self.hits else np.zeros(0, dtype=bool)
-        ids = np.concatenate(self.score_ids) if self.score_ids else np.zeros(0, dtype=np.int64)
-        # ranked on the log-probability: exp() rounds many confident rows to exactly 1.0
-        return risk_coverage(np.exp(scores), hits, order=np.lexsort((ids, -scores)))
-
-    def add_skips(self, skips: Iterable[tuple[str, str, str]]) -> None:
-        for key, reason, detail in skips:
-            self.skips[reason] += 1
-            if len(self.skip_examples) < SKIP_EXAMPLES * 4:
-                self.skip_examples.append((key, reason, detail))
-
-    def reduce(self, device: torch.device) -> None:
-        """Sum every rank's tally into every rank's (a no-op in a single process)."""
-        if not distributed.is_initialized():
-            return
-        for name in ("confusion", "calibration_fixed", "calibration_raw_fixed", "conditions", "countries", "sources",
-                     "corrupted"):
-            t = distributed.all_reduce_sum(torch.from_numpy(getattr(self, name).copy()).to(device))
-            setattr(self, name, t.cpu().numpy())
-        scalars = distributed.all_reduce_sum(torch.tensor([self.top5, self.nll_fixed, self.nll_raw_fixed],
-                                                          dtype=torch.int64, device=device)).cpu().tolist()
-        self.top5, self.nll_fixed, self.nll_raw_fixed = scalars
-        parts = distributed.all_gather_object({"scores": self.scores, "hits": self.hits, "score_ids": self.score_ids,
-                                               "skips": self.skips, "skip_examples": self.skip_examples,
-                                               "unmapped": self.unmapped, "examples": self.examples,
-                                               "prototypes": self.prototypes, "seconds": self.seconds,
-                                               "corruption_seconds": self.corruption_seconds})
-        self.skips, self.unmapped = Counter(), Counter()
-        self.skip_examples, self.examples, self.prototypes = [], {}, {}
-        self.scores, self.hits, self.score_ids = [], [], []
-        for p in parts:
-            self.scores += p["scores"]
-            self.hits += p["hits"]
-            self.score_ids += p["score_ids"]
-            self.skips.update(p["skips"])
-            self.unmapped.update(p["unmapped"])
-            self.skip_examples += p["skip_examples"]
-            for pair, kept in p["examples"].items():
-                self.examples[pair] = sorted(self.examples.get(pair, []) + kept,
-                                             key=lambda e: _rank(e[0]))[:EXAMPLES_PER_CONFUSION]
-            for c, proto in p["prototypes"].items():
-                if c not in self.prototypes or _rank(proto[0]) < _rank(self.prototypes[c][0]):
-                    self.prototypes[c] = proto
-        # the slowest rank decides how long the evaluation took
-        self.seconds = max(p["seconds"] for p in parts)
-        self.corruption_seconds = max(p["corruption_seconds"] for p in parts)
-
-
 # ---------------------------------------------------------------------------------------------
 # The report
 
@@ -728,7 +414,7 @@ class EvalReport:
         m = self.metrics
         o, skipped = m["overall"], m["skipped"]["total"]
         rob = m.get("robustness")
-        mca = f", mCA {_pct(rob['mca'])}" if rob else ""
+        mca = f", mCA {pct(rob['mca'])}" if rob else ""
         skip = ""
         if skipped:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(m["skipped"]["by_reason"].items()))
@@ -736,9 +422,9 @@ class EvalReport:
         temp = m["calibration"].get("temperature", 1.0)
         ece = (f"ECE {_fmt(o['ece'], '.4f')} (T={temp:.3g}; {_fmt(o.get('ece_uncalibrated'), '.4f')} at T=1)"
                if temp != 1.0 else f"ECE {_fmt(o['ece'], '.4f')}")
-        sel = (f", error at 99%/95% coverage {_pct(o.get('error_at_99_coverage'))}/"
-               f"{_pct(o.get('error_at_95_coverage'))}")
-        return (f"top-1 {_pct(o['top1'])}, macro-F1 {_fmt(o['macro_f1'], '.4f')}, {ece}{sel}{mca} "
+        sel = (f", error at 99%/95% coverage {pct(o.get('error_at_99_coverage'))}/"
+               f"{pct(o.get('error_at_95_coverage'))}")
+        return (f"top-1 {pct(o['top1'])}, macro-F1 {_fmt(o['macro_f1'], '.4f')}, {ece}{sel}{mca} "
                 f"on {o['count']:,} images at {m['run']['images_per_s']:,.0f} images/s; {skipped:,} skipped{skip}"
                 + (f"; report: {self.files['report']}" if "report" in self.files else ""))
 
@@ -746,7 +432,7 @@ class EvalReport:
         return json.dumps(self.metrics, indent=indent, allow_nan=False)
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
@@ -779,7 +465,7 @@ def _groups(table: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, Any]
             for name, (n, k) in zip(names, table.tolist()) if n > 0}
 
 
-def _metrics(cfg: EvalConfig, t: _Tally, *, model_info: dict[str, Any], data: _Data, space: LabelSpace,
+def _metrics(cfg: EvalConfig, t: Tally, *, model_info: dict[str, Any], data: _Data, space: LabelSpace,
              mapping: str, pairs: list[tuple[str, int]], world: int, device: torch.device) -> dict[str, Any]:
     pc = per_class(t.confusion)
     head = _summary_numbers(t)
@@ -852,7 +538,7 @@ def _metrics(cfg: EvalConfig, t: _Tally, *, model_info: dict[str, Any], data: _D
                         "temperature": model_info.get("temperature", 1.0), "fitted": model_info.get("calibration"),
                         "tta": cfg.tta,
                         "uncalibrated": {"ece": _num(head["ece_uncalibrated"]), "nll": _num(head["nll_uncalibrated"]),
-                                         "reliability": reliability(_unfixed(t.calibration_raw_fixed))}},
+                                         "reliability": reliability(unfixed(t.calibration_raw_fixed))}},
         "selective": {"coverages": list(COVERAGES),
                       "error_at": {str(c): sel["error_at"][c] for c in COVERAGES},
                       "threshold_at": {str(c): sel["threshold_at"][c] for c in COVERAGES},
@@ -873,7 +559,7 @@ def _metrics(cfg: EvalConfig, t: _Tally, *, model_info: dict[str, Any], data: _D
 # evaluate()
 
 
-def _load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
+def load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
     try:
         state, meta = checkpoint.load_model_artefact(url)
     except FileNotFoundError as exc:
@@ -907,7 +593,7 @@ def _logits(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess, 
 
 
 @torch.no_grad()
-def _log_probs(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess, device: torch.device,
+def log_probs(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess, device: torch.device,
                prec: str, *, temperature: float = 1.0, flip_map: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scored, plain) log-probabilities: scored with the model's temperature and, given the label
@@ -920,13 +606,6 @@ def _log_probs(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preproces
         probs = tta.combine(scored.exp(), calibration.scale_logits(mirrored, temperature).softmax(1), flip_map)
         scored = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
     return scored, plain
-
-
-def _pair_groups(pairs: list[tuple[str, int]], batch_size: int, image_size: int) -> list[list[int]]:
-    """Pair indices per data pass, so one batch's corrupted copies stay within VARIANT_BUDGET_BYTES."""
-    per_pass = max(1, VARIANT_BUDGET_BYTES // max(1, batch_size * image_size * image_size * 3))
-    idx = list(range(len(pairs)))
-    return [idx[i:i + per_pass] for i in range(0, len(idx), per_pass)]
 
 
 @distributed.restores_threads
@@ -945,21 +624,21 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.device(cfg.device)
-    model, space, pre, model_info = _load_model(cfg.model, device)
+    model, space, pre, model_info = load_model(cfg.model, device)
     if cfg.crop == "auto":  # score a source the way the model's training data was packed
         cfg = dataclasses.replace(cfg, crop=model_info.get("data_crop", "none"))
-    data = _open_data(cfg, pre, rank, world, pin=device.type == "cuda")
+    data = open_data(cfg, pre, rank, world, pin=device.type == "cuda")
     lut_np, mapping = label_map(data.label_space, space)
     lut = torch.from_numpy(lut_np)
     pairs = cfg.pairs()
-    tally = _Tally(len(space), len(data.conditions), len(data.countries), len(pairs), len(data.source_names))
+    tally = Tally(len(space), len(data.conditions), len(data.countries), len(pairs), len(data.source_names))
     from signscale.progress import progress_bar
 
     show = cfg.progress and rank == 0
     flip_map = torch.from_numpy(space.flip_map()) if cfg.tta else None
 
     def score(images_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _log_probs(model, images_nhwc, pre, device, cfg.precision, temperature=model_info["temperature"],
+        return log_probs(model, images_nhwc, pre, device, cfg.precision, temperature=model_info["temperature"],
                           flip_map=flip_map)
 
     def rows(b: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -983,7 +662,7 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     tally.seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    for group in _pair_groups(pairs, cfg.batch_size, data.image_size):
+    for group in pair_groups(pairs, cfg.batch_size, data.image_size):
         with progress_bar(f"corruptions {group[0] + 1}-{group[-1] + 1}/{len(pairs)}", data.batches, enabled=show,
                           unit="batches") as advance:
             for b in data.loader([pairs[i] for i in group]):
@@ -1017,299 +696,3 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# calibrate(): fit a model's temperature on held-out data
-
-
-@dataclass(frozen=True)
-class CalibrateConfig:
-    """Which model to calibrate, on which held-out data (read as ``evaluate`` reads it)."""
-
-    model: str  # model artefact folder; its model.json gains the fitted temperature
-    data: str = DEFAULT_DATA  # held-out data: the validation split (never the training data), dataset or source
-    batch_size: int = 512
-    workers: int = 2
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    crop: Literal["auto", "none", "roi"] = "auto"
-    threads: int = 0
-    progress: bool = True
-    write: bool = True  # False: fit and print, leave model.json as it is
-
-    def __post_init__(self) -> None:
-        # the shared fields are checked exactly as evaluate checks them
-        self.eval_config()
-
-    def eval_config(self) -> EvalConfig:
-        return EvalConfig(model=self.model, data=self.data, batch_size=self.batch_size, workers=self.workers,
-                          device=self.device, precision=self.precision, crop=self.crop, threads=self.threads,
-                          progress=self.progress)
-
-
-@dataclass(frozen=True)
-class CalibrationResult:
-    fit: calibration.TemperatureFit
-    ece_before: float
-    ece_after: float
-    top1: float
-    written: str  # the model.json that now holds the temperature ("" with write=False)
-
-    def summary(self) -> str:
-        where = f"; written to {self.written}" if self.written else "; not written (write=false)"
-        return (f"{self.fit.summary()}, ECE {self.ece_before:.4f} -> {self.ece_after:.4f} (top-1 "
-                f"{_pct(self.top1)}, unchanged){where}")
-
-
-@distributed.restores_threads
-def calibrate(cfg: CalibrateConfig) -> CalibrationResult:
-    """Fit ``cfg.model``'s temperature on ``cfg.data`` and record it in its ``model.json``.
-
-    One process; the data is read, cropped and resized exactly as :func:`evaluate` reads it. The
-    fit starts from the plain network (T = 1) whatever temperature the model had, so calibrating
-    again on other data replaces the old value rather than stacking on it.
-    """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    ecfg = cfg.eval_config()
-    device = distributed.device(cfg.device)
-    model, space, pre, info = _load_model(cfg.model, device)
-    if cfg.data.rstrip("/") in [str(d).rstrip("/") for d in info.get("datasets", [])]:
-        raise EvalError(f"{cfg.data}: the model was trained on this data; a temperature fitted on it would make the "
-                        "model over-confident. Give the held-out validation split (train's --val)")
-    if ecfg.crop == "auto":
-        ecfg = dataclasses.replace(ecfg, crop=info.get("data_crop", "none"))
-    data = _open_data(ecfg, pre, 0, 1, pin=device.type == "cuda")
-    lut = torch.from_numpy(label_map(data.label_space, space)[0])
-    logps, labels = [], []
-    from signscale.progress import progress_bar
-
-    with progress_bar("calibrate", data.batches, enabled=cfg.progress, unit="batches") as advance:
-        for b in data.loader([]):
-            mapped = lut[b["label"].long()]
-            keep = ~b["pad"] & (mapped >= 0)
-            if keep.any():
-                logps.append(_log_probs(model, b["image"][keep], pre, device, cfg.precision)[1].cpu())
-                labels.append(mapped[keep])
-            advance(1)
-    if not logps:
-        raise EvalError(f"{cfg.data}: no sample of a class the model knows; nothing to calibrate on")
-    z, y = torch.cat(logps).double(), torch.cat(labels)
-    try:
-        fit = calibration.fit_temperature(z, y, data=cfg.data)
-    except calibration.CalibrationError as exc:
-        raise EvalError(f"{cfg.data}: {exc}") from None
-
-    def ece(t: float) -> float:
-        p = calibration.scale_logits(z, t).softmax(1)
-        conf, pred = p.max(1)
-        return expected_calibration_error(reliability_sums(conf.numpy(), (pred == y).numpy()))
-
-    before, after = ece(1.0), ece(fit.temperature)
-    top1 = float((z.argmax(1) == y).double().mean())
-    written = ""
-    if cfg.write:
-        written = calibration.save_temperature(cfg.model, fit, {"ece_before": before, "ece_after": after})
-    return CalibrationResult(fit=fit, ece_before=before, ece_after=after, top1=top1, written=written)
-
-
-# ---------------------------------------------------------------------------------------------
-# compare(): the promotion gate
-
-
-class CompareError(ValueError):
-    """Two reports that cannot be compared (different data, not signscale reports)."""
-
-
-def load_metrics(src: Mapping[str, Any] | str) -> dict[str, Any]:
-    """A metrics dict from itself, a ``metrics.json`` URL or a report folder holding one."""
-    if isinstance(src, Mapping):
-        metrics = dict(src)
-        where = "metrics"
-    else:
-        where = src if src.endswith(".json") else storage.join(src, "metrics.json")
-        if not storage.exists(where):
-            raise CompareError(f"{where}: no such file; give a report folder written by `signscale evaluate --out` "
-                               "or its metrics.json")
-        metrics = storage.read_json(where)
-    if metrics.get("format") != EVAL_FORMAT:
-        raise CompareError(f"{where}: not a signscale evaluation report (format {metrics.get('format')!r})")
-    if metrics.get("version") != EVAL_VERSION:
-        raise CompareError(f"{where}: report version {metrics.get('version')!r} is not supported "
-                           f"(this signscale reads {EVAL_VERSION}); re-run the evaluation")
-    return metrics
-
-
-@dataclass(frozen=True)
-class Difference:
-    """One metric in both reports. ``gates``: whether it can make B 'worse'."""
-
-    metric: str  # e.g. top1, macro_f1, ece, class:stop, condition:snow, corruption:fog@3, mca
-    a: float | None
-    b: float | None
-    support: int  # samples behind the smaller of the two values (0: unknown or none)
-    higher_is_better: bool
-    gates: bool
-    tolerance: float
-
-    @property
-    def delta(self) -> float | None:
-        return None if self.a is None or self.b is None else self.b - self.a
-
-    def _beyond(self, sign: int) -> bool:
-        """True when B moved in direction ``sign`` (+1: better) by strictly more than the tolerance."""
-        d = self.delta
-        if d is None:
-            return False
-        gain = d if self.higher_is_better else -d
-        # 1e-12 absorbs float noise, so "exactly the tolerance" is never a regression
-        return sign * gain > self.tolerance + 1e-12
-
-    @property
-    def worse(self) -> bool:
-        return self.gates and self._beyond(-1)
-
-    @property
-    def better(self) -> bool:
-        return self._beyond(+1)
-
-    @property
-    def regressed(self) -> bool:
-        """Worse beyond tolerance, whether or not this metric gates (ECE never gates)."""
-        return self._beyond(-1)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Every metric of report B against report A; ``worse`` is the promotion gate's verdict."""
-
-    a_name: str
-    b_name: str
-    tolerance: float
-    min_support: int
-    differences: tuple[Difference, ...]
-    notes: tuple[str, ...] = ()
-
-    @property
-    def worse(self) -> bool:
-        """B is worse than A by more than the tolerance on a gating metric (docs/evaluation.md)."""
-        return any(d.worse for d in self.differences)
-
-    @property
-    def regressions(self) -> list[Difference]:
-        return [d for d in self.differences if d.worse]
-
-    def lines(self, *, verbose: bool = False) -> list[str]:
-        """A table for the terminal: the overall metrics, then every per-group metric that moved beyond
-        the tolerance (all of them with ``verbose``), then the verdict."""
-        out = [f"A: {self.a_name}", f"B: {self.b_name}",
-               f"{'metric':<44} {'A':>9} {'B':>9} {'B-A':>9} {'n':>7}"]
-        hidden = 0
-        for d in self.differences:
-            overall = ":" not in d.metric
-            if not (verbose or overall or d.regressed or d.better):
-                hidden += 1
-                continue
-            flag = "WORSE" if d.worse else ("worse (not gating)" if d.regressed else ("better" if d.better else ""))
-            out.append(f"{d.metric:<44} {_cell(d.a, d.metric)} {_cell(d.b, d.metric)} {_delta(d.delta, d.metric)} "
-                       f"{d.support or '':>7}  {flag}".rstrip())
-        if hidden:
-            out.append(f"({hidden} per-class/condition/corruption metrics within +-{self.tolerance:g}; --verbose "
-                       "lists them)")
-        out += [f"note: {n}" for n in self.notes]
-        out.append(self.summary())
-        return out
-
-    def summary(self) -> str:
-        regs = self.regressions
-        if regs:
-            names = ", ".join(d.metric for d in regs[:6]) + (", ..." if len(regs) > 6 else "")
-            return f"WORSE: B is below A by more than {self.tolerance:g} on {len(regs)} metric(s): {names}"
-        return f"OK: B is not worse than A beyond {self.tolerance:g} on any gating metric"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a_name, "b": self.b_name, "tolerance": self.tolerance, "min_support": self.min_support,
-                "worse": self.worse, "notes": list(self.notes),
-                "differences": [{"metric": d.metric, "a": d.a, "b": d.b, "delta": d.delta, "support": d.support,
-                                 "gates": d.gates, "worse": d.worse, "better": d.better} for d in self.differences]}
-
-
-_NOT_PERCENT = ("macro_f1", "ece", "nll")  # scores, not shares of images: printed as plain numbers
-
-
-def _cell(x: float | None, metric: str) -> str:
-    if x is None:
-        return f"{'-':>9}"
-    return f"{x:>9.4f}" if metric in _NOT_PERCENT else f"{100 * x:>8.2f}%"
-
-
-def _delta(x: float | None, metric: str) -> str:
-    if x is None:
-        return f"{'-':>9}"
-    return f"{x:>+9.4f}" if metric in _NOT_PERCENT else f"{100 * x:>+8.2f}%"
-
-
-def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance: float = 0.005,
-            min_support: int = 1, require_same_data: bool = True) -> Comparison:
-    """Compare report B (the candidate) with report A (the reference); see docs/evaluation.md.
-
-    Gating metrics, each "worse" when B is below A by strictly more than ``tolerance`` (absolute,
-    0.005 = half a percentage point): overall top-1 and macro-F1; the recall of every class with at
-    least ``min_support`` samples in both reports; the accuracy of every condition with that many
-    samples; every corruption x severity accuracy and the mCA when both reports have them. ECE,
-    top-5 and NLL are reported but do not gate. Reports of different data are refused unless
-    ``require_same_data`` is False.
-    """
-    if tolerance < 0:
-        raise ValueError(f"tolerance: must be >= 0, got {tolerance}")
-    ma, mb = load_metrics(a), load_metrics(b)
-    notes: list[str] = []
-    ida, idb = ma["data"].get("id"), mb["data"].get("id")
-    if ida != idb:
-        msg = f"the reports are of different data (A: {ma['data'].get('spec')}, B: {mb['data'].get('spec')})"
-        if require_same_data:
-            raise CompareError(msg + "; evaluate both models on the same data, or pass require_same_data=False")
-        notes.append(msg)
-    diffs: list[Difference] = []
-
-    def add(metric: str, va: Any, vb: Any, support: int, *, higher: bool = True, gates: bool = True) -> None:
-        diffs.append(Difference(metric, va, vb, support, higher, gates and support >= max(1, min_support), tolerance))
-
-    oa, ob = ma["overall"], mb["overall"]
-    n = min(oa["count"], ob["count"])
-    add("top1", oa["top1"], ob["top1"], n)
-    add("macro_f1", oa["macro_f1"], ob["macro_f1"], n)
-    add("top5", oa["top5"], ob["top5"], n, gates=False)
-    add("ece", oa["ece"], ob["ece"], n, higher=False, gates=False)
-    ra, rb = ma.get("robustness"), mb.get("robustness")
-    if ra and rb:
-        add("mca", ra["mca"], rb["mca"], n)
-    elif ra or rb:
-        notes.append(f"only {'A' if ra else 'B'} has corruption results: robustness not compared")
-    ca, cb = {c["key"]: c for c in ma["classes"]}, {c["key"]: c for c in mb["classes"]}
-    for key in [k for k in ca if k in cb]:
-        add(f"class:{key}", ca[key]["recall"], cb[key]["recall"], min(ca[key]["support"], cb[key]["support"]))
-    only = sorted(set(ca) ^ set(cb))
-    if only:
-        notes.append(f"{len(only)} class(es) in one report only, not compared: {', '.join(only[:8])}"
-                     + (", ..." if len(only) > 8 else ""))
-    ga, gb = ma.get("conditions", {}), mb.get("conditions", {})
-    for name in [k for k in ga if k in gb]:
-        add(f"condition:{name}", ga[name]["accuracy"], gb[name]["accuracy"], min(ga[name]["count"], gb[name]["count"]))
-    if ra and rb:
-        res_a = {(r["corruption"], r["severity"]): r for r in ra["results"]}
-        for r in rb["results"]:
-            key = (r["corruption"], r["severity"])
-            if key in res_a:
-                add(f"corruption:{key[0]}@{key[1]}", res_a[key]["accuracy"], r["accuracy"],
-                    min(res_a[key]["count"], r["count"]))
-        if ra.get("seed") != rb.get("seed"):
-            notes.append(f"corruption seeds differ (A: {ra.get('seed')}, B: {rb.get('seed')}): the corrupted "
-                         "images are not the same")
-    return Comparison(_report_name(a, ma), _report_name(b, mb), tolerance, min_support, tuple(diffs), tuple(notes))
-
-
-def _report_name(src: Mapping[str, Any] | str, m: Mapping[str, Any]) -> str:
-    model = m.get("model", {})
-    sha = (model.get("sha256") or "")[:12]
-    where = src if isinstance(src, str) else "metrics"
-    return f"{where} (model {model.get('url', '?')}, sha256 {sha or '?'}, data {m['data'].get('spec')})"

@@ -1,0 +1,207 @@
+"""``signscale compare A B``: two evaluation reports side by side, metric by metric and slice by slice,
+with the differences that exceed a tolerance called out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from signscale import storage
+from signscale.evaluation.metrics import EVAL_FORMAT, EVAL_VERSION, NOT_PERCENT
+
+
+class CompareError(ValueError):
+    """Two reports that cannot be compared (different data, not signscale reports)."""
+
+
+def load_metrics(src: Mapping[str, Any] | str) -> dict[str, Any]:
+    """A metrics dict from itself, a ``metrics.json`` URL or a report folder holding one."""
+    if isinstance(src, Mapping):
+        metrics = dict(src)
+        where = "metrics"
+    else:
+        where = src if src.endswith(".json") else storage.join(src, "metrics.json")
+        if not storage.exists(where):
+            raise CompareError(f"{where}: no such file; give a report folder written by `signscale evaluate --out` "
+                               "or its metrics.json")
+        metrics = storage.read_json(where)
+    if metrics.get("format") != EVAL_FORMAT:
+        raise CompareError(f"{where}: not a signscale evaluation report (format {metrics.get('format')!r})")
+    if metrics.get("version") != EVAL_VERSION:
+        raise CompareError(f"{where}: report version {metrics.get('version')!r} is not supported "
+                           f"(this signscale reads {EVAL_VERSION}); re-run the evaluation")
+    return metrics
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One metric in both reports. ``gates``: whether it can make B 'worse'."""
+
+    metric: str  # e.g. top1, macro_f1, ece, class:stop, condition:snow, corruption:fog@3, mca
+    a: float | None
+    b: float | None
+    support: int  # samples behind the smaller of the two values (0: unknown or none)
+    higher_is_better: bool
+    gates: bool
+    tolerance: float
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.a is None or self.b is None else self.b - self.a
+
+    def _beyond(self, sign: int) -> bool:
+        """True when B moved in direction ``sign`` (+1: better) by strictly more than the tolerance."""
+        d = self.delta
+        if d is None:
+            return False
+        gain = d if self.higher_is_better else -d
+        # 1e-12 absorbs float noise, so "exactly the tolerance" is never a regression
+        return sign * gain > self.tolerance + 1e-12
+
+    @property
+    def worse(self) -> bool:
+        return self.gates and self._beyond(-1)
+
+    @property
+    def better(self) -> bool:
+        return self._beyond(+1)
+
+    @property
+    def regressed(self) -> bool:
+        """Worse beyond tolerance, whether or not this metric gates (ECE never gates)."""
+        return self._beyond(-1)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every metric of report B against report A; ``worse`` is the promotion gate's verdict."""
+
+    a_name: str
+    b_name: str
+    tolerance: float
+    min_support: int
+    differences: tuple[Difference, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def worse(self) -> bool:
+        """B is worse than A by more than the tolerance on a gating metric (docs/evaluation.md)."""
+        return any(d.worse for d in self.differences)
+
+    @property
+    def regressions(self) -> list[Difference]:
+        return [d for d in self.differences if d.worse]
+
+    def lines(self, *, verbose: bool = False) -> list[str]:
+        """A table for the terminal: the overall metrics, then every per-group metric that moved beyond
+        the tolerance (all of them with ``verbose``), then the verdict."""
+        out = [f"A: {self.a_name}", f"B: {self.b_name}",
+               f"{'metric':<44} {'A':>9} {'B':>9} {'B-A':>9} {'n':>7}"]
+        hidden = 0
+        for d in self.differences:
+            overall = ":" not in d.metric
+            if not (verbose or overall or d.regressed or d.better):
+                hidden += 1
+                continue
+            flag = "WORSE" if d.worse else ("worse (not gating)" if d.regressed else ("better" if d.better else ""))
+            out.append(f"{d.metric:<44} {_cell(d.a, d.metric)} {_cell(d.b, d.metric)} {_delta(d.delta, d.metric)} "
+                       f"{d.support or '':>7}  {flag}".rstrip())
+        if hidden:
+            out.append(f"({hidden} per-class/condition/corruption metrics within +-{self.tolerance:g}; --verbose "
+                       "lists them)")
+        out += [f"note: {n}" for n in self.notes]
+        out.append(self.summary())
+        return out
+
+    def summary(self) -> str:
+        regs = self.regressions
+        if regs:
+            names = ", ".join(d.metric for d in regs[:6]) + (", ..." if len(regs) > 6 else "")
+            return f"WORSE: B is below A by more than {self.tolerance:g} on {len(regs)} metric(s): {names}"
+        return f"OK: B is not worse than A beyond {self.tolerance:g} on any gating metric"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a_name, "b": self.b_name, "tolerance": self.tolerance, "min_support": self.min_support,
+                "worse": self.worse, "notes": list(self.notes),
+                "differences": [{"metric": d.metric, "a": d.a, "b": d.b, "delta": d.delta, "support": d.support,
+                                 "gates": d.gates, "worse": d.worse, "better": d.better} for d in self.differences]}
+
+
+def _cell(x: float | None, metric: str) -> str:
+    if x is None:
+        return f"{'-':>9}"
+    return f"{x:>9.4f}" if metric in NOT_PERCENT else f"{100 * x:>8.2f}%"
+
+
+def _delta(x: float | None, metric: str) -> str:
+    if x is None:
+        return f"{'-':>9}"
+    return f"{x:>+9.4f}" if metric in NOT_PERCENT else f"{100 * x:>+8.2f}%"
+
+
+def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance: float = 0.005,
+            min_support: int = 1, require_same_data: bool = True) -> Comparison:
+    """Compare report B (the candidate) with report A (the reference); see docs/evaluation.md.
+
+    Gating metrics, each "worse" when B is below A by strictly more than ``tolerance`` (absolute,
+    0.005 = half a percentage point): overall top-1 and macro-F1; the recall of every class with at
+    least ``min_support`` samples in both reports; the accuracy of every condition with that many
+    samples; every corruption x severity accuracy and the mCA when both reports have them. ECE,
+    top-5 and NLL are reported but do not gate. Reports of different data are refused unless
+    ``require_same_data`` is False.
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance: must be >= 0, got {tolerance}")
+    ma, mb = load_metrics(a), load_metrics(b)
+    notes: list[str] = []
+    ida, idb = ma["data"].get("id"), mb["data"].get("id")
+    if ida != idb:
+        msg = f"the reports are of different data (A: {ma['data'].get('spec')}, B: {mb['data'].get('spec')})"
+        if require_same_data:
+            raise CompareError(msg + "; evaluate both models on the same data, or pass require_same_data=False")
+        notes.append(msg)
+    diffs: list[Difference] = []
+
+    def add(metric: str, va: Any, vb: Any, support: int, *, higher: bool = True, gates: bool = True) -> None:
+        diffs.append(Difference(metric, va, vb, support, higher, gates and support >= max(1, min_support), tolerance))
+
+    oa, ob = ma["overall"], mb["overall"]
+    n = min(oa["count"], ob["count"])
+    add("top1", oa["top1"], ob["top1"], n)
+    add("macro_f1", oa["macro_f1"], ob["macro_f1"], n)
+    add("top5", oa["top5"], ob["top5"], n, gates=False)
+    add("ece", oa["ece"], ob["ece"], n, higher=False, gates=False)
+    ra, rb = ma.get("robustness"), mb.get("robustness")
+    if ra and rb:
+        add("mca", ra["mca"], rb["mca"], n)
+    elif ra or rb:
+        notes.append(f"only {'A' if ra else 'B'} has corruption results: robustness not compared")
+    ca, cb = {c["key"]: c for c in ma["classes"]}, {c["key"]: c for c in mb["classes"]}
+    for key in [k for k in ca if k in cb]:
+        add(f"class:{key}", ca[key]["recall"], cb[key]["recall"], min(ca[key]["support"], cb[key]["support"]))
+    only = sorted(set(ca) ^ set(cb))
+    if only:
+        notes.append(f"{len(only)} class(es) in one report only, not compared: {', '.join(only[:8])}"
+                     + (", ..." if len(only) > 8 else ""))
+    ga, gb = ma.get("conditions", {}), mb.get("conditions", {})
+    for name in [k for k in ga if k in gb]:
+        add(f"condition:{name}", ga[name]["accuracy"], gb[name]["accuracy"], min(ga[name]["count"], gb[name]["count"]))
+    if ra and rb:
+        res_a = {(r["corruption"], r["severity"]): r for r in ra["results"]}
+        for r in rb["results"]:
+            key = (r["corruption"], r["severity"])
+            if key in res_a:
+                add(f"corruption:{key[0]}@{key[1]}", res_a[key]["accuracy"], r["accuracy"],
+                    min(res_a[key]["count"], r["count"]))
+        if ra.get("seed") != rb.get("seed"):
+            notes.append(f"corruption seeds differ (A: {ra.get('seed')}, B: {rb.get('seed')}): the corrupted "
+                         "images are not the same")
+    return Comparison(_report_name(a, ma), _report_name(b, mb), tolerance, min_support, tuple(diffs), tuple(notes))
+
+
+def _report_name(src: Mapping[str, Any] | str, m: Mapping[str, Any]) -> str:
+    model = m.get("model", {})
+    sha = (model.get("sha256") or "")[:12]
+    where = src if isinstance(src, str) else "metrics"
+    return f"{where} (model {model.get('url', '?')}, sha256 {sha or '?'}, data {m['data'].get('spec')})"

@@ -15,7 +15,8 @@ pytest.importorskip("swagger_ui_bundle", reason="needs swagger-ui-bundle (the se
 from devtools import devtools_page, find_browser
 from test_predict import make_model
 
-from signscale.serving.serve import ServeConfig, running
+from signscale.serving.serve import ServeConfig
+from signscale.serving.service import running
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,8 @@ def test_serve_min_confidence_config_and_query(model: str) -> None:
     import httpx
 
     from signscale.data.sources.pictograms import render_clean
-    from signscale.serving.serve import ServeConfig, running
+    from signscale.serving.serve import ServeConfig
+    from signscale.serving.service import running
 
     png = images.encode_png(render_clean(14, 40))
     with running(ServeConfig(model=model, port=0, min_confidence=0.99, reload_interval_s=0)) as svc:

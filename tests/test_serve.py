@@ -32,8 +32,11 @@ from signscale import images
 from signscale.data.sources.pictograms import render_clean
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
+from signscale.serving.batcher import Batcher
+from signscale.serving.http_errors import ApiError
 from signscale.serving.predict import Predictor, resolve_model
-from signscale.serving.serve import ApiError, Batcher, ServeConfig, running
+from signscale.serving.serve import ServeConfig
+from signscale.serving.service import running
 from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 

@@ -162,7 +162,7 @@ def _server_main(row: str, model_url: str, cfg: BenchServeConfig, sock: socket.s
 
 class _Server:
     def __init__(self, row: str, model_url: str, cfg: BenchServeConfig) -> None:
-        from signscale.serving.serve import bind
+        from signscale.serving.service import bind
 
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]

@@ -73,7 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from signscale import config
-    from signscale.serving.serve import ServeConfig, serve
+    from signscale.serving.serve import ServeConfig
+    from signscale.serving.service import serve
 
     cfg = config.load(ServeConfig, args.config, config_args(args), base={"model": args.model})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

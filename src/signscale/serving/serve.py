@@ -40,35 +40,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal
 
 import numpy as np
 
-from signscale import config, images, storage
+from signscale import config, images
 
 try:  # the serve extra; without it create_app() says which extra to install
     from starlette.requests import Request
 except ImportError:  # pragma: no cover
     Request = Any  # type: ignore[misc,assignment]
+from signscale.serving.batcher import Batcher
+from signscale.serving.decode import INLINE_DECODE_BYTES, INLINE_DECODE_PIXELS, Limits, check_pixels, decode_all
+from signscale.serving.http_errors import ApiError
 from signscale.serving.predict import DEFAULT_MAX_PIXELS, PredictConfig, Predictor, check_min_confidence, resolve_model
+from signscale.serving.reload import ModelSlot, ModelSource, _Poller
 
-__all__ = ["ApiError", "Batcher", "ModelSlot", "Refusal", "ServeConfig", "ServeError", "Service", "bind", "create_app",
-           "folder_stamp", "running", "serve"]
+__all__ = ["ServeConfig", "ServeError", "create_app", "require_serve_extra"]
 
 log = logging.getLogger("signscale.serving.serve")
 
-ModelSource = Callable[[], tuple[str, str]]  # () -> (version, model URL)
 KNOWN_PATHS = ("/", "/v1/classify", "/v1/detect", "/v1/model", "/healthz", "/readyz", "/metrics")
 RAW_TYPES = ("application/octet-stream",)
 
@@ -151,293 +148,12 @@ class ServeConfig:
         return self.max_batch if self.batching else 1
 
 
-class ApiError(Exception):
-    """A request the service refuses: becomes ``{"error": {"status", "reason", "message"}}``."""
-
-    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.headers = status, reason, message, headers or {}
-
-
-class Overloaded(ApiError):
-    def __init__(self, reason: str, message: str, retry_after_s: int) -> None:
-        super().__init__(503, reason, message, {"Retry-After": str(retry_after_s)})
-
-
-# Image failures -> (status, what the client should do)
-_IMAGE_STATUS = {"too_many_pixels": 413, "bad_size": 400, "empty": 400}
-
-
 # ---------------------------------------------------------------------------------------------
 # The serving model and its hot reload
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A model version that failed to load or warm up, and the state of its folder when it did."""
-
-    version: str
-    url: str
-    reason: str
-    since: float  # wall-clock time of its first refusal
-    last_tried: float
-    attempts: int
-    stamp: str | None  # the folder's listing (names, sizes, times) before the failed load; None: unknown
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "url": self.url, "reason": self.reason, "since": _iso(self.since),
-                "last_tried": _iso(self.last_tried), "attempts": self.attempts}
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
-def folder_stamp(url: str) -> str:
-    """What a model folder holds, cheaply: each entry's name, size and modification time (or ETag).
-
-    A refused version is tried again only when this changes: a folder written non-atomically (its
-    model.json before its weights) is refused mid-write and served once the write completes, while a
-    truly broken version is not reloaded at every poll.
-    """
-    fs, path = storage.filesystem(url)
-    fs.invalidate_cache(path)  # object-store listings are cached by fsspec; a stale one would hide the change
-    entries = fs.ls(path, detail=True)
-    keys = ("size", "mtime", "ino", "LastModified", "ETag", "etag", "md5Hash", "updated", "last_modified")
-    return json.dumps(sorted([str(e.get("name")), *(str(e.get(k)) for k in keys if k in e)] for e in entries))
-
-
-class ModelSlot:
-    """Holds the serving :class:`Predictor`; :meth:`poll` loads a new version beside it and swaps.
-
-    Generic over the *source* (a callable returning ``(version, url)``), so a registry alias, a
-    pointer file or a test can drive it. The swap is one attribute assignment (atomic in Python);
-    readers take ``slot.current`` once per batch and keep that reference. A version that fails to
-    load is remembered with its folder's ``stamp`` and tried again only when that changes.
-    """
-
-    def __init__(self, source: ModelSource, load: Callable[[str, str], Predictor], *,
-                 on_event: Callable[[str, str, str], None] | None = None,
-                 stamp: Callable[[str], str] = folder_stamp) -> None:
-        self._source = source
-        self._load = load
-        self._stamp = stamp
-        self._on_event = on_event or (lambda result, version, detail: None)
-        self._lock = threading.Lock()  # one reload at a time
-        self._refused: dict[str, Refusal] = {}  # version -> why it does not serve
-        self.current: Predictor | None = None
-
-    def start(self) -> Predictor:
-        """Load the first model; unlike a reload, a failure here stops the service from starting."""
-        version, url = self._source()
-        self.current = self._prepare(url, version)
-        self._on_event("loaded", version, url)
-        return self.current
-
-    def _prepare(self, url: str, version: str) -> Predictor:
-        predictor = self._load(url, version)
-        predictor.warmup()
-        return predictor
-
-    def poll(self) -> str:
-        """Check the source once: ``unchanged``, ``swapped``, ``refused`` (load/warm-up failed) or ``error``."""
-        with self._lock:
-            try:
-                version, url = self._source()
-            except Exception as exc:  # noqa: BLE001 - a flaky registry must not stop the service
-                self._on_event("source_error", "", f"{type(exc).__name__}: {exc}")
-                return "error"
-            current = self.current
-            if current is not None and version == current.version:
-                return "unchanged"
-            stamp = self._stamp_of(url)  # before the load: a write during it shows at the next poll
-            before = self._refused.get(version)
-            if before is not None and before.url == url and stamp is not None and before.stamp == stamp:
-                return "unchanged"
-            try:
-                fresh = self._prepare(url, version)
-            except Exception as exc:  # noqa: BLE001 - whatever broke, the old model keeps serving
-                why = f"{type(exc).__name__}: {exc}"
-                if not isinstance(exc, OSError):  # transient reads are retried at the next poll
-                    now = time.time()
-                    self._refused[version] = Refusal(version, url, why, before.since if before else now, now,
-                                                     (before.attempts if before else 0) + 1, stamp)
-                self._on_event("refused", version, why)
-                return "refused"
-            self._refused.pop(version, None)
-            self.current = fresh
-            self._on_event("swapped", version, url)
-            return "swapped"
-
-    def _stamp_of(self, url: str) -> str | None:
-        try:
-            return self._stamp(url)
-        except Exception as exc:  # noqa: BLE001 - unknown: a refused version is then tried at every poll
-            log.debug("cannot list %s (%s): a refusal there is retried at every poll", url, exc)
-            return None
-
-    def refused(self) -> dict[str, str]:
-        """version -> why it was refused (its latest attempt)."""
-        return {v: r.reason for v, r in self._refused.items()}
-
-    def refusals(self) -> list[Refusal]:
-        return sorted(self._refused.values(), key=lambda r: r.since)
-
-
-class _Poller:
-    """A daemon thread calling ``slot.poll()`` every ``interval`` seconds until stopped."""
-
-    def __init__(self, slot: ModelSlot, interval: float) -> None:
-        self._slot, self._interval = slot, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="signscale-model-poller", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._slot.poll()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # ---------------------------------------------------------------------------------------------
 # Dynamic batching
-
-
-@dataclass
-class _Item:
-    arrays: list[np.ndarray]
-    predictor: Predictor
-    future: asyncio.Future = field(repr=False)
-
-
-class Batcher:
-    """Groups images of concurrent requests into forward passes of up to ``max_batch`` images.
-
-    Runs in the event loop; the forward pass runs on one dedicated thread (the network is the
-    bottleneck, and two passes at once on a small CPU only contend for its cores).
-    """
-
-    def __init__(self, *, max_batch: int, max_wait_s: float, max_queue: int, retry_after_s: int,
-                 observe: Callable[[int], None] | None = None) -> None:
-        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
-        self.retry_after_s = retry_after_s
-        self._observe = observe or (lambda n: None)
-        self._items: deque[_Item] = deque()
-        self.queued = 0  # images waiting
-        self.incoming = 0  # requests decoding, about to submit
-        self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="signscale-runner")
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._pool.shutdown(wait=True)
-
-    def enqueue(self, arrays: list[np.ndarray], predictor: Predictor) -> asyncio.Future:
-        """Queue ``arrays`` (prepared by ``predictor``, and to be run by it); 503 when the queue is full."""
-        if self.queued + len(arrays) > self.max_queue:
-            raise Overloaded("queue_full", f"{self.queued} images are waiting for the model (limit "
-                             f"{self.max_queue}); retry after {self.retry_after_s}s", self.retry_after_s)
-        item = _Item(arrays, predictor, asyncio.get_running_loop().create_future())
-        self._items.append(item)
-        self.queued += len(arrays)
-        self._wake.set()
-        return item.future
-
-    async def result(self, future: asyncio.Future, timeout_s: float, request_timeout_s: float | None = None) \
-            -> np.ndarray:
-        """The probabilities for a queued request; 503 when the model does not get to it in time.
-
-        ``timeout_s`` is what is left of the request's time (``request_timeout_s``, said in the error).
-        """
-        try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            raise Overloaded("timeout", f"no answer within {request_timeout_s or timeout_s:g}s (the service is "
-                             f"overloaded); retry after {self.retry_after_s}s", self.retry_after_s) from None
-
-    async def submit(self, arrays: list[np.ndarray], predictor: Predictor, timeout_s: float) -> np.ndarray:
-        return await self.result(self.enqueue(arrays, predictor), timeout_s)
-
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._items:
-                self._wake.clear()
-                await self._wake.wait()
-            batch = await self._collect(loop)
-            if not batch:
-                continue
-            predictor = batch[0].predictor
-            x = np.stack([a for it in batch for a in it.arrays])
-            self._observe(len(x))
-            try:
-                probs = await loop.run_in_executor(self._pool, predictor.probabilities, x)
-            except Exception as exc:  # noqa: BLE001 - delivered to each waiting request (a 500: a bug)
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(exc)
-                continue
-            start = 0
-            for it in batch:
-                n = len(it.arrays)
-                if not it.future.done():
-                    it.future.set_result(probs[start:start + n])
-                start += n
-
-    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
-        """Up to ``max_batch`` images of one predictor.
-
-        Waits at most ``max_wait_s`` for more, and only while some request is still decoding: with
-        nobody on the way, waiting would only add latency (a lone client pays nothing for batching).
-        """
-        deadline = loop.time() + self.max_wait_s
-        batch: list[_Item] = []
-        n = 0
-        while True:
-            while self._items:
-                head = self._items[0]
-                if head.future.done():  # timed out: skip its work
-                    self._items.popleft()
-                    self.queued -= len(head.arrays)
-                    continue
-                if batch and (head.predictor is not batch[0].predictor or n + len(head.arrays) > self.max_batch):
-                    return batch
-                self._items.popleft()
-                self.queued -= len(head.arrays)
-                batch.append(head)
-                n += len(head.arrays)
-                if n >= self.max_batch:
-                    return batch
-            remaining = deadline - loop.time()
-            if not batch or remaining <= 0 or self.incoming == 0:
-                return batch
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return batch
-
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Marks a request as on its way (decoding), so a forming batch waits for it."""
-        self.incoming += 1
-        try:
-            yield
-        finally:
-            self.incoming -= 1
-            self._wake.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +280,7 @@ class _Observe:
 
 
 @dataclass
-class _State:
+class AppState:
     cfg: ServeConfig
     slot: ModelSlot
     metrics: _Metrics
@@ -574,7 +290,7 @@ class _State:
     startup_error: BaseException | None = None
 
 
-def _fastapi() -> Any:
+def require_serve_extra() -> Any:
     try:
         import fastapi
         import prometheus_client  # noqa: F401
@@ -586,7 +302,7 @@ def _fastapi() -> Any:
 
 def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
     """The ASGI app. ``source`` overrides where versions come from (default: resolve ``cfg.model``)."""
-    fastapi = _fastapi()
+    fastapi = require_serve_extra()
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
@@ -605,7 +321,7 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
 
     load = functools.partial(_load_predictor, pcfg)
     slot = ModelSlot(source or functools.partial(resolve_model, cfg.model), load, on_event=on_event)
-    state = _State(cfg=cfg, slot=slot, metrics=metrics)
+    state = AppState(cfg=cfg, slot=slot, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -677,7 +393,7 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         batcher = state.batcher
         assert batcher is not None
         with batcher.expecting():
-            arrays = await _prepare(predictor.prepare, blobs, _Limits.of(cfg, deadline), metrics)
+            arrays = await _prepare(predictor.prepare, blobs, Limits.of(cfg, deadline), metrics)
             started = time.perf_counter()
             future = batcher.enqueue(arrays, predictor)
         probs = await batcher.result(future, max(0.0, deadline - time.monotonic()), cfg.request_timeout_s)
@@ -697,7 +413,7 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         blobs = await _images_in(request, cfg)
         if len(blobs) != 1:
             raise ApiError(400, "one_scene", f"send exactly one scene image, got {len(blobs)}")
-        limits = _Limits.of(cfg, time.monotonic() + cfg.request_timeout_s)
+        limits = Limits.of(cfg, time.monotonic() + cfg.request_timeout_s)
         scene = (await _prepare(functools.partial(images.decode, max_pixels=cfg.max_pixels), blobs, limits,
                                 metrics))[0]
         boxes = await asyncio.get_running_loop().run_in_executor(None, predictor.detect, [scene])
@@ -775,7 +491,7 @@ def _load_predictor(pcfg: PredictConfig, url: str, version: str) -> Predictor:
     return Predictor.load_url(url, version=version, cfg=pcfg)
 
 
-def _serving(state: _State) -> Predictor:
+def _serving(state: AppState) -> Predictor:
     predictor = state.slot.current
     if predictor is None or state.batcher is None:
         raise ApiError(503, "not_ready", "no model is loaded yet", {"Retry-After": str(state.cfg.retry_after_s)})
@@ -879,98 +595,16 @@ async def _multipart(request: Any, cfg: ServeConfig) -> list[tuple[str | None, b
     return blobs
 
 
-@dataclass(frozen=True)
-class _Limits:
-    """What one request may cost to decode: pixels (from headers), CPU seconds, and its deadline."""
-
-    max_pixels: int  # per image
-    max_request_pixels: int  # all its images together
-    decode_budget_s: float
-    deadline: float  # time.monotonic() by which the request must be answered
-    timeout_s: float  # the configured request timeout (for the message)
-    retry_after_s: int
-
-    @classmethod
-    def of(cls, cfg: ServeConfig, deadline: float) -> _Limits:
-        return cls(cfg.max_pixels, cfg.max_request_pixels, cfg.decode_budget_s, deadline, cfg.request_timeout_s,
-                   cfg.retry_after_s)
-
-
-def _check_pixels(blobs: list[tuple[str | None, bytes]], limits: _Limits) -> int:
-    """Refuse the request from its images' headers alone when all of them together are too many pixels.
-
-    PIL's ``open`` reads only the header, so this costs microseconds per image however large it claims
-    to be; a request of 64 PNGs of 4900x4900 (4.5 MB on the wire) would otherwise cost ~30 CPU-seconds.
-    """
-    total = 0
-    for i, (name, data) in enumerate(blobs):
-        try:
-            w, h = images.open_checked(data, max_pixels=limits.max_pixels).size
-        except images.ImageError as exc:
-            raise _image_error(exc, name, i) from None
-        total += w * h
-    if total > limits.max_request_pixels:
-        raise ApiError(413, "too_many_pixels", f"the {len(blobs)} image(s) of this request have {total} pixels in "
-                       f"all; the limit per request is {limits.max_request_pixels} (max_request_pixels): send "
-                       "fewer or smaller images per request")
-    return total
-
-
-def _decode_all(convert: Callable[[bytes], np.ndarray], blobs: list[tuple[str | None, bytes]], limits: _Limits,
-                metrics: _Metrics, *, checked: bool = False) -> list[np.ndarray]:
-    """Check the pixel budget, then decode image by image within the CPU budget and the request's deadline.
-
-    The budget is this thread's CPU time (not wall time), so a busy machine does not refuse honest
-    requests; it is checked after each image, so a request costs at most the budget plus one image,
-    and that one is bounded by ``max_pixels``.
-    """
-    if not checked:
-        _check_pixels(blobs, limits)
-    out: list[np.ndarray] = []
-    started = time.thread_time()
-    try:
-        for i, (name, data) in enumerate(blobs):
-            if time.monotonic() > limits.deadline:
-                raise Overloaded("timeout", f"no answer within {limits.timeout_s:g}s: image {i} of {len(blobs)} "
-                                 f"was still waiting to be decoded (the service is overloaded); retry after "
-                                 f"{limits.retry_after_s}s", limits.retry_after_s)
-            metrics.decoded.inc()
-            try:
-                out.append(convert(data))
-            except images.ImageError as exc:
-                raise _image_error(exc, name, i) from None
-            used = time.thread_time() - started
-            if used > limits.decode_budget_s:
-                raise ApiError(413, "decode_budget_exceeded", f"decoding image {i} of {len(blobs)} brought this "
-                               f"request to {used:.3f} CPU-seconds, over its budget of {limits.decode_budget_s:g}s "
-                               "(decode_budget_s): send fewer or smaller images, or a format that decodes faster")
-    finally:
-        metrics.decode_cpu.inc(time.thread_time() - started)
-    return out
-
-
-# Requests this small are decoded in the event loop: a sign crop decodes in ~0.1 ms, less than the
-# hand-off to a worker thread and back costs; larger ones go to a thread so the loop keeps serving.
-# Both bounds matter: a 12 KB PNG can claim 25M pixels of one colour (~0.3 CPU-s to decode).
-INLINE_DECODE_BYTES = 32 << 10
-INLINE_DECODE_PIXELS = 1 << 16
-
-
-async def _prepare(convert: Callable[[bytes], np.ndarray], blobs: list[tuple[str | None, bytes]], limits: _Limits,
+async def _prepare(convert: Callable[[bytes], np.ndarray], blobs: list[tuple[str | None, bytes]], limits: Limits,
                    metrics: _Metrics) -> list[np.ndarray]:
     """Decode (and resize, for classify) every image (small ones inline, others in a thread) within the limits."""
     if sum(len(data) for _, data in blobs) <= INLINE_DECODE_BYTES:  # headers of a few KB: read them here
-        if _check_pixels(blobs, limits) <= INLINE_DECODE_PIXELS:
-            return _decode_all(convert, blobs, limits, metrics, checked=True)
-        work = functools.partial(_decode_all, convert, blobs, limits, metrics, checked=True)
+        if check_pixels(blobs, limits) <= INLINE_DECODE_PIXELS:
+            return decode_all(convert, blobs, limits, metrics, checked=True)
+        work = functools.partial(decode_all, convert, blobs, limits, metrics, checked=True)
     else:
-        work = functools.partial(_decode_all, convert, blobs, limits, metrics)
+        work = functools.partial(decode_all, convert, blobs, limits, metrics)
     return await asyncio.get_running_loop().run_in_executor(None, work)
-
-
-def _image_error(exc: images.ImageError, name: str | None, index: int) -> ApiError:
-    which = f"image {index}" + (f" ({name[:80]!r})" if name else "")
-    return ApiError(_IMAGE_STATUS.get(exc.reason, 400), exc.reason, f"{which}: {exc}")
 
 
 def _plain(value: Any) -> Any:
@@ -999,109 +633,3 @@ def _pictogram(key: str) -> bytes | None:
     return images.encode_png(render_clean(label, 64))
 
 
-# ---------------------------------------------------------------------------------------------
-# Running it
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; port 0 picks a free one (read it back with ``sock.getsockname()``)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they
-    # are TCP, and without it every keep-alive response stalls ~40 ms on the client's delayed ACK
-    # (uvicorn writes headers and body separately). Accepted sockets inherit NODELAY on Linux too.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ServeError(f"host/port: cannot listen on {host}:{port} ({exc}); pick another --port") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _uvicorn_server(app: Any, cfg: ServeConfig) -> Any:
-    try:
-        import uvicorn
-    except ImportError:
-        raise ServeError("serving needs uvicorn: pip install 'signscale[serve]'") from None
-    return uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, lifespan="on", access_log=False,
-                                         timeout_graceful_shutdown=5, backlog=2048))
-
-
-@dataclass(frozen=True)
-class Service:
-    """A service started by :func:`running`: its base URL and its model slot (``poll()`` reloads now)."""
-
-    url: str
-    slot: ModelSlot
-
-    def poll(self) -> str:
-        return self.slot.poll()
-
-
-@contextlib.contextmanager
-def running(cfg: ServeConfig, *, source: ModelSource | None = None) -> Iterator[Service]:
-    """Serve in a background thread of this process; yields the :class:`Service` once the model is ready."""
-    sock = bind(cfg.host, cfg.port)
-    app = create_app(cfg, source=source)
-    server = _uvicorn_server(app, cfg)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="signscale-serve", daemon=True)
-    thread.start()
-    state: _State = app.app.state.signscale
-    try:
-        while not state.ready.wait(0.5):  # startup loads and warms the model; a dead thread means it failed
-            if not thread.is_alive():
-                break
-        if state.startup_error is not None or not thread.is_alive():
-            raise ServeError(f"the service did not start: {state.startup_error!r}")
-        host, port = sock.getsockname()[:2]
-        yield Service(url=f"http://{host if ':' not in host else f'[{host}]'}:{port}", slot=state.slot)
-    finally:
-        server.should_exit = True
-        thread.join()
-        sock.close()
-
-
-def serve_socket(cfg: ServeConfig, sock: socket.socket) -> None:
-    """Run the service on an already-bound socket in this process until interrupted."""
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.WARNING))
-    _uvicorn_server(create_app(cfg), cfg).run(sockets=[sock])
-
-
-def serve(cfg: ServeConfig, *, on_listening: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted; ``workers`` > 1 runs that many processes on one shared socket."""
-    _fastapi()
-    resolve_model(cfg.model)  # a wrong path or alias: one clear error now, not a traceback from each worker
-    sock = bind(cfg.host, cfg.port)
-    host, port = sock.getsockname()[:2]
-    if on_listening is not None:
-        on_listening(f"http://{host}:{port}")
-    if cfg.workers == 1:
-        serve_socket(cfg, sock)
-        return
-    import multiprocessing as mp
-    import signal
-
-    ctx = mp.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
-    procs = [ctx.Process(target=serve_socket, args=(cfg, sock), name=f"signscale-serve-{i}")
-             for i in range(cfg.workers)]
-    for p in procs:
-        p.start()
-
-    def stop(signum: int, frame: Any) -> None:  # SIGTERM (a process manager) stops the workers too
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.join()
-    finally:
-        sock.close()

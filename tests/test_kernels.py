@@ -12,7 +12,8 @@ pytest.importorskip("numba", reason="the compiled kernels need numba (a dependen
 from signscale import kernels
 from signscale.data import permutation
 from signscale.labels import LabelSpace
-from signscale.transforms import WEATHER_KINDS, AugmentConfig, BatchAugment, LoaderAugment, Preprocess
+from signscale.training.augment import WEATHER_KINDS, AugmentConfig, BatchAugment, LoaderAugment
+from signscale.transforms import Preprocess
 
 FLIP_MAP = LabelSpace.for_country("de").flip_map()
 STILL = {"rotate": 0.0, "scale": (1.0, 1.0), "translate": 0.0, "perspective": 0.0, "brightness": 0.0,

@@ -13,17 +13,10 @@ import torch.nn.functional as F
 
 from signscale import corruptions
 from signscale.labels import LabelSpace
-from signscale.transforms import (
-    _WEATHER_EFFECTS,
-    WEATHER_KINDS,
-    AugmentConfig,
-    BatchAugment,
-    LoaderAugment,
-    Preprocess,
-    _blur_matrix,
-    _separable,
-    to_input,
-)
+from signscale.training.augment import WEATHER_KINDS, AugmentConfig, BatchAugment, LoaderAugment
+from signscale.training.filters import blur_matrix, separable
+from signscale.training.weather import WEATHER_EFFECTS
+from signscale.transforms import Preprocess, to_input
 
 SPACE = LabelSpace.for_country("de")
 FLIP_MAP = SPACE.flip_map()
@@ -279,15 +272,15 @@ def test_weather_and_blur_follow_the_numpy_corruptions():
     x = torch.from_numpy(np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32))
     nhwc = x.permute(0, 2, 3, 1).numpy()
     rng = np.random.default_rng(0)
-    contrast, table = _WEATHER_EFFECTS["contrast"]
+    contrast, table = WEATHER_EFFECTS["contrast"]
     got = x.clone()
     contrast(got, table[x.device][torch.arange(5)], torch.zeros(5), None, 1.0)  # in place, severities 1..5
     for s in range(1, 6):
         want = corruptions.contrast(nhwc[s - 1:s], s, rng)
         np.testing.assert_allclose(got[s - 1].permute(1, 2, 0).numpy(), want[0], atol=1e-5)
     sigma = 2.0  # corruptions.blur picks its radius per sigma; at the radius used here they coincide
-    bank = _blur_matrix(torch.full((5,), sigma), x.shape[-1], max(1, math.ceil(2.5 * sigma)))  # square images
-    np.testing.assert_allclose(_separable(x, bank, bank).permute(0, 2, 3, 1).numpy(),
+    bank = blur_matrix(torch.full((5,), sigma), x.shape[-1], max(1, math.ceil(2.5 * sigma)))  # square images
+    np.testing.assert_allclose(separable(x, bank, bank).permute(0, 2, 3, 1).numpy(),
                                corruptions.gaussian_blur(nhwc, sigma), atol=1e-5)
 
 

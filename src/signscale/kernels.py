@@ -7,7 +7,7 @@ batch. :func:`augment` does the same work in one pass per image: it reads the 8-
 derives the sampling and colour matrices from the caller's draws, resamples, colours, applies the
 occasional blur, occluder or weather condition, and rounds into the 8-bit output. For a batch of
 256 that is 1.8 ms against 4.6-5.0 ms for the torch ops (the whole loader worker: 61k against
-33k samples per CPU-second, side by side in ``signscale bench io``). :class:`signscale.transforms.BatchAugment`
+33k samples per CPU-second, side by side in ``signscale bench io``). :class:`signscale.training.augment.BatchAugment`
 uses it on the CPU when numba is importable, and keeps its torch path for GPUs and as the
 reference ``tests/test_kernels.py`` holds the kernel to. :func:`permute` is the compiled twin of
 :func:`signscale.data.permutation.permute`.

@@ -18,7 +18,7 @@ in one process tree, with every row measured the same way:
   shards, two ways: *per sample* -- a map-style Dataset applying torchvision v2 random affine, colour
   jitter and the flip rules to one image at a time, collated by the DataLoader (what a torchvision
   recipe does) -- and *per batch* -- the signscale loader slicing records with numpy and running
-  :class:`~signscale.transforms.BatchAugment` on each whole batch inside the workers, which hand
+  :class:`~signscale.training.augment.BatchAugment` on each whole batch inside the workers, which hand
   8-bit pixels to the main process where :func:`~signscale.transforms.to_input` normalises them
   (what ``signscale train`` does on a CPU host). Besides wall-clock rates, these rows print samples
   per CPU-second, of this process and of the workers (once joined), which do not depend on the load.
@@ -182,8 +182,8 @@ def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
 
 
 def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampleAugment) -> list[Row]:
-    from signscale import transforms
     from signscale.data.stream import open_stream
+    from signscale.training import augment
 
     def per_batch(w: int, compiled: bool | None) -> Iterable[dict[str, Any]]:
         loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
@@ -197,8 +197,8 @@ def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampl
         makers = [(AUG_SAMPLE, lambda w=w: dataloader(per_sample, w, batch_size=cfg.batch_size, shuffle=True),
                    "affine + colour jitter + flip rules, one image at a time"),
                   (AUG_BATCH, lambda w=w: per_batch(w, None),
-                   _join(batch_note, "compiled kernel" if transforms.kernels is not None else "torch ops"))]
-        if transforms.kernels is not None:  # the same augmentation without the kernel, measured beside it
+                   _join(batch_note, "compiled kernel" if augment.kernels is not None else "torch ops"))]
+        if augment.kernels is not None:  # the same augmentation without the kernel, measured beside it
             makers.append((AUG_TORCH, lambda w=w: per_batch(w, False), _join(batch_note, "torch ops")))
         for what, make, note in makers:
             cpu0, kids0 = time.process_time(), children_cpu()

@@ -84,7 +84,8 @@ class PerSampleAugment(Dataset):
 
     def __init__(self, url: str, size: int) -> None:
         from signscale.data.manifest import Manifest
-        from signscale.transforms import AugmentConfig, Preprocess
+        from signscale.training.augment import AugmentConfig
+        from signscale.transforms import Preprocess
 
         m = Manifest.load(url)
         self.urls = [m.shard_url(i) for i in range(len(m.shards))]
@@ -130,7 +131,8 @@ class PerSampleAugment(Dataset):
 def loader_augment(size: int, flip_map: np.ndarray, *, compiled: bool | None = None) -> Any:
     """The training augmentation as ``signscale train`` runs it in loader workers on a CPU host
     (``compiled=False``: with the torch ops instead of the compiled kernel)."""
-    from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess
+    from signscale.training.augment import AugmentConfig, BatchAugment, LoaderAugment
+    from signscale.transforms import Preprocess
 
     return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map),
                                       compiled=compiled))

@@ -290,7 +290,7 @@ def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callab
 
     # production: trained on clear weather only
     t0 = time.perf_counter()
-    from signscale.transforms import AugmentConfig
+    from signscale.training.augment import AugmentConfig
 
     # no synthetic weather in the augmentation either: production has never seen snow
     tr = train(TrainConfig(data=(base,), model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size,

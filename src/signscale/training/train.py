@@ -40,7 +40,8 @@ from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
 from signscale.labels import LabelSpace
 from signscale.models import create_model, grow_head, model_config, model_info
 from signscale.training import checkpoint, distributed, precision
-from signscale.transforms import AugmentConfig, BatchAugment, LoaderAugment, Preprocess, to_input
+from signscale.training.augment import AugmentConfig, BatchAugment, LoaderAugment
+from signscale.transforms import Preprocess, to_input
 
 
 class TrainError(RuntimeError):

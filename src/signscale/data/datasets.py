@@ -34,9 +34,8 @@ import numpy as np
 
 from signscale import pointers, storage
 from signscale.data import shards
-from signscale.data.manifest import Manifest
-from signscale.data.sources import CONDITIONS
-from signscale.labels import COUNTRIES, LabelSpace
+from signscale.data.manifest import Manifest, write_dataset_index
+from signscale.labels import LabelSpace
 
 VERSIONS_DIR = "_versions"
 HEAD = "HEAD"
@@ -240,28 +239,10 @@ def write_dataset(out: str, records: np.ndarray, *, label_space: LabelSpace, nam
         hist = np.bincount(part["label"], minlength=len(label_space))[: len(label_space)]
         shard_infos.append({"path": path, "sha256": sha, "bytes": len(data), "count": int(len(part)),
                             "class_histogram": [int(x) for x in hist]})
-    q = quarantine or []
-    storage.write_bytes(storage.join(out, "quarantine.jsonl"), "".join(json.dumps(x) + "\n" for x in q).encode())
-    by_reason: dict[str, int] = {}
-    for x in q:
-        by_reason[x["reason"]] = by_reason.get(x["reason"], 0) + 1
-    shape = list(records.dtype["image"].shape)
-    manifest = {
-        "format": "signscale.dataset", "format_version": shards.MANIFEST_FORMAT, "shard_format": shards.SHARD_FORMAT,
-        "name": name, "version": 1,
-        "created": _now(), "source": source or {"kind": "records"}, "encoding": "raw", "image_shape": shape,
-        "record_dtype": shards.dtype_to_json(records.dtype), "label_space": label_space.to_dict(),
-        "conditions": list(CONDITIONS), "countries": list(COUNTRIES), "sources": [name],
-        "records_per_chunk": records_per_shard, "shards": shard_infos,
-        "totals": {"count": int(len(records)), "shards": len(shard_infos),
-                   "bytes": sum(s["bytes"] for s in shard_infos),
-                   "classes": int(np.count_nonzero(np.bincount(records["label"], minlength=len(label_space))))
-                   if len(records) else 0},
-        "quarantine": {"count": len(q), "by_reason": by_reason, "file": "quarantine.jsonl"},
-        **(extra or {}),
-    }
-    storage.write_json(storage.join(out, Manifest.NAME), manifest)
-    return Manifest.load(out)
+    return write_dataset_index(
+        out, name=name, source=source or {"kind": "records"}, encoding="raw", record_dtype=records.dtype,
+        label_space=label_space, shard_infos=shard_infos, sources=[name], quarantine=quarantine or [],
+        image_shape=list(records.dtype["image"].shape), extra={"records_per_chunk": records_per_shard, **(extra or {})})
 
 
 def read_records(manifest: Manifest) -> np.ndarray:

@@ -5,14 +5,19 @@ shard against it."""
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from signscale import storage
+from signscale.data import shards
 from signscale.data.shards import MANIFEST_FORMAT, SHARD_FORMAT, Encoding, ShardError, ShardReader
-from signscale.labels import LabelSpace
+from signscale.data.sources.base import CONDITIONS
+from signscale.labels import COUNTRIES, LabelSpace
 
 
 @dataclass(frozen=True)
@@ -158,3 +163,31 @@ def _where_corrupt(url: str) -> str:
         return "; every block matches its sum (the change is outside the checked bytes, e.g. header padding)"
     spans = ", ".join(f"{b} (records {lo}..{hi - 1})" for b in bad[:8] for lo, hi in [reader.block_range(b)])
     return f"; corrupt block(s) {spans}{' ...' if len(bad) > 8 else ''} of {reader.sums.blocks if reader.sums else 0}"
+
+
+def write_dataset_index(out: str, *, name: str, source: dict[str, Any], encoding: str, record_dtype: np.dtype,
+                        label_space: LabelSpace, shard_infos: list[dict[str, Any]], sources: list[str],
+                        quarantine: list[dict[str, Any]], image_shape: list[int] | None = None,
+                        extra: dict[str, Any] | None = None, totals: dict[str, Any] | None = None) -> Manifest:
+    """Write a dataset's index once its shards are written: ``quarantine.jsonl``, then ``manifest.json``
+    LAST, so its presence means every shard it names is complete. The one place every writer of a
+    dataset (pack, scene packing, dataset versions) builds the manifest, so all carry the same keys."""
+    lines = "".join(json.dumps(q) + "\n" for q in quarantine)
+    storage.write_bytes(storage.join(out, "quarantine.jsonl"), lines.encode())
+    by_reason = dict(Counter(q["reason"] for q in quarantine))
+    hist = np.sum([s["class_histogram"] for s in shard_infos], axis=0) if shard_infos else np.zeros(0)
+    manifest = {
+        "format": "signscale.dataset", "format_version": MANIFEST_FORMAT, "shard_format": SHARD_FORMAT,
+        "name": name, "version": 1, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source, "encoding": encoding, "image_shape": image_shape,
+        "record_dtype": shards.dtype_to_json(record_dtype), "label_space": label_space.to_dict(),
+        "conditions": list(CONDITIONS), "countries": list(COUNTRIES), "sources": sources,
+        "shards": shard_infos,
+        "totals": {"count": sum(s["count"] for s in shard_infos), "shards": len(shard_infos),
+                   "bytes": sum(s["bytes"] for s in shard_infos), "classes": int(np.count_nonzero(hist)),
+                   **(totals or {})},
+        "quarantine": {"count": len(quarantine), "by_reason": by_reason, "file": "quarantine.jsonl"},
+        **(extra or {}),
+    }
+    storage.write_json(storage.join(out, Manifest.NAME), manifest)
+    return Manifest(out.rstrip("/"), manifest)

@@ -32,7 +32,6 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
@@ -41,7 +40,7 @@ from signscale import config as config_mod
 from signscale import images, storage
 from signscale.data import permutation, shards
 from signscale.data import world as process_group
-from signscale.data.manifest import Manifest
+from signscale.data.manifest import Manifest, write_dataset_index
 from signscale.data.sources import CONDITIONS, Problem, Sample, Source, open_source
 from signscale.labels import COUNTRIES
 
@@ -423,43 +422,21 @@ def _finalize(cfg: PackConfig, out: str, source: Source, sides: list[dict[str, A
     quarantine = [dict(p, source=cfg.source) for s in sides for p in s["problems"]]
     quarantine += [dict(d, source=cfg.source) for d in dups]
     quarantine.sort(key=lambda q: q["index"])
-    qtext = "".join(json.dumps(q) + "\n" for q in quarantine)
-    storage.write_bytes(storage.join(out, "quarantine.jsonl"), qtext.encode())
-    by_reason: dict[str, int] = {}
-    for q in quarantine:
-        by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
     for s in sides:
         if s["shard"]["count"] == 0:  # every record was bad or a duplicate: no shard to keep
             storage.delete(storage.join(out, s["shard"]["path"]))
     shard_infos = [s["shard"] for s in sides if s["shard"]["count"] > 0]
     total = sum(s["count"] for s in shard_infos)
-    manifest = {
-        "format": "signscale.dataset",
-        "format_version": shards.MANIFEST_FORMAT,
-        "shard_format": shards.SHARD_FORMAT,
-        "name": cfg.name or _default_name(cfg.source),
-        "version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source.describe(),
-        "encoding": cfg.encoding,
-        "image_shape": [cfg.size, cfg.size, 3] if cfg.encoding == "raw" else None,
-        "record_dtype": shards.dtype_to_json(shards.record_dtype(cfg.encoding, (cfg.size, cfg.size, 3))),
-        "label_space": source.label_space.to_dict(),
-        "conditions": list(CONDITIONS),
-        "countries": list(COUNTRIES),
-        "sources": [cfg.source],
-        "records_per_chunk": rps,
-        "shards": shard_infos,
-        "totals": {"count": total, "shards": len(shard_infos), "bytes": sum(s["bytes"] for s in shard_infos),
-                   "classes": int(sum(1 for c in np.sum([s["class_histogram"] for s in shard_infos], axis=0) if c))
-                   if shard_infos else 0},
-        "quarantine": {"count": len(quarantine), "by_reason": by_reason, "file": "quarantine.jsonl"},
-        "pack_config": {k: v for k, v in config_mod.to_dict(cfg).items() if k not in ("rank", "world_size")},
-    }
-    storage.write_json(storage.join(out, Manifest.NAME), manifest)
-    m = Manifest.load(out)
-    return PackResult(url=out, count=total, shards=len(shard_infos), bytes=manifest["totals"]["bytes"],
-                      quarantined=len(quarantine), by_reason=by_reason, seconds=time.perf_counter() - started,
+    m = write_dataset_index(
+        out, name=cfg.name or _default_name(cfg.source), source=source.describe(), encoding=cfg.encoding,
+        record_dtype=shards.record_dtype(cfg.encoding, (cfg.size, cfg.size, 3)), label_space=source.label_space,
+        shard_infos=shard_infos, sources=[cfg.source], quarantine=quarantine,
+        image_shape=[cfg.size, cfg.size, 3] if cfg.encoding == "raw" else None,
+        extra={"records_per_chunk": rps,
+               "pack_config": {k: v for k, v in config_mod.to_dict(cfg).items() if k not in ("rank", "world_size")}})
+    q = m.data["quarantine"]
+    return PackResult(url=out, count=total, shards=len(shard_infos), bytes=m.data["totals"]["bytes"],
+                      quarantined=q["count"], by_reason=q["by_reason"], seconds=time.perf_counter() - started,
                       finalized=True, checksum=m.checksum())
 
 

@@ -17,7 +17,6 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from PIL import Image
 
 from signscale import images, storage
 from signscale.data import shards
-from signscale.data.manifest import Manifest
+from signscale.data.manifest import Manifest, write_dataset_index
 from signscale.data.sources.base import CONDITIONS, Problem, Sample, Source, SourceError
 from signscale.data.sources.scenes import SCENE_KINDS, is_scene_spec, open_scene_source
 from signscale.data.stream import ShardStream, StreamConfig
@@ -165,28 +164,13 @@ def pack_scenes(cfg: ScenePackConfig, *, progress: Any = None) -> ScenePackResul
             flush()
             size = 0
     flush()
-    by_reason: dict[str, int] = {}
-    for q in quarantine:
-        by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
-    storage.write_bytes(storage.join(out, "quarantine.jsonl"), "".join(json.dumps(q) + "\n" for q in quarantine)
-                        .encode())
-    from datetime import datetime
-
-    manifest = {
-        "format": "signscale.dataset", "format_version": shards.MANIFEST_FORMAT,
-        "shard_format": shards.SHARD_FORMAT, "name": cfg.name or source.kind, "version": 1,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": source.describe(), "encoding": "encoded", "image_shape": None, "scenes": True,
-        "record_dtype": shards.dtype_to_json(dtype), "label_space": source.label_space.to_dict(),
-        "conditions": list(CONDITIONS), "countries": list(COUNTRIES), "sources": [cfg.source],
-        "shards": infos,
-        "totals": {"count": result.count, "boxes": result.boxes, "shards": len(infos),
-                   "bytes": sum(s["bytes"] for s in infos), "classes": int((hist > 0).sum())},
-        "quarantine": {"count": len(quarantine), "by_reason": by_reason, "file": "quarantine.jsonl"},
-        "pack_config": {k: getattr(cfg, k) for k in ScenePackConfig.__dataclass_fields__},
-    }
-    storage.write_json(storage.join(out, Manifest.NAME), manifest)
-    result.shards, result.bytes = len(infos), manifest["totals"]["bytes"]
+    m = write_dataset_index(
+        out, name=cfg.name or source.kind, source=source.describe(), encoding="encoded", record_dtype=dtype,
+        label_space=source.label_space, shard_infos=infos, sources=[cfg.source], quarantine=quarantine,
+        totals={"count": result.count, "boxes": result.boxes, "classes": int((hist > 0).sum())},
+        extra={"scenes": True, "pack_config": {k: getattr(cfg, k) for k in ScenePackConfig.__dataclass_fields__}})
+    by_reason = m.data["quarantine"]["by_reason"]
+    result.shards, result.bytes = len(infos), m.data["totals"]["bytes"]
     scene_level = {"missing_file", "unreadable_image", "not_an_image", "too_many_pixels", "truncated", "empty",
                    "undecodable", "missing_label_file", "bad_array"}
     result.quarantined = sum(1 for q in quarantine if q["reason"] in scene_level)

@@ -112,13 +112,9 @@ def reference_app(model_url: str) -> Any:
     from PIL import Image
 
     from signscale.labels import LabelSpace
-    from signscale.models import rebuild
     from signscale.training import checkpoint
 
-    state, meta = checkpoint.load_model_artefact(model_url)
-    model = rebuild(meta["model_config"])
-    model.load_state_dict(state)
-    model.eval()
+    model, meta = checkpoint.load_model(model_url)
     keys = LabelSpace.from_dict(meta["label_space"]).keys
     size = meta["preprocess"]["size"]
     mean = torch.tensor(meta["preprocess"]["mean"]).view(3, 1, 1)

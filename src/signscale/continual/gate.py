@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from signscale import config as config_mod
 from signscale.data.sources import CONDITIONS
 from signscale.labels import COUNTRIES
+
+if TYPE_CHECKING:
+    from signscale.serving.predict import Predictor
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -93,42 +96,19 @@ def _rule(cfg: GateConfig, kind: str) -> SliceRule:
 # Scoring
 
 
-def load_model(model_url: str) -> tuple[Any, Any, Any]:
-    """(model in eval mode, label space, preprocess) of a model artefact, checksum-verified."""
-    from signscale import calibration
-    from signscale.labels import LabelSpace
-    from signscale.models import rebuild
-    from signscale.training import checkpoint
-    from signscale.transforms import Preprocess
+def load_model(model_url: str) -> Predictor:
+    """The model as the one :class:`~signscale.serving.predict.Predictor` (torch on the CPU, calibrated
+    when it carries a temperature: the labelling queue and label-noise thresholds read confidences)."""
+    from signscale.serving.predict import PredictConfig, Predictor
 
-    state, meta = checkpoint.load_model_artefact(model_url)
-    model = rebuild(meta["model_config"])
-    model.load_state_dict(state)
-    # calibrated confidences (the labelling queue and label-noise thresholds read them); top-1 is unchanged
-    model = calibration.with_temperature(model.eval(), meta, where=f"{model_url}/model.json")
-    model.eval()
-    return model, LabelSpace.from_dict(meta["label_space"]), Preprocess.from_dict(meta["preprocess"])
+    return Predictor.load(PredictConfig(model=model_url, backend="torch", device="cpu", batch_size=512))
 
 
-def predict(model_url: str, images_nhwc: np.ndarray, *, batch_size: int = 512,
-            loaded: tuple[Any, Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class ids, confidence = max softmax) of a uint8 NxHxWx3 batch, on CPU."""
-    import torch
-
-    from signscale.transforms import to_input
-
-    model, _, pre = loaded or load_model(model_url)
-    preds, confs = [], []
-    with torch.no_grad():
-        for s in range(0, len(images_nhwc), batch_size):
-            x = to_input(torch.from_numpy(np.ascontiguousarray(images_nhwc[s:s + batch_size])), pre)
-            p = model(x).float().softmax(1)
-            c, k = p.max(1)
-            preds.append(k.numpy())
-            confs.append(c.numpy())
-    if not preds:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(preds).astype(np.int64), np.concatenate(confs).astype(np.float32)
+def predict(model_url: str, images_nhwc: np.ndarray, *, loaded: Predictor | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class ids, confidence = max probability) of a uint8 NxHxWx3 batch."""
+    probs = (loaded or load_model(model_url)).probabilities(np.ascontiguousarray(images_nhwc))
+    return probs.argmax(1).astype(np.int64), probs.max(1, initial=0.0).astype(np.float32)
 
 
 def slices(labels: np.ndarray, correct: np.ndarray, conditions: np.ndarray, countries: np.ndarray,
@@ -164,12 +144,12 @@ def paste_sticker(images_nhwc: np.ndarray, *, size: float, position: tuple[float
 
 
 def canary_report(model_url: str, stop_images: np.ndarray, cfg: CanaryConfig, target_id: int,
-                  loaded: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
+                  loaded: Predictor | None = None) -> dict[str, Any]:
     """How often a sticker flips a stop sign the model otherwise gets right (worst sticker variant)."""
     loaded = loaded or load_model(model_url)
     clean, _ = predict(model_url, stop_images, loaded=loaded)
     ok = clean == target_id
-    space = loaded[1]
+    space = loaded.label_space
     worst: dict[str, Any] = {"n": int(ok.sum()), "flipped": 0, "rate": 0.0, "to": None, "variant": None}
     for pos in cfg.positions:
         for col in cfg.colours:
@@ -211,7 +191,7 @@ def report(model_url: str, sets: list[EvalSet], *, canary: CanaryConfig | None =
     """Slice metrics of one model on every set, plus the canary: the ``canary.target`` signs of
     ``canary_set`` (default: of the set named ``golden``) with the sticker pasted on."""
     loaded = load_model(model_url)
-    space = loaded[1]
+    space = loaded.label_space
     keys = list(space.keys)
     out: dict[str, Any] = {"model": model_url, "sets": {}, "wrong_ids": {}}
     for s in sets:

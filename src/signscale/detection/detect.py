@@ -105,14 +105,9 @@ class CropClassifier:
 
     @classmethod
     def load(cls, url: str, *, device: str = "cpu") -> CropClassifier:
-        from signscale.models import rebuild
-        from signscale.training.checkpoint import load_model_artefact
+        from signscale.training.checkpoint import load_model
 
-        sd, meta = load_model_artefact(url)
-        if meta.get("kind") == "signscale.detector":
-            raise ValueError(f"{url} is a detector model; the second stage needs a classifier model folder")
-        model = rebuild(meta["model_config"])
-        model.load_state_dict(sd)
+        model, meta = load_model(url, classifier=True)
         return cls(model, Preprocess.from_dict(meta["preprocess"]), LabelSpace.from_dict(meta["label_space"]), device,
                    trained_on_roi=meta.get("data_crop") == "roi")
 

@@ -247,7 +247,7 @@ def _lr_lambda(cfg: DetTrainConfig, total: int):
 
 def _initial_model(cfg: DetTrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Detector with its backbone from the classifier at ``cfg.backbone`` (or a random msnet)."""
-    from signscale.models import create_model, model_config, rebuild
+    from signscale.models import create_model, model_config
 
     if cfg.init_from:
         model, meta = load_detector(cfg.init_from)
@@ -255,11 +255,10 @@ def _initial_model(cfg: DetTrainConfig) -> tuple[torch.nn.Module, dict[str, Any]
         model.backbone.freeze(cfg.freeze_stages)
         return model, meta["model_config"]
     if cfg.backbone:
-        sd, meta = checkpoint.load_model_artefact(cfg.backbone)
-        if meta.get("kind") == "signscale.detector":
-            raise DetTrainError(f"backbone={cfg.backbone} is a detector; give a classifier model folder")
-        classifier = rebuild(meta["model_config"])
-        classifier.load_state_dict(sd)
+        try:
+            classifier, meta = checkpoint.load_model(cfg.backbone, classifier=True)
+        except checkpoint.CheckpointError as exc:
+            raise DetTrainError(f"backbone={cfg.backbone}: {exc}") from None
         mc, pre = meta["model_config"], meta["preprocess"]
     else:
         classifier = create_model("msnet", 43)

@@ -55,7 +55,6 @@ from signscale.evaluation.metrics import (
 from signscale.evaluation.robustness import pair_groups, with_variants
 from signscale.evaluation.tally import SKIP_EXAMPLES, Tally
 from signscale.labels import COUNTRIES, LabelError, LabelSpace
-from signscale.models import rebuild
 from signscale.training import checkpoint, distributed, precision
 from signscale.transforms import Preprocess, to_input
 
@@ -561,12 +560,10 @@ def _metrics(cfg: EvalConfig, t: Tally, *, model_info: dict[str, Any], data: _Da
 
 def load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
     try:
-        state, meta = checkpoint.load_model_artefact(url)
+        model, meta = checkpoint.load_model(url)
     except FileNotFoundError as exc:
         raise EvalError(f"{url}: cannot read the model artefact ({exc})") from None
-    model = rebuild(meta["model_config"])
-    model.load_state_dict(state)
-    model.to(device).eval()
+    model.to(device)
     space = LabelSpace.from_dict(meta["label_space"])
     pre = Preprocess.from_dict(meta["preprocess"])
     cfg = meta["model_config"]

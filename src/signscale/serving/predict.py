@@ -174,14 +174,10 @@ class ProbabilityModel(torch.nn.Module):
 
 
 def load_torch(url: str, device: torch.device) -> tuple[ProbabilityModel, dict[str, Any]]:
-    from signscale.models import rebuild
-
     try:
-        state, meta = checkpoint.load_model_artefact(url)
+        model, meta = checkpoint.load_model(url)
     except FileNotFoundError as exc:
         raise PredictError(f"{url}: cannot read the model artefact ({exc})") from None
-    model = rebuild(meta["model_config"])
-    model.load_state_dict(state)
     try:  # a calibrated model's logits are divided by its temperature inside the graph (and an ONNX export)
         model = calibration.with_temperature(model.eval(), meta, where=storage.join(url, "model.json"))
     except calibration.CalibrationError as exc:

@@ -251,3 +251,19 @@ def load_model_artefact(url: str) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise CheckpointError(f"{url}/model.pt: sha256 does not match model.json (corrupt or replaced)")
     obj = from_bytes(data, storage.join(url, "model.pt"))
     return obj["state_dict"], meta
+
+
+def load_model(url: str, *, classifier: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(network in eval mode, metadata) of a model artefact, checksum-verified: the one loader that
+    predict, evaluate, the gate, the detector's second stage and the benchmarks build on.
+
+    ``classifier``: refuse a detector's folder (the caller needs a classifier), naming it.
+    """
+    from signscale.models import rebuild
+
+    state, meta = load_model_artefact(url)
+    if classifier and meta.get("kind") == "signscale.detector":
+        raise CheckpointError(f"{url} is a detector model; give a classifier model folder")
+    model = rebuild(meta["model_config"])
+    model.load_state_dict(state)
+    return model.eval(), meta

@@ -45,7 +45,7 @@ from signscale.data.stream import StreamConfig, StreamLoader
 from signscale.detection.detector import build_detector, detector_config, detector_labels, make_config
 from signscale.labels import LabelSpace
 from signscale.progress import progress_bar
-from signscale.training import checkpoint, distributed, precision
+from signscale.training import checkpoint, distributed, loop, precision
 from signscale.transforms import Preprocess
 
 
@@ -324,21 +324,13 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     checksums = [m.checksum() for m in manifests]
     result = DetTrainResult(out=cfg.out, world_size=world, precision=cfg.precision)
     step = 0
-    resume_url = checkpoint.latest_checkpoint(cfg.out) if cfg.resume == "auto" else cfg.resume
+    resume_url = loop.resume_url(cfg.resume, cfg.out)
     if resume_url:
         state = checkpoint.load_checkpoint(resume_url)
         if state.get("manifests") != checksums:
             raise DetTrainError(f"{resume_url} was written for other data ({state.get('manifests')}); resume with the "
                                 "same datasets or start a new run folder")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(json.loads(state["loader"]))
-        checkpoint.set_rng_state(state["rng"])
-        step = int(state["step"])
-        result.losses = [float(x) for x in state["losses"]]
+        step, result.losses = loop.restore(state, model=model, opt=opt, sched=sched, scaler=scaler, loader=loader)
         if main:
             print(f"resumed from {resume_url} at step {step}")
     if main:
@@ -347,12 +339,10 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     log: list[str] = []
 
     def save() -> str:
-        states = distributed.all_gather_object(loader.local_state())
-        st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "scaler": scaler.state_dict() if scaler is not None else {},
-              "loader": json.dumps(loader.state_dict(states, world)), "rng": checkpoint.rng_state(),
-              "losses": torch.tensor(result.losses, dtype=torch.float64), "config": config_mod.to_dict(cfg),
-              "detector": json.dumps(dcfg), "manifests": checksums, "world_size": world}
+        st = {**loop.run_state(model=model, opt=opt, sched=sched, scaler=scaler,
+                               loader_state=loop.loader_state(loader, world), losses=result.losses, cfg=cfg,
+                               manifests=checksums, world=world),
+              "detector": json.dumps(dcfg)}
         url = checkpoint.save_checkpoint(cfg.out, step, st, keep_last=cfg.keep_last) if main else ""
         if main and log:
             storage.write_bytes(storage.join(cfg.out, "metrics.jsonl"), ("\n".join(log) + "\n").encode())
@@ -408,7 +398,7 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save()
                 over_time = cfg.max_minutes > 0 and (time.perf_counter() - started) > cfg.max_minutes * 60
-                if step >= total or _any(over_time, device):
+                if step >= total or loop.any_rank(over_time, device):
                     result.stopped_early = step < total
                     done = True
                     break
@@ -426,9 +416,3 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
                                                 "dataset_checksums": checksums})
     distributed.barrier()
     return result
-
-
-def _any(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank says so (all ranks must stop at the same step)."""
-    t = torch.tensor([int(flag)], device=device)
-    return bool(distributed.all_reduce_sum(t).item())

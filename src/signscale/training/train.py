@@ -39,7 +39,7 @@ from signscale.data.shards import ShardError
 from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
 from signscale.labels import LabelSpace
 from signscale.models import create_model, grow_head, model_config, model_info
-from signscale.training import checkpoint, distributed, precision
+from signscale.training import checkpoint, distributed, loop, precision
 from signscale.training.augment import AugmentConfig, BatchAugment, LoaderAugment
 from signscale.transforms import Preprocess, to_input
 
@@ -370,22 +370,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     step, best = 0, -1.0
     pending: dict[str, Any] | None = None  # a finished epoch whose validation the checkpoint did not cover
     metrics_lines: int | None = None
-    resume_url = _resume_url(cfg)
+    resume_url = loop.resume_url(cfg.resume, cfg.out)
     if resume_url:
         state = checkpoint.load_checkpoint(resume_url)
         _check_resume(state, cfg, space, manifest_checksums, resume_url)
-        model.load_state_dict(state["model"])
+        step, result.losses = loop.restore(state, model=model, opt=opt, sched=sched, scaler=scaler, loader=loader)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(json.loads(state["loader"]))
-        checkpoint.set_rng_state(state["rng"])
-        step, best = int(state["step"]), float(state["best"])
+        best = float(state["best"])
         result.curve = json.loads(state["curve"])
-        result.losses = [float(x) for x in state["losses"]]
         if state.get("val_pending"):
             pending = {**json.loads(state["val_pending"]), "loader": json.loads(state["loader"])}
         metrics_lines = int(state["metrics_lines"]) if "metrics_lines" in state else None
@@ -403,26 +396,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     samples_seen = 0
     t_loop = time.perf_counter()
 
-    def loader_state() -> dict[str, Any]:
-        return loader.state_dict(distributed.all_gather_object(loader.local_state()), world)
-
     def save(ls: dict[str, Any], best_flag: bool = False, val_pending: dict[str, Any] | None = None) -> str:
         """Checkpoint at ``step`` with loader state ``ls``; the metrics lines it covers are flushed first."""
         st = {
-            "model": model.state_dict(),
+            **loop.run_state(model=model, opt=opt, sched=sched, scaler=scaler, loader_state=ls, losses=result.losses,
+                             cfg=cfg, manifests=manifest_checksums, world=world),
             "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "loader": json.dumps(ls),
-            "rng": checkpoint.rng_state(),
             "best": best,
             "curve": json.dumps(result.curve),
-            "losses": torch.tensor(result.losses, dtype=torch.float64),
-            "config": config_mod.to_dict(cfg),
             "label_space": json.dumps(space.to_dict()),
-            "manifests": manifest_checksums,
-            "world_size": world,
             # a kill after this save finds the epoch's validation still owed, and the file's first lines
             "val_pending": json.dumps(val_pending) if val_pending else "",
             "metrics_lines": len(logger.lines),
@@ -434,7 +416,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
 
     def save_in_epoch(epoch: int) -> str:
         """A checkpoint between steps; after an epoch's (or the run's) last step it owes that validation."""
-        ls = loader_state()
+        ls = loop.loader_state(loader, world)
         owed = ls["epoch"] > epoch or bool(cfg.max_steps and step >= total_steps)
         return save(ls, val_pending={"epoch": epoch} if owed else None)
 
@@ -513,7 +495,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                                 "grad_norm": res.grad_norm, "skipped": res.skipped,
                                 "samples_per_s": samples_seen / (time.perf_counter() - t_loop),
                                 "data_wait_frac": result.data_wait_s / (time.perf_counter() - t_loop)})
-                if _any_rank(preempt.requested, device):
+                if loop.any_rank(preempt.requested, device):
                     last_ckpt = save_in_epoch(epoch)
                     result.preempted = True
                     done = True
@@ -528,7 +510,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             finished_epoch = loader.stream.epoch > epoch
             done = done or step >= total_steps or loader.stream.epoch >= cfg.epochs
             if finished_epoch or done:
-                last_ckpt = validate_and_save(epoch, loader_state())
+                last_ckpt = validate_and_save(epoch, loop.loader_state(loader, world))
             if micro == 0:
                 raise TrainError(f"the training data yields no batch: {cfg.data} holds fewer samples than "
                                  f"{world} process(es) x batch size {cfg.batch_size}")
@@ -630,13 +612,6 @@ def _grown(init: tuple[dict[str, torch.Tensor], dict[str, Any], LabelSpace], spa
     return grow_head(meta["model_config"], state, rows)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any: a signal may reach one rank only."""
-    if not distributed.is_initialized():
-        return flag
-    return bool(distributed.all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
-
-
 def _run_validation(val_loader: StreamLoader | None, model: torch.nn.Module, pre: Preprocess,
                     device: torch.device, cfg: TrainConfig) -> float:
     if val_loader is None:
@@ -674,14 +649,6 @@ def _epochs_done(loader_state: dict[str, Any]) -> float:
         return float(loader_state["epoch"])
     left = sum(b - a for a, b in loader_state["remaining"])
     return loader_state["epoch"] + 1 - left / max(1, loader_state["total"])
-
-
-def _resume_url(cfg: TrainConfig) -> str:
-    if not cfg.resume:
-        return ""
-    if cfg.resume == "auto":
-        return checkpoint.latest_checkpoint(cfg.out) or ""
-    return cfg.resume
 
 
 def _check_resume(state: dict[str, Any], cfg: TrainConfig, space: Any, checksums: list[str], url: str) -> None:

@@ -64,6 +64,15 @@ class Stage(nn.Sequential):
         super().__init__(*blocks)
 
 
+def stage_maps(stages: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Run ``x`` through the stages in turn and keep every stage's output map, finest first."""
+    maps = []
+    for stage in stages:
+        x = stage(x)
+        maps.append(x)
+    return maps
+
+
 def _check_common(num_classes: int, widths: Sequence[int], dropout: float) -> None:
     """Fail at construction, naming the argument, instead of with a shape error in the first forward."""
     if num_classes < 1:
@@ -95,11 +104,7 @@ class SmallCNN(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output map of every stage, finest first."""
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
+        return stage_maps(self.stages, x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.feature_maps(x)[-1]), 1)
@@ -223,11 +228,7 @@ class MultiScaleNet(nn.Module):
         """The output map of every stage, finest first (what a detector's neck would consume)."""
         if self.stn is not None:
             x = self.stn(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
+        return stage_maps(self.stages, x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         branches = [torch.flatten(self.branch_pool(m), 1) for m in self.feature_maps(x)]
@@ -262,12 +263,7 @@ class ResNet18Small(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output map of each of the four residual stages, finest first."""
         b = self.backbone
-        x = b.relu(b.bn1(b.conv1(x)))
-        maps = []
-        for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
-            x = layer(x)
-            maps.append(x)
-        return maps
+        return stage_maps((b.layer1, b.layer2, b.layer3, b.layer4), b.relu(b.bn1(b.conv1(x))))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.backbone.avgpool(self.feature_maps(x)[-1]), 1)

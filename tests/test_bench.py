@@ -14,6 +14,9 @@ from signscale.bench.io import BenchIOConfig, bench_io
 from signscale.bench.report import ratios, summary
 from signscale.config import ConfigError
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.bench.readers",)
+
 
 def test_bench_io_smoke(tmp_path):
     out = io.StringIO()

@@ -9,6 +9,9 @@ import pytest
 
 import signscale
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.cli.core", "signscale.data.show", "signscale.reports")
+
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 

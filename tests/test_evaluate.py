@@ -36,6 +36,9 @@ from signscale.models import create_model, model_config
 from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.evaluation.tally",)
+
 SCRIPT = str(Path(__file__).parent / "scripts" / "eval_worker.py")
 SYNTHETIC = "synthetic:?n=120&size=16"
 ODD = "synthetic:?n=75&size=16&seed=3"  # odd, so 2 ranks need one pad row

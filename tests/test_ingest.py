@@ -18,6 +18,9 @@ from signscale.data import datasets
 from signscale.data.manifest import Manifest
 from signscale.data.sources import open_source
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.continual.dedup",)
+
 
 def _copy(base: str, tmp_path, name: str = "ds") -> str:
     dst = str(tmp_path / name)

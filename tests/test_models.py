@@ -10,6 +10,9 @@ from torch import nn
 
 from signscale.models import MODELS, create_model, model_config, model_info, rebuild
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.models.cnn",)
+
 NAMES = sorted(MODELS)
 
 

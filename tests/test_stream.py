@@ -14,6 +14,9 @@ from signscale.data.plan import plan_epoch, subtract
 from signscale.data.reader import ShardCache
 from signscale.data.stream import ShardStream, StreamConfig, open_stream
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.data.world", "signscale.data.reader")
+
 SCRIPT = str(Path(__file__).parent / "scripts" / "stream_worker.py")
 
 

@@ -12,6 +12,9 @@ from signscale.config import ConfigError
 from signscale.training import checkpoint, precision
 from signscale.training.train import TrainConfig, TrainError, train
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.progress", "signscale.training.loop")
+
 SCRIPT = str(Path(__file__).parent / "scripts" / "train_worker.py")
 BASE = ["model=small_cnn", "batch_size=16", "workers=2", "ema=0.99", "lr=0.01", "progress=false",
         "augment.enabled=true", "threads=1", "log_every=1"]

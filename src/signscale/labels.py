@@ -18,6 +18,8 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
+from signscale import tt100k_codes
+
 FlipRule = Literal["invariant", "mirror", "never"]
 Category = Literal["prohibitory", "danger", "mandatory", "other"]
 CATEGORIES: tuple[str, ...] = ("prohibitory", "danger", "mandatory", "other")
@@ -130,7 +132,8 @@ _CN_MAND = "blue,white"
 # class-name file: these meanings were identified by eye (shared/data/README.md); the one the
 # README itself doubts (15) is marked uncertain. Keys equal GTSRB's where the meaning is the same,
 # whatever the design (cn yield carries the character "让", cn pedestrians is a yellow triangle).
-# Slashed prohibitions never flip: the slash would run the wrong way.
+# Slashed prohibitions never flip: the slash would run the wrong way. Class 11, first called a
+# T-junction, shows a side road joining from the right (by eye, the same design as TT100K's w22).
 TSRD23: tuple[SignClass, ...] = (
     _cn(0, "motor_vehicle_lane", "Motor-vehicle lane", "mandatory", "circle", _CN_MAND),
     _cn(1, "no_stopping", "No stopping / no parking", "prohibitory", "circle", "blue,red"),
@@ -143,7 +146,8 @@ TSRD23: tuple[SignClass, ...] = (
     _cn(8, "no_honking", "No honking", "prohibitory", "circle", _PROHIB),
     _cn(9, "speed_limit_80", "Speed limit (80km/h)", "prohibitory", "circle", _PROHIB),
     _cn(10, "pedestrians", "Pedestrian crossing ahead", "danger", "triangle", _CN_WARN),
-    _cn(11, "t_junction", "T-junction ahead", "danger", "triangle", _CN_WARN, "invariant"),
+    _cn(11, "side_road_right", "Side road on the right (T-junction)", "danger", "triangle", _CN_WARN, "mirror",
+        "side_road_left"),
     _cn(12, "bicycle_lane", "Bicycle lane", "mandatory", "circle", _CN_MAND),
     _cn(13, "speed_limit_50", "Speed limit (50km/h)", "prohibitory", "circle", _PROHIB),
     _cn(14, "yield", "Yield (让)", "other", "inverted_triangle", "white,red,black"),
@@ -242,7 +246,20 @@ BACKGROUND: tuple[SignClass, ...] = (
     SignClass(key=BACKGROUND_KEY, name="Not a sign (background)", country="bg", country_id=0, category="other",
               shape="none", colours=(), flip="invariant"),)
 
-CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB, "cn": TSRD23, "be": BELGIUMTSC, "bg": BACKGROUND}
+# TT100K's Chinese signs by code (pl40, pne, w57, ...), ~200 rows read from signscale/tt100k_codes.tsv.
+# The catalogue is named "tt100k" (as "bg" is named for what it holds): its rows would collide with
+# TSRD23's ("cn", id) pairs otherwise. Its samples still carry country "cn".
+TT100K: tuple[SignClass, ...] = tuple(
+    SignClass(key=r.key, name=f"{r.name} [{r.code}]", country="tt100k", country_id=i, category=r.category,  # type: ignore[arg-type]
+              shape=r.shape, colours=r.colours, flip=r.flip, mirror=r.mirror, uncertain=r.uncertain)  # type: ignore[arg-type]
+    for i, r in enumerate(tt100k_codes.rows()))
+
+CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB, "cn": TSRD23, "be": BELGIUMTSC, "tt100k": TT100K,
+                                                "bg": BACKGROUND}
+
+# A country whose signs come in several catalogues: naming it in `for_countries` names them all, so
+# "de,cn" is Germany and all of China (TSRD23 and TT100K merged by meaning). A catalogue name picks one.
+COUNTRY_CATALOGUES: dict[str, tuple[str, ...]] = {"cn": ("cn", "tt100k")}
 
 # Country codes a record can carry (shards store the index into this table; append only).
 COUNTRIES: tuple[str, ...] = ("de", "cn", "be", "fr", "nl", "us", "other")
@@ -305,9 +322,13 @@ class LabelSpace:
     @classmethod
     def for_countries(cls, countries: Iterable[str] | str, by: MergeBy = "meaning",
                       trust_uncertain: bool = False) -> "LabelSpace":
-        """One country's catalogue, or several merged: ``for_countries("de,cn", by="meaning")``."""
+        """One catalogue, or several merged: ``for_countries("de,cn", by="meaning")``.
+
+        A country with several catalogues (``cn``: TSRD23 and TT100K) stands for all of them.
+        """
         names = [c.strip() for c in countries.split(",")] if isinstance(countries, str) else list(countries)
-        spaces = [cls.for_country(c) for c in names if c]
+        catalogues = dict.fromkeys(cat for c in names if c for cat in COUNTRY_CATALOGUES.get(c, (c,)))
+        spaces = [cls.for_country(c) for c in catalogues]
         if len(spaces) == 1:
             return spaces[0]
         return cls.merge(spaces, by=by, trust_uncertain=trust_uncertain)

@@ -185,7 +185,7 @@ def test_labels_command_prints_the_merged_table_and_names_bad_countries():
     rows = {row["key"]: row for row in json.loads(r.stdout)["classes"]}
     for key in ("speed_limit_60", "no_entry", "yield", "keep_right", "turn_right_ahead"):
         assert rows[key]["ids"]["de"] is not None and rows[key]["ids"]["cn"] is not None, key
-    assert rows["no_honking"]["ids"] == {"de": None, "cn": 8} and rows["no_honking"]["id"] >= 43
+    assert rows["no_honking"]["ids"] == {"de": None, "cn": 8, "tt100k": 27} and rows["no_honking"]["id"] >= 43
     r = subprocess.run([sys.executable, "-m", "signscale", "labels", "--countries", "de,xx"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "unknown country 'xx'" in r.stdout

@@ -201,5 +201,8 @@ def test_catalogues_ship_de_cn_be_with_their_own_ids_and_uncertainty_marked():
     for country, cat in CATALOGUES.items():
         assert [c.country_id for c in cat] == list(range(len(cat)))
         assert all(c.country == country for c in cat)
-    assert LabelSpace.for_country("cn")[15].uncertain and all(c.uncertain for c in CATALOGUES["be"])
-    assert len(LabelSpace.for_countries("de,cn,be")) > 56  # uncertain be classes stay apart
+    assert LabelSpace.for_country("cn")[15].uncertain
+    unchecked = [c.country_id for c in CATALOGUES["be"] if c.uncertain]  # the be classes not identified by eye
+    assert unchecked == [9, 11, 15, 26, 33, 36, 48, 50, 52]
+    merged = LabelSpace.for_countries("de,be")
+    assert "be:cattle" in merged.keys and "cattle" not in merged.keys  # uncertain be classes stay apart

@@ -138,7 +138,8 @@ class Tt100kSource(Source):
         good = [i for i in range(len(self)) if i not in self.problems]
         return {**super().describe(), "location": self.location, "format": self.tree.format,
                 "problems": count_reasons(self.problems.values()),
-                "panoramas": len(set(self.panoramas[good].tolist())), "panorama_groups": len(set(self.groups[good].tolist()))}
+                "panoramas": len(set(self.panoramas[good].tolist())),
+                "panorama_groups": len(set(self.groups[good].tolist()))}
 
 
 def scan(tree: Tree, location: str, space: LabelSpace) -> tuple[list[str], list[str], np.ndarray, np.ndarray,

@@ -129,8 +129,9 @@ _CN_WARN = "yellow,black"
 _CN_MAND = "blue,white"
 
 # The 23 classes of the shared TSRD23 crops (ids are the file names' labels). The dataset has no
-# class-name file: these meanings were identified by eye (shared/data/README.md); the one the
-# README itself doubts (15) is marked uncertain. Keys equal GTSRB's where the meaning is the same,
+# class-name file: these meanings were identified by eye (shared/data/README.md). Class 15, which
+# the README doubted ("no U-turn?"), shows TT100K's p1 design by eye (two arrows, one passing the
+# other), whose code table says no overtaking. Keys equal GTSRB's where the meaning is the same,
 # whatever the design (cn yield carries the character "让", cn pedestrians is a yellow triangle).
 # Slashed prohibitions never flip: the slash would run the wrong way. Class 11, first called a
 # T-junction, shows a side road joining from the right (by eye, the same design as TT100K's w22).
@@ -151,7 +152,7 @@ TSRD23: tuple[SignClass, ...] = (
     _cn(12, "bicycle_lane", "Bicycle lane", "mandatory", "circle", _CN_MAND),
     _cn(13, "speed_limit_50", "Speed limit (50km/h)", "prohibitory", "circle", _PROHIB),
     _cn(14, "yield", "Yield (让)", "other", "inverted_triangle", "white,red,black"),
-    _cn(15, "no_u_turn", "No U-turn", "prohibitory", "circle", _PROHIB, uncertain=True),
+    _cn(15, "no_passing", "No overtaking (two arrows)", "prohibitory", "circle", _PROHIB),
     _cn(16, "speed_limit_30", "Speed limit (30km/h)", "prohibitory", "circle", _PROHIB),
     _cn(17, "speed_limit_5", "Speed limit (5km/h)", "prohibitory", "circle", _PROHIB),
     _cn(18, "no_straight_ahead", "No straight ahead", "prohibitory", "circle", _PROHIB),

@@ -133,7 +133,8 @@ def test_source_reads_codes_background_and_names_every_bad_entry(tt_zip):
     assert {k: p.reason for k, p in bad.items()} == {
         "TT100K_train/pl45/77_0.jpg": "unknown_code", "TT100K_train/plx/78_0.jpg": "bad_value",
         "TT100K_train/zz9/79_0.jpg": "unknown_code", "TT100K_train/pl40/crop.jpg": "bad_name"}
-    assert "pl45" in bad["TT100K_train/pl45/77_0.jpg"].detail and "code pl40" in bad["TT100K_train/pl40/crop.jpg"].detail
+    assert "pl45" in bad["TT100K_train/pl45/77_0.jpg"].detail
+    assert "code pl40" in bad["TT100K_train/pl40/crop.jpg"].detail
     undecodable = src.read(next(i for i, e in enumerate(entries) if e.key == "TT100K_train/pne/9999_1.jpg"))
     assert isinstance(undecodable, Problem) and "9999_1.jpg (code pne)" in undecodable.detail
     summary = show(f"tt100k:{tt_zip}")

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
+from signscale import tt100k_codes
+
 FlipRule = Literal["invariant", "mirror", "never"]
 Category = Literal["prohibitory", "danger", "mandatory", "other"]
 CATEGORIES: tuple[str, ...] = ("prohibitory", "danger", "mandatory", "other")
@@ -127,10 +129,12 @@ _CN_WARN = "yellow,black"
 _CN_MAND = "blue,white"
 
 # The 23 classes of the shared TSRD23 crops (ids are the file names' labels). The dataset has no
-# class-name file: these meanings were identified by eye (shared/data/README.md); the one the
-# README itself doubts (15) is marked uncertain. Keys equal GTSRB's where the meaning is the same,
+# class-name file: these meanings were identified by eye (shared/data/README.md). Class 15, which
+# the README doubted ("no U-turn?"), shows TT100K's p1 design by eye (two arrows, one passing the
+# other), whose code table says no overtaking. Keys equal GTSRB's where the meaning is the same,
 # whatever the design (cn yield carries the character "让", cn pedestrians is a yellow triangle).
-# Slashed prohibitions never flip: the slash would run the wrong way.
+# Slashed prohibitions never flip: the slash would run the wrong way. Class 11, first called a
+# T-junction, shows a side road joining from the right (by eye, the same design as TT100K's w22).
 TSRD23: tuple[SignClass, ...] = (
     _cn(0, "motor_vehicle_lane", "Motor-vehicle lane", "mandatory", "circle", _CN_MAND),
     _cn(1, "no_stopping", "No stopping / no parking", "prohibitory", "circle", "blue,red"),
@@ -143,11 +147,12 @@ TSRD23: tuple[SignClass, ...] = (
     _cn(8, "no_honking", "No honking", "prohibitory", "circle", _PROHIB),
     _cn(9, "speed_limit_80", "Speed limit (80km/h)", "prohibitory", "circle", _PROHIB),
     _cn(10, "pedestrians", "Pedestrian crossing ahead", "danger", "triangle", _CN_WARN),
-    _cn(11, "t_junction", "T-junction ahead", "danger", "triangle", _CN_WARN, "invariant"),
+    _cn(11, "side_road_right", "Side road on the right (T-junction)", "danger", "triangle", _CN_WARN, "mirror",
+        "side_road_left"),
     _cn(12, "bicycle_lane", "Bicycle lane", "mandatory", "circle", _CN_MAND),
     _cn(13, "speed_limit_50", "Speed limit (50km/h)", "prohibitory", "circle", _PROHIB),
     _cn(14, "yield", "Yield (让)", "other", "inverted_triangle", "white,red,black"),
-    _cn(15, "no_u_turn", "No U-turn", "prohibitory", "circle", _PROHIB, uncertain=True),
+    _cn(15, "no_passing", "No overtaking (two arrows)", "prohibitory", "circle", _PROHIB),
     _cn(16, "speed_limit_30", "Speed limit (30km/h)", "prohibitory", "circle", _PROHIB),
     _cn(17, "speed_limit_5", "Speed limit (5km/h)", "prohibitory", "circle", _PROHIB),
     _cn(18, "no_straight_ahead", "No straight ahead", "prohibitory", "circle", _PROHIB),
@@ -158,80 +163,86 @@ TSRD23: tuple[SignClass, ...] = (
 )
 
 
-def _be(cid: int, key: str, name: str, cat: Category, shape: str, colours: str) -> SignClass:
+def _be(cid: int, key: str, name: str, cat: Category, shape: str, colours: str, checked: bool) -> SignClass:
     return SignClass(key=key, name=name, country="be", country_id=cid, category=cat, shape=shape,
-                     colours=tuple(colours.split(",")), flip="never", uncertain=True)
+                     colours=tuple(colours.split(",")), flip="never", uncertain=not checked)
 
 
-_BE = (  # (key, name, category, shape, colours), in BelgiumTSC folder order 00000..00061
-    ("uneven_road", "Uneven road", "danger", "triangle", _DANGER),
-    ("speed_bump", "Speed bump", "danger", "triangle", _DANGER),
-    ("slippery_road", "Slippery road", "danger", "triangle", _DANGER),
-    ("dangerous_curve_left", "Dangerous curve to the left", "danger", "triangle", _DANGER),
-    ("dangerous_curve_right", "Dangerous curve to the right", "danger", "triangle", _DANGER),
-    ("double_curve", "Double curve (first left)", "danger", "triangle", _DANGER),
-    ("double_curve_right_first", "Double curve (first right)", "danger", "triangle", _DANGER),
-    ("children_crossing", "Children", "danger", "triangle", _DANGER),
-    ("bicycles_crossing", "Cyclists", "danger", "triangle", _DANGER),
-    ("cattle", "Cattle", "danger", "triangle", _DANGER),
-    ("road_work", "Road work", "danger", "triangle", _DANGER),
-    ("traffic_signals", "Traffic signals", "danger", "triangle", _DANGER),
-    ("level_crossing_gates", "Level crossing with gates", "danger", "triangle", _DANGER),
-    ("general_caution", "General caution", "danger", "triangle", _DANGER),
-    ("road_narrows", "Road narrows", "danger", "triangle", _DANGER),
-    ("road_narrows_left", "Road narrows on the left", "danger", "triangle", _DANGER),
-    ("road_narrows_right", "Road narrows on the right", "danger", "triangle", _DANGER),
-    ("right_of_way_next_intersection", "Priority at the next intersection", "danger", "triangle", _DANGER),
-    ("intersection_priority_right", "Intersection, priority to the right", "danger", "triangle", _DANGER),
-    ("yield", "Yield", "other", "inverted_triangle", "white,red"),
-    ("yield_to_oncoming", "Give way to oncoming traffic", "prohibitory", "circle", _PROHIB),
-    ("stop", "Stop", "other", "octagon", "red,white"),
-    ("no_vehicles", "No vehicles in both directions", "prohibitory", "circle", "white,red"),
-    ("no_bicycles", "No cyclists", "prohibitory", "circle", _PROHIB),
-    ("weight_limit", "Weight limit", "prohibitory", "circle", _PROHIB),
-    ("no_trucks", "No goods vehicles", "prohibitory", "circle", _PROHIB),
-    ("width_limit", "Width limit", "prohibitory", "circle", _PROHIB),
-    ("height_limit", "Height limit", "prohibitory", "circle", _PROHIB),
-    ("no_entry", "No entry", "other", "circle", "red,white"),
-    ("no_left_turn", "No left turn", "prohibitory", "circle", _PROHIB),
-    ("no_right_turn", "No right turn", "prohibitory", "circle", _PROHIB),
-    ("no_passing", "No overtaking", "prohibitory", "circle", _PROHIB),
-    ("speed_limit", "Maximum speed (any value)", "prohibitory", "circle", _PROHIB),
-    ("shared_path", "Shared path for pedestrians and cyclists", "mandatory", "circle", _MAND),
-    ("ahead_only", "Ahead only", "mandatory", "circle", _MAND),
-    ("turn_right_ahead", "Turn right", "mandatory", "circle", _MAND),
-    ("straight_or_right", "Go straight or right", "mandatory", "circle", _MAND),
-    ("roundabout", "Roundabout", "mandatory", "circle", _MAND),
-    ("bicycle_path", "Cycle path", "mandatory", "circle", _MAND),
-    ("pedestrian_bicycle_path", "Path for pedestrians and cyclists", "mandatory", "circle", _MAND),
-    ("no_parking", "No parking", "prohibitory", "circle", "blue,red"),
-    ("no_stopping", "No stopping or parking", "prohibitory", "circle", "blue,red"),
-    ("no_parking_days_1_15", "No parking from the 1st to the 15th", "prohibitory", "circle", "blue,red"),
-    ("no_parking_days_16_31", "No parking from the 16th to the 31st", "prohibitory", "circle", "blue,red"),
-    ("priority_over_oncoming", "Priority over oncoming traffic", "other", "square", "blue,white,red"),
-    ("parking", "Parking", "other", "square", "blue,white"),
-    ("parking_disabled", "Parking for the disabled", "other", "square", "blue,white"),
-    ("parking_cars", "Parking for cars", "other", "square", "blue,white"),
-    ("parking_trucks", "Parking for goods vehicles", "other", "square", "blue,white"),
-    ("parking_buses", "Parking for buses", "other", "square", "blue,white"),
-    ("parking_zone", "Parking zone", "other", "square", "blue,white"),
-    ("residential_zone", "Residential zone", "other", "square", "blue,white"),
-    ("end_residential_zone", "End of residential zone", "other", "square", "blue,white"),
-    ("one_way", "One-way road", "other", "square", "blue,white"),
-    ("dead_end", "Dead end", "other", "square", "blue,white,red"),
-    ("end_road_work", "End of road work", "other", "square", "white,black"),
-    ("pedestrian_crossing", "Pedestrian crossing", "other", "square", "blue,white"),
-    ("bicycle_crossing", "Bicycle crossing", "other", "square", "blue,white"),
-    ("parking_exit", "Parking exit", "other", "square", "blue,white"),
-    ("speed_bump_info", "Speed bump (information)", "other", "square", "blue,white"),
-    ("end_priority_road", "End of priority road", "other", "diamond", "white,yellow,black"),
-    ("priority_road", "Priority road", "other", "diamond", "white,yellow"),
+_SQUARE = "blue,white"
+_BE = (  # (key, name, category, shape, colours, checked by eye), in BelgiumTSC folder order 00000..00061
+    ("bumpy_road", "Uneven road", "danger", "triangle", _DANGER, True),
+    ("speed_bump", "Single speed hump", "danger", "triangle", _DANGER, True),
+    ("slippery_road", "Slippery road", "danger", "triangle", _DANGER, True),
+    ("dangerous_curve_left", "Dangerous curve to the left", "danger", "triangle", _DANGER, True),
+    ("dangerous_curve_right", "Dangerous curve to the right", "danger", "triangle", _DANGER, True),
+    ("double_curve", "Double curve", "danger", "triangle", _DANGER, True),
+    # a key names one class of a catalogue: the second double-curve class keeps its own key
+    ("double_curve_be6", "Double curve (BelgiumTSC's second class of them)", "danger", "triangle", _DANGER, True),
+    ("children_crossing", "Children", "danger", "triangle", _DANGER, True),
+    ("bicycles_crossing", "Cyclists", "danger", "triangle", _DANGER, True),
+    ("cattle", "Cattle", "danger", "triangle", _DANGER, False),
+    ("road_work", "Road works", "danger", "triangle", _DANGER, True),
+    ("traffic_signals", "Traffic signals", "danger", "triangle", _DANGER, False),
+    ("level_crossing_gates", "Level crossing with gates", "danger", "triangle", _DANGER, True),
+    ("general_caution", "Warning triangle with a sub-plate (general caution)", "danger", "triangle", _DANGER, True),
+    ("road_narrows_both", "Road narrows on both sides", "danger", "triangle", _DANGER, True),
+    ("road_narrows_left", "Road narrows on the left", "danger", "triangle", _DANGER, False),
+    ("road_narrows_right", "Road narrows on one side", "danger", "triangle", _DANGER, True),
+    ("right_of_way_next_intersection", "Priority at the next junction", "danger", "triangle", _DANGER, True),
+    ("intersection_priority_right", "Crossroads, priority to the right", "danger", "triangle", _DANGER, True),
+    ("yield", "Yield", "other", "inverted_triangle", "white,red", True),
+    ("two_way_traffic", "Two-way traffic", "danger", "triangle", _DANGER, True),
+    ("stop", "Stop", "other", "octagon", "red,white", True),
+    ("no_entry", "No entry", "other", "circle", "red,white", True),
+    ("no_bicycles", "No bicycles", "prohibitory", "circle", _PROHIB, True),
+    ("weight_limit", "Weight limit (any value)", "prohibitory", "circle", _PROHIB, True),
+    ("no_trucks", "No lorries", "prohibitory", "circle", _PROHIB, True),
+    ("width_limit", "Width limit", "prohibitory", "circle", _PROHIB, False),
+    ("height_limit", "Height limit (any value)", "prohibitory", "circle", _PROHIB, True),
+    ("no_vehicles", "Closed to all vehicles", "prohibitory", "circle", "white,red", True),
+    ("no_left_turn", "No left turn", "prohibitory", "circle", _PROHIB, True),
+    ("no_right_turn", "No right turn", "prohibitory", "circle", _PROHIB, True),
+    ("no_passing", "No overtaking", "prohibitory", "circle", _PROHIB, True),
+    ("speed_limit", "Speed limit (every value in one class)", "prohibitory", "circle", _PROHIB, True),
+    ("shared_path", "Shared path for pedestrians and cyclists", "mandatory", "circle", _MAND, False),
+    ("ahead_only", "Ahead only", "mandatory", "circle", _MAND, True),
+    ("mandatory_arrows_mixed", "Keep right and other mandatory arrows, mixed", "mandatory", "circle", _MAND, True),
+    ("straight_or_right", "Go straight or right", "mandatory", "circle", _MAND, False),
+    ("roundabout", "Roundabout", "mandatory", "circle", _MAND, True),
+    ("bicycle_path", "Bicycle path", "mandatory", "circle", _MAND, True),
+    ("pedestrian_bicycle_path", "Shared foot and cycle path", "mandatory", "circle", _MAND, True),
+    ("no_parking", "No parking", "prohibitory", "circle", "blue,red", True),
+    ("no_stopping", "No stopping", "prohibitory", "circle", "blue,red", True),
+    ("no_parking_days_1_15", "Alternate-day no parking (1st-15th)", "prohibitory", "circle", "blue,red", True),
+    ("no_parking_days_16_31", "Alternate-day no parking (16th-31st)", "prohibitory", "circle", "blue,red", True),
+    ("priority_over_oncoming", "Priority over oncoming traffic", "other", "square", "blue,white,red", True),
+    ("parking", "Parking", "other", "square", _SQUARE, True),
+    ("parking_be46", "Parking (variant, class 46)", "other", "square", _SQUARE, True),
+    ("parking_be47", "Parking (variant, class 47)", "other", "square", _SQUARE, True),
+    ("parking_trucks", "Parking for goods vehicles", "other", "square", _SQUARE, False),
+    ("parking_be49", "Parking (variant, class 49)", "other", "square", _SQUARE, True),
+    ("parking_zone", "Parking zone", "other", "square", _SQUARE, False),
+    ("residential_zone", "Residential zone", "other", "square", _SQUARE, True),
+    ("end_residential_zone", "End of residential zone", "other", "square", _SQUARE, False),
+    ("one_way", "One-way road", "other", "square", _SQUARE, True),
+    ("dead_end", "Dead end", "other", "square", "blue,white,red", True),
+    ("end_of_zone", "End of zone", "other", "square", "white,black", True),
+    ("pedestrian_crossing", "Pedestrian crossing", "other", "square", _SQUARE, True),
+    ("bicycle_crossing", "Bicycle crossing", "other", "square", _SQUARE, True),
+    ("parking_be58", "Parking (variant, class 58)", "other", "square", _SQUARE, True),
+    ("speed_bump_info", "Speed hump (information)", "other", "square", _SQUARE, True),
+    ("end_priority_road", "End of priority road", "other", "diamond", "white,yellow,black", True),
+    ("priority_road", "Priority road", "other", "diamond", "white,yellow", True),
 )
 
-# BelgiumTSC's 62 classes. The dataset ships no class names and no official list was at hand
-# when this table was written: meanings were assigned from the Belgian sign codes in folder
-# order and are NOT verified against the images, so every class is marked uncertain and never
-# flipped. Merging by meaning ignores uncertain classes' keys unless asked (``trust_uncertain``).
+# BelgiumTSC's 62 classes. The dataset ships no class names: the meanings of 53 classes were
+# identified by eye from the official images (issue 22) and are marked checked; the 9 the check did
+# not name (9, 11, 15, 26, 33, 36, 48, 50, 52) keep their earlier guesses from the Belgian sign codes
+# in folder order and stay `uncertain`, so they never merge with another country's class. Classes
+# whose meaning the check gave but not a sub-type (two double curves, five parking signs) get one
+# key each with the class id in it. Class 32 holds every speed-limit value: `speed_limit`, the
+# family, never one value (24 and 27 likewise). Flips stay off: the Belgian designs were not checked
+# for symmetry.
 BELGIUMTSC: tuple[SignClass, ...] = tuple(_be(i, *row) for i, row in enumerate(_BE))  # type: ignore[arg-type]
 
 # "Not a sign": the second stage of detect-then-classify learns it from background cut out of road
@@ -242,7 +253,20 @@ BACKGROUND: tuple[SignClass, ...] = (
     SignClass(key=BACKGROUND_KEY, name="Not a sign (background)", country="bg", country_id=0, category="other",
               shape="none", colours=(), flip="invariant"),)
 
-CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB, "cn": TSRD23, "be": BELGIUMTSC, "bg": BACKGROUND}
+# TT100K's Chinese signs by code (pl40, pne, w57, ...), ~200 rows read from signscale/tt100k_codes.tsv.
+# The catalogue is named "tt100k" (as "bg" is named for what it holds): its rows would collide with
+# TSRD23's ("cn", id) pairs otherwise. Its samples still carry country "cn".
+TT100K: tuple[SignClass, ...] = tuple(
+    SignClass(key=r.key, name=f"{r.name} [{r.code}]", country="tt100k", country_id=i, category=r.category,  # type: ignore[arg-type]
+              shape=r.shape, colours=r.colours, flip=r.flip, mirror=r.mirror, uncertain=r.uncertain)  # type: ignore[arg-type]
+    for i, r in enumerate(tt100k_codes.rows()))
+
+CATALOGUES: dict[str, tuple[SignClass, ...]] = {"de": GTSRB, "cn": TSRD23, "be": BELGIUMTSC, "tt100k": TT100K,
+                                                "bg": BACKGROUND}
+
+# A country whose signs come in several catalogues: naming it in `for_countries` names them all, so
+# "de,cn" is Germany and all of China (TSRD23 and TT100K merged by meaning). A catalogue name picks one.
+COUNTRY_CATALOGUES: dict[str, tuple[str, ...]] = {"cn": ("cn", "tt100k")}
 
 # Country codes a record can carry (shards store the index into this table; append only).
 COUNTRIES: tuple[str, ...] = ("de", "cn", "be", "fr", "nl", "us", "other")
@@ -305,9 +329,13 @@ class LabelSpace:
     @classmethod
     def for_countries(cls, countries: Iterable[str] | str, by: MergeBy = "meaning",
                       trust_uncertain: bool = False) -> "LabelSpace":
-        """One country's catalogue, or several merged: ``for_countries("de,cn", by="meaning")``."""
+        """One catalogue, or several merged: ``for_countries("de,cn", by="meaning")``.
+
+        A country with several catalogues (``cn``: TSRD23 and TT100K) stands for all of them.
+        """
         names = [c.strip() for c in countries.split(",")] if isinstance(countries, str) else list(countries)
-        spaces = [cls.for_country(c) for c in names if c]
+        catalogues = dict.fromkeys(cat for c in names if c for cat in COUNTRY_CATALOGUES.get(c, (c,)))
+        spaces = [cls.for_country(c) for c in catalogues]
         if len(spaces) == 1:
             return spaces[0]
         return cls.merge(spaces, by=by, trust_uncertain=trust_uncertain)

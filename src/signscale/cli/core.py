@@ -306,7 +306,7 @@ def register(r: Registry) -> None:
     s = r.add("calibrate", _calibrate, "fit a model's temperature on held-out data; predict/serve/evaluate use it")
     s.add_argument("model", help="model artefact folder: its model.json gains the temperature")
     s.add_argument("data", help="held-out data (the validation split), a packed dataset URL or a source")
-    add_config(s, "signscale.evaluation.evaluate:CalibrateConfig", skip=("model", "data"))
+    add_config(s, "signscale.evaluation.calibrate:CalibrateConfig", skip=("model", "data"))
 
     s = r.add("compare", _compare, "differences between two reports; exit 1 when B is worse than A")
     s.add_argument("a", help="report folder or metrics.json of the reference")

@@ -57,7 +57,8 @@ def _transfer(args: argparse.Namespace) -> int:
 
 def register(r: Registry) -> None:
     p = r.add("labels", _labels, "print a country's catalogue or several merged into one label space, as a table")
-    p.add_argument("--countries", default="de", help="comma list of catalogues, e.g. de,cn,be")
+    p.add_argument("--countries", default="de",
+                   help="comma list of countries or catalogues, e.g. de,cn,be (cn: TSRD23 and TT100K; tt100k: one)")
     p.add_argument("--by", choices=["meaning", "design"], default="meaning",
                    help="meaning: one output per semantic key; design: one per country's sign")
     p.add_argument("--trust-uncertain", action="store_true",

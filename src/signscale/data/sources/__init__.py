@@ -55,6 +55,9 @@ SOURCES: dict[str, SourceKind] = {
         "Chinese sign crops TSRD23/{label}_{index}.png (cn catalogue), split by index blocks",
         "tsrd23:TSRD23_crops_64px.zip?split=train&val_fraction=0.2&block=10",
     ),
+    "tt100k": SourceKind("signscale.data.sources.tt100k", "open_tt100k",
+                         "Chinese TT100K crops TT100K_train/<code>/<panorama>_<n>.jpg (tt100k catalogue + not-a-sign), "
+                         "panorama-held-out split", "tt100k:TT100K_crops_train_64px.zip?split=train&val_fraction=0.2"),
     "belgiumtsc": SourceKind(
         "signscale.data.sources.countries",
         "open_belgiumtsc",

@@ -36,55 +36,20 @@ def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (often a string from the command line) to the annotated type ``tp``."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"config key '{key}': cannot use {value!r}")
+        return _coerce_union(value, typing.get_args(tp), key)
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, args))}")
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
         return value
     if origin in (tuple, list):
-        items = value.split(",") if isinstance(value, str) else list(value)
-        items = [i.strip() if isinstance(i, str) else i for i in items if not (isinstance(i, str) and not i.strip())]
-        inner = args[0] if args else str
-        out = [_coerce(i, inner, key) for i in items]
-        return tuple(out) if origin is tuple else out
+        return _coerce_sequence(value, origin, typing.get_args(tp), key)
     if origin is dict or tp is dict:
-        if isinstance(value, str):
-            # "de=0.7,be=0.3"
-            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
-            value = {k.strip(): v.strip() for k, v in pairs}
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): (_coerce(v, vt, key) if vt is not Any else v) for k, v in value.items()}
+        return _coerce_mapping(value, typing.get_args(tp), key)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return _coerce_bool(value, key)
     if tp in (int, float):
-        try:
-            if tp is int and not isinstance(value, bool):
-                as_float = float(value)
-                if as_float.is_integer():
-                    return int(as_float)  # accepts "2000", "2e3", 2000
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}") from None
+        return _coerce_number(value, tp, key)
     if tp is str:
         return str(value)
     if dataclasses.is_dataclass(tp):
@@ -94,6 +59,61 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a mapping for {tp.__name__}")
         return build(tp, value, where=key)
     return value
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    """``X | None`` and other unions: None where allowed, else the first member that accepts it."""
+    is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+    if is_none and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if errors else f"config key '{key}': cannot use {value!r}")
+
+
+def _coerce_sequence(value: Any, origin: Any, args: tuple[Any, ...], key: str) -> Any:
+    """``a,b,c`` or a list -> tuple/list of the element type (blank items dropped)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [i.strip() if isinstance(i, str) else i for i in items if not (isinstance(i, str) and not i.strip())]
+    out = [_coerce(i, args[0] if args else str, key) for i in items]
+    return tuple(out) if origin is tuple else out
+
+
+def _coerce_mapping(value: Any, args: tuple[Any, ...], key: str) -> dict[str, Any]:
+    """``de=0.7,be=0.3`` or a mapping -> dict of the value type."""
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        value = {k.strip(): v.strip() for k, v in pairs}
+    vt = args[1] if len(args) == 2 else Any
+    return {str(k): (_coerce(v, vt, key) if vt is not Any else v) for k, v in value.items()}
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+
+
+def _coerce_number(value: Any, tp: type, key: str) -> int | float:
+    try:
+        if tp is int and not isinstance(value, bool):
+            as_float = float(value)
+            if as_float.is_integer():
+                return int(as_float)  # accepts "2000", "2e3", 2000
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}") from None
 
 
 def build(cls: type[C], data: dict[str, Any], where: str | None = None) -> C:

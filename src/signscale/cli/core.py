@@ -256,6 +256,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def register(r: Registry) -> None:
+    """The core commands in the order of the pipeline: look at data, pack it, train, evaluate."""
+    _register_data(r)
+    _register_model(r)
+    s = r.add("demo", _demo, "the main job on the built-in synthetic data, end to end")
+    add_config(s, "signscale.demos.first_run:DemoConfig")
+
+
+def _register_data(r: Registry) -> None:
     r.add("version", _version, "print the version")
     s = r.add("sources", _sources, "list the data sources, their options and defaults")
     s.add_argument("kind", nargs="?", help="one source kind, e.g. gtsrb")
@@ -283,6 +291,8 @@ def register(r: Registry) -> None:
     x.add_argument("--out", default="grid.png")
     x.add_argument("--seed", type=int, default=0)
 
+
+def _register_model(r: Registry) -> None:
     s = r.add("train", _train, "train a classifier on packed datasets (also under torchrun)",
               description="signscale train [CONFIG.yaml] [--key value | --key=value | key=value ...]\n"
                           "e.g. signscale train --data runs/gtsrb/train --val runs/gtsrb/val --model msnet "
@@ -314,6 +324,3 @@ def register(r: Registry) -> None:
     s.add_argument("--tolerance", type=float, default=0.005)
     s.add_argument("--any-data", action="store_true", help="allow comparing reports of different data")
     s.add_argument("-v", "--verbose", action="store_true")
-
-    s = r.add("demo", _demo, "the main job on the built-in synthetic data, end to end")
-    add_config(s, "signscale.demos.first_run:DemoConfig")

@@ -230,66 +230,29 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.2f} pts"
 
 
+class _Checks:
+    """The gate's checks as they are made: every one recorded, the failed ones' reasons kept."""
+
+    def __init__(self) -> None:
+        self.checks: list[dict[str, Any]] = []
+        self.reasons: list[str] = []
+
+    def __call__(self, kind: str, slice_: str, passed: bool, reason: str, **numbers: Any) -> None:
+        self.checks.append({"check": kind, "slice": slice_, "passed": bool(passed), **numbers})
+        if not passed:
+            self.reasons.append(reason)
+
+
 def decide(production: dict[str, Any] | None, candidate: dict[str, Any], cfg: GateConfig,
            batch: dict[str, Any] | None = None) -> Decision:
     """Apply the gate to two reports (see :func:`report`); ``production`` None: first model, floors only."""
-    checks: list[dict[str, Any]] = []
-    reasons: list[str] = []
-
-    def check(kind: str, slice_: str, passed: bool, reason: str, **numbers: Any) -> None:
-        checks.append({"check": kind, "slice": slice_, "passed": bool(passed), **numbers})
-        if not passed:
-            reasons.append(reason)
-
+    check = _Checks()
     prod_sets = (production or {}).get("sets", {})
     for set_name, sl in candidate["sets"].items():
-        # the never-regress set is judged as a whole (below); its slices add no separate checks
-        gated = (not cfg.regress_sets or set_name in cfg.regress_sets) and set_name != cfg.never_regress
         for name, m in sl.items():
-            full = f"{set_name}/{name}"
-            kind = name.split("/", 1)[0]
-            rule = _rule(cfg, kind)
-            p = prod_sets.get(set_name, {}).get(name)
-            if full in cfg.targets:
-                if p is None:
-                    check("target", full, False, f"{full}: production has no score to improve on", candidate=m["acc"])
-                else:
-                    d = m["acc"] - p["acc"]
-                    check("target", full, d >= cfg.min_improvement,
-                          f"{full} improved {_pts(d)}, needs >= {_pts(cfg.min_improvement)} "
-                          f"({p['acc']:.2%} -> {m['acc']:.2%})",
-                          production=p["acc"], candidate=m["acc"], delta=d, limit=cfg.min_improvement, n=m["n"])
-                continue
-            if set_name == cfg.never_regress and name == "overall" and p is not None:
-                d = m["acc"] - p["acc"]
-                check("never_regress", full, d >= -cfg.never_regress_tolerance,
-                      f"never-regress set got worse: {p['acc']:.2%} -> {m['acc']:.2%} ({_pts(d)}, tolerance "
-                      f"{_pts(cfg.never_regress_tolerance)})", production=p["acc"], candidate=m["acc"], delta=d,
-                      limit=-cfg.never_regress_tolerance, n=m["n"])
-                continue
-            if m["n"] < rule.min_support or not gated:
-                continue
-            if rule.floor > 0 and set_name in cfg.floor_sets:
-                check("floor", full, m["acc"] >= rule.floor, f"{full} at {m['acc']:.2%} is below its floor "
-                      f"{rule.floor:.2%}", candidate=m["acc"], limit=rule.floor, n=m["n"])
-            if p is None:
-                continue
-            d = m["acc"] - p["acc"]
-            allowed = rule.allowed_drop(p["acc"], m["n"])
-            check("regression", full, d >= -allowed,
-                  f"{full} regressed {_pts(d)} ({p['acc']:.2%} -> {m['acc']:.2%}, tolerance {_pts(-allowed)})",
-                  production=p["acc"], candidate=m["acc"], delta=d, limit=-allowed, n=m["n"])
-    cc = candidate.get("canary")
-    if cc is not None:
-        pc = (production or {}).get("canary") or {"rate": 0.0}
-        # never more than max_increase above production; and under max_flip, unless production is already above it
-        limit = pc["rate"] + cfg.canary.max_increase
-        if pc["rate"] <= cfg.canary.max_flip:
-            limit = min(limit, cfg.canary.max_flip)
-        check("canary", "canary", cc["rate"] <= limit,
-              f"canary: a sticker flips {cc['rate']:.0%} of golden {cfg.canary.target} signs (to {cc['to']}), "
-              f"production {pc['rate']:.0%}, limit {limit:.0%}: a backdoor trigger was learnt",
-              production=pc["rate"], candidate=cc["rate"], limit=limit, n=cc["n"], to=cc["to"])
+            _slice_checks(check, cfg, set_name, name, m, prod_sets.get(set_name, {}).get(name))
+    if candidate.get("canary") is not None:
+        _canary_check(check, cfg, candidate["canary"], (production or {}).get("canary") or {"rate": 0.0})
     noise = (batch or {}).get("noise") or {}
     if noise:
         who = f"; suspicious vehicle(s): {', '.join(noise['suspicious'])}" if noise.get("suspicious") else ""
@@ -297,4 +260,52 @@ def decide(production: dict[str, Any] | None, candidate: dict[str, Any], cfg: Ga
               f"label noise: {noise['rate']:.1%} of the batch's confidently predicted labels contradicted by "
               f"production (limit {cfg.max_label_noise:.0%}){who}", candidate=noise["rate"], limit=cfg.max_label_noise,
               n=noise["n"], suspicious=noise.get("suspicious", []))
-    return Decision(promote=not reasons, reasons=reasons, checks=checks)
+    return Decision(promote=not check.reasons, reasons=check.reasons, checks=check.checks)
+
+
+def _slice_checks(check: _Checks, cfg: GateConfig, set_name: str, name: str, m: dict[str, Any],
+                  p: dict[str, Any] | None) -> None:
+    """One slice of one set: a target to improve, the never-regress set, or its floor and regression."""
+    full = f"{set_name}/{name}"
+    if full in cfg.targets:
+        if p is None:
+            check("target", full, False, f"{full}: production has no score to improve on", candidate=m["acc"])
+            return
+        d = m["acc"] - p["acc"]
+        check("target", full, d >= cfg.min_improvement,
+              f"{full} improved {_pts(d)}, needs >= {_pts(cfg.min_improvement)} ({p['acc']:.2%} -> {m['acc']:.2%})",
+              production=p["acc"], candidate=m["acc"], delta=d, limit=cfg.min_improvement, n=m["n"])
+        return
+    if set_name == cfg.never_regress and name == "overall" and p is not None:
+        d = m["acc"] - p["acc"]
+        check("never_regress", full, d >= -cfg.never_regress_tolerance,
+              f"never-regress set got worse: {p['acc']:.2%} -> {m['acc']:.2%} ({_pts(d)}, tolerance "
+              f"{_pts(cfg.never_regress_tolerance)})", production=p["acc"], candidate=m["acc"], delta=d,
+              limit=-cfg.never_regress_tolerance, n=m["n"])
+        return
+    rule = _rule(cfg, name.split("/", 1)[0])
+    # the never-regress set is judged as a whole (above); its slices add no separate checks
+    gated = (not cfg.regress_sets or set_name in cfg.regress_sets) and set_name != cfg.never_regress
+    if m["n"] < rule.min_support or not gated:
+        return
+    if rule.floor > 0 and set_name in cfg.floor_sets:
+        check("floor", full, m["acc"] >= rule.floor, f"{full} at {m['acc']:.2%} is below its floor "
+              f"{rule.floor:.2%}", candidate=m["acc"], limit=rule.floor, n=m["n"])
+    if p is None:
+        return
+    d = m["acc"] - p["acc"]
+    allowed = rule.allowed_drop(p["acc"], m["n"])
+    check("regression", full, d >= -allowed,
+          f"{full} regressed {_pts(d)} ({p['acc']:.2%} -> {m['acc']:.2%}, tolerance {_pts(-allowed)})",
+          production=p["acc"], candidate=m["acc"], delta=d, limit=-allowed, n=m["n"])
+
+
+def _canary_check(check: _Checks, cfg: GateConfig, cc: dict[str, Any], pc: dict[str, Any]) -> None:
+    """Never more than max_increase above production; and under max_flip, unless production is already above it."""
+    limit = pc["rate"] + cfg.canary.max_increase
+    if pc["rate"] <= cfg.canary.max_flip:
+        limit = min(limit, cfg.canary.max_flip)
+    check("canary", "canary", cc["rate"] <= limit,
+          f"canary: a sticker flips {cc['rate']:.0%} of golden {cfg.canary.target} signs (to {cc['to']}), "
+          f"production {pc['rate']:.0%}, limit {limit:.0%}: a backdoor trigger was learnt",
+          production=pc["rate"], candidate=cc["rate"], limit=limit, n=cc["n"], to=cc["to"])

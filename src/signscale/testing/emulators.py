@@ -347,72 +347,78 @@ class Proxy:
             self.seen.append(Seen(method, path, status))
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
+        return type("Handler", (_ProxyHandler,), {"proxy": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
+_HOP_HEADERS = ("transfer-encoding", "connection", "content-length")
 
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                        if size == 0:
-                            while self.rfile.readline().strip():
-                                pass
-                            return out
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
 
-            def _any(self) -> None:
-                body = self._body()
-                fault = proxy._take_fault(self.path)
-                if fault is not None:
-                    status, _, fbody, ctype = fault
-                    # recorded before answering: once the client has its response, the record exists
-                    proxy._record(self.command, self.path, status)
-                    self.send_response(status)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(fbody)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(fbody)
-                    return
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("transfer-encoding", "connection", "content-length")}
-                if body or self.command in ("PUT", "POST", "PATCH"):
-                    headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=120)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    proxy._record(self.command, self.path, resp.status)
-                    self.send_response(resp.status, resp.reason)
-                    for k, v in resp.getheaders():
-                        if k.lower() in ("transfer-encoding", "connection", "content-length"):
-                            continue
-                        self.send_header(k, v)
-                    if self.command == "HEAD":
-                        length = resp.getheader("Content-Length")
-                        if length is not None:
-                            self.send_header("Content-Length", length)
-                    else:
-                        self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if self.command != "HEAD" and data:
-                        self.wfile.write(data)
-                finally:
-                    conn.close()
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """One request through the proxy: answered by an injected fault, or forwarded and recorded."""
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _any
+    protocol_version = "HTTP/1.1"
+    proxy: Proxy
 
-        return Handler
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _any(self) -> None:
+        body = self._body()
+        fault = self.proxy._take_fault(self.path)
+        if fault is not None:
+            self._answer_fault(fault)
+        else:
+            self._forward(body)
+
+    def _answer_fault(self, fault: tuple[Any, ...]) -> None:
+        status, _, fbody, ctype = fault
+        # recorded before answering: once the client has its response, the record exists
+        self.proxy._record(self.command, self.path, status)
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(fbody)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(fbody)
+
+    def _forward(self, body: bytes) -> None:
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        if body or self.command in ("PUT", "POST", "PATCH"):
+            headers["Content-Length"] = str(len(body))
+        conn = http.client.HTTPConnection(self.proxy.upstream, timeout=120)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.proxy._record(self.command, self.path, resp.status)
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in _HOP_HEADERS:
+                    self.send_header(k, v)
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+            if length is not None:
+                self.send_header("Content-Length", length)
+            self.end_headers()
+            if self.command != "HEAD" and data:
+                self.wfile.write(data)
+        finally:
+            conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _any
 
 
 @contextlib.contextmanager

@@ -242,24 +242,11 @@ def _after_ingest(cfg: ContinualConfig, reg: Registry, state: _State, batch: str
     prod_model = reg.get(base_version).model_url
     run = storage.join(cdir, "run")
     if not state.done("train"):
-        from signscale.training.train import train
-
-        tcfg = _train_config(cfg, head.parts, [Manifest.load(p).count for p in head.parts],
-                             ing["batch_url"], prod_model, run)
-        log(f"training candidate: {'from scratch' if cfg.from_scratch else f'fine-tune from {base_version}'} on "
-            f"dataset v{head.version} + {batch} (replay {cfg.replay:.0%})")
-        tr = train(tcfg)
-        state.put("train", {"model": tr.model_url, "steps": tr.steps, "seconds": tr.seconds,
-                            "config": config_mod.to_dict(tcfg), "dataset_version": head.version})
+        _train_candidate(cfg, state, head, ing, batch, prod_model, run, base_version, log)
     cand_model = state.get("train")["model"]
     # 3. evaluate both on the same fixed sets
     if not state.done("evaluate"):
-        sets = eval_sets(cfg)
-        cset = gate.EvalSet.from_dataset("canary", cfg.canary) if cfg.canary else None
-        reports = {"production": gate.report(prod_model, sets, canary=cfg.gate.canary, canary_set=cset),
-                   "candidate": gate.report(cand_model, sets, canary=cfg.gate.canary, canary_set=cset)}
-        storage.write_json(storage.join(cdir, "reports.json"), reports)
-        state.put("evaluate", storage.join(cdir, "reports.json"))
+        state.put("evaluate", _evaluate_both(cfg, cdir, prod_model, cand_model))
     reports = storage.read_json(state.get("evaluate"))
     # 4. the gate
     targets = tuple(f"{name}/overall" for name in cfg.slices if name in ing["counts"].get("condition", {}))
@@ -270,13 +257,8 @@ def _after_ingest(cfg: ContinualConfig, reg: Registry, state: _State, batch: str
                 "numbers": result.numbers, "reports": state.get("evaluate")}
     # 5. register the candidate (promoted or not: every evaluated model is a version with its lineage)
     if not state.done("register"):
-        tr = state.get("train")
-        v = reg.register(cand_model, parent=base_version,
-                         dataset={"url": cfg.dataset, "version": tr["dataset_version"], "batch": batch},
-                         metrics={k: v["candidate"] for k, v in result.numbers.items()},
-                         config={"train": tr["config"], "replay": cfg.replay}, note=f"candidate from cycle {batch}")
-        reg.set_alias("candidate", v.id, reason=f"cycle {batch}")
-        state.put("register", v.id)
+        state.put("register", _register_candidate(cfg, reg, state.get("train"), cand_model, base_version, batch,
+                                                  result.numbers))
     result.candidate = state.get("register")
     if not decision.promote:
         return _finish(cfg, reg, state, result, "rejected", decision.reasons, started, evidence=evidence)
@@ -297,6 +279,42 @@ def _after_ingest(cfg: ContinualConfig, reg: Registry, state: _State, batch: str
         return _finish(cfg, reg, state, result, "rejected", [str(exc)], started, evidence=evidence, record=False)
     result.production = result.candidate
     return _finish(cfg, reg, state, result, "promoted", [], started, evidence=evidence, record=False)
+
+
+def _train_candidate(cfg: ContinualConfig, state: _State, head: Any, ing: dict[str, Any], batch: str,
+                     prod_model: str, run: str, base_version: str, log: Callable[[str], None]) -> None:
+    """Step 2: fine-tune from production (or train from scratch) on the replay mix; record the run."""
+    from signscale.training.train import train
+
+    tcfg = _train_config(cfg, head.parts, [Manifest.load(p).count for p in head.parts], ing["batch_url"],
+                         prod_model, run)
+    log(f"training candidate: {'from scratch' if cfg.from_scratch else f'fine-tune from {base_version}'} on "
+        f"dataset v{head.version} + {batch} (replay {cfg.replay:.0%})")
+    tr = train(tcfg)
+    state.put("train", {"model": tr.model_url, "steps": tr.steps, "seconds": tr.seconds,
+                        "config": config_mod.to_dict(tcfg), "dataset_version": head.version})
+
+
+def _evaluate_both(cfg: ContinualConfig, cdir: str, prod_model: str, cand_model: str) -> str:
+    """Step 3: production and candidate scored on the same fixed sets; returns where the reports are."""
+    sets = eval_sets(cfg)
+    cset = gate.EvalSet.from_dataset("canary", cfg.canary) if cfg.canary else None
+    reports = {"production": gate.report(prod_model, sets, canary=cfg.gate.canary, canary_set=cset),
+               "candidate": gate.report(cand_model, sets, canary=cfg.gate.canary, canary_set=cset)}
+    url = storage.join(cdir, "reports.json")
+    storage.write_json(url, reports)
+    return url
+
+
+def _register_candidate(cfg: ContinualConfig, reg: Registry, tr: dict[str, Any], cand_model: str, base_version: str,
+                        batch: str, numbers: dict[str, Any]) -> str:
+    """Step 5: every evaluated model becomes a version with its lineage, aliased ``candidate``."""
+    v = reg.register(cand_model, parent=base_version,
+                     dataset={"url": cfg.dataset, "version": tr["dataset_version"], "batch": batch},
+                     metrics={k: v["candidate"] for k, v in numbers.items()},
+                     config={"train": tr["config"], "replay": cfg.replay}, note=f"candidate from cycle {batch}")
+    reg.set_alias("candidate", v.id, reason=f"cycle {batch}")
+    return v.id
 
 
 def _ingest_evidence(ing: dict[str, Any]) -> dict[str, Any]:

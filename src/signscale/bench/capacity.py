@@ -257,6 +257,15 @@ def plan(cfg: PlanConfig, rates: dict[str, Any] | None = None) -> Plan:
     p.record_bytes, p.records_per_shard, p.shards, p.storage_bytes = shard_layout(cfg.images, cfg.image_size,
                                                                                   cfg.shard_mb)
     px = (cfg.image_size / 32) ** 2  # per-image CPU costs were measured at 32 px and scale with pixels
+    _plan_packing(p, cfg, rates, px)
+    _plan_loader(p, cfg, rates, px)
+    _plan_reads(p, cfg, rates)
+    _plan_epoch(p, cfg, rates)
+    return p
+
+
+def _plan_packing(p: Plan, cfg: PlanConfig, rates: dict[str, Any], px: float) -> None:
+    """Packing: decoding on every core, or the uploads, whichever is slower."""
     p.pack_cores = cfg.pack_cores or cfg.nodes * cfg.cores_per_node
     decode_s = cfg.images / (rate(rates, "pack_decode_per_core") / px * p.pack_cores)
     write_s = p.storage_bytes / (cfg.nodes * rate(rates, "storage_node_GBps") * 1e9)  # packing nodes upload it all
@@ -264,6 +273,9 @@ def plan(cfg: PlanConfig, rates: dict[str, Any] | None = None) -> Plan:
     if write_s > decode_s:
         p.notes.append(f"packing is bound by uploads ({_hms(write_s)}), not by decoding ({_hms(decode_s)})")
 
+
+def _plan_loader(p: Plan, cfg: PlanConfig, rates: dict[str, Any], px: float) -> None:
+    """The loader workers a GPU needs, how many a node's cores allow, and what each delivers."""
     p.gpu_rate = rate(rates, "train_samples_per_s", cfg.device, cfg.model, cfg.precision)
     per_worker_cpu = rate(rates, "loader_aug_per_worker" if cfg.augment_on == "cpu" else "loader_raw_per_worker") / px
     one, _ = ranged_reads(BLOCK * 1000, 1, p.shards, 1, cfg.batch_size, rates)
@@ -293,6 +305,10 @@ def plan(cfg: PlanConfig, rates: dict[str, Any] | None = None) -> Plan:
     if p.workers_needed > cores_for_workers and not cfg.workers_per_gpu:
         p.notes.append(f"a node needs {p.cores_needed_per_node} cores to keep its GPUs fed, has "
                        f"{cfg.cores_per_node}: the loader caps the epoch (augment on the GPU, or more cores)")
+
+
+def _plan_reads(p: Plan, cfg: PlanConfig, rates: dict[str, Any]) -> None:
+    """Requests and bytes an epoch reads: ranged GETs from the store, or whole shards into a cache."""
     if cfg.source == "object-store":
         p.requests_per_epoch, p.read_bytes_per_epoch = ranged_reads(cfg.images, p.storage_bytes, p.shards,
                                                                     p.workers_used, cfg.batch_size, rates)
@@ -306,6 +322,9 @@ def plan(cfg: PlanConfig, rates: dict[str, Any] | None = None) -> Plan:
         p.read_bytes_per_epoch = p.storage_bytes  # first epoch fills the cache; later epochs read it locally
         p.requests_per_epoch = p.shards + cfg.nodes  # whole-shard GETs; ranks read contiguous regions
 
+
+def _plan_epoch(p: Plan, cfg: PlanConfig, rates: dict[str, Any]) -> None:
+    """The epoch's components side by side (the slowest bounds it), and the GET rate it implies."""
     storage_bw = min(cfg.nodes * rate(rates, "storage_node_GBps"), rate(rates, "storage_aggregate_GBps")) * 1e9
     p.steps_per_epoch = -(-cfg.images // (cfg.gpus * cfg.batch_size))
     p.components = {
@@ -319,7 +338,6 @@ def plan(cfg: PlanConfig, rates: dict[str, Any] | None = None) -> Plan:
     if cfg.source == "object-store" and per_s > 5500:
         p.notes.append(f"the epoch issues {per_s:,.0f} GET/s; S3 serves about 5,500 GET/s per prefix, so spread the "
                        f"shards over at least {math.ceil(per_s / 5500)} prefixes (or use a shard cache)")
-    return p
 
 
 def plan_rows(p: Plan) -> list[tuple[str, str]]:

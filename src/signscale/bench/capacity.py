@@ -400,76 +400,76 @@ def check(cfg: CheckConfig, *, say: Any = print) -> list[CheckRow]:
     import shutil
     import tempfile
 
-    from signscale.bench.readers import RequestCounter, children_cpu, loader_augment
-    from signscale.bench.scale import (
-        NOISE_KIND,
-        SCALEFS,
-        BenchScaleConfig,
-        _register_scalefs,
-        noise_source_registered,
-        stream_epoch,
-    )
-    from signscale.data.pack import PackConfig, pack
-
     rates = load_rates(cfg.rates)
-    n = cfg.images
     rows: list[CheckRow] = []
     root = tempfile.mkdtemp(prefix="signscale-check-")
     try:
         out = os.path.join(root, "data")
-        _, _, n_shards, total = shard_layout(n, 32, 64.0)
-        say(f"pack {n:,} cheap records on one core ...")
-        # CPU seconds, not wall: on a shared machine the wall time says how much of a core other jobs left
-        cpu0 = time.process_time()
-        with noise_source_registered():
-            res = pack(PackConfig(source=f"{NOISE_KIND}:?n={n}&size=32", out=out, size=32, workers=0, progress=False))
-        pack_cpu = time.process_time() - cpu0
-        rows.append(CheckRow("storage bytes", total, res.bytes, "B", "record layout x count"))
-        rows.append(CheckRow("shards", n_shards, res.shards, "", "ceil(count / records per shard)"))
-        rows.append(CheckRow("pack CPU time (cheap source)", n / rate(rates, "pack_cheap_per_core"), pack_cpu,
-                             "s", "count / pack_cheap_per_core"))
-
-        scfg = BenchScaleConfig(sizes=(n,), workers=cfg.workers)
-        say("one epoch of BatchAugment in one loader worker ...")
-        from signscale.data.manifest import Manifest
-        from signscale.data.stream import open_stream
-
-        # A real worker (DataLoader worker threads default to one), timed by the OS once it exits: the
-        # rate is per worker, hand-off to the main process included.
-        loader = open_stream(out, num_workers=1, batch_size=256, shuffle=True)
-        loader.stream.transform = loader_augment(32, Manifest.load(out).label_space.flip_map())
-        kids0 = children_cpu()
-        seen = sum(int(b["image"].shape[0]) for b in loader)
-        del loader
-        aug_cpu = children_cpu() - kids0
-        rows.append(
-            CheckRow(
-                "loader CPU time, slice + BatchAugment in one worker",
-                seen / rate(rates, "loader_aug_per_worker"),
-                aug_cpu,
-                "s",
-                "count / loader_aug_per_worker",
-            )
-        )
-
-        say("stream one epoch over ranged reads, counting requests ...")
-        _register_scalefs()
-        counter = RequestCounter()
-        with counter.installed():
-            fig = stream_epoch(f"{SCALEFS}://{os.path.abspath(out)}", scfg, counter)
-        req, nbytes = ranged_reads(n, total, n_shards, cfg.workers, 256, rates)
-        rows.append(CheckRow(f"storage requests per epoch, {cfg.workers} worker(s)", req, float(fig.requests or 0), "",
-                             "workers sharing a window x blocks x (requests_per_block + header misses)"))
-        rows.append(CheckRow(f"bytes read per epoch, {cfg.workers} worker(s)", nbytes, float(fig.bytes or 0), "B",
-                             "workers sharing a window x storage bytes x read_amplification"))
-
+        rows += _check_pack(cfg, out, rates, say)
+        rows.append(_check_loader(out, rates, say))
+        rows += _check_reads(cfg, out, rates, say)
         if cfg.train_steps:
             rows.append(_check_train(cfg, out, root, rates, say))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if cfg.save_rates:
-        _save_measured(cfg.save_rates, rows, n)
+        _save_measured(cfg.save_rates, rows, cfg.images)
     return rows
+
+
+def _check_pack(cfg: CheckConfig, out: str, rates: dict[str, Any], say: Any) -> list[CheckRow]:
+    from signscale.bench.scale import NOISE_KIND, noise_source_registered
+    from signscale.data.pack import PackConfig, pack
+
+    n = cfg.images
+    _, _, n_shards, total = shard_layout(n, 32, 64.0)
+    say(f"pack {n:,} cheap records on one core ...")
+    # CPU seconds, not wall: on a shared machine the wall time says how much of a core other jobs left
+    cpu0 = time.process_time()
+    with noise_source_registered():
+        res = pack(PackConfig(source=f"{NOISE_KIND}:?n={n}&size=32", out=out, size=32, workers=0, progress=False))
+    pack_cpu = time.process_time() - cpu0
+    return [CheckRow("storage bytes", total, res.bytes, "B", "record layout x count"),
+            CheckRow("shards", n_shards, res.shards, "", "ceil(count / records per shard)"),
+            CheckRow("pack CPU time (cheap source)", n / rate(rates, "pack_cheap_per_core"), pack_cpu,
+                     "s", "count / pack_cheap_per_core")]
+
+
+def _check_loader(out: str, rates: dict[str, Any], say: Any) -> CheckRow:
+    from signscale.bench.readers import children_cpu, loader_augment
+    from signscale.data.manifest import Manifest
+    from signscale.data.stream import open_stream
+
+    say("one epoch of BatchAugment in one loader worker ...")
+    # A real worker (DataLoader worker threads default to one), timed by the OS once it exits: the
+    # rate is per worker, hand-off to the main process included.
+    loader = open_stream(out, num_workers=1, batch_size=256, shuffle=True)
+    loader.stream.transform = loader_augment(32, Manifest.load(out).label_space.flip_map())
+    kids0 = children_cpu()
+    seen = sum(int(b["image"].shape[0]) for b in loader)
+    del loader
+    aug_cpu = children_cpu() - kids0
+    return CheckRow("loader CPU time, slice + BatchAugment in one worker", seen / rate(rates, "loader_aug_per_worker"),
+                    aug_cpu, "s", "count / loader_aug_per_worker")
+
+
+def _check_reads(cfg: CheckConfig, out: str, rates: dict[str, Any], say: Any) -> list[CheckRow]:
+    from signscale.bench.readers import RequestCounter
+    from signscale.bench.scale import SCALEFS, BenchScaleConfig, _register_scalefs, stream_epoch
+
+    n = cfg.images
+    _, _, n_shards, total = shard_layout(n, 32, 64.0)
+    say("stream one epoch over ranged reads, counting requests ...")
+    _register_scalefs()
+    counter = RequestCounter()
+    with counter.installed():
+        fig = stream_epoch(f"{SCALEFS}://{os.path.abspath(out)}", BenchScaleConfig(sizes=(n,), workers=cfg.workers),
+                           counter)
+    req, nbytes = ranged_reads(n, total, n_shards, cfg.workers, 256, rates)
+    return [CheckRow(f"storage requests per epoch, {cfg.workers} worker(s)", req, float(fig.requests or 0), "",
+                     "workers sharing a window x blocks x (requests_per_block + header misses)"),
+            CheckRow(f"bytes read per epoch, {cfg.workers} worker(s)", nbytes, float(fig.bytes or 0), "B",
+                     "workers sharing a window x storage bytes x read_amplification")]
 
 
 def _check_train(cfg: CheckConfig, data: str, root: str, rates: dict[str, Any], say: Any) -> CheckRow:

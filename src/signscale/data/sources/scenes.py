@@ -222,8 +222,19 @@ class _Road:
 
 
 def _background(rng: np.random.Generator, style: SceneStyle) -> tuple[Image.Image, _Road]:
+    """The scene without its signs: sky and ground, buildings, the road and its markings, the roadside.
+    The draws happen in this order, so a scene stays the same for its (seed, index)."""
     w, h = style.width, style.height
     road = _Road(rng, w, h)
+    img = _sky_and_ground(rng, road, w, h)
+    d = ImageDraw.Draw(img)
+    _buildings(rng, d, road, w, h)
+    _road_and_markings(rng, d, road, h)
+    _roadside(rng, d, road, w, h)
+    return img, road
+
+
+def _sky_and_ground(rng: np.random.Generator, road: _Road, w: int, h: int) -> Image.Image:
     sky, verge = np.array(_SKIES[rng.integers(len(_SKIES))], np.float32), np.array(
         _VERGES[rng.integers(len(_VERGES))], np.float32)
     rows = np.arange(h, dtype=np.float32)[:, None, None]
@@ -231,9 +242,11 @@ def _background(rng: np.random.Generator, style: SceneStyle) -> tuple[Image.Imag
     ground = verge + _noise_field(rng, h, w, (8, 16), 14)[:, :, None]
     arr = np.where(rows < road.horizon, sky_img, ground)
     arr = arr + _noise_field(rng, h, w, (4, 6), 10)[:, :, None]
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(img)
-    # buildings on the horizon, with window grids (high-frequency clutter a detector must ignore)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _buildings(rng: np.random.Generator, d: ImageDraw.ImageDraw, road: _Road, w: int, h: int) -> None:
+    """Buildings on the horizon, with window grids (high-frequency clutter a detector must ignore)."""
     x = -rng.uniform(0, 40)
     while x < w:
         bw, bh = rng.uniform(30, 110), rng.uniform(0.05, 0.32) * h
@@ -249,7 +262,9 @@ def _background(rng: np.random.Generator, style: SceneStyle) -> tuple[Image.Imag
                 c = _CLUTTER[rng.integers(len(_CLUTTER))]
                 d.rectangle((x + 4, road.horizon - bh * 0.5, x + bw * 0.7, road.horizon - bh * 0.4), fill=c)
         x += bw + rng.uniform(0, 30)
-    # road, markings
+
+
+def _road_and_markings(rng: np.random.Generator, d: ImageDraw.ImageDraw, road: _Road, h: int) -> None:
     d.polygon([(road.vx - 2, road.horizon), (road.vx + 2, road.horizon), (road.right_bottom, h),
                (road.left_bottom, h)], fill=_colour(rng, (78, 78, 82), 10))
     for k in range(12):
@@ -259,7 +274,10 @@ def _background(rng: np.random.Generator, style: SceneStyle) -> tuple[Image.Imag
         cx0, cx1 = (a0 + b0) / 2, (a1 + b1) / 2
         ww0, ww1 = (b0 - a0) * 0.012, (b1 - a1) * 0.012
         d.polygon([(cx0 - ww0, y0), (cx0 + ww0, y0), (cx1 + ww1, y1), (cx1 - ww1, y1)], fill=(225, 225, 220))
-    # trees, poles, cars, clutter
+
+
+def _roadside(rng: np.random.Generator, d: ImageDraw.ImageDraw, road: _Road, w: int, h: int) -> None:
+    """Trees, poles, cars and sign-coloured clutter: what a detector must learn is not a sign."""
     for _ in range(int(rng.integers(2, 9))):
         y = rng.uniform(road.horizon, h)
         s = 8 + 80 * (y - road.horizon) / (h - road.horizon)
@@ -290,7 +308,6 @@ def _background(rng: np.random.Generator, style: SceneStyle) -> tuple[Image.Imag
             d.rectangle((x0, y0, x0 + s * rng.uniform(0.5, 3), y0 + s * rng.uniform(0.3, 1)), fill=c)
         else:
             d.ellipse((x0, y0, x0 + s, y0 + s * rng.uniform(0.6, 1.4)), fill=c)
-    return img, road
 
 
 def _iou_any(box: Sequence[float], others: Sequence[Sequence[float]], pad: float) -> bool:

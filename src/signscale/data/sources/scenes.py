@@ -356,33 +356,40 @@ def render_scene(rng: np.random.Generator, style: SceneStyle, pictures: _SignPic
             (cx - pole_w / 2, placed[0][1] + sh / 2, cx + pole_w / 2, ground), fill=_colour(rng, (125, 125, 128), 10)
         )
         for b, lab in zip(placed, label_set):
-            pic = pictures.picture(lab, b[2] - b[0], b[3] - b[1], rng)
-            light = rng.uniform(0.65, 1.15)
-            rgb = np.clip(np.asarray(pic, np.float32)[:, :, :3] * light, 0, 255).astype(np.uint8)
-            pic = Image.fromarray(np.dstack([rgb, np.asarray(pic)[:, :, 3]]), "RGBA")
-            img.paste(pic, (b[0], b[1]), pic)
-            alpha = np.asarray(pic)[:, :, 3] > 24
-            ys, xs = np.nonzero(alpha)
-            if len(xs) == 0:
-                continue
-            box = [b[0] + int(xs.min()), b[1] + int(ys.min()), b[0] + int(xs.max()) + 1, b[1] + int(ys.max()) + 1]
-            frac = 0.0
-            if rng.random() < style.occlusion:  # foliage or a post in front of part of the sign
-                bw_, bh_ = box[2] - box[0], box[3] - box[1]
-                frac = rng.uniform(0.1, 0.35)
-                cover = (box[0] - bw_ * 0.3, box[1] + bh_ * (1 - frac), box[2] + bw_ * 0.3, box[3] + bh_ * 0.5) \
-                    if rng.random() < 0.5 else (box[0] + bw_ * (1 - frac), box[1] - bh_ * 0.3, box[2] + bw_ * 0.4,
-                                                box[3] + bh_ * 0.3)
-                d.ellipse(cover, fill=_colour(rng, (60, 100, 45), 25))
-            boxes.append(box)
-            labels.append(lab)
-            occluded.append(round(float(frac), 3))
+            pasted = _paste_sign(rng, img, d, pictures.picture(lab, b[2] - b[0], b[3] - b[1], rng), b, style)
+            if pasted is not None:
+                boxes.append(pasted[0])
+                labels.append(lab)
+                occluded.append(pasted[1])
     arr = np.asarray(img, dtype=np.uint8)
     condition = "clear"
     if rng.random() < style.weather:
         condition = str(CORRUPTIONS[rng.integers(len(CORRUPTIONS))])
         arr = apply_corruption(arr, condition, int(rng.integers(1, 4)), rng, scale=_weather_scale(boxes))
     return arr, boxes, labels, condition, occluded
+
+
+def _paste_sign(rng: np.random.Generator, img: Image.Image, d: ImageDraw.ImageDraw, pic: Image.Image,
+                b: list[int], style: SceneStyle) -> tuple[list[int], float] | None:
+    """Paste one sign picture under its own light at ``b``; (its tight box, occluded fraction), or
+    None when the picture has no visible pixel. Sometimes foliage or a post covers part of it."""
+    light = rng.uniform(0.65, 1.15)
+    rgb = np.clip(np.asarray(pic, np.float32)[:, :, :3] * light, 0, 255).astype(np.uint8)
+    pic = Image.fromarray(np.dstack([rgb, np.asarray(pic)[:, :, 3]]), "RGBA")
+    img.paste(pic, (b[0], b[1]), pic)
+    ys, xs = np.nonzero(np.asarray(pic)[:, :, 3] > 24)
+    if len(xs) == 0:
+        return None
+    box = [b[0] + int(xs.min()), b[1] + int(ys.min()), b[0] + int(xs.max()) + 1, b[1] + int(ys.max()) + 1]
+    frac = 0.0
+    if rng.random() < style.occlusion:
+        bw_, bh_ = box[2] - box[0], box[3] - box[1]
+        frac = rng.uniform(0.1, 0.35)
+        cover = (box[0] - bw_ * 0.3, box[1] + bh_ * (1 - frac), box[2] + bw_ * 0.3, box[3] + bh_ * 0.5) \
+            if rng.random() < 0.5 else (box[0] + bw_ * (1 - frac), box[1] - bh_ * 0.3, box[2] + bw_ * 0.4,
+                                        box[3] + bh_ * 0.3)
+        d.ellipse(cover, fill=_colour(rng, (60, 100, 45), 25))
+    return box, round(float(frac), 3)
 
 
 def _weather_scale(boxes: list[list[int]]) -> float:

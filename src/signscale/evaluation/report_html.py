@@ -187,6 +187,13 @@ def per_class_png(metrics: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
+# The confusions picture's layout in pixels: example tiles, the gaps between them, the arrow, a card's
+# heading and foot, the canvas margin and the space between two columns of cards.
+_TILE, _GAP, _ARROW_W, _HEAD, _FOOT, _MARGIN, _BETWEEN = 80, 12, 46, 38, 18, 10, 44
+_CARD_W, _CARD_H = 5 * _TILE + 4 * _GAP + _ARROW_W, _HEAD + _TILE + _FOOT + 12
+_Text = tuple[float, float, str, dict[str, Any]]
+
+
 def confusions_png(metrics: Mapping[str, Any], example_images: Sequence[Sequence[np.ndarray]],
                    class_images: Mapping[int, np.ndarray]) -> bytes:
     """The most frequent confusions: misclassified examples, then what the predicted class looks like.
@@ -203,43 +210,53 @@ def confusions_png(metrics: Mapping[str, Any], example_images: Sequence[Sequence
                "No confusions listed (the evaluation was run with examples=0).")
         fig.text(0.5, 0.5, msg, ha="center", va="center", fontsize=11, color=INK)
         return _png(fig)
-    tile, gap, arrow_w, head, foot, margin, between = 80, 12, 46, 38, 18, 10, 44
-    card_w, card_h = 5 * tile + 4 * gap + arrow_w, head + tile + foot + 12
     cols = 2 if len(top) > 4 else 1
     rows = math.ceil(len(top) / cols)
-    width, height = 2 * margin + cols * card_w + (cols - 1) * between, 30 + rows * card_h
+    width, height = 2 * _MARGIN + cols * _CARD_W + (cols - 1) * _BETWEEN, 30 + rows * _CARD_H
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    texts: list[tuple[float, float, str, dict[str, Any]]] = [
-        (margin, 18, ("Most frequent confusions: misclassified examples (red), then a correctly classified sample "
-                      "of the class they were taken for (green)"), {"fontsize": 10, "color": INK})]
+    texts: list[_Text] = [
+        (_MARGIN, 18, ("Most frequent confusions: misclassified examples (red), then a correctly classified sample "
+                       "of the class they were taken for (green)"), {"fontsize": 10, "color": INK})]
     for k, c in enumerate(top):
-        x0, y0 = margin + (k // rows) * (card_w + between), 30 + (k % rows) * card_h
-        texts.append((x0, y0 + head - 22, f"#{k + 1}   {c['count']:,}x, {_pct(c['rate'], 1)} of the class",
-                      {"fontsize": 8, "color": INK, "fontweight": "bold"}))
-        pair = (f"true {c['true_id']}: {_short(names.get(c['true_id'], c['true']), 24)}  \u2192  predicted "
-                f"{c['predicted_id']}: {_short(names.get(c['predicted_id'], c['predicted']), 24)}")
-        texts.append((x0, y0 + head - 7, pair, {"fontsize": 7.5, "color": INK}))
-        ty = y0 + head
+        x0, y0 = _MARGIN + (k // rows) * (_CARD_W + _BETWEEN), 30 + (k % rows) * _CARD_H
         imgs = list(example_images[k]) if k < len(example_images) else []
-        ids = c.get("example_keys") or c.get("examples") or []
-        for j, img in enumerate(imgs[:4]):
-            x = x0 + j * (tile + gap)
-            _paste(canvas, img, x, ty, tile, BAD)
-            if j < len(ids):
-                texts.append((x + tile / 2, ty + tile + 13, _tail(str(ids[j]).rsplit("/", 1)[-1], 15),
-                              {"fontsize": 6.5, "color": MUTED, "ha": "center"}))
-        ax_x = x0 + 4 * (tile + gap) - gap + arrow_w / 2
-        texts.append((ax_x, ty + tile / 2 + 8, "\u2192", {"fontsize": 18, "color": MUTED, "ha": "center"}))
-        rx = x0 + 4 * (tile + gap) - gap + arrow_w
-        ref = class_images.get(c["predicted_id"])
-        if ref is not None:
-            _paste(canvas, ref, rx, ty, tile, GOOD)
-            texts.append((rx + tile / 2, ty + tile + 13, "predicted class", {"fontsize": 6.5, "color": MUTED,
-                                                                            "ha": "center"}))
-        else:
-            _paste(canvas, np.full((8, 8, 3), 242, dtype=np.uint8), rx, ty, tile, "#d5dbe1")
-            texts.append((rx + tile / 2, ty + tile / 2 + 4, "no correct\nexample",
-                          {"fontsize": 6.5, "color": MUTED, "ha": "center", "va": "center"}))
+        texts += _confusion_card(canvas, k, c, names, imgs, class_images.get(c["predicted_id"]), x0, y0)
+    return _canvas_png(canvas, texts)
+
+
+def _confusion_card(canvas: np.ndarray, k: int, c: Mapping[str, Any], names: Mapping[int, str],
+                    imgs: list[np.ndarray], ref: np.ndarray | None, x0: float, y0: float) -> list[_Text]:
+    """One confusion: its heading, up to four misclassified examples, an arrow, the predicted class."""
+    texts: list[_Text] = [(x0, y0 + _HEAD - 22, f"#{k + 1}   {c['count']:,}x, {_pct(c['rate'], 1)} of the class",
+                           {"fontsize": 8, "color": INK, "fontweight": "bold"})]
+    pair = (f"true {c['true_id']}: {_short(names.get(c['true_id'], c['true']), 24)}  \u2192  predicted "
+            f"{c['predicted_id']}: {_short(names.get(c['predicted_id'], c['predicted']), 24)}")
+    texts.append((x0, y0 + _HEAD - 7, pair, {"fontsize": 7.5, "color": INK}))
+    ty = y0 + _HEAD
+    ids = c.get("example_keys") or c.get("examples") or []
+    for j, img in enumerate(imgs[:4]):
+        x = x0 + j * (_TILE + _GAP)
+        _paste(canvas, img, x, ty, _TILE, BAD)
+        if j < len(ids):
+            texts.append((x + _TILE / 2, ty + _TILE + 13, _tail(str(ids[j]).rsplit("/", 1)[-1], 15),
+                          {"fontsize": 6.5, "color": MUTED, "ha": "center"}))
+    ax_x = x0 + 4 * (_TILE + _GAP) - _GAP + _ARROW_W / 2
+    texts.append((ax_x, ty + _TILE / 2 + 8, "\u2192", {"fontsize": 18, "color": MUTED, "ha": "center"}))
+    rx = x0 + 4 * (_TILE + _GAP) - _GAP + _ARROW_W
+    if ref is not None:
+        _paste(canvas, ref, rx, ty, _TILE, GOOD)
+        texts.append((rx + _TILE / 2, ty + _TILE + 13, "predicted class", {"fontsize": 6.5, "color": MUTED,
+                                                                          "ha": "center"}))
+    else:
+        _paste(canvas, np.full((8, 8, 3), 242, dtype=np.uint8), rx, ty, _TILE, "#d5dbe1")
+        texts.append((rx + _TILE / 2, ty + _TILE / 2 + 4, "no correct\nexample",
+                      {"fontsize": 6.5, "color": MUTED, "ha": "center", "va": "center"}))
+    return texts
+
+
+def _canvas_png(canvas: np.ndarray, texts: list[_Text]) -> bytes:
+    """One imshow of the whole canvas, the text laid over it in pixel coordinates."""
+    height, width = canvas.shape[:2]
     fig = _figure(width / DPI, height / DPI)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(canvas, interpolation="nearest", extent=(0, width, height, 0))

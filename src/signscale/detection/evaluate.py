@@ -580,6 +580,16 @@ def _condition_row(name: str, c: dict[str, Any]) -> str:
     return f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td class=n>{x}</td>" for x in cells) + "</tr>"
 
 
+_REPORT_STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#1f2933}table{border-collapse:collapse}
+td,th{padding:4px 10px;border-bottom:1px solid #ddd}th{font-weight:600;text-align:right}
+.n{text-align:right;font-variant-numeric:tabular-nums}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:8px}
+.grid figure{margin:0}figure img{border:1px solid #999;image-rendering:pixelated}
+figcaption{font-size:12px;color:#444;overflow-wrap:anywhere}figure{display:inline-block;vertical-align:top}
+figure.frame{margin:8px}figure.frame img{max-width:1024px;image-rendering:auto}
+figure.frame figcaption{max-width:1024px}"""
+
+
 def write_scene_report(out: str, metrics: dict[str, Any], evidence: _Evidence, mined: dict[str, list[list[float]]],
                        *, worst: int = 6) -> dict[str, str]:
     """``metrics.json``, ``false_alarms.json``, ``overlays/*.png`` and ``report.html``."""
@@ -590,66 +600,73 @@ def write_scene_report(out: str, metrics: dict[str, Any], evidence: _Evidence, m
     storage.write_json(files["metrics"], metrics)
     storage.write_json(files["false_alarms"], mined)
     m = metrics
+    examples = "".join(f"<figure>{_img(_png(_thumb(a)), name)}<figcaption>{html.escape(name)}</figcaption></figure>"
+                       for name, a in evidence.examples.items()) if len(m["conditions"]) > 1 else ""
+    weather = (f"<h2>Weather and sensor corruptions (severity {m['severity']}, seed {m['seed']}, sized by the signs "
+               f"in each frame)</h2>" if len(m["conditions"]) > 1 else "")
+    crops = (_crop_grid("Missed signs, largest first (magenta: the sign)", evidence.misses.items(),
+                        evidence.misses.seen)
+             + _crop_grid("False alarms, highest score first (red: the box)", evidence.alarms.items(),
+                          evidence.alarms.seen))
+    frames = "".join(_frame_section(out, title, group[:worst])
+                     for title, group in (("Frames with the most misses", evidence.miss_frames.items()),
+                                          ("Frames with the most false alarms", evidence.alarm_frames.items())))
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>signscale detection report</title>
+<style>{_REPORT_STYLE}</style></head><body>
+<h1>Sign detection: {m['scenes']} frames, {m['signs']} signs</h1>
+<p>detector <code>{html.escape(m['detector'])}</code>, classifier <code>{html.escape(m['classifier'] or '-')}</code>,
+data <code>{html.escape(m['data'])}</code></p>{weather}{_figures_table(m)}{_facts(m)}{examples}
+{crops}
+<h2>Full frames</h2><p>Enlarged 2x. White: ground truth; magenta: missed sign; coloured: detection labelled
+"class detector-score/classifier-confidence" (colour = category); red "FP": false alarm.</p>
+{frames}</body></html>"""
+    storage.write_bytes(files["report"], doc.encode())
+    return files
+
+
+def _figures_table(m: dict[str, Any]) -> str:
+    """One row per condition: mAP, recall by size, false alarms per frame, end to end, what rejection removed."""
     head = ("<tr><th>condition</th><th>mAP@0.5</th><th>mAP@[.5:.95]</th>"
             + "".join(f"<th>recall {html.escape(k)} px (n={v['count']})</th>" for k, v in m["recall_by_size"].items())
             + f"<th>recall &lt; {SMALL_PX} px (n={m['recall_small']['count']})</th><th>false alarms / frame</th>"
             "<th>end-to-end 43-class</th><th>rejection removed: false alarms / true signs</th></tr>")
     rows = "".join(_condition_row(name if name == CLEAN else f"{name} (severity {m['severity']})", c)
                    for name, c in m["conditions"].items())
-    examples = "".join(f"<figure>{_img(_png(_thumb(a)), name)}<figcaption>{html.escape(name)}</figcaption></figure>"
-                       for name, a in evidence.examples.items()) if len(m["conditions"]) > 1 else ""
+    return f"<table>{head}{rows}</table>"
+
+
+def _facts(m: dict[str, Any]) -> str:
     rej = m["rejection"]
-    facts = (f"<p>Operating threshold {m['score_thresh']} (mAP over all boxes &ge; {m['map_thresh']}), a sign is "
-             f"found at IoU &ge; {m['iou']}. mAP is class-agnostic (&quot;sign&quot;). "
-             f"{m['frames_per_s']:.2f} frames/s for the whole pipeline ({html.escape(m['frames_per_s_basis'])}; "
-             f"frames {html.escape(', '.join(m['frame_sizes']))}) on {html.escape(m['device'])}. "
-             f"The second stage rejected {rej['rejected']} box(es) at the threshold: "
-             f"{rej['false_alarms_removed']} false alarm(s) and {rej['signs_removed']} true sign(s) removed "
-             f"({rej['fp_per_image_without_rejection']:.2f} false alarms / frame without it). "
-             f"{m['hard_negatives']} hard negative(s) (score &ge; {m['mine_thresh']}, IoU &lt; {m['mine_iou']} with "
-             f"every sign) in <code>false_alarms.json</code>.</p>")
-    weather = (f"<h2>Weather and sensor corruptions (severity {m['severity']}, seed {m['seed']}, sized by the signs "
-               f"in each frame)</h2>" if len(m["conditions"]) > 1 else "")
+    return (f"<p>Operating threshold {m['score_thresh']} (mAP over all boxes &ge; {m['map_thresh']}), a sign is "
+            f"found at IoU &ge; {m['iou']}. mAP is class-agnostic (&quot;sign&quot;). "
+            f"{m['frames_per_s']:.2f} frames/s for the whole pipeline ({html.escape(m['frames_per_s_basis'])}; "
+            f"frames {html.escape(', '.join(m['frame_sizes']))}) on {html.escape(m['device'])}. "
+            f"The second stage rejected {rej['rejected']} box(es) at the threshold: "
+            f"{rej['false_alarms_removed']} false alarm(s) and {rej['signs_removed']} true sign(s) removed "
+            f"({rej['fp_per_image_without_rejection']:.2f} false alarms / frame without it). "
+            f"{m['hard_negatives']} hard negative(s) (score &ge; {m['mine_thresh']}, IoU &lt; {m['mine_iou']} with "
+            f"every sign) in <code>false_alarms.json</code>.</p>")
 
-    def grid(title: str, items: list[dict[str, Any]], seen: int) -> str:
-        cells = "".join(f"<figure>{_img(it['png'], it['caption'])}<figcaption>{html.escape(it['caption'])}"
-                        f"</figcaption></figure>" for it in items)
-        more = f" ({len(items)} of {seen} shown)" if seen > len(items) else ""
-        return f"<h2>{html.escape(title)}{more}</h2><div class=grid>{cells or '<p>none</p>'}</div>"
 
-    crops = (grid("Missed signs, largest first (magenta: the sign)", evidence.misses.items(), evidence.misses.seen)
-             + grid("False alarms, highest score first (red: the box)", evidence.alarms.items(), evidence.alarms.seen))
-    frames = []
-    for title, group in (("Frames with the most misses", evidence.miss_frames.items()),
-                         ("Frames with the most false alarms", evidence.alarm_frames.items())):
-        cells = []
-        for s in group[:worst]:
-            png = _png(draw_detections(s["image"], s["detections"], truth=s["truth"], miss=s["missed"], scale=2))
-            name = f"overlays/{_safe(s['key'])}.png"
-            storage.write_bytes(storage.join(out, name), png)
-            # linked, not embedded: a real 816x480 frame at 2x is ~1 MB of PNG, a dozen would bloat the page
-            cells.append(f'<figure class=frame><a href="{html.escape(name)}"><img src="{html.escape(name)}" '
-                         f'alt="{html.escape(s["key"])}" loading="lazy"></a><figcaption>{html.escape(s["caption"])}'
-                         "</figcaption></figure>")
-        frames.append(f"<h3>{html.escape(title)}</h3>" + ("".join(cells) or "<p>none</p>"))
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>signscale detection report</title>
-<style>body{{font-family:system-ui,sans-serif;margin:24px;color:#1f2933}}table{{border-collapse:collapse}}
-td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}th{{font-weight:600;text-align:right}}
-.n{{text-align:right;font-variant-numeric:tabular-nums}}
-.grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:8px}}
-.grid figure{{margin:0}}figure img{{border:1px solid #999;image-rendering:pixelated}}
-figcaption{{font-size:12px;color:#444;overflow-wrap:anywhere}}figure{{display:inline-block;vertical-align:top}}
-figure.frame{{margin:8px}}figure.frame img{{max-width:1024px;image-rendering:auto}}
-figure.frame figcaption{{max-width:1024px}}</style></head><body>
-<h1>Sign detection: {m['scenes']} frames, {m['signs']} signs</h1>
-<p>detector <code>{html.escape(m['detector'])}</code>, classifier <code>{html.escape(m['classifier'] or '-')}</code>,
-data <code>{html.escape(m['data'])}</code></p>{weather}<table>{head}{rows}</table>{facts}{examples}
-{crops}
-<h2>Full frames</h2><p>Enlarged 2x. White: ground truth; magenta: missed sign; coloured: detection labelled
-"class detector-score/classifier-confidence" (colour = category); red "FP": false alarm.</p>
-{''.join(frames)}</body></html>"""
-    storage.write_bytes(files["report"], doc.encode())
-    return files
+def _crop_grid(title: str, items: list[dict[str, Any]], seen: int) -> str:
+    cells = "".join(f"<figure>{_img(it['png'], it['caption'])}<figcaption>{html.escape(it['caption'])}"
+                    f"</figcaption></figure>" for it in items)
+    more = f" ({len(items)} of {seen} shown)" if seen > len(items) else ""
+    return f"<h2>{html.escape(title)}{more}</h2><div class=grid>{cells or '<p>none</p>'}</div>"
+
+
+def _frame_section(out: str, title: str, group: list[dict[str, Any]]) -> str:
+    """Whole frames with every box drawn, written beside the page and linked: a real 816x480 frame at 2x
+    is ~1 MB of PNG, a dozen embedded would bloat the page."""
+    cells = []
+    for s in group:
+        png = _png(draw_detections(s["image"], s["detections"], truth=s["truth"], miss=s["missed"], scale=2))
+        name = f"overlays/{_safe(s['key'])}.png"
+        storage.write_bytes(storage.join(out, name), png)
+        cells.append(f'<figure class=frame><a href="{html.escape(name)}"><img src="{html.escape(name)}" '
+                     f'alt="{html.escape(s["key"])}" loading="lazy"></a><figcaption>{html.escape(s["caption"])}'
+                     "</figcaption></figure>")
+    return f"<h3>{html.escape(title)}</h3>" + ("".join(cells) or "<p>none</p>")
 
 
 def _thumb(arr: np.ndarray, width: int = 272) -> np.ndarray:

@@ -93,6 +93,44 @@ def _problem_reason(text: str) -> str:
     return tail.split(" ", 1)[0]
 
 
+# Quarantine reasons that lose a whole scene; the others are single boxes a reader dropped.
+_SCENE_LEVEL = {"missing_file", "unreadable_image", "not_an_image", "too_many_pixels", "truncated", "empty",
+                "undecodable", "missing_label_file", "bad_array"}
+
+
+class _ShardBuffer:
+    """Scenes gathered until a shard's worth, then written as one ``encoded`` shard with its info."""
+
+    def __init__(self, out: str, dtype: np.dtype, num_classes: int, budget: int) -> None:
+        self.out, self.dtype, self.num_classes, self.budget = out, dtype, num_classes, budget
+        self.infos: list[dict[str, Any]] = []
+        self.recs: list[np.ndarray] = []
+        self.blobs: list[bytes] = []
+        self.extras: list[bytes] = []
+        self.size = 0
+
+    def add(self, rec: np.ndarray, blob: bytes, meta: dict[str, Any]) -> None:
+        self.recs.append(rec)
+        self.blobs.append(blob)
+        self.extras.append(json.dumps(meta, separators=(",", ":")).encode())
+        self.size += len(blob) + 200
+        if self.size >= self.budget:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.recs:
+            return
+        data = shards.encode_encoded_shard(np.array(self.recs, dtype=self.dtype), self.blobs, self.extras)
+        path = f"shards/shard-{len(self.infos):05d}.sgs"
+        sha = storage.write_bytes(storage.join(self.out, path), data)
+        labels = np.array([x for e in self.extras for x in json.loads(e)["labels"]], dtype=np.int64)
+        ch = np.bincount(labels, minlength=self.num_classes)[:self.num_classes]
+        self.infos.append({"path": path, "sha256": sha, "bytes": len(data), "count": len(self.recs),
+                           "class_histogram": [int(x) for x in ch]})
+        self.recs.clear(), self.blobs.clear(), self.extras.clear()
+        self.size = 0
+
+
 def pack_scenes(cfg: ScenePackConfig, *, progress: Any = None) -> ScenePackResult:
     """Pack a scene source into ``encoded`` shards at ``cfg.out``; boxes go into each record's extras.
 
@@ -108,76 +146,59 @@ def pack_scenes(cfg: ScenePackConfig, *, progress: Any = None) -> ScenePackResul
     result = ScenePackResult(url=out)
     quarantine: list[dict[str, Any]] = [{"index": -1, "key": p.key, "reason": p.reason, "detail": p.detail,
                                          "source": cfg.source} for p in getattr(source, "problems", [])]
-    infos: list[dict[str, Any]] = []
-    recs: list[np.ndarray] = []
-    blobs: list[bytes] = []
-    extras: list[bytes] = []
+    buffer = _ShardBuffer(out, dtype, len(source.label_space), cfg.shard_mb * 2**20)
     hist = np.zeros(len(source.label_space), np.int64)
-    budget = cfg.shard_mb * 2**20
-
-    def flush() -> None:
-        if not recs:
-            return
-        c = len(infos)
-        data = shards.encode_encoded_shard(np.array(recs, dtype=dtype), blobs, extras)
-        path = f"shards/shard-{c:05d}.sgs"
-        sha = storage.write_bytes(storage.join(out, path), data)
-        labels = np.array([x for e in extras for x in json.loads(e)["labels"]], dtype=np.int64)
-        ch = np.bincount(labels, minlength=len(source.label_space))[:len(source.label_space)]
-        infos.append({"path": path, "sha256": sha, "bytes": len(data), "count": len(recs),
-                      "class_histogram": [int(x) for x in ch]})
-        recs.clear(), blobs.clear(), extras.clear()
-
-    size = 0
     for i in range(len(source)):
         item = source.read(i)
         if progress is not None:
             progress(1)
-        if isinstance(item, Problem):
-            quarantine.append({"index": i, "key": item.key, "reason": item.reason, "detail": item.detail,
-                               "source": cfg.source})
+        scene = _read_scene(item, i, cfg, quarantine)
+        if scene is None:
             continue
-        try:
-            arr = item.image if isinstance(item.image, np.ndarray) else images.decode(item.image or b"",
-                                                                                       max_pixels=cfg.max_pixels)
-            if arr.shape[0] * arr.shape[1] > cfg.max_pixels:
-                raise images.ImageError("too_many_pixels", f"{arr.shape[1]}x{arr.shape[0]} > {cfg.max_pixels}")
-        except images.ImageError as exc:
-            quarantine.append({"index": i, "key": item.key, "reason": exc.reason, "detail": exc.detail,
-                               "source": cfg.source})
-            continue
-        meta = dict(item.meta)
-        for text in meta.get("problems", []):
-            quarantine.append({"index": i, "key": item.key, "reason": _problem_reason(text), "detail": text,
-                               "source": cfg.source})
-        blob = item.image if (cfg.image_format == "original" and isinstance(item.image, bytes)) else \
-            _encode(arr, "png" if cfg.image_format == "original" else cfg.image_format, cfg.quality)
-        meta["key"] = item.key
-        recs.append(_scene_record(item, i, arr, dtype))
-        blobs.append(blob)
-        extras.append(json.dumps(meta, separators=(",", ":")).encode())
+        arr, meta, blob = scene
+        buffer.add(_scene_record(item, i, arr, dtype), blob, meta)
         hist += np.bincount(np.asarray(meta["labels"], np.int64), minlength=len(hist))[:len(hist)]
         result.count += 1
         result.boxes += len(meta["labels"])
-        size += len(blob) + 200
-        if size >= budget:
-            flush()
-            size = 0
-    flush()
+    buffer.flush()
     m = write_dataset_index(
         out, name=cfg.name or source.kind, source=source.describe(), encoding="encoded", record_dtype=dtype,
-        label_space=source.label_space, shard_infos=infos, sources=[cfg.source], quarantine=quarantine,
+        label_space=source.label_space, shard_infos=buffer.infos, sources=[cfg.source], quarantine=quarantine,
         totals={"count": result.count, "boxes": result.boxes, "classes": int((hist > 0).sum())},
         extra={"scenes": True, "pack_config": {k: getattr(cfg, k) for k in ScenePackConfig.__dataclass_fields__}})
-    by_reason = m.data["quarantine"]["by_reason"]
-    result.shards, result.bytes = len(infos), m.data["totals"]["bytes"]
-    scene_level = {"missing_file", "unreadable_image", "not_an_image", "too_many_pixels", "truncated", "empty",
-                   "undecodable", "missing_label_file", "bad_array"}
-    result.quarantined = sum(1 for q in quarantine if q["reason"] in scene_level)
+    result.shards, result.bytes = len(buffer.infos), m.data["totals"]["bytes"]
+    result.quarantined = sum(1 for q in quarantine if q["reason"] in _SCENE_LEVEL)
     result.box_problems = len(quarantine) - result.quarantined
-    result.by_reason = by_reason
+    result.by_reason = m.data["quarantine"]["by_reason"]
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _read_scene(item: Sample | Problem, i: int, cfg: ScenePackConfig, quarantine: list[dict[str, Any]]
+                ) -> tuple[np.ndarray, dict[str, Any], bytes] | None:
+    """(pixels, extras, stored bytes) of one scene, its dropped boxes quarantined; None (quarantined)
+    when the scene itself cannot be used."""
+    if isinstance(item, Problem):
+        quarantine.append({"index": i, "key": item.key, "reason": item.reason, "detail": item.detail,
+                           "source": cfg.source})
+        return None
+    try:
+        arr = item.image if isinstance(item.image, np.ndarray) else images.decode(item.image or b"",
+                                                                                   max_pixels=cfg.max_pixels)
+        if arr.shape[0] * arr.shape[1] > cfg.max_pixels:
+            raise images.ImageError("too_many_pixels", f"{arr.shape[1]}x{arr.shape[0]} > {cfg.max_pixels}")
+    except images.ImageError as exc:
+        quarantine.append({"index": i, "key": item.key, "reason": exc.reason, "detail": exc.detail,
+                           "source": cfg.source})
+        return None
+    meta = dict(item.meta)
+    for text in meta.get("problems", []):
+        quarantine.append({"index": i, "key": item.key, "reason": _problem_reason(text), "detail": text,
+                           "source": cfg.source})
+    blob = item.image if (cfg.image_format == "original" and isinstance(item.image, bytes)) else \
+        _encode(arr, "png" if cfg.image_format == "original" else cfg.image_format, cfg.quality)
+    meta["key"] = item.key
+    return arr, meta, blob
 
 
 def _raise_not_scene(spec: str) -> Source:

@@ -47,24 +47,22 @@ from signscale.evaluation.metrics import (
     EVAL_FORMAT,
     EVAL_VERSION,
     NLL_SCALE,
+    EvalError,
     cross_country_confusions,
     expected_calibration_error,
+    label_map,
     per_class,
     unfixed,
 )
 from signscale.evaluation.robustness import pair_groups, with_variants
 from signscale.evaluation.tally import SKIP_EXAMPLES, Tally
-from signscale.labels import COUNTRIES, LabelError, LabelSpace
+from signscale.labels import COUNTRIES, LabelSpace
 from signscale.training import checkpoint, distributed, precision
 from signscale.transforms import Preprocess, to_input
 
 __all__ = ["EvalConfig", "EvalError", "EvalReport", "evaluate", "label_map", "score_predictions"]
 
 DEFAULT_DATA = "synthetic:?n=2000&seed=1000"  # a seed no default training set uses
-
-
-class EvalError(ValueError):
-    """An evaluation that cannot run as asked; the message names the model, the data and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,35 +156,6 @@ def score_predictions(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     tally.add(torch.from_numpy(np.log(np.maximum(probs, 1e-300))), torch.from_numpy(labels),
               ids=np.arange(len(labels)), keep=np.ones(len(labels), dtype=bool), images=None, meta={})
     return {**_summary_numbers(tally), "confusion": tally.confusion, **per_class(tally.confusion)}
-
-
-def label_map(data_space: LabelSpace, model_space: LabelSpace) -> tuple[np.ndarray, str]:
-    """(lut, how): ``lut[data id]`` is the model's id for that class, or -1 where the model lacks it.
-
-    Identical label spaces map by id. Otherwise a class maps to the model output that stands for
-    the same (country, country id), which is exact for models trained on merged spaces; classes left
-    over map by semantic key, so a German model is scored on Chinese data over the meanings both
-    share (``speed_limit_60`` is the same sign whatever its design). Raises EvalError when no class
-    maps at all.
-    """
-    if data_space.fingerprint() == model_space.fingerprint():
-        return np.arange(len(data_space), dtype=np.int64), "identity"
-    try:
-        lut = model_space.map_from(data_space)
-    except LabelError:
-        lut = np.full(len(data_space), -1, dtype=np.int64)
-    how = "by_country_id" if (lut >= 0).all() else "by_key"
-    by_meaning: dict[str, int] = {}
-    for i, c in enumerate(model_space.classes):
-        by_meaning.setdefault(c.key, i)  # by design, one meaning has several outputs: the first stands for it
-    for j in np.flatnonzero(lut < 0):
-        lut[j] = by_meaning.get(data_space[int(j)].key, -1)
-    if not (lut >= 0).any():
-        raise EvalError(f"no class of the data's label space {data_space.name!r} ({len(data_space)} classes, e.g. "
-                        f"{', '.join(data_space.keys[:3])}) is in the model's label space {model_space.name!r} "
-                        f"({len(model_space)} classes): nothing to evaluate. Evaluate on data of the classes the "
-                        f"model was trained on.")
-    return lut, how
 
 
 def _summary_numbers(t: Tally) -> dict[str, float]:
@@ -617,6 +586,27 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
     return _evaluate(cfg)
 
 
+class _Scorer:
+    """The model's (calibrated, optionally flip-TTA) log-probabilities, and which rows of a batch it
+    can score: labels mapped into the model's ids, padding and classes the model lacks left out."""
+
+    def __init__(self, model: torch.nn.Module, pre: Preprocess, device: torch.device, cfg: EvalConfig,
+                 temperature: float, space: LabelSpace, lut: torch.Tensor) -> None:
+        self.model, self.pre, self.device, self.cfg = model, pre, device, cfg
+        self.temperature, self.lut = temperature, lut
+        self.flip_map = torch.from_numpy(space.flip_map()) if cfg.tta else None
+
+    def __call__(self, images_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return log_probs(self.model, images_nhwc, self.pre, self.device, self.cfg.precision,
+                         temperature=self.temperature, flip_map=self.flip_map)
+
+    def rows(self, b: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(labels in the model's ids, rows to score, real rows of classes the model lacks)."""
+        mapped = self.lut[b["label"].long()]
+        real, known = ~b["pad"].numpy(), (mapped >= 0).numpy()
+        return mapped.clamp(min=0), real & known, real & ~known
+
+
 def _evaluate(cfg: EvalConfig) -> EvalReport:
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
@@ -626,53 +616,12 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
         cfg = dataclasses.replace(cfg, crop=model_info.get("data_crop", "none"))
     data = open_data(cfg, pre, rank, world, pin=device.type == "cuda")
     lut_np, mapping = label_map(data.label_space, space)
-    lut = torch.from_numpy(lut_np)
     pairs = cfg.pairs()
     tally = Tally(len(space), len(data.conditions), len(data.countries), len(pairs), len(data.source_names))
-    from signscale.progress import progress_bar
-
+    scorer = _Scorer(model, pre, device, cfg, model_info["temperature"], space, torch.from_numpy(lut_np))
     show = cfg.progress and rank == 0
-    flip_map = torch.from_numpy(space.flip_map()) if cfg.tta else None
-
-    def score(images_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return log_probs(model, images_nhwc, pre, device, cfg.precision, temperature=model_info["temperature"],
-                          flip_map=flip_map)
-
-    def rows(b: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """(labels in the model's ids, rows to score, real rows of classes the model lacks)."""
-        mapped = lut[b["label"].long()]
-        real, known = ~b["pad"].numpy(), (mapped >= 0).numpy()
-        return mapped.clamp(min=0), real & known, real & ~known
-
-    started = time.perf_counter()
-    with progress_bar("evaluate", data.batches, enabled=show, unit="batches") as advance:
-        for b in data.loader([]):
-            tally.add_skips(b.get("skips", ()))
-            labels, keep, unknown = rows(b)
-            tally.unmapped.update(b["label"].numpy()[unknown].tolist())
-            if keep.any():
-                logp, plain = score(b["image"])
-                meta = {k: b[k].numpy() for k in ("condition", "country", "source")}
-                tally.add(logp, labels, ids=b["id"].numpy(), keep=keep, images=b["image"].numpy(), meta=meta,
-                          keys=b.get("keys"), logp_raw=plain)
-            advance(1)
-    tally.seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    for group in pair_groups(pairs, cfg.batch_size, data.image_size):
-        with progress_bar(f"corruptions {group[0] + 1}-{group[-1] + 1}/{len(pairs)}", data.batches, enabled=show,
-                          unit="batches") as advance:
-            for b in data.loader([pairs[i] for i in group]):
-                labels, keep, _ = rows(b)
-                if keep.any():
-                    sel = torch.from_numpy(keep)
-                    y = labels[sel].to(device)
-                    for variant, i in zip(b["variants"], group):
-                        pred = score(variant[sel])[0].argmax(1)
-                        tally.corrupted[i] += (int(keep.sum()), int((pred == y).sum()))
-                advance(1)
-    tally.corruption_seconds = time.perf_counter() - started
-
+    _clean_pass(data, tally, scorer, show)
+    _corruption_pass(data, tally, scorer, pairs, cfg.batch_size, device, show)
     tally.reduce(device)
     metrics = _metrics(cfg, tally, model_info=model_info, data=data, space=space, mapping=mapping, pairs=pairs,
                        world=world, device=device)
@@ -691,5 +640,45 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
                                                 class_images=report.class_images)
     distributed.barrier()
     return report
+
+
+def _clean_pass(data: Any, tally: Tally, scorer: _Scorer, show: bool) -> None:
+    """Every sample once, as it is: the tally's sums, examples and skips."""
+    from signscale.progress import progress_bar
+
+    started = time.perf_counter()
+    with progress_bar("evaluate", data.batches, enabled=show, unit="batches") as advance:
+        for b in data.loader([]):
+            tally.add_skips(b.get("skips", ()))
+            labels, keep, unknown = scorer.rows(b)
+            tally.unmapped.update(b["label"].numpy()[unknown].tolist())
+            if keep.any():
+                logp, plain = scorer(b["image"])
+                meta = {k: b[k].numpy() for k in ("condition", "country", "source")}
+                tally.add(logp, labels, ids=b["id"].numpy(), keep=keep, images=b["image"].numpy(), meta=meta,
+                          keys=b.get("keys"), logp_raw=plain)
+            advance(1)
+    tally.seconds = time.perf_counter() - started
+
+
+def _corruption_pass(data: Any, tally: Tally, scorer: _Scorer, pairs: list[tuple[str, int]], batch_size: int,
+                     device: torch.device, show: bool) -> None:
+    """Accuracy under every corruption x severity, in passes that keep a batch's copies in budget."""
+    from signscale.progress import progress_bar
+
+    started = time.perf_counter()
+    for group in pair_groups(pairs, batch_size, data.image_size):
+        with progress_bar(f"corruptions {group[0] + 1}-{group[-1] + 1}/{len(pairs)}", data.batches, enabled=show,
+                          unit="batches") as advance:
+            for b in data.loader([pairs[i] for i in group]):
+                labels, keep, _ = scorer.rows(b)
+                if keep.any():
+                    sel = torch.from_numpy(keep)
+                    y = labels[sel].to(device)
+                    for variant, i in zip(b["variants"], group):
+                        pred = scorer(variant[sel])[0].argmax(1)
+                        tally.corrupted[i] += (int(keep.sum()), int((pred == y).sum()))
+                advance(1)
+    tally.corruption_seconds = time.perf_counter() - started
 
 

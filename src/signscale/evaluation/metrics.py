@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from signscale.labels import LabelSpace
+from signscale.labels import LabelError, LabelSpace
 
 EVAL_FORMAT = "signscale.eval"  # metrics.json
 EVAL_VERSION = 1
@@ -147,3 +147,36 @@ def cross_country_confusions(confusion: np.ndarray, space: LabelSpace, limit: in
                          "true_countries": sorted(countries[tr]), "predicted_countries": sorted(countries[pr]),
                          "count": int(confusion[tr, pr])})
     return sorted(rows, key=lambda r: (-r["count"], r["true"], r["predicted"]))[:limit]
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked; the message names the model, the data and what to do."""
+
+
+def label_map(data_space: LabelSpace, model_space: LabelSpace) -> tuple[np.ndarray, str]:
+    """(lut, how): ``lut[data id]`` is the model's id for that class, or -1 where the model lacks it.
+
+    Identical label spaces map by id. Otherwise a class maps to the model output that stands for
+    the same (country, country id), which is exact for models trained on merged spaces; classes left
+    over map by semantic key, so a German model is scored on Chinese data over the meanings both
+    share (``speed_limit_60`` is the same sign whatever its design). Raises EvalError when no class
+    maps at all.
+    """
+    if data_space.fingerprint() == model_space.fingerprint():
+        return np.arange(len(data_space), dtype=np.int64), "identity"
+    try:
+        lut = model_space.map_from(data_space)
+    except LabelError:
+        lut = np.full(len(data_space), -1, dtype=np.int64)
+    how = "by_country_id" if (lut >= 0).all() else "by_key"
+    by_meaning: dict[str, int] = {}
+    for i, c in enumerate(model_space.classes):
+        by_meaning.setdefault(c.key, i)  # by design, one meaning has several outputs: the first stands for it
+    for j in np.flatnonzero(lut < 0):
+        lut[j] = by_meaning.get(data_space[int(j)].key, -1)
+    if not (lut >= 0).any():
+        raise EvalError(f"no class of the data's label space {data_space.name!r} ({len(data_space)} classes, e.g. "
+                        f"{', '.join(data_space.keys[:3])}) is in the model's label space {model_space.name!r} "
+                        f"({len(model_space)} classes): nothing to evaluate. Evaluate on data of the classes the "
+                        f"model was trained on.")
+    return lut, how

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from signscale.corruptions import CORRUPTIONS
+from signscale.images import ImageError, image_size
 from signscale.labels import LabelSpace
 
 # Shards store a condition as its index here: append only.
@@ -114,3 +115,42 @@ class Subset(Source):
 
     def describe(self) -> dict[str, Any]:
         return {**self.base.describe(), "subset": self.subset_name, "size": len(self)}
+
+
+class TreeCrops(Source):
+    """Sign crops listed from a folder or zip (a tree with ``read(name)``): the listing found their
+    names, labels and problems; reading checks the image's header, so a missing or undecodable file
+    is a :class:`Problem` naming it (and ``_what``, e.g. its code), never a guessed sample.
+
+    Subclasses set ``tree``, ``names``, ``problems``, ``location`` and implement ``_sample``."""
+
+    tree: Any
+    names: list[str]
+    problems: dict[int, Problem]
+    location: str
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _what(self, index: int) -> str:
+        """How a problem names the crop (subclasses add what else identifies it)."""
+        return self.names[index]
+
+    @abc.abstractmethod
+    def _sample(self, index: int, image: bytes | None = None) -> Sample: ...
+
+    def read(self, index: int) -> Sample | Problem:
+        if index in self.problems:
+            return self.problems[index]
+        name = self.names[index]
+        try:
+            data = self.tree.read(name)
+            image_size(data)
+        except FileNotFoundError:
+            return Problem(name, "missing_file", f"{self._what(index)} is gone from {self.location}", self.kind)
+        except ImageError as exc:
+            return Problem(name, exc.reason, f"{self._what(index)}: {exc.detail}", self.kind)
+        return self._sample(index, data)
+
+    def entries(self) -> list[Sample | Problem]:
+        return [self.problems.get(i) or self._sample(i) for i in range(len(self))]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from signscale.data.sources.base import Problem, Sample, Source, SourceError, Subset
+from signscale.data.sources.base import Problem, Sample, Source, SourceError, Subset, TreeCrops
 from signscale.data.sources.folder import count_reasons, is_junk
 from signscale.data.sources.gtsrb import (
     SPLITS,
@@ -40,7 +40,6 @@ from signscale.data.sources.gtsrb import (
     scan_training,
     track_split,
 )
-from signscale.images import ImageError, image_size
 from signscale.labels import LabelSpace
 
 KIND_TSRD = "tsrd23"
@@ -86,7 +85,7 @@ def join_duplicates(groups: list[str], digests: list[bytes]) -> list[str]:
     return [root(g) for g in groups]
 
 
-class Tsrd23Source(Source):
+class Tsrd23Source(TreeCrops):
     """The TSRD23 crops; ``track`` is the index block (see the module docstring)."""
 
     kind = KIND_TSRD
@@ -106,28 +105,9 @@ class Tsrd23Source(Source):
         self.tree, self.names, self.labels, self.groups = tree, names, labels, groups
         self.problems, self.location = problems, location
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def read(self, index: int) -> Sample | Problem:
-        if index in self.problems:
-            return self.problems[index]
-        name = self.names[index]
-        try:
-            data = self.tree.read(name)
-            image_size(data)
-        except FileNotFoundError:
-            return Problem(name, "missing_file", f"{name} is gone from {self.location}", self.kind)
-        except ImageError as exc:
-            return Problem(name, exc.reason, f"{name}: {exc.detail}", self.kind)
-        return self._sample(index, data)
-
     def _sample(self, index: int, image: bytes | None = None) -> Sample:
         return Sample(key=posixpath.basename(self.names[index]), label=int(self.labels[index]), image=image,
                       source=self.kind, track=self.groups[index], country="cn")
-
-    def entries(self) -> list[Sample | Problem]:
-        return [self.problems.get(i) or self._sample(i) for i in range(len(self))]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "location": self.location, "format": self.tree.format,

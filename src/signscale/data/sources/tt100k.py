@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 
 from signscale import tt100k_codes
-from signscale.data.sources.base import Problem, Sample, Source, SourceError, Subset
+from signscale.data.sources.base import Problem, Sample, Source, SourceError, Subset, TreeCrops
 from signscale.data.sources.folder import count_reasons, is_junk
 from signscale.data.sources.gtsrb import SPLITS, Tree, _choice, _fraction, _integer, open_tree, track_split
-from signscale.images import ImageError, image_size
 from signscale.labels import LabelSpace
 
 KIND = "tt100k"
@@ -98,7 +97,7 @@ def panorama_split(panoramas: np.ndarray, labels: np.ndarray, *, val_fraction: f
     return track_split([f"g{g}" for g in groups.tolist()], rarest_class(groups, labels), val_fraction, seed)
 
 
-class Tt100kSource(Source):
+class Tt100kSource(TreeCrops):
     """The TT100K crops; ``track`` is the panorama group, ``meta`` holds the code and the panorama id."""
 
     kind = KIND
@@ -110,29 +109,13 @@ class Tt100kSource(Source):
         self.tree, self.names, self.codes, self.labels = tree, names, codes, labels
         self.panoramas, self.groups, self.problems, self.location = panoramas, groups, problems, location
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def read(self, index: int) -> Sample | Problem:
-        if index in self.problems:
-            return self.problems[index]
-        name, code = self.names[index], self.codes[index]
-        try:
-            data = self.tree.read(name)
-            image_size(data)
-        except FileNotFoundError:
-            return Problem(name, "missing_file", f"{name} (code {code}) is gone from {self.location}", self.kind)
-        except ImageError as exc:
-            return Problem(name, exc.reason, f"{name} (code {code}): {exc.detail}", self.kind)
-        return self._sample(index, data)
+    def _what(self, index: int) -> str:
+        return f"{self.names[index]} (code {self.codes[index]})"
 
     def _sample(self, index: int, image: bytes | None = None) -> Sample:
         return Sample(key=self.names[index], label=int(self.labels[index]), image=image, source=self.kind,
                       track=f"panoramas{int(self.groups[index])}", country=COUNTRY,
                       meta={"code": self.codes[index], "panorama": int(self.panoramas[index])})
-
-    def entries(self) -> list[Sample | Problem]:
-        return [self.problems.get(i) or self._sample(i) for i in range(len(self))]
 
     def describe(self) -> dict[str, Any]:
         good = [i for i in range(len(self)) if i not in self.problems]

@@ -125,7 +125,7 @@ def test_key_value_and_key_equals_value_mean_the_same(synthetic_dataset, tmp_pat
 def test_config_keys_take_both_forms_and_dict_keys_one_at_a_time():
     from signscale import config
     from signscale.cli import build_parser
-    from signscale.cli._registry import config_args
+    from signscale.cli._commands import config_args
     from signscale.training.train import TrainConfig
 
     p = build_parser()

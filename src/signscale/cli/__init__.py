@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from signscale.cli._registry import Parser, Registry, console
+from signscale.cli._commands import Commands, Parser, console
 
 __all__ = ["build_parser", "console", "main", "run"]
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "1 nothing usable came out (or an unexpected error), 2 a usage error (see the README).")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error (also SIGNSCALE_DEBUG=1); may appear anywhere")
-    reg = Registry(p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser))
+    reg = Commands(p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser))
     for mod in _modules():
         mod.register(reg)
     return p

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from signscale.cli._registry import Registry
+from signscale.cli._commands import Commands
 
 
 def _io(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def _synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(r: Registry) -> None:
+def register(r: Commands) -> None:
     x = r.add("io", _io, parent="bench", help="pack and read throughput: raw files vs shards vs loader, local vs S3")
     x.add_argument("--source", default="synthetic:?n=20000&size=32",
                    help="what to benchmark on, e.g. gtsrb:../shared/data/GTSRB_Final_Training_Images.zip")

@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from signscale.cli._registry import Registry, add_config, config_args, console
+from signscale.cli._commands import Commands, add_config, config_args, console
 
 
 def _say(text: str) -> None:
@@ -32,9 +32,9 @@ def errors() -> tuple[type[BaseException], ...]:
 
 
 def _registry_list(args: argparse.Namespace) -> int:
-    from signscale.serving.registry import Registry as ModelRegistry
+    from signscale.serving.registry import Registry
 
-    reg = ModelRegistry(args.url)
+    reg = Registry(args.url)
     aliases = {a: reg.alias(a) for a in reg.aliases()}
     by_version: dict[str, list[str]] = {}
     for name, a in aliases.items():
@@ -56,10 +56,9 @@ def _registry_list(args: argparse.Namespace) -> int:
 
 
 def _registry_show(args: argparse.Namespace) -> int:
-    from signscale.serving.registry import Registry as ModelRegistry
-    from signscale.serving.registry import describe_event
+    from signscale.serving.registry import Registry, describe_event
 
-    reg = ModelRegistry(args.url)
+    reg = Registry(args.url)
     if args.version:
         v = reg.get(reg.ref(args.version))
         console.print_json(json.dumps({**v.to_dict(), "model_url": v.model_url}))
@@ -83,10 +82,9 @@ def _registry_show(args: argparse.Namespace) -> int:
 
 
 def _registry_promote(args: argparse.Namespace) -> int:
-    from signscale.serving.registry import CURRENT
-    from signscale.serving.registry import Registry as ModelRegistry
+    from signscale.serving.registry import CURRENT, Registry
 
-    reg = ModelRegistry(args.url)
+    reg = Registry(args.url)
     expect = CURRENT if args.expect is None else (None if args.expect == "none" else args.expect)
     a = reg.promote(reg.ref(args.version), expect=expect, reason=args.reason or "manual promotion")
     console.print(f"production -> {a.version} (previous: {a.previous[0] if a.previous else '-'})")
@@ -94,17 +92,17 @@ def _registry_promote(args: argparse.Namespace) -> int:
 
 
 def _registry_rollback(args: argparse.Namespace) -> int:
-    from signscale.serving.registry import Registry as ModelRegistry
+    from signscale.serving.registry import Registry
 
-    a = ModelRegistry(args.url).rollback(reason=args.reason or "manual rollback")
+    a = Registry(args.url).rollback(reason=args.reason or "manual rollback")
     console.print(f"production rolled back to {a.version}")
     return 0
 
 
 def _registry_register(args: argparse.Namespace) -> int:
-    from signscale.serving.registry import Registry as ModelRegistry
+    from signscale.serving.registry import Registry
 
-    v = ModelRegistry(args.url).register(args.model, parent=args.parent, note=args.note or "")
+    v = Registry(args.url).register(args.model, parent=args.parent, note=args.note or "")
     console.print(f"registered {args.model} as {v.id}")
     return 0
 
@@ -198,7 +196,7 @@ def _continual_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(r: Registry) -> None:
+def register(r: Commands) -> None:
     x = r.add("list", _registry_list, "model versions with their aliases, lineage and metrics", parent="registry")
     x.add_argument("url", help="registry URL (local path, s3://, gs://, az://)")
     x = r.add("show", _registry_show, "aliases and the full history of promotions, rejections and rollbacks",

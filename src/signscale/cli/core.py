@@ -7,7 +7,7 @@ import argparse
 from rich.markup import escape
 from rich.table import Table
 
-from signscale.cli._registry import Registry, add_config, config_args, console
+from signscale.cli._commands import Commands, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
@@ -255,7 +255,7 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def register(r: Registry) -> None:
+def register(r: Commands) -> None:
     """The core commands in the order of the pipeline: look at data, pack it, train, evaluate."""
     _register_data(r)
     _register_model(r)
@@ -263,7 +263,7 @@ def register(r: Registry) -> None:
     add_config(s, "signscale.demos.first_run:DemoConfig")
 
 
-def _register_data(r: Registry) -> None:
+def _register_data(r: Commands) -> None:
     r.add("version", _version, "print the version")
     s = r.add("sources", _sources, "list the data sources, their options and defaults")
     s.add_argument("kind", nargs="?", help="one source kind, e.g. gtsrb")
@@ -292,7 +292,7 @@ def _register_data(r: Registry) -> None:
     x.add_argument("--seed", type=int, default=0)
 
 
-def _register_model(r: Registry) -> None:
+def _register_model(r: Commands) -> None:
     s = r.add("train", _train, "train a classifier on packed datasets (also under torchrun)",
               description="signscale train [CONFIG.yaml] [--key value | --key=value | key=value ...]\n"
                           "e.g. signscale train --data runs/gtsrb/train --val runs/gtsrb/val --model msnet "

@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from signscale.cli._registry import Registry, console
+from signscale.cli._commands import Commands, console
 
 
 def _labels(args: argparse.Namespace) -> int:
@@ -55,7 +55,7 @@ def _transfer(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(r: Registry) -> None:
+def register(r: Commands) -> None:
     p = r.add("labels", _labels, "print a country's catalogue or several merged into one label space, as a table")
     p.add_argument("--countries", default="de",
                    help="comma list of countries or catalogues, e.g. de,cn,be (cn: TSRD23 and TT100K; tt100k: one)")

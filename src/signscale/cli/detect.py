@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from signscale.cli._registry import Registry, add_config, console
+from signscale.cli._commands import Commands, add_config, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
@@ -92,7 +92,7 @@ def _evaluate_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(r: Registry) -> None:
+def register(r: Commands) -> None:
     s = r.add("pack-scenes", _pack_scenes, "pack a scene source (boxes as record metadata) into encoded shards",
               description="signscale pack-scenes SOURCE OUT, e.g. 'scenes-synthetic:?n=3000&seed=1&signs=gtsrb:"
                           "GTSRB_Final_Training_Images.zip?split=train' or gtsdb:FullIJCNN2013.zip?split=train")

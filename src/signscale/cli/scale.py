@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from signscale.cli._registry import Registry, console
+from signscale.cli._commands import Commands, console
 
 
 def _bench_scale(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def errors() -> tuple[type[BaseException], ...]:
     return (ConfigError,)
 
 
-def register(r: Registry) -> None:
+def register(r: Commands) -> None:
     x = r.add("scale", _bench_scale, parent="bench",
               help="pack and stream growing datasets: cost per image, throughput, worker memory, requests")
     x.add_argument("--sizes", default="50k,500k,2m", help="dataset sizes to compare, e.g. 50k,500k,2m")

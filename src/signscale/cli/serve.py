@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from signscale.cli._registry import Registry, add_config, config_args, console
+from signscale.cli._commands import Commands, add_config, config_args, console
 
 
 def errors() -> tuple[type[BaseException], ...]:
@@ -101,7 +101,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(r: Registry) -> None:
+def register(r: Commands) -> None:
     p = r.add("predict", _predict, help="classify images (files, folders, globs, URLs) with a model")
     p.add_argument("model", help="model folder, ONNX export folder, or REGISTRY_URL@ALIAS")
     p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files, folders, globs or URLs")

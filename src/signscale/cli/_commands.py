@@ -1,4 +1,4 @@
-"""How command modules plug into ``signscale``: each ``cli/*.py`` has ``register(r: Registry)``.
+"""How command modules plug into ``signscale``: each ``cli/*.py`` has ``register(r: Commands)``.
 
 A module adds its commands with ``r.add(name, run, help)`` (or under a group such as ``bench`` or
 ``data`` with ``parent=``) and may list the exceptions that mean "bad input" in ``errors()``; those
@@ -261,7 +261,7 @@ def config_args(args: argparse.Namespace) -> list[str]:
     return [*getattr(args, "overrides", []), *getattr(args, "config_items", [])]
 
 
-class Registry:
+class Commands:
     """Wraps argparse's subparsers so modules can add commands and sub-commands in any order."""
 
     def __init__(self, sub: Any) -> None:
@@ -282,4 +282,4 @@ class Registry:
         return p
 
 
-__all__ = ["Parser", "Registry", "add_config", "config_args", "console"]
+__all__ = ["Commands", "Parser", "add_config", "config_args", "console"]

@@ -178,6 +178,19 @@ def test_weather_table_is_deterministic_by_seed(tmp_path):
         SceneEvalConfig(detector="-", data=spec, corruptions="hail")
 
 
+def test_camera_faults_score_scenes_too_and_keep_the_weather_seeds():
+    from signscale.corruptions import CAMERA_FAULTS, CORRUPTIONS
+
+    cfg = SceneEvalConfig(detector="-", data="-", corruptions="all")
+    assert cfg.corruptions == CORRUPTIONS + CAMERA_FAULTS  # faults after the weather kinds
+    frame = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    boxes = np.asarray([[10, 10, 30, 30]])
+    for kind in CAMERA_FAULTS:
+        a = corrupt_frame(frame, boxes, kind, 3, seed=1, index=2)
+        assert a.shape == frame.shape and a.dtype == np.uint8 and not np.array_equal(a, frame)
+        assert np.array_equal(a, corrupt_frame(frame, boxes, kind, 3, seed=1, index=2))
+
+
 def test_show_draws_the_boxes_on_the_contact_sheet(tmp_path):
     from signscale.data.show import BOX_COLOUR, show
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from signscale import storage
-from signscale.corruptions import CORRUPTIONS, SEVERITIES, apply_corruption
+from signscale.corruptions import KINDS, SEVERITIES, apply_corruption
 from signscale.data.scene_shards import is_scene_dataset, iter_scenes
 from signscale.data.sources.scenes import is_scene_spec, open_scene_source
 from signscale.detection.detect import DetectPipeline, FcosDetector, draw_detections, load_pipeline
@@ -88,7 +88,7 @@ class SceneEvalConfig:
     threads: int = 0
     worst: int = 6  # full-frame overlays per kind
     crops: int = 48  # miss crops and false-alarm crops shown in the report, each
-    corruptions: tuple[str, ...] = ()  # also score every frame under each of these (CORRUPTIONS, or "all")
+    corruptions: tuple[str, ...] = ()  # also score every frame under each of these (weather or camera faults; "all")
     severity: int = 3  # of the corruptions, 1..5
     progress: bool = True  # a progress bar over the frames on a terminal
     seed: int = 0  # the corruptions' randomness: frame i under corruption c depends on (seed, i, c) only
@@ -101,10 +101,10 @@ class SceneEvalConfig:
             object.__setattr__(self, "corruptions", tuple(c for c in self.corruptions.split(",") if c.strip()))
         names = tuple(c.strip() for c in self.corruptions)
         if "all" in names:
-            names = CORRUPTIONS
-        bad = [c for c in names if c not in CORRUPTIONS]
+            names = KINDS
+        bad = [c for c in names if c not in KINDS]
         if bad:
-            raise SceneEvalError(f"corruptions: {', '.join(bad)} unknown; valid: {', '.join(CORRUPTIONS)} or all")
+            raise SceneEvalError(f"corruptions: {', '.join(bad)} unknown; valid: {', '.join(KINDS)} or all")
         object.__setattr__(self, "corruptions", tuple(dict.fromkeys(names)))
         if self.severity not in SEVERITIES:
             raise SceneEvalError(f"severity: {self.severity} is not one of {SEVERITIES}")
@@ -201,7 +201,7 @@ def corrupt_frame(image: np.ndarray, boxes: np.ndarray, kind: str, severity: int
     sign as on a 32 px crop of that severity. Depends only on (seed, index, kind): any batch, any order."""
     from signscale.data.sources.scenes import _weather_scale  # the one rule for scene weather size
 
-    rng = np.random.default_rng([seed, index, CORRUPTIONS.index(kind), 2026])
+    rng = np.random.default_rng([seed, index, KINDS.index(kind), 2026])  # faults after weather: old seeds hold
     return apply_corruption(image, kind, severity, rng, scale=_weather_scale(np.asarray(boxes).tolist()))
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from signscale.corruptions import CORRUPTIONS, apply_corruption
 from signscale.data.sources import CONDITIONS, SourceError, open_source
-from signscale.data.sources.pictograms import render_clean, render_template
+from signscale.data.sources.pictograms import DESIGNS, design_of, render_clean, render_template
 from signscale.data.sources.synthetic import SyntheticSource, open_synthetic
 from signscale.labels import LabelSpace
 
@@ -37,6 +37,12 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def clean() -> np.ndarray:
     return np.stack([render_clean(c, FLIP_SIZE) for c in range(len(SPACE))])
+
+
+@pytest.fixture(scope="module")
+def clean_cn() -> np.ndarray:
+    """Every class in the Chinese design (German where China's sign has no design of its own here)."""
+    return np.stack([render_clean(c, FLIP_SIZE, "cn") for c in range(len(SPACE))])
 
 
 # ---------------------------------------------------------------------------------- determinism
@@ -142,7 +148,8 @@ def test_classes_option_accepts_ids_and_keys():
 @pytest.mark.parametrize("option, value", [
     ("n", "many"), ("n", "-1"), ("size", "4"), ("size", "3.5"), ("seed", "-2"), ("weather", "1.5"),
     ("weather", "often"), ("conditions", "hail"), ("conditions", "snow:0"), ("conditions", "snow:x"),
-    ("classes", "43"), ("classes", "no_such_sign"),
+    ("classes", "43"), ("classes", "no_such_sign"), ("designs", "fr"), ("designs", "de,fr"),
+    ("designs", "de,de"), ("designs", ","), ("designs", "all"),
 ])
 def test_bad_option_raises_source_error_naming_it(option, value):
     with pytest.raises(SourceError, match=f"'{option}'"):
@@ -193,6 +200,89 @@ def test_flip_rules_match_the_rendered_signs(c, clean):
         nearest = int(np.argmin(distances))
         assert distances[nearest] > NEVER_AT_LEAST, (
             f"flipped {SPACE[c].key} looks like {SPACE[nearest].key} ({distances[nearest]:.2f})")
+
+
+# ---------------------------------------------------------------------------------- national designs
+
+
+def test_chinese_design_differs_where_china_draws_the_meaning_its_own_way(clean, clean_cn):
+    """Warning triangles yellow, no overtaking as arrows, limits in Chinese digits; the rest German."""
+    own = {SPACE[c].key for c in range(len(SPACE)) if design_of(SPACE[c].key, "cn") == "cn"}
+    assert {"general_caution", "pedestrians", "children_crossing", "no_passing", "speed_limit_60",
+            "dangerous_curve_right"} <= own
+    for c in range(len(SPACE)):
+        differs = _mad(clean[c], clean_cn[c]) > NEVER_AT_LEAST
+        assert differs == (SPACE[c].key in own), SPACE[c].key
+    triangle = clean_cn[SPACE.index("general_caution")].astype(np.float32)
+    r, g, b = triangle[FLIP_SIZE * 3 // 4, FLIP_SIZE // 4]  # inside the plate, beside the "!": yellow
+    assert r > 200 and g > 150 and b < 80
+
+
+def test_chinese_renders_of_different_classes_are_distinct(clean_cn):
+    flat = clean_cn.reshape(len(clean_cn), -1).astype(np.float32)
+    for c in range(len(SPACE)):
+        d = np.abs(flat - flat[c]).mean(axis=1)
+        d[c] = np.inf
+        assert d.min() > DISTINCT_AT_LEAST, f"{SPACE[c].key} looks like {SPACE[int(d.argmin())].key}"
+
+
+def test_each_design_renders_deterministically():
+    for design in DESIGNS:
+        first = render_template(SPACE.index("pedestrians"), 64, design)
+        assert first.shape == (64, 64, 4)
+        src = SyntheticSource(n=30, seed=4, designs=(design,))
+        again = SyntheticSource(n=30, seed=4, designs=(design,))
+        for i in (0, 13, 29):
+            np.testing.assert_array_equal(src.read(i).image, again.read(i).image)
+
+
+def test_default_is_the_german_design_and_unchanged_by_the_option():
+    """Without the option, samples carry no design and are exactly ``designs=de``'s pixels."""
+    plain, german = SyntheticSource(n=40, seed=6, weather=0.5), SyntheticSource(n=40, seed=6, weather=0.5,
+                                                                                   designs=("de",))
+    for i in range(40):
+        a, b = plain.read(i), german.read(i)
+        np.testing.assert_array_equal(a.image, b.image)
+        assert a.meta == {"severity": a.meta["severity"]} and b.meta["design"] == "de"
+    assert "designs" not in plain.describe() and german.describe()["designs"] == ["de"]
+
+
+def test_design_is_drawn_apart_from_everything_else_and_mixes_both():
+    """designs=mixed keeps label, weather and placement of the default sample; only the drawing changes."""
+    plain, mixed = SyntheticSource(n=400, seed=2), open_synthetic("", n="400", seed="2", designs="mixed")
+    drawn = [e.meta["design"] for e in mixed.entries()]
+    for a, b in zip(plain.entries(), mixed.entries()):
+        assert (a.label, a.condition, a.roi) == (b.label, b.condition, b.roi)
+        assert b.meta["design"] == design_of(SPACE[b.label].key, b.meta["design"])
+    has_cn = [design_of(SPACE[e.label].key, "cn") == "cn" for e in plain.entries()]
+    share = sum(d == "cn" for d in drawn) / sum(has_cn)
+    assert 0.4 < share < 0.6  # the meanings China draws its own way come in both designs, about half each
+    cn = next(i for i, d in enumerate(drawn) if d == "cn")
+    assert not np.array_equal(plain.read(cn).image, mixed.read(cn).image)
+    np.testing.assert_array_equal(mixed.read(cn).image, pickle.loads(pickle.dumps(mixed)).read(cn).image)
+
+
+@pytest.mark.parametrize("c", range(len(SPACE)), ids=[k for k in SPACE.keys])
+def test_flip_rules_hold_for_the_chinese_drawings(c, clean_cn):
+    """The flip test again, for the Chinese design: the catalogue's rules must hold for every drawing."""
+    rule = SPACE[c].flip
+    flipped = clean_cn[c][:, ::-1]
+    if rule == "invariant":
+        assert _mad(flipped, clean_cn[c]) < SAME_AT_MOST
+    elif rule == "mirror":
+        partner = SPACE.index(SPACE[c].mirror)
+        assert _mad(flipped, clean_cn[partner]) < SAME_AT_MOST
+        assert _mad(flipped, clean_cn[c]) > NEVER_AT_LEAST
+    else:
+        distances = [_mad(flipped, clean_cn[k]) for k in range(len(SPACE))]
+        nearest = int(np.argmin(distances))
+        assert distances[nearest] > NEVER_AT_LEAST, (
+            f"flipped {SPACE[c].key} looks like {SPACE[nearest].key} ({distances[nearest]:.2f})")
+
+
+def test_unknown_design_is_refused_when_rendering():
+    with pytest.raises(ValueError, match="unknown sign design 'fr'"):
+        render_template(0, 32, "fr")
 
 
 # ---------------------------------------------------------------------------------- corruptions

@@ -1,6 +1,12 @@
 """Each class's sign as a clean template: plate, border and pictogram drawn in unit coordinates and
 antialiased by supersampling; mirror pairs drawn as exact mirrors, symmetric signs exactly
-symmetric, so flip rules hold pixel for pixel in what the synthetic source and the scenes render."""
+symmetric, so flip rules hold pixel for pixel in what the synthetic source and the scenes render.
+
+A meaning can be drawn in more than one national **design** (:data:`DESIGNS`): ``de`` is the German
+sign GTSRB shows; ``cn`` the Chinese one where it differs in ways a German-trained model stumbles on
+(docs/countries.md): warning triangles yellow with a black border, no overtaking as two arrows
+under a red bar, speed-limit digits taller and narrower. A meaning without a design of its own in a
+country is drawn in the German one."""
 
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 from signscale.labels import LabelSpace
 
 COUNTRY = "de"
+
+
+DESIGNS: tuple[str, ...] = ("de", "cn")  # the first is the default and the fallback
 
 
 SPACE = LabelSpace.for_country(COUNTRY)
@@ -249,11 +258,33 @@ def _diamond(pen: _Pen) -> _Pen:
     return pen.sub(0, 0, 0.5)
 
 
+def _danger_cn(pen: _Pen) -> _Pen:
+    """China's warning triangle (GB 5768): yellow plate, a broad black border inside a thin yellow rim."""
+    centroid = (0.0, _SQRT3_2 / 3)
+    pen.poly(TRIANGLE, YELLOW)
+    pen.poly(_scaled(TRIANGLE, centroid, 0.94), BLACK)
+    pen.poly(_scaled(TRIANGLE, centroid, 0.8), YELLOW)
+    return pen.sub(0, 0.22, 0.46)
+
+
+def _prohibitory_cn(pen: _Pen) -> _Pen:
+    """China's prohibitory disc: a thinner red ring than the German one, so the pictogram is larger."""
+    pen.disc(0, 0, 1.0, WHITE)
+    pen.disc(0, 0, 0.95, RED)
+    pen.disc(0, 0, 0.8, WHITE)
+    return pen.sub(0, 0, 0.68)
+
+
 Pictogram = Callable[[_Pen], None]
 
 
 def _number(text: str, colour: RGB = BLACK) -> Pictogram:
     return lambda pen: pen.text(text, 0, 0, 1.15, 1.9, colour)
+
+
+def _number_cn(text: str) -> Pictogram:
+    """Chinese limit digits: taller and narrower than the German ones, nearly filling the ring."""
+    return lambda pen: pen.text(text, 0, 0, 1.3, 1.45 if len(text) < 3 else 1.75, BLACK)
 
 
 def _end_stripes(pen: _Pen) -> None:
@@ -296,6 +327,14 @@ def _no_passing(left: Callable[..., None], left_colour: RGB, right_colour: RGB) 
         left(pen, -0.45, 0.05, 0.8, left_colour)
         _car_rear(pen, 0.5, 0.05, 0.8, right_colour)
     return draw
+
+
+def _no_passing_cn(pen: _Pen) -> None:
+    """China's no overtaking (TT100K p1): a straight arrow and one swerving past it, under a red bar."""
+    _arrow(pen, [(0.55, 0.95), (0.55, -0.15)], 0.2, BLACK, head=0.4, head_width=0.58)
+    swerve = [(-0.05, 1.0), (-0.5, 0.6), (-0.5, 0.05), (0.2, -0.55), (0.2, -1.0)]
+    _arrow(pen, swerve, 0.2, BLACK, head=0.4, head_width=0.58)
+    pen.line([(0.1, -1.13), (-0.1, 1.13)], 0.2, RED, caps=False)  # ends inside the ring's white
 
 
 def _ahead(pen: _Pen) -> None:
@@ -399,6 +438,13 @@ def _pedestrians(pen: _Pen) -> None:
     _walker(pen, 0, 0, 1)
 
 
+def _pedestrians_cn(pen: _Pen) -> None:
+    """China's pedestrian warning: the walker above the slanted bars of a zebra crossing."""
+    _walker(pen, 0.05, -0.2, 0.78)
+    for x in np.linspace(-0.75, 0.75, 5):
+        pen.poly([(x - 0.08, 0.98), (x + 0.1, 0.98), (x + 0.22, 0.74), (x + 0.04, 0.74)], BLACK)
+
+
 def _children(pen: _Pen) -> None:
     _walker(pen, -0.4, 0.0, 0.95)
     _walker(pen, 0.45, 0.28, 0.66)
@@ -493,6 +539,28 @@ _DRAWINGS: dict[str, tuple[Callable[[_Pen], _Pen], tuple[Pictogram, ...]]] = {
 }
 
 
+# Designs other than the German one, by meaning: a full drawing, or None for "the German pictogram
+# on this country's plate" where only the plate differs (the warning triangles).
+_SPEED_LIMITS = ("20", "30", "50", "60", "70", "80", "100", "120")
+_DESIGN_DRAWINGS: dict[str, dict[str, tuple[Callable[[_Pen], _Pen], tuple[Pictogram, ...]]]] = {
+    "cn": {
+        **{f"speed_limit_{v}": (_prohibitory_cn, (_number_cn(v),)) for v in _SPEED_LIMITS},
+        "no_passing": (_prohibitory_cn, (_no_passing_cn,)),
+        "pedestrians": (_danger_cn, (_pedestrians_cn,)),
+        **{key: (_danger_cn, pictograms) for key, (base, pictograms) in _DRAWINGS.items()
+           if base is _danger and key != "pedestrians"},
+    },
+}
+
+
+def design_of(key: str, design: str) -> str:
+    """The design a meaning is actually drawn in: ``design`` where it has a drawing there, else German."""
+    if design not in DESIGNS:
+        raise ValueError(f"unknown sign design {design!r}: choose from {', '.join(DESIGNS)}")
+    key = _MIRROR_DRAWINGS.get(key, key)
+    return design if key in _DESIGN_DRAWINGS.get(design, {}) else DESIGNS[0]
+
+
 # Pictograms designed left-right symmetric. PIL's polygon filling rounds edges asymmetrically by up
 # to one (supersampled) pixel, so these are averaged with their mirror image to be exactly symmetric.
 _SYMMETRIC_DRAWINGS: frozenset[str] = frozenset({
@@ -511,13 +579,14 @@ _MIRROR_DRAWINGS: dict[str, str] = {
 
 
 @functools.cache
-def sign_template(label: int, px: int) -> np.ndarray:
-    """Clean RGBA front view of class ``label``, ``px`` square, cached per process (read-only)."""
+def sign_template(label: int, px: int, design: str = "de") -> np.ndarray:
+    """Clean RGBA front view of class ``label`` in ``design``, ``px`` square, cached per process (read-only)."""
     key = SPACE[label].key
+    design = design_of(key, design)
     if key in _MIRROR_DRAWINGS:
-        out = np.ascontiguousarray(sign_template(SPACE.index(_MIRROR_DRAWINGS[key]), px)[:, ::-1])
+        out = np.ascontiguousarray(sign_template(SPACE.index(_MIRROR_DRAWINGS[key]), px, design)[:, ::-1])
     else:
-        base, pictograms = _DRAWINGS[key]
+        base, pictograms = _DESIGN_DRAWINGS[design][key] if design != DESIGNS[0] else _DRAWINGS[key]
         big = Image.new("RGBA", (px * _SUPERSAMPLE, px * _SUPERSAMPLE), (0, 0, 0, 0))
         frame = base(_Pen(ImageDraw.Draw(big), big, big.width))
         for draw in pictograms:
@@ -538,15 +607,15 @@ def _symmetrised(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.concatenate([rgb, a[..., 3:]], axis=-1) + 0.5, 0, 255).astype(np.uint8))
 
 
-def render_template(label: int, px: int = 64) -> np.ndarray:
+def render_template(label: int, px: int = 64, design: str = "de") -> np.ndarray:
     """Clean front view of class ``label`` as a ``px`` x ``px`` x 4 RGBA array (transparent outside)."""
     SPACE.check_id(label, "render_template")
-    return sign_template(int(label), int(px)).copy()
+    return sign_template(int(label), int(px), design).copy()
 
 
-def render_clean(label: int, size: int) -> np.ndarray:
+def render_clean(label: int, size: int, design: str = "de") -> np.ndarray:
     """Front view of ``label`` filling a ``size`` square over plain grey: no warp, clutter or noise."""
-    rgba = render_template(label, size).astype(np.float32)
+    rgba = render_template(label, size, design).astype(np.float32)
     alpha = rgba[..., 3:] / 255.0
     out = rgba[..., :3] * alpha + np.asarray(CLEAN_BACKGROUND, np.float32) * (1 - alpha)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -10,6 +10,10 @@ index renders identically in any process or order, which packing workers and ran
 The random draws that fix label, condition and geometry come first, which lets :meth:`entries`
 list labels, conditions and boxes without drawing a pixel.
 
+``designs`` draws each meaning in several national designs (:data:`pictograms.DESIGNS`: German,
+Chinese), one chosen per sample from its own generator ``default_rng([seed, i, 1])``; everything
+else about sample ``i`` is the default sample's, and without the option nothing changes at all.
+
 Pictograms are simplified, but the flip rules of :mod:`signscale.labels` hold for them: mirror
 pairs are drawn as exact mirror images, invariant classes symmetrically, and the others with
 digits, text or one-sided figures, so that flip augmentation can be tested on this data.
@@ -17,6 +21,7 @@ digits, text or one-sided figures, so that flip augmentation can be tested on th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -27,7 +32,7 @@ from PIL import Image, ImageDraw
 
 from signscale.corruptions import CORRUPTIONS, apply_corruption
 from signscale.data.sources.base import Sample, Source, SourceError
-from signscale.data.sources.pictograms import COUNTRY, MARGIN, OUTLINES, SPACE, sign_template
+from signscale.data.sources.pictograms import COUNTRY, DESIGNS, MARGIN, OUTLINES, SPACE, design_of, sign_template
 from signscale.labels import LabelError
 
 # --------------------------------------------------------------------------------------------
@@ -55,6 +60,7 @@ class _Plan:
     severity: int  # 0 when clear
     unit_to_image: np.ndarray  # 3x3 homography: sign unit coords -> output pixel coords
     roi: tuple[int, int, int, int]
+    design: str = DESIGNS[0]  # the design drawn (German where the class has no design of that country)
 
 
 def _viewpoint(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -152,12 +158,12 @@ _LEVELS = np.arange(256, dtype=np.float32)
 _CHANNEL_OFFSETS = np.array([0, 256, 512], dtype=np.int16)
 
 
-def _weathered(label: int, px: int, rng: np.random.Generator) -> Image.Image:
+def _weathered(label: int, px: int, rng: np.random.Generator, design: str) -> Image.Image:
     """The sign's own wear: brighter or darker than the scene, and faded towards grey."""
     gain = math.exp(rng.normal(0, 0.18))
     fade = rng.uniform(0, 0.2) ** 1.5
     table = np.clip(_LEVELS * gain * (1 - fade) + 150 * fade + 0.5, 0, 255).astype(np.uint8)
-    template = sign_template(label, px)
+    template = sign_template(label, px, design)
     out = table[template]
     out[..., 3] = template[..., 3]
     return Image.fromarray(out)
@@ -201,7 +207,7 @@ def _render(plan: _Plan, size: int, rng: np.random.Generator) -> np.ndarray:
     coeffs = tuple((inverse / inverse[2, 2]).reshape(-1)[:8].tolist())
     fx, fy, fw = to_canvas @ np.array([0.0, 0.9, 1.0])  # where a pole would leave the plate
     canvas = _background(rng, w, fx / fw, fy / fw)
-    sign = _weathered(plan.label, px, rng)
+    sign = _weathered(plan.label, px, rng, plan.design)
     if x2 > x1 and y2 > y1:
         sign = sign.transform((x2 - x1, y2 - y1), Image.PERSPECTIVE, coeffs, Image.BILINEAR)
         canvas.paste(sign, (x1, y1), sign)
@@ -222,7 +228,8 @@ class SyntheticSource(Source):
 
     def __init__(self, *, n: int, size: int = 32, seed: int = 0, weather: float = 0.3,
                  conditions: Sequence[str] | Mapping[str, float] | None = None,
-                 classes: Sequence[int] | None = None, spec: str = "") -> None:
+                 classes: Sequence[int] | None = None, designs: Sequence[str] | None = None,
+                 spec: str = "") -> None:
         _require(isinstance(n, int) and n >= 0, "n", n, "a non-negative integer")
         _require(isinstance(size, int) and 8 <= size <= 1024, "size", size, "an integer from 8 to 1024")
         _require(isinstance(seed, int) and seed >= 0, "seed", seed, "a non-negative integer")
@@ -233,6 +240,7 @@ class SyntheticSource(Source):
         self.conditions, weights = _condition_weights(conditions, self.weather)
         self._cumulative = np.cumsum(weights) / weights.sum() if len(weights) else weights
         self.classes = _class_ids(classes)
+        self.designs = _designs(designs)
 
     def __len__(self) -> int:
         return self.n
@@ -247,6 +255,18 @@ class SyntheticSource(Source):
         h = _viewpoint(rng, self.size)
         return _Plan(label, condition, severity, h, _box(h, SPACE[label].shape, self.size))
 
+    def _planned(self, index: int) -> tuple[_Plan, np.random.Generator]:
+        """The sample's plan (design included) and the generator, positioned for rendering its pixels.
+
+        The design comes from a generator of its own, so asking for designs changes nothing else.
+        """
+        rng = self._rng(index)
+        plan = self._plan(rng)
+        if self.designs is not None:
+            pick = self.designs[int(np.random.default_rng([self.seed, int(index), 1]).integers(len(self.designs)))]
+            plan = dataclasses.replace(plan, design=design_of(SPACE[plan.label].key, pick))
+        return plan, rng
+
     def _rng(self, index: int) -> np.random.Generator:
         if not 0 <= index < self.n:
             raise IndexError(f"synthetic sample {index} is outside 0..{self.n - 1}")
@@ -255,19 +275,24 @@ class SyntheticSource(Source):
     def _sample(self, index: int, plan: _Plan, image: np.ndarray | None) -> Sample:
         return Sample(key=f"synthetic/{self.seed}/{index}", label=plan.label, image=image, source="synthetic",
                       track=f"synthetic-{self.seed}-{index}", roi=plan.roi, condition=plan.condition,
-                      country=COUNTRY, meta={"severity": plan.severity})
+                      country=COUNTRY, meta=self._meta(plan))
+
+    def _meta(self, plan: _Plan) -> dict:
+        if self.designs is None:  # the default keeps its metadata exactly as before designs existed
+            return {"severity": plan.severity}
+        return {"severity": plan.severity, "design": plan.design}
 
     def read(self, index: int) -> Sample:
-        rng = self._rng(index)
-        plan = self._plan(rng)
+        plan, rng = self._planned(index)
         return self._sample(index, plan, _render(plan, self.size, rng))
 
     def entries(self) -> list[Sample]:
-        return [self._sample(i, self._plan(self._rng(i)), None) for i in range(self.n)]
+        return [self._sample(i, self._planned(i)[0], None) for i in range(self.n)]
 
     def describe(self) -> dict:
+        extra = {} if self.designs is None else {"designs": list(self.designs)}
         return {**super().describe(), "seed": self.seed, "image_size": self.size, "weather": self.weather,
-                "conditions": list(self.conditions), "classes": list(self.classes)}
+                "conditions": list(self.conditions), "classes": list(self.classes), **extra}
 
 
 def _require(ok: bool, option: str, value: object, expected: str) -> None:
@@ -290,6 +315,18 @@ def _condition_weights(conditions: Sequence[str] | Mapping[str, float] | None,
     return tuple(n for n, _ in pairs), np.array([w for _, w in pairs], dtype=np.float64)
 
 
+def _designs(designs: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The designs to draw from (None: the default, German only, with no extra draw or metadata)."""
+    if designs is None:
+        return None
+    _require(not isinstance(designs, str), "designs", designs, "a list of design names")
+    _require(len(designs) > 0, "designs", designs, f"a non-empty list of {', '.join(DESIGNS)} (or 'mixed')")
+    for d in designs:
+        _require(d in DESIGNS, "designs", d, f"one of {', '.join(DESIGNS)} (or 'mixed' for all)")
+    _require(len(set(designs)) == len(designs), "designs", list(designs), "without repeats")
+    return tuple(designs)
+
+
 def _class_ids(classes: Sequence[int] | None) -> tuple[int, ...]:
     if classes is None:
         return tuple(range(len(SPACE)))
@@ -306,18 +343,19 @@ def _class_ids(classes: Sequence[int] | None) -> tuple[int, ...]:
 
 def open_synthetic(location: str, *, spec: str = "", n: str | int = "2000", size: str | int = "32",
                    seed: str | int = "0", weather: str | float = "0.3", conditions: str | None = None,
-                   classes: str | None = None) -> SyntheticSource:
+                   classes: str | None = None, designs: str | None = None) -> SyntheticSource:
     """Open the synthetic source from spec options.
 
     ``conditions`` is a comma list of corruption kinds, optionally weighted (``snow:2,rain:1``);
-    ``classes`` is a comma list of class ids or keys (``1,2,speed_limit_50``).
+    ``classes`` is a comma list of class ids or keys (``1,2,speed_limit_50``); ``designs`` a comma
+    list of national designs drawn with equal chance (``de,cn``), or ``mixed`` for all of them.
     """
     if location:
         raise SourceError(f"synthetic source takes no location, got {location!r}: write 'synthetic:?n=...'")
     return SyntheticSource(n=_parse(int, "n", n), size=_parse(int, "size", size),
                            seed=_parse(int, "seed", seed), weather=_parse(float, "weather", weather),
                            conditions=_parse_conditions(conditions), classes=_parse_classes(classes),
-                           spec=spec)
+                           designs=_parse_designs(designs), spec=spec)
 
 
 def _parse(kind: type, option: str, value: object) -> int | float:
@@ -348,3 +386,11 @@ def _parse_classes(value: str | None) -> list[int] | None:
         except LabelError as exc:
             raise SourceError(f"synthetic source: option 'classes': {exc}") from None
     return ids
+
+
+def _parse_designs(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if value.strip() == "mixed":
+        return list(DESIGNS)
+    return [part.strip() for part in value.split(",") if part.strip()]

@@ -188,7 +188,7 @@ def in_memory(url: str, space: Any) -> tuple[Any, Any]:
 
 
 def bench_vs_peer(cfg: BenchTrainConfig, *, console: Console | None = None) -> list[dict[str, Any]]:
-    """The peer, then the recipe, each scored on ``val`` after every epoch; the seconds each took to
+    """The recipe, then the peer, each scored on ``val`` after every epoch; the seconds each took to
     reach ``target`` (its clock: from the call that trains it to the evaluation that first reads the
     target, evaluations included) and their ratio. Returns one row per recipe."""
     import time
@@ -218,16 +218,16 @@ def bench_vs_peer(cfg: BenchTrainConfig, *, console: Console | None = None) -> l
                 return cfg.stop_at_target and p["val_acc"] >= cfg.target
             return show
 
-        peer_cfg = PeerConfig(epochs=cfg.peer_epochs, workers=cfg.workers, threads=cfg.threads, seed=cfg.seed,
-                              device=device)
-        peer = train_peer(train_x, train_y, val_x, val_y, peer_cfg, num_classes=len(space),
-                          stop_at=cfg.target if cfg.stop_at_target else None, on_eval=say(PEER))
-        del train_x, val_x
+        # the recipe first: on a shared machine its (shorter) run is the one least likely to be cut short
         ours = train(TrainConfig(data=(data,), val=val, out=os.path.join(tmp, "recipe"), model=cfg.model,
                                  precision=cfg.precision, channels_last=cfg.channels_last, epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, device=device, workers=cfg.workers, threads=cfg.threads,
                                  seed=cfg.seed, progress=False, calibrate=False),
                      on_validation=say(RECIPE))
+        peer_cfg = PeerConfig(epochs=cfg.peer_epochs, workers=cfg.workers, threads=cfg.threads, seed=cfg.seed,
+                              device=device)
+        peer = train_peer(train_x, train_y, val_x, val_y, peer_cfg, num_classes=len(space),
+                          stop_at=cfg.target if cfg.stop_at_target else None, on_eval=say(PEER))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [race_row(PEER, peer.curve, cfg.target, model="5-conv BN CNN", precision="fp32",

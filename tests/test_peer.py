@@ -38,6 +38,8 @@ def test_the_first_evaluation_at_the_target_counts_and_the_ratio_is_of_the_two_t
     line = race_summary([peer, ours], 0.99)
     assert "plain PyTorch peer 80 s (epoch 2)" in line and "signscale recipe 20 s (epoch 2)" in line
     assert "0.25x the peer's time (4.0x faster)" in line
+    slower = race_row(RECIPE, _curve((1, 100.0, 0.99)), 0.99)
+    assert "1.25x the peer's time (1.2x slower)" in race_summary([peer, slower], 0.99)
 
 
 def test_a_target_never_reached_is_said_and_gives_no_ratio():

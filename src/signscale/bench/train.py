@@ -149,8 +149,11 @@ def race_summary(rows: list[dict[str, Any]], target: float) -> str:
             parts.append(f"{r['recipe']} not reached in {r['seconds_run']:,.0f} s / {r['evaluations']} epochs "
                          f"(best {r['best_val_acc']:.2%})")
     ratio = time_ratio(rows)
-    tail = (f": the recipe takes {ratio:.2f}x the peer's time ({1 / ratio:.1f}x faster)" if ratio is not None
-            else ": no ratio (both must reach the target)")
+    if ratio is None:
+        tail = ": no ratio (both must reach the target)"
+    else:
+        tail = (f": the recipe takes {ratio:.2f}x the peer's time "
+                + (f"({1 / ratio:.1f}x faster)" if ratio <= 1 else f"({ratio:.1f}x slower)"))
     return f"time to {target:.1%} held-out accuracy: " + ", ".join(parts) + tail
 
 

@@ -24,6 +24,8 @@ from signscale.data.sources.gtsrb import (
     open_gtsrb_train,
     parse_gt_csv,
     scale_roi,
+    sign_sizes,
+    sized_track_split,
     track_split,
 )
 from signscale.images import decode
@@ -233,7 +235,8 @@ def test_layouts_point_at_each_other(train_zip: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("options, bad", [({"split": "validation"}, "split"), ({"val_fraction": "1.5"}, "val_fraction"),
-                                          ({"val_fraction": "abc"}, "val_fraction"), ({"seed": "x"}, "seed")])
+                                          ({"val_fraction": "abc"}, "val_fraction"), ({"seed": "x"}, "seed"),
+                                          ({"stratify": "area"}, "stratify")])
 def test_bad_options_are_named(train_zip: Path, options: dict[str, str], bad: str) -> None:
     with pytest.raises(SourceError, match=f"option {bad}="):
         open_gtsrb_train(str(train_zip), **options)
@@ -327,6 +330,49 @@ def test_track_split_untracked_entries_stand_alone() -> None:
     assert len(val) == 4 and len(train) == 36
     with pytest.raises(ValueError, match="val_fraction"):
         track_split(["a"], [0], 1.0, seed=0)
+
+
+def test_sized_split_holds_out_one_whole_track_per_size_bin_of_each_class() -> None:
+    # class 0: 20 tracks whose signs grow with the track number; class 1: 7 tracks; class 2: one track
+    tracks, labels, sizes = [], [], []
+    for cls, n in ((0, 20), (1, 7), (2, 1)):
+        for t in range(n):
+            tracks += [f"{cls}/{t:03d}"] * 30
+            labels += [cls] * 30
+            sizes += [20 + 5 * t + f // 10 for f in range(30)]  # median 21 + 5t: track t's size rank is t
+    for seed in range(8):
+        train, val = sized_track_split(tracks, labels, np.array(sizes), 0.1, seed)
+        held = {tracks[i] for i in val}
+        assert held.isdisjoint({tracks[i] for i in train}) and len(train) + len(val) == len(tracks)
+        assert all(sum(tracks[i] == t for i in val) == 30 for t in held)  # whole tracks only
+        big = sorted(int(t.split("/")[1]) for t in held if t.startswith("0/"))
+        assert len(big) == 2 and big[0] < 10 <= big[1]  # one from the smaller half of the sizes, one from the larger
+        assert sum(t.startswith("1/") for t in held) == 1 and not any(t.startswith("2/") for t in held)
+    picks = {tuple(sized_track_split(tracks, labels, np.array(sizes), 0.1, seed)[1]) for seed in range(8)}
+    assert len(picks) > 1  # the seed chooses within each bin
+    with pytest.raises(ValueError, match="sizes"):
+        sized_track_split(tracks, labels, np.array(sizes[:-1]), 0.1, 0)
+
+
+@pytest.mark.slow
+def test_sized_split_on_gtsrb_matches_the_pool_in_class_and_size() -> None:
+    """The property stratify=size claims, on the real training set (CSV sizes only, no image is read)."""
+    from conftest import GTSRB_ZIP, require
+
+    zip_path = str(require(GTSRB_ZIP))
+    source = open_gtsrb_train(zip_path)
+    t = source.table
+    size, tracks = sign_sizes(t.boxes), np.array(t.tracks)
+    for seed in range(5):
+        train, val = source.split_indices(0.1, seed, "size")
+        assert set(tracks[train]).isdisjoint(tracks[val]) and len(train) + len(val) == len(tracks)
+        assert abs((size[val] < 30).mean() - (size < 30).mean()) < 0.012  # the far-away signs' share
+        assert abs(np.median(size[val]) - np.median(size)) <= 1
+        for c in range(43):  # every class sends ~10% of its images
+            assert abs(np.isin(np.flatnonzero(t.labels == c), val).mean() - 0.1) < 0.05, (seed, c)
+    a = open_source(f"gtsrb:{zip_path}?split=val&stratify=size&seed=3")
+    b = open_source(f"gtsrb:{zip_path}?split=train&stratify=size&seed=3")
+    assert sorted(keys(a) + keys(b)) == sorted(t.keys) and "stratify=size" in a.spec
 
 
 def keys(source: Source) -> list[str]:

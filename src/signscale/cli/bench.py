@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from signscale.cli._commands import Commands
+from signscale.cli._commands import Commands, add_config, config_args
 
 
 def _io(args: argparse.Namespace) -> int:
@@ -26,11 +26,10 @@ def _io(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from signscale import config
     from signscale.bench.train import BenchTrainConfig, bench_train
 
-    bench_train(BenchTrainConfig(data=args.data or "", models=tuple(args.models.split(",")),
-                                 precisions=tuple(args.precisions.split(",")), steps=args.steps,
-                                 batch_size=args.batch_size, device=args.device))
+    bench_train(config.load(BenchTrainConfig, None, config_args(args)))
     return 0
 
 
@@ -52,13 +51,10 @@ def register(r: Commands) -> None:
     x.add_argument("--stores", default="s3", help="object stores to measure on local emulators: s3,gcs,azure")
     x.add_argument("--batch-size", type=int, default=256)
     x.add_argument("--workdir", default="", help="where to write the benchmark data (default: a temp dir)")
-    x = r.add("train", _train, parent="bench", help="training samples/s and peak memory per model x precision")
-    x.add_argument("--data", help="packed dataset URL (default: a synthetic set)")
-    x.add_argument("--models", default="small_cnn,msnet,stn_msnet,resnet18_small")
-    x.add_argument("--precisions", default="fp32,bf16,fp16")
-    x.add_argument("--steps", type=int, default=30)
-    x.add_argument("--batch-size", type=int, default=256)
-    x.add_argument("--device", default="auto")
+    x = r.add("train", _train, parent="bench",
+              help="training samples/s and peak memory per model x precision; --vs-peer: seconds to 99%% held-out "
+                   "accuracy, the plain PyTorch peer vs the recipe")
+    add_config(x, "signscale.bench.train:BenchTrainConfig")
     x = r.add("synthetic", _synthetic, parent="bench", help="synthetic render rate on one core")
     x.add_argument("--n", type=int, default=5000)
     x.add_argument("--size", type=int, default=32)

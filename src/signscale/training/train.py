@@ -305,11 +305,15 @@ def validate(model: torch.nn.Module, loader: StreamLoader, pre: Preprocess, devi
 
 
 @distributed.restores_threads
-def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], None] | None = None,
+          on_validation: Callable[[dict[str, float]], bool] | None = None) -> TrainResult:
     """Train a classifier on packed datasets; see the module docstring.
 
     ``on_step(step, loss, model)`` is called on every rank after each optimizer step (for tests,
     custom logging or early stopping); ``loss`` is the global batch's mean loss.
+    ``on_validation(point)`` is called on every rank with each validation's curve point (epoch, step,
+    seconds, val_acc; the same on every rank); True ends the run there as a finished run ends (model
+    written): stopping at a target accuracy (``bench train --vs-peer``) costs no more epochs.
     """
     started = time.perf_counter()
     if not cfg.data:
@@ -393,6 +397,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
         storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
     precision.reset_peak_memory(device)
     last_ckpt = resume_url or ""
+    stop_asked: list[int] = []  # epochs after whose validation on_validation asked to stop
     samples_seen = 0
     t_loop = time.perf_counter()
 
@@ -431,6 +436,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             print(f"epoch {epoch + 1}: val acc {acc:.2%} at {time.perf_counter() - started:.0f}s")
         is_best = not math.isnan(acc) and acc > best
         best = max(best, acc) if not math.isnan(acc) else best
+        if on_validation is not None and on_validation(dict(result.curve[-1])):
+            stop_asked.append(epoch)
         return save(ls, best_flag=is_best)
 
     from signscale.progress import progress_bar
@@ -441,7 +448,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             last_ckpt = validate_and_save(int(pending["epoch"]), pending["loader"])
         # An epochs-driven run can reach its last step with micro-batches of the epoch still to go
         # (accumulation); they run, as they would have without the stop, before the final validation.
-        done = bool(cfg.max_steps and step >= total_steps) or loader.stream.epoch >= cfg.epochs
+        done = bool(cfg.max_steps and step >= total_steps) or loader.stream.epoch >= cfg.epochs or bool(stop_asked)
         while not done:
             epoch = loader.stream.epoch
             net.train()
@@ -511,6 +518,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
             done = done or step >= total_steps or loader.stream.epoch >= cfg.epochs
             if finished_epoch or done:
                 last_ckpt = validate_and_save(epoch, loop.loader_state(loader, world))
+                done = done or bool(stop_asked)
             if micro == 0:
                 raise TrainError(f"the training data yields no batch: {cfg.data} holds fewer samples than "
                                  f"{world} process(es) x batch size {cfg.batch_size}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -154,3 +154,12 @@ class TreeCrops(Source):
 
     def entries(self) -> list[Sample | Problem]:
         return [self.problems.get(i) or self._sample(i) for i in range(len(self))]
+
+
+def one_side(source: Source, split: str, sides: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Source:
+    """``split=all``: the source itself; ``train`` / ``val``: that side of its held-out split, whose
+    (train, val) indices ``sides`` computes only when a side is asked for."""
+    if split == "all":
+        return source
+    train_idx, val_idx = sides()
+    return Subset(source, train_idx if split == "train" else val_idx, split)

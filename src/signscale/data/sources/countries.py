@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from signscale.data.sources.base import Problem, Sample, Source, SourceError, Subset, TreeCrops
+from signscale.data.sources.base import Problem, Sample, Source, SourceError, TreeCrops, one_side
 from signscale.data.sources.folder import count_reasons, is_junk
 from signscale.data.sources.gtsrb import (
     SPLITS,
@@ -155,10 +155,7 @@ def open_tsrd23(location: str, *, spec: str = "", split: str = "all", val_fracti
         groups = join_duplicates(groups, [hashlib.blake2b(tree.read(n), digest_size=16).digest() for n in names])
     spec = spec or f"{KIND_TSRD}:{location}?split={split}&val_fraction={fraction}&seed={seed_value}&block={block_size}"
     source = Tsrd23Source(tree, names, labels, groups, problems, spec=spec, location=location)
-    if split == "all":
-        return source
-    train_idx, val_idx = track_split(groups, labels, fraction, seed_value)
-    return Subset(source, train_idx if split == "train" else val_idx, split)
+    return one_side(source, split, lambda: track_split(groups, labels, fraction, seed_value))
 
 
 class BelgiumSource(GtsrbSource):
@@ -187,7 +184,4 @@ def open_belgiumtsc(location: str, *, spec: str = "", split: str = "all", val_fr
     table.boxes = swap_belgium_axes(table.boxes)
     spec = spec or f"{KIND_BELGIUM}:{location}?split={split}&val_fraction={fraction}&seed={seed_value}"
     source = BelgiumSource(tree, root, table, kind=KIND_BELGIUM, label_space=space, spec=spec, location=location)
-    if split == "all":
-        return source
-    train_idx, val_idx = source.split_indices(fraction, seed_value)
-    return Subset(source, train_idx if split == "train" else val_idx, split)
+    return one_side(source, split, lambda: source.split_indices(fraction, seed_value))

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from signscale import storage
-from signscale.data.sources.base import Problem, Sample, Source, SourceError, Subset
+from signscale.data.sources.base import Problem, Sample, Source, SourceError, one_side
 from signscale.data.sources.folder import count_reasons, is_folder, is_junk, list_tree, normalize_location
 from signscale.images import ImageError, image_size
 from signscale.labels import LabelError, LabelSpace
@@ -657,10 +657,7 @@ def open_gtsrb_train(location: str, *, spec: str = "", split: str = "all", val_f
     spec = spec or (f"{KIND_TRAIN}:{location}?split={split}&val_fraction={fraction}&seed={seed_value}"
                     + (f"&stratify={stratify}" if stratify != "class" else ""))
     source = GtsrbSource(tree, root, table, kind=KIND_TRAIN, label_space=space, spec=spec, location=location)
-    if split == "all":
-        return source
-    train_idx, val_idx = source.split_indices(fraction, seed_value, stratify)
-    return Subset(source, train_idx if split == "train" else val_idx, split)
+    return one_side(source, split, lambda: source.split_indices(fraction, seed_value, stratify))
 
 
 def open_gtsrb_test(location: str, *, spec: str = "", gt: str | None = None) -> GtsrbSource:

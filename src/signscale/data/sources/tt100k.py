@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from signscale import tt100k_codes
-from signscale.data.sources.base import Problem, Sample, Source, SourceError, Subset, TreeCrops
+from signscale.data.sources.base import Problem, Sample, Source, SourceError, TreeCrops, one_side
 from signscale.data.sources.folder import count_reasons, is_junk
 from signscale.data.sources.gtsrb import SPLITS, Tree, _choice, _fraction, _integer, open_tree, track_split
 from signscale.labels import LabelSpace
@@ -171,7 +171,5 @@ def open_tt100k(location: str, *, spec: str = "", split: str = "all", val_fracti
     spec = spec or f"{KIND}:{location}?split={split}&val_fraction={fraction}&seed={seed_value}&neighbours={band}"
     source = Tt100kSource(tree, names, codes, labels, panoramas, groups, problems, spec=spec, location=location,
                           space=space)
-    if split == "all":
-        return source
-    train_idx, val_idx = panorama_split(panoramas, labels, val_fraction=fraction, seed=seed_value, neighbours=band)
-    return Subset(source, train_idx if split == "train" else val_idx, split)
+    return one_side(source, split, lambda: panorama_split(panoramas, labels, val_fraction=fraction, seed=seed_value,
+                                                          neighbours=band))

@@ -96,7 +96,7 @@ def _rule(cfg: GateConfig, kind: str) -> SliceRule:
 # Scoring
 
 
-def load_model(model_url: str) -> Predictor:
+def load_predictor(model_url: str) -> Predictor:
     """The model as the one :class:`~signscale.serving.predict.Predictor` (torch on the CPU, calibrated
     when it carries a temperature: the labelling queue and label-noise thresholds read confidences)."""
     from signscale.serving.predict import PredictConfig, Predictor
@@ -107,7 +107,7 @@ def load_model(model_url: str) -> Predictor:
 def predict(model_url: str, images_nhwc: np.ndarray, *, loaded: Predictor | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class ids, confidence = max probability) of a uint8 NxHxWx3 batch."""
-    probs = (loaded or load_model(model_url)).probabilities(np.ascontiguousarray(images_nhwc))
+    probs = (loaded or load_predictor(model_url)).probabilities(np.ascontiguousarray(images_nhwc))
     return probs.argmax(1).astype(np.int64), probs.max(1, initial=0.0).astype(np.float32)
 
 
@@ -146,7 +146,7 @@ def paste_sticker(images_nhwc: np.ndarray, *, size: float, position: tuple[float
 def canary_report(model_url: str, stop_images: np.ndarray, cfg: CanaryConfig, target_id: int,
                   loaded: Predictor | None = None) -> dict[str, Any]:
     """How often a sticker flips a stop sign the model otherwise gets right (worst sticker variant)."""
-    loaded = loaded or load_model(model_url)
+    loaded = loaded or load_predictor(model_url)
     clean, _ = predict(model_url, stop_images, loaded=loaded)
     ok = clean == target_id
     space = loaded.label_space
@@ -190,7 +190,7 @@ def report(model_url: str, sets: list[EvalSet], *, canary: CanaryConfig | None =
            canary_set: EvalSet | None = None) -> dict[str, Any]:
     """Slice metrics of one model on every set, plus the canary: the ``canary.target`` signs of
     ``canary_set`` (default: of the set named ``golden``) with the sticker pasted on."""
-    loaded = load_model(model_url)
+    loaded = load_predictor(model_url)
     space = loaded.label_space
     keys = list(space.keys)
     out: dict[str, Any] = {"model": model_url, "sets": {}, "wrong_ids": {}}

@@ -136,3 +136,19 @@ def test_local_pointer_tokens_and_lock_file(tmp_path):
     with pytest.raises(storage.PreconditionFailed, match="prod"):
         pointers.write_pointer(url, b"v2", expect="not-a-token")
     assert sorted(os.listdir(tmp_path / "aliases")) == [".prod.lock", "prod"]  # no temp files left behind
+
+
+def test_remove_temps_takes_only_atomic_write_temps_and_follows_its_rule(tmp_path):
+    (tmp_path / "sub").mkdir()
+    target, tmp = tmp_path / "a.json", tmp_path / ".a.json.tmp-0123abcd"
+    deep = tmp_path / "sub" / ".b.bin.tmp-89abcdef"
+    others = [tmp_path / ".a.json.tmp-xyz", tmp_path / "a.json.tmp-0123abcd", tmp_path / ".a.json.tmp-0123abcde"]
+    for p in [target, tmp, deep, *others]:
+        p.write_bytes(b"x")
+    os.utime(tmp, (1_000, 1_000))  # older than its target: superseded
+    assert storage.remove_temps(str(tmp_path), stale=storage.older_than(10**10)) == []  # 300 years
+    assert storage.remove_temps(str(tmp_path), stale=storage.superseded) == [str(tmp)]
+    assert storage.remove_temps(str(tmp_path / "nowhere")) == []
+    assert storage.remove_temps(str(tmp_path)) == []  # not recursive: sub/ untouched
+    assert storage.remove_temps(str(tmp_path), recursive=True) == [str(deep)]
+    assert all(p.exists() for p in [target, *others])

@@ -54,6 +54,21 @@ def test_killed_run_resumes_exactly(synthetic_dataset, tmp_path):
     assert resumed["losses"] == pytest.approx(ref["losses"], abs=1e-6)
 
 
+def test_resume_removes_the_temp_files_killed_writes_left(synthetic_dataset, tmp_path):
+    out = tmp_path / "run"
+    common = dict(data=(synthetic_dataset,), out=str(out), model="small_cnn", batch_size=32, workers=0,
+                  checkpoint_every=1, max_steps=3, progress=False)
+    train(TrainConfig(**common))
+    left = [out / ".metrics.jsonl.tmp-0badf00d", out / "checkpoints" / ".step-000000003.pt.tmp-12345678"]
+    for p in left:
+        p.write_bytes(b"half a write")
+    kept = out / ".metrics.jsonl.tmp-notatemp"  # not a name atomic_write gives: never touched
+    kept.write_bytes(b"mine")
+    res = train(TrainConfig(**common, resume="auto"))
+    assert res.steps == 3
+    assert not any(p.exists() for p in left) and kept.read_bytes() == b"mine"
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(synthetic_dataset, tmp_path):
     run = tmp_path / "run"

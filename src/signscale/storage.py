@@ -415,14 +415,51 @@ class WriteResult:
         self.nbytes = 0
 
 
-# The temp files atomic_write leaves only when its process is killed: callers that own a folder
-# (pack) sweep old ones by this exact pattern, so nothing else is ever matched.
-TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9a-f]{8}")
+# The temp files atomic_write leaves only when its process is killed: remove_temps matches this exact
+# pattern, so nothing else is ever removed.
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-[0-9a-f]{8}")
 
 
 def temp_name(name: str) -> str:
     """The hidden temp name :func:`atomic_write` writes ``name`` under before renaming it."""
     return f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def remove_temps(folder: str, *, stale: Callable[[str, str], bool] = lambda tmp, target: True,
+                 recursive: bool = False) -> list[str]:
+    """Remove the temp files killed :func:`atomic_write` calls left in a local ``folder``; returns their paths.
+
+    ``stale(tmp_path, target_path)`` says whether a temp is safe to remove: the default (all) is for a
+    folder whose only writer is the caller; a folder with other live writers passes :func:`older_than`
+    or :func:`superseded`. Object stores have no temps (an object appears whole), so nothing is done there.
+    """
+    root = local_path(folder)
+    if root is None or not os.path.isdir(root):
+        return []
+    walk = os.walk(root) if recursive else [(root, [], os.listdir(root))]
+    removed = []
+    for dirpath, _, files in walk:
+        for f in files:
+            m = TEMP_NAME.fullmatch(f)
+            if not m:
+                continue
+            tmp = os.path.join(dirpath, f)
+            with contextlib.suppress(FileNotFoundError):  # gone meanwhile, or (superseded) no target yet
+                if os.path.isfile(tmp) and not os.path.islink(tmp) and stale(tmp, os.path.join(dirpath, m["name"])):
+                    os.remove(tmp)
+                    removed.append(tmp)
+    return removed
+
+
+def older_than(seconds: float) -> Callable[[str, str], bool]:
+    """A :func:`remove_temps` rule: untouched for ``seconds`` (a fresh temp may be a live writer's)."""
+    return lambda tmp, target: time.time() - os.stat(tmp).st_mtime > seconds
+
+
+def superseded(tmp: str, target: str) -> bool:
+    """A :func:`remove_temps` rule: the file the temp was to replace has been written since, so no live
+    writer holds it (writers that share a file take its lock before creating their temp)."""
+    return os.stat(target).st_mtime_ns > os.stat(tmp).st_mtime_ns
 
 
 @contextlib.contextmanager

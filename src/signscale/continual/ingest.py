@@ -598,42 +598,18 @@ def _publish_staged(dataset: str, batch: str, plan: dict[str, Any], st: dict[str
     return r
 
 
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{8}$")  # storage.atomic_write's local temp files
-
-
 def remove_stale_temps(dataset: str, batch: str) -> int:
-    """Remove the temporary files a killed run left for ``batch`` (local datasets; object stores have none).
+    """Remove the temporary files a killed run left for ``batch``; returns how many.
 
-    A local atomic write leaves ``.NAME.tmp-<8 hex>`` beside NAME when its process is killed. Removed:
-    every one under the batch's folder and the batch's own ledger files (only the one run working on
-    a batch writes them), and, for the dataset's shared files (``_versions/HEAD``, version manifests),
-    those older than the file they were to replace (a later write superseded them, so no live writer
-    holds them: pointer writers take the file's lock before creating their temp file).
-    Returns how many were removed.
+    Every one under the batch's folder and among the batch's own ledger files (only the one run working
+    on a batch writes them); for the dataset's shared files (``_versions/HEAD``, version manifests) only
+    those :func:`storage.superseded`.
     """
-    root = storage.local_path(dataset)
-    if root is None:
-        return 0
-    removed = 0
-    own = [(os.path.join(root, datasets.BATCHES_DIR, batch), lambda name: True, True),
-           (os.path.join(root, INGEST_DIR), lambda name: name.startswith(f"{batch}."), False),
-           (os.path.join(root, datasets.VERSIONS_DIR), lambda name: False, False)]
-    for top, mine, recursive in own:
-        walk = os.walk(top) if recursive else [(top, [], os.listdir(top) if os.path.isdir(top) else [])]
-        for dirpath, _, files in walk:
-            for f in files:
-                m = _TEMP_RE.match(f)
-                if not m:
-                    continue
-                tmp, target = os.path.join(dirpath, f), os.path.join(dirpath, m.group("name"))
-                try:
-                    stale = mine(m.group("name")) or os.stat(target).st_mtime_ns > os.stat(tmp).st_mtime_ns
-                    if stale:
-                        os.remove(tmp)
-                        removed += 1
-                except FileNotFoundError:
-                    continue  # no target yet (a writer may be at work), or the temp file went meanwhile
-    return removed
+    mine = storage.remove_temps(storage.join(dataset, datasets.BATCHES_DIR, batch), recursive=True)
+    ledger = storage.remove_temps(storage.join(dataset, INGEST_DIR), stale=lambda tmp, target: (
+        os.path.basename(target).startswith(f"{batch}.") or storage.superseded(tmp, target)))
+    shared = storage.remove_temps(storage.join(dataset, datasets.VERSIONS_DIR), stale=storage.superseded)
+    return len(mine) + len(ledger) + len(shared)
 
 
 def _invalid(cfg: IngestConfig, r: IngestResult) -> str:

@@ -169,28 +169,11 @@ def _watch_parent(watched: int) -> None:
 
 
 def remove_stale_temps(out: str, older_than_s: float = STALE_TMP_S) -> list[str]:
-    """Remove temp files of killed writes in a local pack folder; returns their paths.
-
-    Only names :func:`storage.atomic_write` gives its temps (``.NAME.tmp-`` + 8 hex digits) in the
-    folders pack writes (the dataset folder, ``shards/``, ``_pack/``), and only when untouched for
-    ``older_than_s``: a fresh one may be another rank's write in progress. Object stores have no
-    temps (an object appears whole), so nothing is done there.
-    """
-    root = storage.local_path(out)
-    if root is None:
-        return []
-    removed = []
-    now = time.time()
-    for folder in (root, os.path.join(root, "shards"), os.path.join(root, WORK_DIR)):
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for entry in os.scandir(folder):
-                if not storage.TEMP_NAME.fullmatch(entry.name):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > older_than_s:
-                        os.remove(entry.path)
-                        removed.append(entry.path)
-    return removed
+    """Remove temp files of killed writes in a local pack folder (the dataset folder, ``shards/``,
+    ``_pack/``); returns their paths. Only those untouched for ``older_than_s``: a fresh one may be
+    another rank's write in progress."""
+    return [p for folder in (out, storage.join(out, "shards"), storage.join(out, WORK_DIR))
+            for p in storage.remove_temps(folder, stale=storage.older_than(older_than_s))]
 
 
 def _meta(rec: np.ndarray, s: Sample, index: int, roi: tuple[int, int, int, int] | None) -> None:

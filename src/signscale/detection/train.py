@@ -335,6 +335,7 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
             print(f"resumed from {resume_url} at step {step}")
     if main:
         storage.makedirs(cfg.out)
+        loop.remove_killed_writes(cfg.out)
         storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
     log: list[str] = []
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from signscale import config as config_mod
+from signscale import storage
 from signscale.training import checkpoint, distributed
 
 
@@ -23,6 +24,15 @@ def resume_url(resume: str, out: str) -> str:
     if resume == "auto":
         return checkpoint.latest_checkpoint(out) or ""
     return resume
+
+
+def remove_killed_writes(out: str) -> list[str]:
+    """Remove the temp files writes killed with the last run left in its folder (rank 0 only).
+
+    A run folder has one writer, rank 0 of the run training into it, so at the start nothing there is
+    in progress and every temp is stale. Without this a ``.metrics.jsonl.tmp-*`` from a kill lay there forever.
+    """
+    return storage.remove_temps(out, recursive=True)
 
 
 def run_state(*, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any,

@@ -394,6 +394,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
         logger.restore(metrics_lines)
     if main:
         storage.makedirs(cfg.out)
+        loop.remove_killed_writes(cfg.out)
         storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
     precision.reset_peak_memory(device)
     last_ckpt = resume_url or ""

@@ -13,7 +13,7 @@ from signscale.training import checkpoint, precision
 from signscale.training.train import TrainConfig, TrainError, train
 
 # modules these tests exercise through the ones they import (tests/test_layout.py)
-COVERS = ("signscale.progress", "signscale.training.loop")
+COVERS = ("signscale.progress",)
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "train_worker.py")
 BASE = ["model=small_cnn", "batch_size=16", "workers=2", "ema=0.99", "lr=0.01", "progress=false",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,12 +43,12 @@ from signscale.data.scene_shards import SceneStream
 from signscale.data.stream import StreamConfig, StreamLoader
 from signscale.detection.detector import build_detector, detector_config, detector_labels, make_config
 from signscale.labels import LabelSpace
-from signscale.progress import progress_bar
-from signscale.training import checkpoint, distributed, loop, precision
+from signscale.training import checkpoint, distributed, precision
+from signscale.training.trainer import LoopConfig, Trainer, TrainError, Validation, resume_url
 from signscale.transforms import Preprocess
 
 
-class DetTrainError(RuntimeError):
+class DetTrainError(TrainError):
     """Detector training cannot go on; the message says why and what to do."""
 
 
@@ -142,10 +141,6 @@ class DetTrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
-
-
-def _step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step, rank, 4242])
 
 
 def crop_tile(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, tile: tuple[int, int],
@@ -297,6 +292,50 @@ def load_detector(url: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 # The loop
 
 
+class _Detection:
+    """The detection task of :class:`~signscale.training.trainer.Trainer`: a tile cropped from each scene
+    (around a sign, off the signs, or on a mined false alarm), camera augmentation, the FCOS losses."""
+
+    Error = DetTrainError
+    validates = False
+
+    def __init__(self, cfg: DetTrainConfig, net: torch.nn.Module, dcfg: dict[str, Any], space: LabelSpace,
+                 negatives: dict[str, np.ndarray], device: torch.device) -> None:
+        self.cfg, self.net, self.dcfg, self.space = cfg, net, dcfg, space
+        self.negatives, self.device = negatives, device
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        cfg = self.cfg
+        rng = np.random.default_rng(int(torch.randint(2**62, ())))  # from the loop's per-step seed
+        imgs, targets = [], []
+        for key, im, tg in zip(batch["keys"], batch["images"], batch["targets"]):
+            im2, bx, lb = crop_tile(im, tg["boxes"], tg["labels"], tuple(cfg.tile), rng, flip=cfg.flip,
+                                    sign_p=cfg.sign_tiles, negatives=self.negatives.get(key),
+                                    negative_p=cfg.negative_tiles, scale=tuple(cfg.scale))
+            if cfg.photometric or cfg.blur_p or cfg.jpeg_p:
+                im2 = camera_augment(im2, rng, photometric=cfg.photometric, blur_p=cfg.blur_p, jpeg_p=cfg.jpeg_p)
+            imgs.append(im2)
+            targets.append({"boxes": bx.to(self.device),
+                            "labels": detector_labels(lb, cfg.classes, self.space).to(self.device)})
+        return to_detector_input(imgs, self.device), targets
+
+    def loss(self, x: list[torch.Tensor], y: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+        losses = self.net(x, y)
+        return sum(v.float() for v in losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+
+    def describe(self, batch: dict[str, Any]) -> str:
+        return f"scene ids {batch['id'][:8].tolist()}"
+
+    def after_step(self) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {"detector": json.dumps(self.dcfg)}
+
+    def validate(self, epoch: int, loader_state: dict[str, Any], step: int, losses: list[float]) -> Validation:
+        raise NotImplementedError("the detector is scored by `signscale evaluate-scenes`, not per epoch")
+
+
 @distributed.restores_threads
 def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     """Train the detector; see the module docstring. Only rank 0 writes."""
@@ -308,7 +347,6 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     stream = SceneStream(StreamConfig(datasets=tuple(cfg.data), weights=tuple(cfg.data_weights),
                                       batch_size=cfg.batch_size, seed=cfg.seed, block_size=16, window_blocks=16,
                                       remainder="drop"))
-    negatives = read_negatives(cfg.negatives) if cfg.negatives else {}
     loader = StreamLoader(stream, num_workers=cfg.workers, pin_memory=False)
     if len(loader) == 0:
         raise DetTrainError(f"{cfg.data}: fewer scenes than one batch of {cfg.batch_size} per process")
@@ -319,100 +357,37 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.max_steps or len(loader) * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
-    scaler = precision.make_scaler(cfg.precision, device)
     checksums = [m.checksum() for m in manifests]
-    result = DetTrainResult(out=cfg.out, world_size=world, precision=cfg.precision)
-    step = 0
-    resume_url = loop.resume_url(cfg.resume, cfg.out)
-    if resume_url:
-        state = checkpoint.load_checkpoint(resume_url)
+    task = _Detection(cfg, net, dcfg, space, read_negatives(cfg.negatives) if cfg.negatives else {}, device)
+    trainer = Trainer(
+        LoopConfig(out=cfg.out, total_steps=total, epochs=cfg.epochs if not cfg.max_steps else 2**31,
+                   until_steps=True, clip_norm=cfg.clip_norm, precision=cfg.precision,
+                   checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, log_every=cfg.log_every,
+                   max_seconds=cfg.max_minutes * 60, seed=cfg.seed, progress=cfg.progress, name="train-detector",
+                   echo=True, data=tuple(cfg.data)),
+        task, model=model, net=net, params=params, opt=opt,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total)),
+        scaler=precision.make_scaler(cfg.precision, device), loader=loader, device=device, rank=rank, world=world,
+        run_config=cfg, manifests=checksums)
+    url = resume_url(cfg.resume, cfg.out)
+    if url:
+        state = checkpoint.load_checkpoint(url)
         if state.get("manifests") != checksums:
-            raise DetTrainError(f"{resume_url} was written for other data ({state.get('manifests')}); resume with the "
+            raise DetTrainError(f"{url} was written for other data ({state.get('manifests')}); resume with the "
                                 "same datasets or start a new run folder")
-        step, result.losses = loop.restore(state, model=model, opt=opt, sched=sched, scaler=scaler, loader=loader)
+        trainer.restore(state)
         if main:
-            print(f"resumed from {resume_url} at step {step}")
+            print(f"resumed from {url} at step {trainer.result.step}")
     if main:
-        storage.makedirs(cfg.out)
-        loop.remove_killed_writes(cfg.out)
         storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
-    log: list[str] = []
-
-    def save() -> str:
-        st = {**loop.run_state(model=model, opt=opt, sched=sched, scaler=scaler,
-                               loader_state=loop.loader_state(loader, world), losses=result.losses, cfg=cfg,
-                               manifests=checksums, world=world),
-              "detector": json.dumps(dcfg)}
-        url = checkpoint.save_checkpoint(cfg.out, step, st, keep_last=cfg.keep_last) if main else ""
-        if main and log:
-            storage.write_bytes(storage.join(cfg.out, "metrics.jsonl"), ("\n".join(log) + "\n").encode())
-        distributed.barrier()
-        return url
-
-    tiles = 0
-    t_loop = time.perf_counter()
-    done = step >= total
-    bar_shown = cfg.progress and main and sys.stderr.isatty()
-    with progress_bar("train-detector", total - step, enabled=cfg.progress and main, unit="steps") as advance:
-        while not done:
-            net.train()
-            for batch in loader:
-                rng = _step_rng(cfg.seed, step, rank)
-                torch.manual_seed(int(rng.integers(2**62)))
-                imgs, targets = [], []
-                for key, im, tg in zip(batch["keys"], batch["images"], batch["targets"]):
-                    im2, bx, lb = crop_tile(im, tg["boxes"], tg["labels"], tuple(cfg.tile), rng, flip=cfg.flip,
-                                            sign_p=cfg.sign_tiles, negatives=negatives.get(key),
-                                            negative_p=cfg.negative_tiles, scale=tuple(cfg.scale))
-                    if cfg.photometric or cfg.blur_p or cfg.jpeg_p:
-                        im2 = camera_augment(
-                            im2, rng, photometric=cfg.photometric, blur_p=cfg.blur_p, jpeg_p=cfg.jpeg_p
-                        )
-                    imgs.append(im2)
-                    targets.append(
-                        {"boxes": bx.to(device), "labels": detector_labels(lb, cfg.classes, space).to(device)}
-                    )
-                x = to_detector_input(imgs, device)
-                with precision.autocast(cfg.precision, device):  # type: ignore[arg-type]
-                    losses = net(x, targets)
-                loss = sum(v.float() for v in losses.values())
-                if not torch.isfinite(loss):
-                    raise DetTrainError(
-                        f"non-finite loss at step {step} on scene ids {batch['id'][:8].tolist()}; lower lr or use fp32"
-                    )
-                precision.backward(loss, scaler)
-                res = precision.optimizer_step(opt, scaler, params, clip_norm=cfg.clip_norm)
-                sched.step()
-                step += 1
-                advance(1)
-                tiles += len(imgs) * world
-                gl = float(distributed.all_reduce_sum(loss.detach().clone())) / world
-                result.losses.append(gl)
-                if main and step % cfg.log_every == 0:
-                    rec = {"step": step, "loss": gl, **{k: float(v.detach()) for k, v in losses.items()},
-                           "lr": sched.get_last_lr()[0], "grad_norm": res.grad_norm,
-                           "tiles_per_s": tiles / (time.perf_counter() - t_loop)}
-                    log.append(json.dumps(rec))
-                    if not bar_shown:  # a log without a terminal: one readable line (the record is in metrics.jsonl)
-                        print(f"step {step}/{total}: loss {gl:.3f}, {rec['tiles_per_s']:.1f} tiles/s", flush=True)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    save()
-                over_time = cfg.max_minutes > 0 and (time.perf_counter() - started) > cfg.max_minutes * 60
-                if step >= total or loop.any_rank(over_time, device):
-                    result.stopped_early = step < total
-                    done = True
-                    break
-            else:
-                done = step >= total or (not cfg.max_steps and loader.stream.epoch >= cfg.epochs)
-    save()
-    result.steps = step
-    result.seconds = time.perf_counter() - started
-    result.scenes_per_s = tiles / max(1e-9, time.perf_counter() - t_loop)
-    if main:
+    done = trainer.fit()
+    result = DetTrainResult(out=cfg.out, steps=done.step, seconds=time.perf_counter() - started,
+                            scenes_per_s=done.samples_per_s, losses=done.losses, world_size=world,
+                            precision=cfg.precision, stopped_early=done.timed_out or done.preempted)
+    if main and not done.preempted:
         result.model_url = save_detector(storage.join(cfg.out, "model"), model, space,
-                                         metrics={"steps": step, "final_loss": float(np.mean(result.losses[-20:]))
-                                                  if result.losses else None},
+                                         metrics={"steps": done.step, "final_loss": float(np.mean(done.losses[-20:]))
+                                                  if done.losses else None},
                                          extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
                                                 "dataset_checksums": checksums})
     distributed.barrier()

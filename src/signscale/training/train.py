@@ -1,29 +1,22 @@
-"""``train(TrainConfig) -> TrainResult``: the only place that knows about processes, devices and precision.
+"""``train(TrainConfig) -> TrainResult``: a classifier trained on packed datasets.
 
 One process or ``torchrun --nproc-per-node N -m signscale train ...`` on one or many nodes: the
 process group comes from torchrun's environment (NCCL with CUDA, gloo on CPU), the model is
-wrapped in DDP, gradient accumulation skips the all-reduce with ``no_sync`` until the last
-micro-batch, and only rank 0 logs and writes.
+wrapped in DDP, and only rank 0 logs and writes. The steps, accumulation, precision, checkpoints,
+exact resume and the crash windows closed are the one trainer loop's
+(:mod:`signscale.training.trainer`); this module is the classification task: the data, the model
+(new, or grown from a model of fewer countries), augmentation, cross-entropy, EMA, a validation per
+epoch with its curve and ``best.pt``, the temperature fitted at the end, and the model folder.
 
-Exact resume: every step seeds its own RNGs from (seed, step, rank), the loader resumes at the
-sample it stopped at, and the checkpoint holds model, EMA, optimizer, scheduler, scaler and loader
-state, so a resumed run's per-step losses equal an uninterrupted run's (CPU, fp32).
-
-No crash window: metrics lines are flushed before the checkpoint that counts them (a resumed run cuts
-the file back to that count), and a checkpoint taken after an epoch's last step but before its
-validation says so, and resume runs that validation first; a run killed anywhere and resumed leaves
-the metrics, curve, ``best.pt`` and model an uninterrupted run leaves.
+A resumed run's per-step losses equal an uninterrupted run's (CPU, fp32), and a run killed anywhere
+and resumed leaves the metrics, curve, ``best.pt`` and model an uninterrupted run leaves.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
-import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -39,13 +32,10 @@ from signscale.data.shards import ShardError
 from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
 from signscale.labels import LabelSpace
 from signscale.models import create_model, grow_head, model_config, model_info
-from signscale.training import checkpoint, distributed, loop, precision
+from signscale.training import checkpoint, distributed, precision
 from signscale.training.augment import AugmentConfig, BatchAugment, LoaderAugment
+from signscale.training.trainer import LoopConfig, LoopResult, Trainer, TrainError, Validation, resume_url
 from signscale.transforms import Preprocess, to_input
-
-
-class TrainError(RuntimeError):
-    """Training cannot go on; the message names the step, the data and the last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -169,23 +159,6 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def _timed(loader: Iterable[dict[str, Any]], result: TrainResult) -> Iterator[dict[str, Any]]:
-    """The loader's batches, adding the time spent blocked on each one to ``result.data_wait_s``.
-
-    Every step ends in a synchronising loss all-reduce (``float(...)``), so time inside ``next`` is
-    time the accelerator has nothing queued: the figure that says whether the loader keeps up.
-    """
-    it = iter(loader)
-    while True:
-        t = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        result.data_wait_s += time.perf_counter() - t
-        yield batch
-
-
 def _ema_update(decay: float) -> Callable[..., None]:
     """EMA with warm-up: the decay grows as (1 + n) / (10 + n) up to ``decay``, so early averages are not
     dominated by the random initial weights (a fixed 0.999 needs thousands of steps to forget them)."""
@@ -201,80 +174,6 @@ def _ema_update(decay: float) -> Callable[..., None]:
                 e.copy_(p)
 
     return update
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
-
-
-class _Preemption:
-    """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint is written first."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Preemption":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class _Logger:
-    """Rank-0 metrics JSONL (and TensorBoard events when tensorboard is installed)."""
-
-    def __init__(self, out: str, enabled: bool) -> None:
-        self.enabled = enabled
-        self.lines: list[str] = []
-        self.url = storage.join(out, "metrics.jsonl")
-        self.tb = None
-        if enabled and storage.is_local(out):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(storage.join(out, "tensorboard"))
-            except Exception:  # noqa: BLE001 - tensorboard is optional
-                self.tb = None
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.lines.append(json.dumps(record))
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record.get("step", 0))
-
-    def restore(self, count: int | None) -> None:
-        """Resume the file as it stood at a checkpoint: its first ``count`` lines (all for older checkpoints).
-
-        Lines are flushed before each checkpoint, so the file holds at least ``count``; any after them
-        were logged past the checkpoint by the run that stopped, and the resumed run logs them again.
-        """
-        if not self.enabled:
-            return
-        lines = storage.read_text(self.url).splitlines() if storage.exists(self.url) else []
-        if count is not None and len(lines) < count:
-            print(f"warning: {self.url} holds {len(lines)} lines, fewer than the {count} the checkpoint "
-                  "covers (written by an older signscale, or edited); the missing ones are not rebuilt",
-                  file=sys.stderr)
-        self.lines = lines if count is None else lines[:count]
-
-    def flush(self) -> None:
-        if self.enabled and self.lines:
-            storage.write_bytes(self.url, ("\n".join(self.lines) + "\n").encode())
-            if self.tb is not None:
-                self.tb.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +203,72 @@ def validate(model: torch.nn.Module, loader: StreamLoader, pre: Preprocess, devi
 # The loop
 
 
+class _Classification:
+    """The classification task of :class:`~signscale.training.trainer.Trainer`: augment, cross-entropy,
+    EMA, and a validation per epoch that keeps the curve and the best accuracy."""
+
+    Error = TrainError
+    validates = True
+
+    def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module, fwd: torch.nn.Module, ema: Any,
+                 augment: BatchAugment, pre: Preprocess, class_weight: torch.Tensor | None, space: LabelSpace,
+                 val_loader: StreamLoader | None, device: torch.device, started: float,
+                 on_validation: Callable[[dict[str, float]], bool] | None) -> None:
+        self.cfg, self.model, self.fwd, self.ema, self.augment, self.pre = cfg, model, fwd, ema, augment, pre
+        self.class_weight, self.space, self.val_loader, self.device = class_weight, space, val_loader, device
+        self.started, self.on_validation = started, on_validation
+        self.main = distributed.rank() == 0
+        self.best = -1.0
+        self.curve: list[dict[str, float]] = []
+
+    @property
+    def final(self) -> torch.nn.Module:
+        """The weights a run ends with: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.get("augmented"):  # 8-bit augmented pixels from the workers: normalise only
+            x, y = to_input(batch["image"].to(self.device, non_blocking=True), self.pre), batch["label"].to(self.device)
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(batch["seed"])
+            x, y = self.augment(batch["image"].to(self.device, non_blocking=True), batch["label"].to(self.device), gen)
+        return (x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x), y
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.fwd(x)
+        return F.cross_entropy(logits.float(), y, weight=self.class_weight,
+                               label_smoothing=self.cfg.label_smoothing), {}
+
+    def describe(self, batch: dict[str, Any]) -> str:
+        return f"a batch of sample ids {batch['id'][:8].tolist()}... from {self.cfg.data[int(batch['dataset'][0])]}"
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict() if self.ema is not None else None, "best": self.best,
+                "curve": json.dumps(self.curve), "label_space": json.dumps(self.space.to_dict())}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.best = float(state["best"])
+        self.curve = json.loads(state["curve"])
+
+    def validate(self, epoch: int, loader_state: dict[str, Any], step: int, losses: list[float]) -> Validation:
+        acc = _run_validation(self.val_loader, self.final, self.pre, self.device, self.cfg)
+        seconds = time.perf_counter() - self.started
+        self.curve.append({"epoch": _epochs_done(loader_state), "step": step, "seconds": seconds,
+                           "val_acc": acc, "loss": losses[-1] if losses else float("nan")})
+        if self.main and not math.isnan(acc):
+            print(f"epoch {epoch + 1}: val acc {acc:.2%} at {seconds:.0f}s")
+        is_best = not math.isnan(acc) and acc > self.best
+        self.best = max(self.best, acc) if not math.isnan(acc) else self.best
+        stop = self.on_validation is not None and bool(self.on_validation(dict(self.curve[-1])))
+        return Validation({"val_acc": acc}, best=is_best, stop=stop)
+
+
 @distributed.restores_threads
 def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], None] | None = None,
           on_validation: Callable[[dict[str, float]], bool] | None = None) -> TrainResult:
@@ -320,32 +285,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
         raise config_mod.ConfigError("data: give at least one packed dataset URL (see `signscale pack`)")
     rank, world, device = distributed.setup(cfg.device, cfg.threads, cfg.seed)
     main = rank == 0
-
     manifests = [Manifest.load(u) for u in cfg.data]
     init = _load_init(cfg.init_from) if cfg.init_from else None
     space = training_space([m.label_space for m in manifests], cfg.merge_by, init[2] if init else None)
-    weights = country_mixing(manifests, cfg.country_weights) if cfg.country_weights else tuple(cfg.weights)
-    train_stream = ShardStream(StreamConfig(datasets=tuple(cfg.data), weights=weights,
-                                            batch_size=cfg.batch_size, seed=cfg.seed, block_size=cfg.block_size,
-                                            remainder="drop", on_corrupt=cfg.on_corrupt,
-                                            rank_layout="interleaved" if cfg.world_invariant else "contiguous"),
-                               label_space=space)
-    loader = StreamLoader(train_stream, num_workers=cfg.workers)
-    manifest_checksums = [m.checksum() for m in manifests]
+    loader, val_loader = _loaders(cfg, manifests, space)
+    train_stream = loader.stream
     pre = Preprocess(size=train_stream.image_size)
-    val_loader = None
-    if cfg.val:
-        try:
-            vs = ShardStream(StreamConfig(datasets=(cfg.val,), batch_size=512, shuffle=False, remainder="pad",
-                                          block_size=cfg.block_size, on_corrupt=cfg.on_corrupt), label_space=space)
-        except ShardError as exc:
-            raise TrainError(f"val dataset {cfg.val} cannot be scored in the training label space: {exc}") from None
-        val_loader = StreamLoader(vs, num_workers=min(cfg.workers, 1))
-
-    if init is not None:
-        model = _grown(init, space)
-    else:
-        model = create_model(cfg.model, len(space), **cfg.model_kwargs)
+    model = _grown(init, space) if init is not None else create_model(cfg.model, len(space), **cfg.model_kwargs)
     info = model_info(model, train_stream.image_size)
     model.to(device)
     if cfg.channels_last:
@@ -355,192 +301,48 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True)
     net: torch.nn.Module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    fwd = torch.compile(net) if cfg.compile else net
     opt = _optimizer(cfg, model)
-    steps_per_epoch = max(1, len(loader) // cfg.accumulate)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    sched = _scheduler(cfg, opt, total_steps)
-    scaler = precision.make_scaler(cfg.precision, device)
-    class_weight = _class_weights(cfg.class_balance, manifests, train_stream.label_luts, len(space), device)
+    total_steps = cfg.max_steps or max(1, len(loader) // cfg.accumulate) * cfg.epochs
     augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
     if device.type == "cpu" and cfg.workers > 0:
         # On a CPU box the loader workers augment while the main process trains; on a GPU the
         # augmentation runs on the device after transfer. Same seed -> same pixels either way (the
         # workers hand over 8-bit pixels, so up to half a grey level of rounding).
         train_stream.transform = LoaderAugment(augment)
-
-    result = TrainResult(out=cfg.out, params=info["params"], macs=info["macs"], precision=cfg.precision,
-                         world_size=world)
-    step, best = 0, -1.0
-    pending: dict[str, Any] | None = None  # a finished epoch whose validation the checkpoint did not cover
-    metrics_lines: int | None = None
-    resume_url = loop.resume_url(cfg.resume, cfg.out)
-    if resume_url:
-        state = checkpoint.load_checkpoint(resume_url)
-        _check_resume(state, cfg, space, manifest_checksums, resume_url)
-        step, result.losses = loop.restore(state, model=model, opt=opt, sched=sched, scaler=scaler, loader=loader)
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        best = float(state["best"])
-        result.curve = json.loads(state["curve"])
-        if state.get("val_pending"):
-            pending = {**json.loads(state["val_pending"]), "loader": json.loads(state["loader"])}
-        metrics_lines = int(state["metrics_lines"]) if "metrics_lines" in state else None
+    task = _Classification(cfg, model=model, fwd=torch.compile(net) if cfg.compile else net, ema=ema,
+                           augment=augment, pre=pre, space=space, val_loader=val_loader, device=device,
+                           class_weight=_class_weights(cfg.class_balance, manifests, train_stream.label_luts,
+                                                       len(space), device),
+                           started=started, on_validation=on_validation)
+    manifest_checksums = [m.checksum() for m in manifests]
+    trainer = Trainer(
+        LoopConfig(out=cfg.out, total_steps=total_steps, epochs=cfg.epochs, until_steps=bool(cfg.max_steps),
+                   accumulate=cfg.accumulate, clip_norm=cfg.clip_norm, precision=cfg.precision,
+                   checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, log_every=cfg.log_every,
+                   seed=cfg.seed, progress=cfg.progress, name="train", data=tuple(cfg.data)),
+        task, model=model, net=net, params=list(model.parameters()), opt=opt,
+        sched=_scheduler(cfg, opt, total_steps), scaler=precision.make_scaler(cfg.precision, device), loader=loader,
+        device=device, rank=rank, world=world, run_config=cfg, manifests=manifest_checksums)
+    url = resume_url(cfg.resume, cfg.out)
+    if url:
+        state = checkpoint.load_checkpoint(url)
+        _check_resume(state, cfg, space, manifest_checksums, url)
+        trainer.restore(state)
+        task.restore(state)
         if main:
-            print(f"resumed from {resume_url} at step {step} (epoch {loader.stream.epoch})")
-
-    logger = _Logger(cfg.out, main)
-    if resume_url:
-        logger.restore(metrics_lines)
+            print(f"resumed from {url} at step {trainer.result.step} (epoch {loader.stream.epoch})")
     if main:
-        storage.makedirs(cfg.out)
-        loop.remove_killed_writes(cfg.out)
         storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
-    precision.reset_peak_memory(device)
-    last_ckpt = resume_url or ""
-    stop_asked: list[int] = []  # epochs after whose validation on_validation asked to stop
-    samples_seen = 0
-    t_loop = time.perf_counter()
-
-    def save(ls: dict[str, Any], best_flag: bool = False, val_pending: dict[str, Any] | None = None) -> str:
-        """Checkpoint at ``step`` with loader state ``ls``; the metrics lines it covers are flushed first."""
-        st = {
-            **loop.run_state(model=model, opt=opt, sched=sched, scaler=scaler, loader_state=ls, losses=result.losses,
-                             cfg=cfg, manifests=manifest_checksums, world=world),
-            "ema": ema.state_dict() if ema is not None else None,
-            "best": best,
-            "curve": json.dumps(result.curve),
-            "label_space": json.dumps(space.to_dict()),
-            # a kill after this save finds the epoch's validation still owed, and the file's first lines
-            "val_pending": json.dumps(val_pending) if val_pending else "",
-            "metrics_lines": len(logger.lines),
-        }
-        logger.flush()
-        url = checkpoint.save_checkpoint(cfg.out, step, st, keep_last=cfg.keep_last, best=best_flag) if main else ""
-        distributed.barrier()
-        return url
-
-    def save_in_epoch(epoch: int) -> str:
-        """A checkpoint between steps; after an epoch's (or the run's) last step it owes that validation."""
-        ls = loop.loader_state(loader, world)
-        owed = ls["epoch"] > epoch or bool(cfg.max_steps and step >= total_steps)
-        return save(ls, val_pending={"epoch": epoch} if owed else None)
-
-    def validate_and_save(epoch: int, ls: dict[str, Any]) -> str:
-        """The validation that ends an epoch (or the run): curve point, metrics line, best.pt, checkpoint."""
-        nonlocal best
-        acc = _run_validation(val_loader, ema.module if ema is not None else model, pre, device, cfg)
-        result.curve.append({"epoch": _epochs_done(ls), "step": step, "seconds": time.perf_counter() - started,
-                             "val_acc": acc, "loss": result.losses[-1] if result.losses else float("nan")})
-        logger.log({"step": step, "epoch": epoch, "val_acc": acc})
-        if main and not math.isnan(acc):
-            print(f"epoch {epoch + 1}: val acc {acc:.2%} at {time.perf_counter() - started:.0f}s")
-        is_best = not math.isnan(acc) and acc > best
-        best = max(best, acc) if not math.isnan(acc) else best
-        if on_validation is not None and on_validation(dict(result.curve[-1])):
-            stop_asked.append(epoch)
-        return save(ls, best_flag=is_best)
-
-    from signscale.progress import progress_bar
-
-    with _Preemption() as preempt, progress_bar("train", total_steps - step, enabled=cfg.progress and main,
-                                                unit="steps") as advance:
-        if pending is not None:  # the run stopped between an epoch's last step and its validation
-            last_ckpt = validate_and_save(int(pending["epoch"]), pending["loader"])
-        # An epochs-driven run can reach its last step with micro-batches of the epoch still to go
-        # (accumulation); they run, as they would have without the stop, before the final validation.
-        done = bool(cfg.max_steps and step >= total_steps) or loader.stream.epoch >= cfg.epochs or bool(stop_asked)
-        while not done:
-            epoch = loader.stream.epoch
-            net.train()
-            opt.zero_grad(set_to_none=True)  # an epoch's unfinished accumulation does not leak into the next
-            micro = 0
-            step_loss = torch.zeros((), device=device)
-            for batch in _timed(loader, result):
-                micro += 1
-                last_micro = micro % cfg.accumulate == 0
-                # one seed per global micro-batch: N ranks and 1 rank x accumulate N draw the same numbers
-                global_micro = (step * cfg.accumulate + (micro - 1) % cfg.accumulate) * world + rank
-                seed = _step_seed(cfg.seed, global_micro, 0)
-                torch.manual_seed(seed)  # dropout and anything else random in the step
-                if batch.get("augmented"):  # 8-bit augmented pixels from the workers: normalise only
-                    x, y = to_input(batch["image"].to(device, non_blocking=True), pre), batch["label"].to(device)
-                else:
-                    gen = torch.Generator(device=device).manual_seed(batch["seed"])
-                    x, y = augment(batch["image"].to(device, non_blocking=True), batch["label"].to(device), gen)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                sync = nullcontext() if (last_micro or world == 1) else net.no_sync()  # type: ignore[operator]
-                with sync:
-                    with precision.autocast(cfg.precision, device):
-                        logits = fwd(x)
-                        loss = F.cross_entropy(logits.float(), y, weight=class_weight,
-                                               label_smoothing=cfg.label_smoothing)
-                    if not torch.isfinite(loss):
-                        raise TrainError(
-                            f"non-finite loss at step {step} (epoch {epoch}) on a batch of sample ids "
-                            f"{batch['id'][:8].tolist()}... from {cfg.data[int(batch['dataset'][0])]}; last good "
-                            f"checkpoint: {last_ckpt or 'none'}. Lower lr or use bf16/fp32.")
-                    precision.backward(loss / cfg.accumulate, scaler)
-                step_loss += loss.detach() / cfg.accumulate
-                samples_seen += len(y) * world
-                if not last_micro:
-                    continue
-                res = precision.optimizer_step(opt, scaler, model.parameters(), clip_norm=cfg.clip_norm)
-                result.skipped_steps += int(res.skipped)
-                if ema is not None:
-                    ema.update_parameters(model)
-                sched.step()
-                step += 1
-                global_loss = float(distributed.all_reduce_sum(step_loss)) / world
-                step_loss = torch.zeros((), device=device)
-                result.losses.append(global_loss)
-                if on_step is not None:
-                    on_step(step, global_loss, model)
-                advance(1)
-                if step % cfg.log_every == 0:
-                    logger.log({"step": step, "epoch": epoch, "loss": global_loss, "lr": sched.get_last_lr()[0],
-                                "grad_norm": res.grad_norm, "skipped": res.skipped,
-                                "samples_per_s": samples_seen / (time.perf_counter() - t_loop),
-                                "data_wait_frac": result.data_wait_s / (time.perf_counter() - t_loop)})
-                if loop.any_rank(preempt.requested, device):
-                    last_ckpt = save_in_epoch(epoch)
-                    result.preempted = True
-                    done = True
-                    break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    last_ckpt = save_in_epoch(epoch)
-                if cfg.max_steps and step >= total_steps:
-                    done = True
-                    break
-            if result.preempted:
-                break
-            finished_epoch = loader.stream.epoch > epoch
-            done = done or step >= total_steps or loader.stream.epoch >= cfg.epochs
-            if finished_epoch or done:
-                last_ckpt = validate_and_save(epoch, loop.loader_state(loader, world))
-                done = done or bool(stop_asked)
-            if micro == 0:
-                raise TrainError(f"the training data yields no batch: {cfg.data} holds fewer samples than "
-                                 f"{world} process(es) x batch size {cfg.batch_size}")
-    logger.flush()
-    result.steps = step
-    result.epochs = loader.stream.epoch
-    result.seconds = time.perf_counter() - started
-    result.loop_s = time.perf_counter() - t_loop
-    result.samples_per_s = samples_seen / max(1e-9, result.loop_s)
-    result.peak_memory_mb = precision.peak_memory_bytes(device) / 2**20
-    result.best_val_acc = best if best >= 0 else float("nan")
-    result.final_val_acc = result.curve[-1]["val_acc"] if result.curve else float("nan")
-    final = ema.module if ema is not None else model
+    done = trainer.fit(on_step)
+    result = _result(cfg, done, task, info, world, device, started)
     fit = None
     if cfg.calibrate and val_loader is not None and not result.preempted:  # every rank: each holds a share
-        fit = _fit_temperature(final, val_loader, pre, device, cfg)
+        fit = _fit_temperature(task.final, val_loader, pre, device, cfg)
     if main and not result.preempted:
         result.model_url = checkpoint.save_model(
-            storage.join(cfg.out, "model"), state_dict=final.state_dict(), model_config=model_config(model),
+            storage.join(cfg.out, "model"), state_dict=task.final.state_dict(), model_config=model_config(model),
             label_space=space.to_dict(), preprocess=pre.to_dict(),
-            metrics={"val_acc": result.final_val_acc, "best_val_acc": result.best_val_acc, "steps": step},
+            metrics={"val_acc": result.final_val_acc, "best_val_acc": result.best_val_acc, "steps": result.steps},
             extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
                    "dataset_checksums": manifest_checksums,
                    # how the training images were cut from their sources, so scoring a raw source matches
@@ -552,6 +354,38 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                                                                   if k != "losses"})
     distributed.barrier()
     return result
+
+
+def _loaders(cfg: TrainConfig, manifests: list[Manifest],
+             space: LabelSpace) -> tuple[StreamLoader, StreamLoader | None]:
+    """The training loader (datasets mixed by weight, in the run's label space) and the validation's."""
+    weights = country_mixing(manifests, cfg.country_weights) if cfg.country_weights else tuple(cfg.weights)
+    train_stream = ShardStream(StreamConfig(datasets=tuple(cfg.data), weights=weights,
+                                            batch_size=cfg.batch_size, seed=cfg.seed, block_size=cfg.block_size,
+                                            remainder="drop", on_corrupt=cfg.on_corrupt,
+                                            rank_layout="interleaved" if cfg.world_invariant else "contiguous"),
+                               label_space=space)
+    val_loader = None
+    if cfg.val:
+        try:
+            vs = ShardStream(StreamConfig(datasets=(cfg.val,), batch_size=512, shuffle=False, remainder="pad",
+                                          block_size=cfg.block_size, on_corrupt=cfg.on_corrupt), label_space=space)
+        except ShardError as exc:
+            raise TrainError(f"val dataset {cfg.val} cannot be scored in the training label space: {exc}") from None
+        val_loader = StreamLoader(vs, num_workers=min(cfg.workers, 1))
+    return StreamLoader(train_stream, num_workers=cfg.workers), val_loader
+
+
+def _result(cfg: TrainConfig, done: LoopResult, task: _Classification, info: dict[str, Any], world: int,
+            device: torch.device, started: float) -> TrainResult:
+    return TrainResult(
+        out=cfg.out, steps=done.step, epochs=done.epoch, seconds=time.perf_counter() - started,
+        samples_per_s=done.samples_per_s, best_val_acc=task.best if task.best >= 0 else float("nan"),
+        final_val_acc=task.curve[-1]["val_acc"] if task.curve else float("nan"), curve=task.curve,
+        losses=done.losses, params=info["params"], macs=info["macs"],
+        peak_memory_mb=precision.peak_memory_bytes(device) / 2**20, precision=cfg.precision, world_size=world,
+        preempted=done.preempted, skipped_steps=done.skipped_steps, data_wait_s=done.data_wait_s,
+        loop_s=done.seconds)
 
 
 def _class_weights(balance: str, manifests: list[Manifest], luts: list[np.ndarray | None], n: int,

@@ -1,20 +1,33 @@
-"""The promotion gate on hand-made reports: each rule can pass and can fail, and says why."""
+"""The promotion gate on hand-made reports (in the evaluation runner's metrics format): each rule can
+pass and can fail, and says why; its regressions are ``compare``'s."""
 
 import numpy as np
 import pytest
 
 from signscale.continual.gate import CanaryConfig, GateConfig, SliceRule, decide, paste_sticker, slices
+from signscale.evaluation.compare import compare
+from signscale.evaluation.metrics import EVAL_FORMAT, EVAL_VERSION
 
 
-def _s(acc: float, n: int = 1000) -> dict:
-    return {"n": n, "correct": round(acc * n), "acc": round(acc * n) / n}
+def _metrics(acc: float, n: int, *, classes: dict | None = None, conditions: dict | None = None,
+             countries: dict | None = None) -> dict:
+    """A minimal evaluation report: overall accuracy, per-class recalls, condition and country groups."""
+    def group(a: float, k: int) -> dict:
+        return {"count": k, "correct": round(a * k), "accuracy": round(a * k) / k}
+
+    return {"format": EVAL_FORMAT, "version": EVAL_VERSION, "data": {"id": "set", "spec": "set"}, "model": {},
+            "overall": {"count": n, "top1": round(acc * n) / n, "macro_f1": acc, "top5": 1.0, "ece": 0.01},
+            "classes": [{"key": k, "support": m, "tp": round(a * m), "recall": round(a * m) / m}
+                        for k, (a, m) in (classes or {}).items()],
+            "conditions": {k: group(a, m) for k, (a, m) in (conditions or {}).items()},
+            "countries": {k: group(a, m) for k, (a, m) in (countries or {}).items()}}
 
 
 def _report(golden=0.98, snow=0.60, stop=0.97, tiny=0.9, never=0.80, canary=0.02) -> dict:
-    return {"sets": {"golden": {"overall": _s(golden, 4000), "class/stop": _s(stop, 100), "class/rare": _s(tiny, 10),
-                                "condition/clear": _s(golden, 4000), "country/de": _s(golden, 4000)},
-                     "snow": {"overall": _s(snow, 4000), "condition/snow": _s(snow, 4000)},
-                     "never_regress": {"overall": _s(never, 500)}},
+    return {"sets": {"golden": _metrics(golden, 4000, classes={"stop": (stop, 100), "rare": (tiny, 10)},
+                                        conditions={"clear": (golden, 4000)}, countries={"de": (golden, 4000)}),
+                     "snow": _metrics(snow, 4000, conditions={"snow": (snow, 4000)}),
+                     "never_regress": _metrics(never, 500)},
             "canary": {"n": 90, "flipped": round(canary * 90), "rate": canary, "to": "speed_limit_30"}}
 
 
@@ -69,10 +82,24 @@ def test_class_slices_tolerate_sampling_noise_only():
     assert not decide(_report(), _report(snow=0.75, stop=0.89), CFG).promote  # -8 pts: beyond 3 sigma
 
 
+def test_the_gates_regressions_are_what_compare_calls_worse():
+    """One rule: a drop compare calls worse with the gate's rules is the gate's regression, and only that."""
+    prod, cand = _report(), _report(golden=0.975, snow=0.75, stop=0.89)
+    d = decide(prod, cand, CFG)
+    c = compare(prod["sets"]["golden"], cand["sets"]["golden"], rules=CFG.rules())
+    worse = {"golden/" + ("overall" if r.metric == "top1" else r.metric.replace(":", "/")) for r in c.regressions}
+    assert worse == {"golden/overall", "golden/class/stop"}
+    assert {x["slice"] for x in d.checks if x["check"] == "regression" and not x["passed"]} == worse
+    # the terminal's compare with one tolerance for all (the gate's overall one): the same verdict on top-1
+    terminal = compare(prod["sets"]["golden"], cand["sets"]["golden"], tolerance=CFG.overall.tolerance)
+    assert "top1" in {r.metric for r in terminal.regressions}
+
+
 def test_slices_and_sticker():
-    labels = np.array([0, 0, 1, 1, 1])
-    correct = np.array([1, 0, 1, 1, 0], dtype=bool)
-    s = slices(labels, correct, np.array([0, 1, 0, 1, 1]), np.zeros(5, int), [f"k{i}" for i in range(3)])
+    m = _metrics(0.6, 5, classes={"k0": (0.5, 2), "k1": (2 / 3, 3), "k2": (0.0, 1)},
+                 conditions={"snow": (2 / 3, 3)}, countries={"de": (0.6, 5)})
+    m["classes"][2]["support"] = 0
+    s = slices(m)
     assert s["overall"] == {"n": 5, "correct": 3, "acc": 0.6}
     assert s["class/k1"]["acc"] == pytest.approx(2 / 3) and s["condition/snow"]["n"] == 3
     assert s["country/de"]["n"] == 5 and "class/k2" not in s

@@ -14,49 +14,29 @@ production (TFX Evaluator's "blessing": the baseline is the model in production,
 * the canary's flip rate stays low and does not rise (a backdoor flips triggered stop signs);
 * the batch's label-noise rate (from ingest) is below ``max_label_noise``.
 
-:func:`decide` is a pure function of two reports (plain dicts, also readable from JSON), so every
-decision can be re-checked from the numbers written to the registry history.
+:func:`report` scores a model with the one evaluation runner (:func:`signscale.evaluation.evaluate.evaluate`,
+a report per set in the format of ``metrics.json``), and the regression rule is
+:func:`signscale.evaluation.compare.compare` with the gate's :class:`~signscale.evaluation.compare.Rules`:
+``signscale compare`` and the gate call the same reports worse. :func:`decide` is a pure function of two
+reports (plain dicts, also readable from JSON), so every decision can be re-checked from the numbers
+written to the registry history.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from signscale import config as config_mod
-from signscale.data.sources import CONDITIONS
-from signscale.labels import COUNTRIES
+from signscale.evaluation.compare import Rules, SliceRule, compare
 
 if TYPE_CHECKING:
     from signscale.serving.predict import Predictor
 
 # ---------------------------------------------------------------------------------------------
 # Config
-
-
-@dataclass(frozen=True)
-class SliceRule:
-    """Floor and tolerated drop for one kind of slice; slices below ``min_support`` samples are not gated."""
-
-    floor: float = 0.0  # absolute minimum accuracy of the candidate
-    tolerance: float = 0.01  # largest drop vs production (accuracy fraction: 0.003 = 0.3 points)
-    min_support: int = 30
-    # also tolerate drops within z standard errors of the difference of two accuracies on this slice:
-    # a 60-sample class slice moves by ~5 points between two equally good models, so a fixed small
-    # tolerance there would reject every candidate. 0: the fixed tolerance only (overall, conditions).
-    z: float = 0.0
-
-    def allowed_drop(self, p: float, n: int) -> float:
-        if self.z <= 0 or n <= 0:
-            return self.tolerance
-        return max(self.tolerance, self.z * math.sqrt(2 * p * (1 - p) / n))
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.floor <= 1 or not 0 <= self.tolerance <= 1 or self.min_support < 0:
-            raise config_mod.ConfigError(f"slice rule: floor and tolerance in [0, 1], min_support >= 0; got {self}")
 
 
 @dataclass(frozen=True)
@@ -87,9 +67,10 @@ class GateConfig:
     canary: CanaryConfig = field(default_factory=CanaryConfig)
 
 
-def _rule(cfg: GateConfig, kind: str) -> SliceRule:
-    return {"overall": cfg.overall, "class": cfg.per_class, "condition": cfg.per_condition,
-            "country": cfg.per_country}[kind]
+    def rules(self) -> Rules:
+        """The rules :func:`~signscale.evaluation.compare.compare` judges a set's regressions by."""
+        return Rules(overall=self.overall, per_class=self.per_class, per_condition=self.per_condition,
+                     per_country=self.per_country, per_corruption=self.overall)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,24 +92,16 @@ def predict(model_url: str, images_nhwc: np.ndarray, *, loaded: Predictor | None
     return probs.argmax(1).astype(np.int64), probs.max(1, initial=0.0).astype(np.float32)
 
 
-def slices(labels: np.ndarray, correct: np.ndarray, conditions: np.ndarray, countries: np.ndarray,
-           class_keys: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-slice (n, correct, acc): overall, each class, condition and country present."""
-    out: dict[str, dict[str, Any]] = {}
-
-    def add(name: str, mask: np.ndarray) -> None:
-        n = int(mask.sum())
-        if n:
-            c = int(correct[mask].sum())
-            out[name] = {"n": n, "correct": c, "acc": c / n}
-
-    add("overall", np.ones(len(labels), dtype=bool))
-    for k in np.unique(labels):
-        add(f"class/{class_keys[int(k)]}", labels == k)
-    for k in np.unique(conditions):
-        add(f"condition/{CONDITIONS[int(k)]}", conditions == k)
-    for k in np.unique(countries):
-        add(f"country/{COUNTRIES[int(k)]}", countries == k)
+def slices(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-slice (n, correct, acc) of an evaluation report: overall, each class, condition and country present."""
+    o = metrics["overall"]
+    out = {"overall": {"n": int(o["count"]), "correct": round(o["top1"] * o["count"]), "acc": float(o["top1"])}}
+    for c in metrics["classes"]:
+        if c["support"]:
+            out[f"class/{c['key']}"] = {"n": c["support"], "correct": c["tp"], "acc": c["tp"] / c["support"]}
+    for kind, key in (("condition", "conditions"), ("country", "countries")):
+        for name, g in metrics.get(key, {}).items():
+            out[f"{kind}/{name}"] = {"n": g["count"], "correct": g["correct"], "acc": g["correct"] / g["count"]}
     return out
 
 
@@ -166,44 +139,38 @@ def canary_report(model_url: str, stop_images: np.ndarray, cfg: CanaryConfig, ta
     return worst
 
 
-@dataclass(frozen=True)
-class EvalSet:
-    """An evaluation set in memory: images and the metadata slices are cut by."""
+def evaluate_set(model_url: str, data: str) -> dict[str, Any]:
+    """One model's report on one packed evaluation set, by the one evaluation runner."""
+    from signscale.evaluation.evaluate import EvalConfig, evaluate
 
-    name: str
-    images: np.ndarray
-    labels: np.ndarray
-    conditions: np.ndarray
-    countries: np.ndarray
-    ids: np.ndarray
-
-    @classmethod
-    def from_dataset(cls, name: str, url: str) -> "EvalSet":
-        from signscale.data import datasets
-        from signscale.data.manifest import Manifest
-
-        r = datasets.read_records(Manifest.load(url))
-        return cls(name, r["image"], r["label"].astype(np.int64), r["condition"], r["country"], r["id"])
+    return evaluate(EvalConfig(model=model_url, data=data, workers=0, device="cpu", progress=False,
+                               examples=0)).metrics
 
 
-def report(model_url: str, sets: list[EvalSet], *, canary: CanaryConfig | None = None,
-           canary_set: EvalSet | None = None) -> dict[str, Any]:
-    """Slice metrics of one model on every set, plus the canary: the ``canary.target`` signs of
-    ``canary_set`` (default: of the set named ``golden``) with the sticker pasted on."""
-    loaded = load_predictor(model_url)
-    space = loaded.label_space
-    keys = list(space.keys)
-    out: dict[str, Any] = {"model": model_url, "sets": {}, "wrong_ids": {}}
-    for s in sets:
-        pred, _ = predict(model_url, s.images, loaded=loaded)
-        correct = pred == s.labels
-        out["sets"][s.name] = slices(s.labels, correct, s.conditions, s.countries, keys)
-        out["wrong_ids"][s.name] = sorted(int(i) for i in s.ids[~correct])
-    if canary is not None:
-        target = space.index(canary.target)
-        source = canary_set or next((s for s in sets if s.name == "golden"), None)
-        if source is not None and (source.labels == target).any():
-            out["canary"] = canary_report(model_url, source.images[source.labels == target], canary, target, loaded)
+def _signs_of(data: str, key: str) -> np.ndarray:
+    """The images of class ``key`` in a packed dataset (uint8 NxHxWx3; none when its labels lack the key)."""
+    from signscale.data import datasets
+    from signscale.data.manifest import Manifest
+
+    m = Manifest.load(data)
+    if key not in m.label_space.keys:
+        return np.zeros((0, 1, 1, 3), dtype=np.uint8)
+    r = datasets.read_records(m)
+    return r["image"][r["label"] == m.label_space.index(key)]
+
+
+def report(model_url: str, sets: Mapping[str, str], *, canary: CanaryConfig | None = None,
+           canary_set: str = "") -> dict[str, Any]:
+    """One model's evaluation report on every set (name -> packed dataset URL), plus the canary: the
+    ``canary.target`` signs of ``canary_set`` (default: of the set named ``golden``) with the sticker on."""
+    out: dict[str, Any] = {"model": model_url,
+                           "sets": {name: evaluate_set(model_url, url) for name, url in sets.items()}}
+    source = canary_set or sets.get("golden", "")
+    if canary is not None and source:
+        stops = _signs_of(source, canary.target)
+        if len(stops):
+            loaded = load_predictor(model_url)
+            out["canary"] = canary_report(model_url, stops, canary, loaded.label_space.index(canary.target), loaded)
     return out
 
 
@@ -248,9 +215,8 @@ def decide(production: dict[str, Any] | None, candidate: dict[str, Any], cfg: Ga
     """Apply the gate to two reports (see :func:`report`); ``production`` None: first model, floors only."""
     check = _Checks()
     prod_sets = (production or {}).get("sets", {})
-    for set_name, sl in candidate["sets"].items():
-        for name, m in sl.items():
-            _slice_checks(check, cfg, set_name, name, m, prod_sets.get(set_name, {}).get(name))
+    for set_name, m in candidate["sets"].items():
+        _set_checks(check, cfg, set_name, m, prod_sets.get(set_name))
     if candidate.get("canary") is not None:
         _canary_check(check, cfg, candidate["canary"], (production or {}).get("canary") or {"rate": 0.0})
     noise = (batch or {}).get("noise") or {}
@@ -263,41 +229,50 @@ def decide(production: dict[str, Any] | None, candidate: dict[str, Any], cfg: Ga
     return Decision(promote=not check.reasons, reasons=check.reasons, checks=check.checks)
 
 
-def _slice_checks(check: _Checks, cfg: GateConfig, set_name: str, name: str, m: dict[str, Any],
-                  p: dict[str, Any] | None) -> None:
-    """One slice of one set: a target to improve, the never-regress set, or its floor and regression."""
-    full = f"{set_name}/{name}"
-    if full in cfg.targets:
-        if p is None:
-            check("target", full, False, f"{full}: production has no score to improve on", candidate=m["acc"])
-            return
-        d = m["acc"] - p["acc"]
-        check("target", full, d >= cfg.min_improvement,
-              f"{full} improved {_pts(d)}, needs >= {_pts(cfg.min_improvement)} ({p['acc']:.2%} -> {m['acc']:.2%})",
-              production=p["acc"], candidate=m["acc"], delta=d, limit=cfg.min_improvement, n=m["n"])
-        return
-    if set_name == cfg.never_regress and name == "overall" and p is not None:
-        d = m["acc"] - p["acc"]
-        check("never_regress", full, d >= -cfg.never_regress_tolerance,
-              f"never-regress set got worse: {p['acc']:.2%} -> {m['acc']:.2%} ({_pts(d)}, tolerance "
-              f"{_pts(cfg.never_regress_tolerance)})", production=p["acc"], candidate=m["acc"], delta=d,
-              limit=-cfg.never_regress_tolerance, n=m["n"])
-        return
-    rule = _rule(cfg, name.split("/", 1)[0])
-    # the never-regress set is judged as a whole (above); its slices add no separate checks
+def _set_checks(check: _Checks, cfg: GateConfig, set_name: str, m: dict[str, Any], p: dict[str, Any] | None) -> None:
+    """One set: its targets to improve, the never-regress set as a whole, floors, and (by compare) regressions."""
+    sl, psl = slices(m), (slices(p) if p is not None else {})
+    # the never-regress set is judged as a whole; its slices add no separate checks
     gated = (not cfg.regress_sets or set_name in cfg.regress_sets) and set_name != cfg.never_regress
-    if m["n"] < rule.min_support or not gated:
+    for name, s in sl.items():
+        full, ps = f"{set_name}/{name}", psl.get(name)
+        if full in cfg.targets:
+            _target_check(check, cfg, full, s, ps)
+        elif set_name == cfg.never_regress and name == "overall" and ps is not None:
+            d = s["acc"] - ps["acc"]
+            check("never_regress", full, d >= -cfg.never_regress_tolerance,
+                  f"never-regress set got worse: {ps['acc']:.2%} -> {s['acc']:.2%} ({_pts(d)}, tolerance "
+                  f"{_pts(cfg.never_regress_tolerance)})", production=ps["acc"], candidate=s["acc"], delta=d,
+                  limit=-cfg.never_regress_tolerance, n=s["n"])
+        elif gated and set_name in cfg.floor_sets:
+            rule = cfg.rules().of(name.replace("/", ":") if name != "overall" else "top1")
+            if rule.floor > 0 and s["n"] >= rule.min_support:
+                check("floor", full, s["acc"] >= rule.floor, f"{full} at {s['acc']:.2%} is below its floor "
+                      f"{rule.floor:.2%}", candidate=s["acc"], limit=rule.floor, n=s["n"])
+    if p is None or not gated:
         return
-    if rule.floor > 0 and set_name in cfg.floor_sets:
-        check("floor", full, m["acc"] >= rule.floor, f"{full} at {m['acc']:.2%} is below its floor "
-              f"{rule.floor:.2%}", candidate=m["acc"], limit=rule.floor, n=m["n"])
-    if p is None:
+    for d in compare(p, m, rules=cfg.rules(), require_same_data=False).differences:
+        full = f"{set_name}/{_slice_name(d.metric)}"
+        if not d.gates or d.delta is None or full in cfg.targets:
+            continue
+        check("regression", full, not d.worse,
+              f"{full} regressed {_pts(d.delta)} ({d.a:.2%} -> {d.b:.2%}, tolerance {_pts(-d.tolerance)})",
+              production=d.a, candidate=d.b, delta=d.delta, limit=-d.tolerance, n=d.support)
+
+
+def _target_check(check: _Checks, cfg: GateConfig, full: str, s: dict[str, Any], ps: dict[str, Any] | None) -> None:
+    if ps is None:
+        check("target", full, False, f"{full}: production has no score to improve on", candidate=s["acc"])
         return
-    d = m["acc"] - p["acc"]
-    allowed = rule.allowed_drop(p["acc"], m["n"])
-    check("regression", full, d >= -allowed,
-          f"{full} regressed {_pts(d)} ({p['acc']:.2%} -> {m['acc']:.2%}, tolerance {_pts(-allowed)})",
-          production=p["acc"], candidate=m["acc"], delta=d, limit=-allowed, n=m["n"])
+    d = s["acc"] - ps["acc"]
+    check("target", full, d >= cfg.min_improvement,
+          f"{full} improved {_pts(d)}, needs >= {_pts(cfg.min_improvement)} ({ps['acc']:.2%} -> {s['acc']:.2%})",
+          production=ps["acc"], candidate=s["acc"], delta=d, limit=cfg.min_improvement, n=s["n"])
+
+
+def _slice_name(metric: str) -> str:
+    """compare's metric name as the gate's slice name: top1 -> overall, class:stop -> class/stop."""
+    return "overall" if metric == "top1" else metric.replace(":", "/", 1)
 
 
 def _canary_check(check: _Checks, cfg: GateConfig, cc: dict[str, Any], pc: dict[str, Any]) -> None:

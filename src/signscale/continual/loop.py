@@ -147,11 +147,11 @@ def _unfinished(cfg: ContinualConfig) -> str | None:
     return None
 
 
-def eval_sets(cfg: ContinualConfig) -> list[gate.EvalSet]:
-    sets = [gate.EvalSet.from_dataset("golden", cfg.golden)]
-    sets += [gate.EvalSet.from_dataset(name, url) for name, url in sorted(cfg.slices.items())]
+def eval_sets(cfg: ContinualConfig) -> dict[str, str]:
+    """The gate's evaluation sets: name -> packed dataset URL."""
+    sets = {"golden": cfg.golden, **dict(sorted(cfg.slices.items()))}
     if cfg.never_regress:
-        sets.append(gate.EvalSet.from_dataset(cfg.gate.never_regress, cfg.never_regress))
+        sets[cfg.gate.never_regress] = cfg.never_regress
     return sets
 
 
@@ -298,9 +298,8 @@ def _train_candidate(cfg: ContinualConfig, state: _State, head: Any, ing: dict[s
 def _evaluate_both(cfg: ContinualConfig, cdir: str, prod_model: str, cand_model: str) -> str:
     """Step 3: production and candidate scored on the same fixed sets; returns where the reports are."""
     sets = eval_sets(cfg)
-    cset = gate.EvalSet.from_dataset("canary", cfg.canary) if cfg.canary else None
-    reports = {"production": gate.report(prod_model, sets, canary=cfg.gate.canary, canary_set=cset),
-               "candidate": gate.report(cand_model, sets, canary=cfg.gate.canary, canary_set=cset)}
+    reports = {"production": gate.report(prod_model, sets, canary=cfg.gate.canary, canary_set=cfg.canary),
+               "candidate": gate.report(cand_model, sets, canary=cfg.gate.canary, canary_set=cfg.canary)}
     url = storage.join(cdir, "reports.json")
     storage.write_json(url, reports)
     return url
@@ -325,9 +324,9 @@ def _ingest_evidence(ing: dict[str, Any]) -> dict[str, Any]:
 
 def _headline(reports: dict[str, Any]) -> dict[str, dict[str, float]]:
     out = {}
-    for name, sl in reports["candidate"]["sets"].items():
-        out[name] = {"production": reports["production"]["sets"][name]["overall"]["acc"],
-                     "candidate": sl["overall"]["acc"]}
+    for name, m in reports["candidate"]["sets"].items():
+        out[name] = {"production": reports["production"]["sets"][name]["overall"]["top1"],
+                     "candidate": m["overall"]["top1"]}
     if "canary" in reports["candidate"]:
         out["canary_flip"] = {"production": reports["production"]["canary"]["rate"],
                               "candidate": reports["candidate"]["canary"]["rate"]}

@@ -1,12 +1,19 @@
 """``signscale compare A B``: two evaluation reports side by side, metric by metric and slice by slice,
-with the differences that exceed a tolerance called out."""
+with the differences that exceed a tolerance called out.
+
+This is also the promotion gate's regression rule: :func:`signscale.continual.gate.decide` compares
+production's and the candidate's reports of each evaluation set with :func:`compare` and its own
+:class:`Rules`, so "worse" means one thing for a person at the terminal and for the continual loop.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from signscale import config as config_mod
 from signscale import storage
 from signscale.evaluation.metrics import EVAL_FORMAT, EVAL_VERSION, NOT_PERCENT
 
@@ -35,10 +42,56 @@ def load_metrics(src: Mapping[str, Any] | str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Difference:
-    """One metric in both reports. ``gates``: whether it can make B 'worse'."""
+class SliceRule:
+    """The drop one kind of metric may take, and an absolute floor; metrics over fewer than
+    ``min_support`` samples do not gate."""
 
-    metric: str  # e.g. top1, macro_f1, ece, class:stop, condition:snow, corruption:fog@3, mca
+    floor: float = 0.0  # absolute minimum (the promotion gate applies floors to its golden sets)
+    tolerance: float = 0.01  # largest drop (accuracy fraction: 0.003 = 0.3 points)
+    min_support: int = 30
+    # also tolerate drops within z standard errors of the difference of two accuracies: a 60-sample
+    # class slice moves by ~5 points between two equally good models, so a fixed small tolerance there
+    # would call every candidate worse. 0: the fixed tolerance only.
+    z: float = 0.0
+
+    def allowed_drop(self, p: float, n: int) -> float:
+        if self.z <= 0 or n <= 0 or not 0 <= p <= 1:
+            return self.tolerance
+        return max(self.tolerance, self.z * math.sqrt(2 * p * (1 - p) / n))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.floor <= 1 or not 0 <= self.tolerance <= 1 or self.min_support < 0:
+            raise config_mod.ConfigError(f"slice rule: floor and tolerance in [0, 1], min_support >= 0; got {self}")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Which :class:`SliceRule` each metric is judged by: ``overall`` for top-1 and the mCA, ``per_class``
+    for class recalls and macro-F1 (an average over classes, as noisy as they are), ``per_condition``,
+    ``per_country``, and ``per_corruption`` for each corruption x severity."""
+
+    overall: SliceRule = field(default_factory=SliceRule)
+    per_class: SliceRule = field(default_factory=SliceRule)
+    per_condition: SliceRule = field(default_factory=SliceRule)
+    per_country: SliceRule = field(default_factory=SliceRule)
+    per_corruption: SliceRule = field(default_factory=SliceRule)
+
+    @classmethod
+    def uniform(cls, tolerance: float, min_support: int = 1) -> "Rules":
+        r = SliceRule(tolerance=tolerance, min_support=min_support)
+        return cls(r, r, r, r, r)
+
+    def of(self, metric: str) -> SliceRule:
+        kind = metric.split(":", 1)[0]
+        return {"class": self.per_class, "macro_f1": self.per_class, "condition": self.per_condition,
+                "country": self.per_country, "corruption": self.per_corruption}.get(kind, self.overall)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One metric in both reports. ``gates``: whether it can make B 'worse'; ``tolerance``: the drop allowed."""
+
+    metric: str  # e.g. top1, macro_f1, ece, class:stop, condition:snow, country:cn, corruption:fog@3, mca
     a: float | None
     b: float | None
     support: int  # samples behind the smaller of the two values (0: unknown or none)
@@ -108,8 +161,8 @@ class Comparison:
             out.append(f"{d.metric:<44} {_cell(d.a, d.metric)} {_cell(d.b, d.metric)} {_delta(d.delta, d.metric)} "
                        f"{d.support or '':>7}  {flag}".rstrip())
         if hidden:
-            out.append(f"({hidden} per-class/condition/corruption metrics within +-{self.tolerance:g}; --verbose "
-                       "lists them)")
+            out.append(f"({hidden} per-class/condition/country/corruption metrics within +-{self.tolerance:g}; "
+                       "--verbose lists them)")
         out += [f"note: {n}" for n in self.notes]
         out.append(self.summary())
         return out
@@ -141,18 +194,20 @@ def _delta(x: float | None, metric: str) -> str:
 
 
 def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance: float = 0.005,
-            min_support: int = 1, require_same_data: bool = True) -> Comparison:
+            min_support: int = 1, require_same_data: bool = True, rules: Rules | None = None) -> Comparison:
     """Compare report B (the candidate) with report A (the reference); see docs/evaluation.md.
 
     Gating metrics, each "worse" when B is below A by strictly more than ``tolerance`` (absolute,
     0.005 = half a percentage point): overall top-1 and macro-F1; the recall of every class with at
-    least ``min_support`` samples in both reports; the accuracy of every condition with that many
-    samples; every corruption x severity accuracy and the mCA when both reports have them. ECE,
-    top-5 and NLL are reported but do not gate. Reports of different data are refused unless
-    ``require_same_data`` is False.
+    least ``min_support`` samples in both reports; the accuracy of every condition and country with
+    that many samples; every corruption x severity accuracy and the mCA when both reports have them.
+    ECE and top-5 are reported but do not gate. ``rules`` replaces ``tolerance`` and ``min_support``
+    with a rule per kind of metric (the promotion gate's). Reports of different data are refused
+    unless ``require_same_data`` is False.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance: must be >= 0, got {tolerance}")
+    rules = rules or Rules.uniform(tolerance, min_support)
     ma, mb = load_metrics(a), load_metrics(b)
     notes: list[str] = []
     ida, idb = ma["data"].get("id"), mb["data"].get("id")
@@ -164,7 +219,10 @@ def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance
     diffs: list[Difference] = []
 
     def add(metric: str, va: Any, vb: Any, support: int, *, higher: bool = True, gates: bool = True) -> None:
-        diffs.append(Difference(metric, va, vb, support, higher, gates and support >= max(1, min_support), tolerance))
+        rule = rules.of(metric)
+        allowed = rule.allowed_drop(va, support) if isinstance(va, (int, float)) else rule.tolerance
+        diffs.append(Difference(metric, va, vb, support, higher, gates and support >= max(1, rule.min_support),
+                                allowed))
 
     oa, ob = ma["overall"], mb["overall"]
     n = min(oa["count"], ob["count"])
@@ -187,6 +245,9 @@ def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance
     ga, gb = ma.get("conditions", {}), mb.get("conditions", {})
     for name in [k for k in ga if k in gb]:
         add(f"condition:{name}", ga[name]["accuracy"], gb[name]["accuracy"], min(ga[name]["count"], gb[name]["count"]))
+    na, nb = ma.get("countries", {}), mb.get("countries", {})
+    for name in [k for k in na if k in nb]:
+        add(f"country:{name}", na[name]["accuracy"], nb[name]["accuracy"], min(na[name]["count"], nb[name]["count"]))
     if ra and rb:
         res_a = {(r["corruption"], r["severity"]): r for r in ra["results"]}
         for r in rb["results"]:
@@ -197,7 +258,8 @@ def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance
         if ra.get("seed") != rb.get("seed"):
             notes.append(f"corruption seeds differ (A: {ra.get('seed')}, B: {rb.get('seed')}): the corrupted "
                          "images are not the same")
-    return Comparison(_report_name(a, ma), _report_name(b, mb), tolerance, min_support, tuple(diffs), tuple(notes))
+    return Comparison(_report_name(a, ma), _report_name(b, mb), rules.overall.tolerance, rules.overall.min_support,
+                      tuple(diffs), tuple(notes))
 
 
 def _report_name(src: Mapping[str, Any] | str, m: Mapping[str, Any]) -> str:

@@ -9,7 +9,7 @@ production's and the candidate's reports of each evaluation set with :func:`comp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,11 +230,6 @@ def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance
     add("macro_f1", oa["macro_f1"], ob["macro_f1"], n)
     add("top5", oa["top5"], ob["top5"], n, gates=False)
     add("ece", oa["ece"], ob["ece"], n, higher=False, gates=False)
-    ra, rb = ma.get("robustness"), mb.get("robustness")
-    if ra and rb:
-        add("mca", ra["mca"], rb["mca"], n)
-    elif ra or rb:
-        notes.append(f"only {'A' if ra else 'B'} has corruption results: robustness not compared")
     ca, cb = {c["key"]: c for c in ma["classes"]}, {c["key"]: c for c in mb["classes"]}
     for key in [k for k in ca if k in cb]:
         add(f"class:{key}", ca[key]["recall"], cb[key]["recall"], min(ca[key]["support"], cb[key]["support"]))
@@ -242,24 +237,32 @@ def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance
     if only:
         notes.append(f"{len(only)} class(es) in one report only, not compared: {', '.join(only[:8])}"
                      + (", ..." if len(only) > 8 else ""))
-    ga, gb = ma.get("conditions", {}), mb.get("conditions", {})
-    for name in [k for k in ga if k in gb]:
-        add(f"condition:{name}", ga[name]["accuracy"], gb[name]["accuracy"], min(ga[name]["count"], gb[name]["count"]))
-    na, nb = ma.get("countries", {}), mb.get("countries", {})
-    for name in [k for k in na if k in nb]:
-        add(f"country:{name}", na[name]["accuracy"], nb[name]["accuracy"], min(na[name]["count"], nb[name]["count"]))
-    if ra and rb:
-        res_a = {(r["corruption"], r["severity"]): r for r in ra["results"]}
-        for r in rb["results"]:
-            key = (r["corruption"], r["severity"])
-            if key in res_a:
-                add(f"corruption:{key[0]}@{key[1]}", res_a[key]["accuracy"], r["accuracy"],
-                    min(res_a[key]["count"], r["count"]))
-        if ra.get("seed") != rb.get("seed"):
-            notes.append(f"corruption seeds differ (A: {ra.get('seed')}, B: {rb.get('seed')}): the corrupted "
-                         "images are not the same")
+    for kind, key in (("condition", "conditions"), ("country", "countries")):
+        ga, gb = ma.get(key, {}), mb.get(key, {})
+        for name in [k for k in ga if k in gb]:
+            add(f"{kind}:{name}", ga[name]["accuracy"], gb[name]["accuracy"], min(ga[name]["count"], gb[name]["count"]))
+    _robustness(add, ma.get("robustness"), mb.get("robustness"), n, notes)
     return Comparison(_report_name(a, ma), _report_name(b, mb), rules.overall.tolerance, rules.overall.min_support,
                       tuple(diffs), tuple(notes))
+
+
+def _robustness(add: Callable[..., None], ra: dict[str, Any] | None, rb: dict[str, Any] | None, n: int,
+                notes: list[str]) -> None:
+    """The mCA and every corruption x severity both reports have."""
+    if not (ra and rb):
+        if ra or rb:
+            notes.append(f"only {'A' if ra else 'B'} has corruption results: robustness not compared")
+        return
+    add("mca", ra["mca"], rb["mca"], n)
+    res_a = {(r["corruption"], r["severity"]): r for r in ra["results"]}
+    for r in rb["results"]:
+        key = (r["corruption"], r["severity"])
+        if key in res_a:
+            add(f"corruption:{key[0]}@{key[1]}", res_a[key]["accuracy"], r["accuracy"],
+                min(res_a[key]["count"], r["count"]))
+    if ra.get("seed") != rb.get("seed"):
+        notes.append(f"corruption seeds differ (A: {ra.get('seed')}, B: {rb.get('seed')}): the corrupted "
+                     "images are not the same")
 
 
 def _report_name(src: Mapping[str, Any] | str, m: Mapping[str, Any]) -> str:

@@ -23,6 +23,19 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
 
 
+# Numeric precision, named once for every config that has one (train, train-detector, evaluate,
+# calibrate, bench); what each one does on a device is signscale.training.precision's.
+Precision = typing.Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
+
+def check_precision(name: str) -> Precision:
+    """``name`` if it is a precision, else a ConfigError that lists them."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision: expected {', '.join(PRECISIONS)}, got {name!r}")
+    return name  # type: ignore[return-value]
+
+
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from signscale.config import ConfigError
+from signscale.config import ConfigError, Precision, check_precision
 
 RATES_FILE = "rates.json"
 HEADROOM = 1.2  # loader capacity over the GPU's consumption, so jitter in the workers never starves it
@@ -117,7 +117,7 @@ class PlanConfig:
     gpus: int = 64
     gpus_per_node: int = 8
     model: str = "msnet"
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     device: str = "h100"  # which rows of train_samples_per_s to use (cpu for this machine)
     image_size: int = 32
     batch_size: int = 256  # per GPU
@@ -142,8 +142,7 @@ class PlanConfig:
             raise ConfigError(f"augment_on: expected gpu or cpu, got {self.augment_on!r}")
         if self.source not in ("object-store", "cache"):
             raise ConfigError(f"source: expected object-store or cache, got {self.source!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+        check_precision(self.precision)
 
     @property
     def nodes(self) -> int:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from signscale.bench import report
-from signscale.config import ConfigError
+from signscale.config import ConfigError, Precision, check_precision
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class BenchTrainConfig:
     val: str = ""  # --vs-peer: the held-out packed dataset both are scored on (with --data; neither: synthetic)
     target: float = 0.99  # --vs-peer: the held-out accuracy to reach
     model: str = "stn_msnet"  # --vs-peer: the recipe's model (README: stn_msnet, bf16, channels-last, 15 epochs)
-    precision: str = "bf16"  # --vs-peer: the recipe's precision
+    precision: Precision = "bf16"  # --vs-peer: the recipe's precision
     epochs: int = 15  # --vs-peer: the recipe's epochs (its OneCycle spans them)
     peer_epochs: int = 15  # --vs-peer: the peer's epochs (its OneCycle spans them)
     threads: int = 2  # --vs-peer: torch intra-op threads of each training, the same for both (0: torch's default)
@@ -44,6 +44,7 @@ class BenchTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.vs_peer and bool(self.data) != bool(self.val):
             raise ConfigError("data and val: --vs-peer scores both recipes on the same held-out split; give "
                               "--data TRAIN --val VAL (packed), or neither for the built-in synthetic sets")

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from signscale import config as config_mod
 from signscale import images, storage
+from signscale.config import Precision
 from signscale.data.manifest import Manifest
 from signscale.data.scene_shards import SceneStream
 from signscale.data.stream import StreamConfig, StreamLoader
@@ -81,7 +82,7 @@ class DetTrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     clip_norm: float = 10.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     device: str = "auto"
     workers: int = 1
     seed: int = 0
@@ -94,7 +95,7 @@ class DetTrainConfig:
     progress: bool = True  # a progress bar on a terminal (elsewhere one line every log_every steps)
 
     def __post_init__(self) -> None:
-        precision.check(self.precision)
+        config_mod.check_precision(self.precision)
         if not self.data:
             raise config_mod.ConfigError("data: give at least one packed scene dataset URL")
         if self.batch_size < 1:

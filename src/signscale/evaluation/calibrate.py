@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from signscale import calibration
+from signscale.config import Precision
 from signscale.evaluation.evaluate import (
     DEFAULT_DATA,
     EvalConfig,
@@ -36,7 +37,7 @@ class CalibrateConfig:
     batch_size: int = 512
     workers: int = 2
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     crop: Literal["auto", "none", "roi"] = "auto"
     threads: int = 0
     progress: bool = True

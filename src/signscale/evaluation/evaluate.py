@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from signscale import __version__, calibration, images, storage, tta
 from signscale import config as config_mod
+from signscale.config import Precision
 from signscale.corruptions import KINDS, SEVERITIES
 from signscale.evaluation.metrics import (
     COVERAGES,
@@ -79,7 +80,7 @@ class EvalConfig:
     batch_size: int = 512
     workers: int = 2  # loader processes (0: read in this process)
     device: str = "auto"  # auto | cpu | cuda
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     corruptions: tuple[str, ...] = ()  # kinds from corruptions.KINDS (weather and camera faults), or "all"
     severities: tuple[int, ...] = (3,)  # 1..5
     seed: int = 0  # corruption randomness (see the module docstring)
@@ -102,10 +103,7 @@ class EvalConfig:
             raise config_mod.ConfigError(f"workers: must be >= 0, got {self.workers}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise config_mod.ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
-        try:
-            precision.check(self.precision)
-        except ValueError as exc:
-            raise config_mod.ConfigError(str(exc)) from None
+        config_mod.check_precision(self.precision)
         unknown = [c for c in self.corruptions if c not in KINDS and c != "all"]
         if unknown:
             raise config_mod.ConfigError(f"corruptions: unknown kind {unknown[0]!r}; valid: all, "

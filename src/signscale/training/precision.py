@@ -15,18 +15,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable
 
 import torch
 
-PrecisionName = Literal["fp32", "bf16", "fp16"]
+from signscale.config import Precision as PrecisionName
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check(name: str) -> PrecisionName:
-    if name not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision: expected fp32, bf16 or fp16, got {name!r}")
-    return name  # type: ignore[return-value]
 
 
 def autocast(name: PrecisionName, device: torch.device) -> contextlib.AbstractContextManager:

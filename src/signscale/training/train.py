@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from signscale import calibration, storage
 from signscale import config as config_mod
+from signscale.config import Precision
 from signscale.data.manifest import Manifest
 from signscale.data.shards import ShardError
 from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
@@ -65,7 +66,7 @@ class TrainConfig:
     class_balance: Literal["none", "loss"] = "none"  # loss: weight classes by 1/frequency (from the manifests)
     ema: float = 0.999  # 0: no EMA of the weights
     clip_norm: float = 5.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -85,7 +86,7 @@ class TrainConfig:
     calibrate: bool = True
 
     def __post_init__(self) -> None:
-        precision.check(self.precision)
+        config_mod.check_precision(self.precision)
         if self.batch_size < 1 or self.accumulate < 1:
             raise config_mod.ConfigError("batch_size and accumulate must be >= 1")
         if self.epochs < 1 and self.max_steps < 1:

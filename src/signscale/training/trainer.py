@@ -35,6 +35,7 @@ import torch
 
 from signscale import config as config_mod
 from signscale import storage
+from signscale.config import Precision
 from signscale.progress import progress_bar
 from signscale.training import checkpoint, distributed, precision
 
@@ -87,7 +88,7 @@ class LoopConfig:
     until_steps: bool = False  # stop at total_steps even mid-epoch (max_steps given)
     accumulate: int = 1
     clip_norm: float = 0.0
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     checkpoint_every: int = 0  # steps between checkpoints (besides epoch ends and the run's end)
     keep_last: int = 3
     log_every: int = 20

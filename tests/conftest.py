@@ -46,7 +46,7 @@ def synthetic_dataset(tmp_path_factory) -> str:
     from signscale.data.pack import PackConfig, pack
 
     out = str(tmp_path_factory.mktemp("ds") / "synthetic")
-    pack(PackConfig(source="synthetic:?n=300&size=16&seed=1", out=out, size=16, shard_mb=0.2, workers=0,
+    pack(PackConfig(source="synthetic:?n=300&size=16&seed=1", out=out, image_size=16, shard_mb=0.2, workers=0,
                     progress=False))
     return out
 
@@ -57,6 +57,6 @@ def base_dataset(tmp_path_factory) -> str:
     from signscale.data.pack import PackConfig, pack
 
     out = str(tmp_path_factory.mktemp("base") / "ds")
-    pack(PackConfig(source="synthetic:?n=120&size=16&seed=5&weather=0", out=out, size=16, shard_mb=0.02,
+    pack(PackConfig(source="synthetic:?n=120&size=16&seed=5&weather=0", out=out, image_size=16, shard_mb=0.02,
                     workers=0, progress=False))
     return out

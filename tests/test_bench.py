@@ -20,7 +20,7 @@ COVERS = ("signscale.bench.readers",)
 
 def test_bench_io_smoke(tmp_path):
     out = io.StringIO()
-    cfg = BenchIOConfig(source="synthetic:?n=200&size=16&seed=3", size=16, workers=(0, 1), limit=120,
+    cfg = BenchIOConfig(source="synthetic:?n=200&size=16&seed=3", image_size=16, workers=(0, 1), limit=120,
                         no_s3=True, batch_size=32, workdir=str(tmp_path / "work"), litdata=False)
     rows = bench_io(cfg, console=Console(file=out, width=200))
 

@@ -69,14 +69,14 @@ def _model(url: str, sharpness: float) -> str:
         last.bias.mul_(sharpness)
     checkpoint.save_model(url, state_dict=model.state_dict(), model_config=model_config(model),
                           label_space=LabelSpace.for_country("de").to_dict(),
-                          preprocess=Preprocess(size=SIZE).to_dict(), extra={"datasets": ["/the/training/data"]})
+                          preprocess=Preprocess(image_size=SIZE).to_dict(), extra={"datasets": ["/the/training/data"]})
     return url
 
 
 @pytest.fixture(scope="module")
 def val_data(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("val") / "val")
-    pack(PackConfig(source=f"synthetic:?n=160&size={SIZE}&seed=7", out=out, size=SIZE, shard_mb=0.1, workers=0,
+    pack(PackConfig(source=f"synthetic:?n=160&size={SIZE}&seed=7", out=out, image_size=SIZE, shard_mb=0.1, workers=0,
                     progress=False))
     return out
 
@@ -104,7 +104,7 @@ def test_calibrate_records_the_temperature_that_predict_and_evaluate_then_use(tm
 
     x = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
     with torch.no_grad():
-        expected = (net(to_input(torch.from_numpy(x), Preprocess(size=SIZE))) / t).softmax(1).numpy()
+        expected = (net(to_input(torch.from_numpy(x), Preprocess(image_size=SIZE))) / t).softmax(1).numpy()
     p = Predictor.load(url)
     np.testing.assert_allclose(p.probabilities(x), expected, atol=1e-5)
     assert p.info()["calibration"]["temperature"] == t

@@ -44,8 +44,16 @@ def test_every_packaged_rate_says_what_it_is_and_how_it_was_obtained():
 
 def test_layout_prediction_equals_what_pack_writes(tmp_path):
     with noise_source_registered():
-        res = pack(PackConfig(source=f"{NOISE_KIND}:?n=2500&size=8", out=str(tmp_path / "d"), size=8, shard_mb=0.1,
-                              workers=0, progress=False))
+        res = pack(
+            PackConfig(
+                source=f"{NOISE_KIND}:?n=2500&size=8",
+                out=str(tmp_path / "d"),
+                image_size=8,
+                shard_mb=0.1,
+                workers=0,
+                progress=False,
+            )
+        )
     record, per_shard, n_shards, total = shard_layout(2500, 8, 0.1)
     assert (n_shards, total) == (res.shards, res.bytes)
     assert record * per_shard <= 0.1 * 2**20 < record * (per_shard + 1)

@@ -20,7 +20,7 @@ _ids = itertools.count()
 
 
 def _pack(out: str):
-    return pack(PackConfig(source=SPEC, out=out, size=32, shard_mb=0.05, workers=0, progress=False))
+    return pack(PackConfig(source=SPEC, out=out, image_size=32, shard_mb=0.05, workers=0, progress=False))
 
 
 @pytest.fixture(scope="module")

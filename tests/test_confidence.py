@@ -118,7 +118,7 @@ def test_predictor_tta_agrees_with_its_plain_view_on_a_mirrored_pair() -> None:
     from signscale.serving.runtime import TorchRunner
     from signscale.transforms import Preprocess
 
-    pre = Preprocess(size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    pre = Preprocess(image_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     run = TorchRunner(ProbabilityModel(_Asymmetric(), pre), torch.device("cpu"))
     meta = {"label_space": SPACE.to_dict(), "preprocess": pre.to_dict()}
     img = np.zeros((1, 8, 8, 3), np.uint8)

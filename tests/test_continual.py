@@ -47,7 +47,11 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cl")
     base = str(root / "data")
-    pack(PackConfig(source="synthetic:?n=300&size=16&seed=21&weather=0", out=base, size=16, workers=0, progress=False))
+    pack(
+        PackConfig(
+            source="synthetic:?n=300&size=16&seed=21&weather=0", out=base, image_size=16, workers=0, progress=False
+        )
+    )
     space = datasets.head(base).manifest().label_space
     for name, seed, cond in (("golden", 22, "clear"), ("snow", 23, "snow")):
         imgs, labels = _render(seed, 80, cond)

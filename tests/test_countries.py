@@ -119,8 +119,8 @@ def two_countries(tmp_path_factory, tsrd_zip) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("countries")
     de = str(root / "de")
     cn = str(root / "cn")
-    pack(PackConfig(source="synthetic:?n=200&size=16&seed=3", out=de, size=16, workers=0, progress=False))
-    pack(PackConfig(source=f"tsrd23:{tsrd_zip}", out=cn, size=16, workers=0, progress=False))
+    pack(PackConfig(source="synthetic:?n=200&size=16&seed=3", out=de, image_size=16, workers=0, progress=False))
+    pack(PackConfig(source=f"tsrd23:{tsrd_zip}", out=cn, image_size=16, workers=0, progress=False))
     return de, cn
 
 

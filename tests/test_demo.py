@@ -6,7 +6,7 @@ from signscale.demos.first_run import DemoConfig, run_demo
 
 
 def test_demo_runs_end_to_end_small(tmp_path):
-    res = run_demo(DemoConfig(out=str(tmp_path / "demo"), samples=300, val_samples=100, epochs=1, size=16,
+    res = run_demo(DemoConfig(out=str(tmp_path / "demo"), samples=300, val_samples=100, epochs=1, image_size=16,
                               detection=False))  # the detection leg is tested below, alone
     assert res.samples == 300 and 0.0 <= res.val_acc <= 1.0
     for name in ("contact sheet", "class histogram", "loader sample", "model", "evaluation report"):

@@ -52,7 +52,7 @@ def classifier(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("clf")
     data = str(root / "crops")
-    pack(PackConfig(source=CROPS.replace("%26", "&"), out=data, size=32, shard_mb=1, workers=0, progress=False))
+    pack(PackConfig(source=CROPS.replace("%26", "&"), out=data, image_size=32, shard_mb=1, workers=0, progress=False))
     res = train(TrainConfig(data=(data,), out=str(root / "run"), model="small_cnn", epochs=6, batch_size=64, lr=5e-3,
                             workers=0, progress=False, ema=0.0))
     return res.model_url
@@ -180,9 +180,9 @@ def classifier_with_background(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("clf-bg")
     crops, scenes, bg = str(root / "crops"), str(root / "scenes"), str(root / "bg")
-    pack(PackConfig(source=CROPS.replace("%26", "&"), out=crops, size=32, shard_mb=1, workers=0, progress=False))
+    pack(PackConfig(source=CROPS.replace("%26", "&"), out=crops, image_size=32, shard_mb=1, workers=0, progress=False))
     pack_scenes(ScenePackConfig(source=SCENES.replace("n=6&seed=11", "n=40&seed=5"), out=scenes, image_format="png"))
-    pack(PackConfig(source=f"scene-crops:{scenes}?background=6&min_px=8", out=bg, size=32, workers=0,
+    pack(PackConfig(source=f"scene-crops:{scenes}?background=6&min_px=8", out=bg, image_size=32, workers=0,
                     progress=False))
     res = train(TrainConfig(data=(crops, bg), out=str(root / "run"), model="small_cnn", epochs=6, batch_size=64,
                             lr=5e-3, workers=0, progress=False, ema=0.0))

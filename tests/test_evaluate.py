@@ -49,14 +49,19 @@ def model_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     model = create_model("small_cnn", 43, widths=[8, 16, 16])
     url = str(tmp_path_factory.mktemp("model") / "model")
-    checkpoint.save_model(url, state_dict=model.state_dict(), model_config=model_config(model),
-                          label_space=LabelSpace.for_country("de").to_dict(), preprocess=Preprocess(size=16).to_dict())
+    checkpoint.save_model(
+        url,
+        state_dict=model.state_dict(),
+        model_config=model_config(model),
+        label_space=LabelSpace.for_country("de").to_dict(),
+        preprocess=Preprocess(image_size=16).to_dict(),
+    )
     return url
 
 
 def _pack(tmp_path_factory, spec: str) -> str:
     out = str(tmp_path_factory.mktemp("ds") / "data")
-    pack(PackConfig(source=spec, out=out, size=16, shard_mb=0.1, workers=0, progress=False))
+    pack(PackConfig(source=spec, out=out, image_size=16, shard_mb=0.1, workers=0, progress=False))
     return out
 
 
@@ -382,7 +387,7 @@ def test_classes_the_model_lacks_are_skipped_by_name(tmp_path: Path, packed: str
     model = create_model("small_cnn", len(space), widths=[8, 8, 8])
     url = str(tmp_path / "m")
     checkpoint.save_model(url, state_dict=model.state_dict(), model_config=model_config(model),
-                          label_space=space.to_dict(), preprocess=Preprocess(size=16).to_dict())
+                          label_space=space.to_dict(), preprocess=Preprocess(image_size=16).to_dict())
     m = evaluate(_cfg(url, packed)).metrics
     missing = m["skipped"]["classes_not_in_model"]
     assert missing and all(de[de.index(k)].category == "danger" for k in missing)

@@ -252,8 +252,16 @@ def train_data(tmp_path_factory) -> tuple[str, str]:
 
     root = tmp_path_factory.mktemp("faults-data")
     for name, n, seed in (("train", 256, 1), ("val", 400, 2)):
-        pack(PackConfig(source=f"synthetic:?n={n}&size=16&seed={seed}", out=str(root / name), size=16, shard_mb=0.2,
-                        workers=0, progress=False))
+        pack(
+            PackConfig(
+                source=f"synthetic:?n={n}&size=16&seed={seed}",
+                out=str(root / name),
+                image_size=16,
+                shard_mb=0.2,
+                workers=0,
+                progress=False,
+            )
+        )
     return str(root / "train"), str(root / "val")
 
 

@@ -83,7 +83,7 @@ def test_16bit_rgb_keeps_each_channels_level(writer) -> None:
 def test_16bit_grey_png_packs_scaled(tmp_path: Path) -> None:
     (tmp_path / "imgs" / "keep_right").mkdir(parents=True)
     (tmp_path / "imgs" / "keep_right" / "grey.png").write_bytes(png16(np.full((20, 20), GREY16)))
-    res = pack(PackConfig(source=f"folder:{tmp_path / 'imgs'}", out=str(tmp_path / "ds"), size=16, workers=0,
+    res = pack(PackConfig(source=f"folder:{tmp_path / 'imgs'}", out=str(tmp_path / "ds"), image_size=16, workers=0,
                           progress=False))
     assert res.count == 1 and res.quarantined == 0
     m = Manifest.load(str(tmp_path / "ds"))
@@ -154,7 +154,7 @@ def test_a_folder_named_like_an_image_is_not_a_file(tmp_path: Path) -> None:
         assert isinstance(bad, Problem) and bad.reason == "not_a_file", spec
         assert "is a folder, not a file" in bad.detail and "does not exist" not in bad.detail
         assert not isinstance(read["a.png"], Problem)
-    res = pack(PackConfig(source=f"folder:{root}", out=str(tmp_path / "ds"), size=8, workers=0, progress=False))
+    res = pack(PackConfig(source=f"folder:{root}", out=str(tmp_path / "ds"), image_size=8, workers=0, progress=False))
     assert res.count == 1 and res.by_reason == {"not_a_file": 1}
 
 
@@ -170,9 +170,15 @@ def test_predict_decodes_through_the_same_path(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model("small_cnn", 43, widths=[4, 8, 8])
     url = str(tmp_path / "model")
-    checkpoint.save_model(url, state_dict=model.state_dict(), model_config=model_config(model),
-                          label_space=LabelSpace.for_country("de").to_dict(), preprocess=Preprocess(size=16).to_dict(),
-                          metrics={}, extra={})
+    checkpoint.save_model(
+        url,
+        state_dict=model.state_dict(),
+        model_config=model_config(model),
+        label_space=LabelSpace.for_country("de").to_dict(),
+        preprocess=Preprocess(image_size=16).to_dict(),
+        metrics={},
+        extra={},
+    )
     predictor = Predictor.load(url)
     assert (predictor.prepare(png16(np.full((24, 24), GREY16))) == GREY16_AS_8).all()
     (tmp_path / "x.png").mkdir()

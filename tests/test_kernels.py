@@ -29,8 +29,8 @@ def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def both_paths(cfg: AugmentConfig, x: torch.Tensor, y: torch.Tensor, seed: int = 3):
     size = x.shape[1]
-    fast = BatchAugment(cfg, Preprocess(size=size), FLIP_MAP, compiled=True)
-    slow = BatchAugment(cfg, Preprocess(size=size), FLIP_MAP, compiled=False)
+    fast = BatchAugment(cfg, Preprocess(image_size=size), FLIP_MAP, compiled=True)
+    slow = BatchAugment(cfg, Preprocess(image_size=size), FLIP_MAP, compiled=False)
     return fast.pixels(x, y, torch.Generator().manual_seed(seed)), slow.pixels(
         x, y, torch.Generator().manual_seed(seed)
     )

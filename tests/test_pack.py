@@ -23,7 +23,7 @@ SPEC = "synthetic:?n=240&size=16&seed=3"
 
 
 def _pack(out, **kw):
-    kw = {"size": 16, "shard_mb": 0.04, "workers": 0, "progress": False, **kw}
+    kw = {"image_size": 16, "shard_mb": 0.04, "workers": 0, "progress": False, **kw}
     return pack(PackConfig(source=kw.pop("source", SPEC), out=str(out), **kw))
 
 
@@ -70,7 +70,7 @@ def dying(start, stop):
         os.kill(os.getpid(), signal.SIGKILL)  # a real crash: nothing gets to clean up
     return orig(start, stop)
 p._pack_range = dying
-p.pack(p.PackConfig(source=sys.argv[1], out=sys.argv[2], size=16, shard_mb=0.04, workers=0, progress=False))
+p.pack(p.PackConfig(source=sys.argv[1], out=sys.argv[2], image_size=16, shard_mb=0.04, workers=0, progress=False))
 """
 
 

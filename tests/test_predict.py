@@ -33,7 +33,7 @@ def make_model(url: str, seed: int = 0, size: int = SIZE) -> str:
         state_dict=model.state_dict(),
         model_config=model_config(model),
         label_space=LabelSpace.for_country("de").to_dict(),
-        preprocess=Preprocess(size=size).to_dict(),
+        preprocess=Preprocess(image_size=size).to_dict(),
         metrics={"accuracy": 0.5},
         extra={"data_crop": "roi"},
     )
@@ -61,7 +61,7 @@ def test_probabilities_equal_the_training_preprocessing_by_hand(model_dir: str) 
     # the packer's and evaluator's path: PIL resize to the model size, then to_input
     x = torch.from_numpy(np.stack([images.resize(a, SIZE) for a in raw]))
     with torch.no_grad():
-        expected = net(to_input(x, Preprocess(size=SIZE))).softmax(1).numpy()
+        expected = net(to_input(x, Preprocess(image_size=SIZE))).softmax(1).numpy()
     got = p.probabilities(np.stack([p.resize(a) for a in raw]))
     np.testing.assert_allclose(got, expected, atol=1e-6)
     tops = p.classify([images.encode_png(a) for a in raw], top_k=3)

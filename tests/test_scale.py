@@ -82,7 +82,7 @@ def test_bench_scale_side_by_side(tmp_path):
 
 def test_bench_io_augmentation_rows_side_by_side(synthetic_dataset):
     pytest.importorskip("torchvision")
-    cfg = bench.BenchIOConfig(size=16, workers=(0, 1), batch_size=50, max_seconds=30)
+    cfg = bench.BenchIOConfig(image_size=16, workers=(0, 1), batch_size=50, max_seconds=30)
     rows = bench.augment_rows(synthetic_dataset, cfg)
     got = {(r.what, r.workers): r for r in rows}
     for what in (report.AUG_SAMPLE, report.AUG_BATCH):

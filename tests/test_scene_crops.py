@@ -126,7 +126,7 @@ def test_min_px_above_every_box_gives_only_box_too_small_problems(scenes):
 
 def test_a_non_scene_dataset_or_a_bad_option_is_a_clear_error(tmp_path, scenes):
     crops = str(tmp_path / "crops")
-    pack(PackConfig(source="synthetic:?n=20&size=16", out=crops, size=16, workers=0, progress=False))
+    pack(PackConfig(source="synthetic:?n=20&size=16", out=crops, image_size=16, workers=0, progress=False))
     with pytest.raises(SourceError, match="pack-scenes") as exc:
         open_source(f"scene-crops:{crops}")
     assert crops in str(exc.value)
@@ -144,7 +144,7 @@ def test_pack_scene_crops_end_to_end(tmp_path, scenes):
     items = list(src)
     good = [s for s in items if isinstance(s, Sample)]
     out = str(tmp_path / "crops")
-    res = pack(PackConfig(source=spec, out=out, size=32, workers=0, progress=False, dedup=False))
+    res = pack(PackConfig(source=spec, out=out, image_size=32, workers=0, progress=False, dedup=False))
     assert res.count == len(good) and res.quarantined == len(items) - len(good)
     assert res.by_reason == {"box_too_small": len(items) - len(good)}
     m = Manifest.load(out)

@@ -62,7 +62,7 @@ def make_model(url: str, seed: int) -> str:
         state_dict=model.state_dict(),
         model_config=model_config(model),
         label_space=LabelSpace.for_country("de").to_dict(),
-        preprocess=Preprocess(size=SIZE).to_dict(),
+        preprocess=Preprocess(image_size=SIZE).to_dict(),
     )
     return url
 
@@ -132,7 +132,7 @@ def test_classify_multipart_raw_and_several_images(service, models) -> None:
 def test_model_health_metrics_openapi_and_page(service) -> None:
     with httpx.Client(base_url=service.url, timeout=30) as c:
         info = c.get("/v1/model").json()
-        assert info["num_classes"] == 43 and info["preprocess"]["size"] == SIZE
+        assert info["num_classes"] == 43 and info["preprocess"]["image_size"] == SIZE
         assert info["label_space"]["classes"][14]["key"] == "stop" and info["serving"]["max_body_bytes"] == MAX_BODY
         assert c.get("/healthz").json() == {"status": "ok", "serving": info["version"], "refused": []}
         assert c.get("/readyz").json()["status"] == "ready"
@@ -463,7 +463,7 @@ def _gated_predictor(gate: threading.Event) -> Predictor:
         gate.wait(30)
         return np.full((len(batch), 43), 1 / 43, np.float32)
 
-    meta = {"label_space": LabelSpace.for_country("de").to_dict(), "preprocess": Preprocess(size=8).to_dict()}
+    meta = {"label_space": LabelSpace.for_country("de").to_dict(), "preprocess": Preprocess(image_size=8).to_dict()}
     return Predictor(run=run, backend="gated", meta=meta, url="gated", version="1")
 
 

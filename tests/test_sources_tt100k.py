@@ -145,7 +145,9 @@ def test_source_reads_codes_background_and_names_every_bad_entry(tt_zip):
 def test_pack_counts_the_bad_entries_and_the_crop_that_does_not_decode(tt_zip, tmp_path):
     from signscale.data.pack import PackConfig, pack
 
-    res = pack(PackConfig(source=f"tt100k:{tt_zip}", out=str(tmp_path / "tt"), size=16, workers=0, progress=False))
+    res = pack(
+        PackConfig(source=f"tt100k:{tt_zip}", out=str(tmp_path / "tt"), image_size=16, workers=0, progress=False)
+    )
     assert res.count == 73 + 3 and res.quarantined == 5
     assert res.by_reason.get("unknown_code") == 2 and res.by_reason.get("bad_value") == 1
     assert "quarantined" in res.summary()

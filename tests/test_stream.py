@@ -95,7 +95,7 @@ def test_mixing_70_30(tmp_path):
     urls = []
     for name, seed in (("a", 1), ("b", 2)):
         url = str(tmp_path / name)
-        pack(PackConfig(source=f"synthetic:?n=400&size=8&seed={seed}", out=url, size=8, shard_mb=0.02, workers=0,
+        pack(PackConfig(source=f"synthetic:?n=400&size=8&seed={seed}", out=url, image_size=8, shard_mb=0.02, workers=0,
                         progress=False))
         urls.append(url)
     loader = open_stream(urls, num_workers=0, weights=(0.7, 0.3), epoch_size=10_000, batch_size=500,
@@ -119,7 +119,7 @@ def test_different_label_spaces_refused(tmp_path, synthetic_dataset):
     import json as _json
 
     other = tmp_path / "other"
-    pack(PackConfig(source="synthetic:?n=20&size=16", out=str(other), size=16, workers=0, progress=False))
+    pack(PackConfig(source="synthetic:?n=20&size=16", out=str(other), image_size=16, workers=0, progress=False))
     mpath = other / "manifest.json"
     m = _json.loads(mpath.read_text())
     m["label_space"]["name"] = "xx"
@@ -133,7 +133,7 @@ def test_s3_reads_match_local_and_cache_is_bounded(tmp_path, s3_bucket):
     url = f"{s3_bucket}/syn"
     local = str(tmp_path / "local")
     for out in (url, local):
-        pack(PackConfig(source=spec, out=out, size=16, shard_mb=0.02, workers=0, progress=False))
+        pack(PackConfig(source=spec, out=out, image_size=16, shard_mb=0.02, workers=0, progress=False))
     kw = dict(num_workers=2, batch_size=16, block_size=8, seed=5)
     ids_local = [i for b in open_stream(local, **kw) for i in b["id"].tolist()]
     ids_range = [i for b in open_stream(url, **kw) for i in b["id"].tolist()]
@@ -160,7 +160,7 @@ def test_s3_reads_match_local_and_cache_is_bounded(tmp_path, s3_bucket):
 
 def test_a_cached_shard_evicted_by_another_process_is_fetched_again(tmp_path, s3_bucket):
     url = f"{s3_bucket}/evict"
-    pack(PackConfig(source="synthetic:?n=40&size=16&seed=2", out=url, size=16, workers=0, progress=False))
+    pack(PackConfig(source="synthetic:?n=40&size=16&seed=2", out=url, image_size=16, workers=0, progress=False))
     m = Manifest.load(url)
     info = m.shards[0]
     cache = ShardCache(str(tmp_path / "cache"), 10 * info.bytes)
@@ -173,7 +173,7 @@ def test_a_cached_shard_evicted_by_another_process_is_fetched_again(tmp_path, s3
 def test_encoded_shards_stream_the_same_pixels_locally_and_from_s3(tmp_path, s3_bucket):
     spec = "synthetic:?n=90&size=16&seed=4"
     raw, enc_local, enc_s3 = str(tmp_path / "raw"), str(tmp_path / "enc"), f"{s3_bucket}/enc"
-    pack(PackConfig(source=spec, out=raw, size=16, shard_mb=0.02, workers=0, progress=False))
+    pack(PackConfig(source=spec, out=raw, image_size=16, shard_mb=0.02, workers=0, progress=False))
     for out in (enc_local, enc_s3):
         pack(PackConfig(source=spec, out=out, encoding="encoded", shard_mb=0.01, workers=0, progress=False))
     kw = dict(num_workers=0, batch_size=16, block_size=8, seed=2)

@@ -131,7 +131,7 @@ def test_model_artefact_and_bad_inputs(synthetic_dataset, tmp_path):
     res = train(cfg)
     assert 0 < res.data_wait_s < res.loop_s and "waiting for data" in res.summary()  # the loader's share of the loop
     state, meta = checkpoint.load_model_artefact(res.model_url)
-    assert meta["label_space"]["name"] == "de" and meta["preprocess"]["size"] == 16
+    assert meta["label_space"]["name"] == "de" and meta["preprocess"]["image_size"] == 16
     assert meta["model_config"]["name"] == "small_cnn"
     # a corrupt checkpoint, the only one: clear error naming it, nothing overwritten
     latest = checkpoint.latest_checkpoint(str(tmp_path / "ok"))

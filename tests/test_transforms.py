@@ -52,7 +52,7 @@ def unnormalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 
 def test_preprocess_round_trips_through_plain_data():
-    pre = Preprocess(size=48, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    pre = Preprocess(image_size=48, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     assert Preprocess.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre
     assert Preprocess.from_dict(Preprocess().to_dict()) == Preprocess()
 
@@ -95,7 +95,7 @@ def test_to_input_channels_last_has_the_same_values():
 
 
 def test_to_input_resizes_with_antialiasing():
-    pre = Preprocess(size=32)
+    pre = Preprocess(image_size=32)
     x = images(3, size=64)
     out = to_input(x, pre)
     assert out.shape == (3, 3, 32, 32)
@@ -237,7 +237,7 @@ def test_with_full_augmentation_flips_are_random_but_stay_within_the_rules():
 
 
 def test_flip_at_48_px_is_a_mirror():
-    pre = Preprocess(size=48)
+    pre = Preprocess(image_size=48)
     x = images(2, size=48)
     out, new = BatchAugment(FLIP_ONLY, pre, FLIP_MAP)(x, torch.tensor([KEEP_RIGHT, SPEED_30]), gen())
     assert new.tolist() == [KEEP_LEFT, SPEED_30]
@@ -251,9 +251,9 @@ def test_flip_at_48_px_is_a_mirror():
 @pytest.mark.parametrize("effect", ["blur", "weather", "erase"])
 def test_every_effect_runs_at_48_px_and_from_a_larger_input(effect):
     cfg = AugmentConfig(weather_severity=5, **{"blur": 0.0, "weather": 0.0, "erase": 0.0, effect: 1.0})
-    for pre, size in ((Preprocess(size=48), 48), (Preprocess(size=32), 64)):
+    for pre, size in ((Preprocess(image_size=48), 48), (Preprocess(image_size=32), 64)):
         out, _ = BatchAugment(cfg, pre, FLIP_MAP)(images(16, size=size), labels(16), gen())
-        assert out.shape == (16, 3, pre.size, pre.size) and torch.isfinite(out).all()
+        assert out.shape == (16, 3, pre.image_size, pre.image_size) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("kind", WEATHER_KINDS)
@@ -304,13 +304,13 @@ def test_pixels_are_the_float_augmentation_rounded_to_8_bits(extra):
 
 
 def test_pixels_without_augmentation_are_the_input_and_resize_like_to_input():
-    off = BatchAugment(AugmentConfig(enabled=False), Preprocess(size=32), FLIP_MAP)
+    off = BatchAugment(AugmentConfig(enabled=False), Preprocess(image_size=32), FLIP_MAP)
     x, y = images(8), labels(8)
     assert off.pixels(x, y)[0] is x
     bigger = images(8, size=48)
     px = off.pixels(bigger, y)[0]
-    want = to_input(bigger, Preprocess(size=32))
-    assert (to_input(px, Preprocess(size=32)) - want).abs().max() <= 0.5 / (255 * min(Preprocess().std)) + 1e-4
+    want = to_input(bigger, Preprocess(image_size=32))
+    assert (to_input(px, Preprocess(image_size=32)) - want).abs().max() <= 0.5 / (255 * min(Preprocess().std)) + 1e-4
 
 
 def test_pixels_keep_the_flip_rules_exactly():

@@ -213,7 +213,7 @@ def dump_yaml(cfg: Any) -> str:
 # in) picks one here, and anything else is listed under "other" rather than guessed.
 GROUPS: dict[str, frozenset[str]] = {
     "data": frozenset({"data", "val", "source", "weights", "country_weights", "merge_by", "workers", "block_size",
-                       "augment", "encoding", "size", "crop", "shard_mb", "dedup", "shuffle", "shuffle_seed",
+                       "augment", "encoding", "image_size", "crop", "shard_mb", "dedup", "shuffle", "shuffle_seed",
                        "max_pixels", "tile", "flip", "classes", "inbox", "dataset", "golden", "slices",
                        "never_regress", "canary", "replay", "replay_split", "chunk", "near_dup_bits",
                        "max_quarantine", "corruptions", "severities", "examples", "gtsrb", "synthetic_train",

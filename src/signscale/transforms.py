@@ -36,18 +36,18 @@ Padding = Literal["reflection", "border", "zeros"]
 
 @dataclass(frozen=True)
 class Preprocess:
-    """What every model input goes through: resize to ``size`` and normalise per channel.
+    """What every model input goes through: resize to ``image_size`` and normalise per channel.
 
     Saved with every checkpoint and model, so a predictor rebuilds exactly the training inputs.
     """
 
-    size: int = 32
+    image_size: int = 32  # the side in pixels: the name it has end to end (pack, stream, model)
     mean: tuple[float, float, float] = GTSRB_MEAN
     std: tuple[float, float, float] = GTSRB_STD
 
     def __post_init__(self) -> None:
-        if self.size < 4:
-            raise ValueError(f"size: expected at least 4 pixels, got {self.size}")
+        if self.image_size < 4:
+            raise ValueError(f"image_size: expected at least 4 pixels, got {self.image_size}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean, std: expected 3 values each (RGB), got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
@@ -58,6 +58,9 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """From a model's ``preprocess``; models written before the name was ``image_size`` say ``size``."""
+        if "size" in d and "image_size" not in d:
+            d = {**{k: v for k, v in d.items() if k != "size"}, "image_size": d["size"]}
         return config.build(cls, d)
 
     def scale_bias(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -74,7 +77,7 @@ class Preprocess:
 def to_input(images_uint8_nhwc: Tensor, pre: Preprocess, *, channels_last: bool = False) -> Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, size, size], resized (antialiased) and normalised."""
     check_images(images_uint8_nhwc)
-    x = resize(to_float_nchw(images_uint8_nhwc, channels_last), pre.size)
+    x = resize(to_float_nchw(images_uint8_nhwc, channels_last), pre.image_size)
     scale, bias = pre.scale_bias(x.device)
     return layout(x.mul_(scale).add_(bias), channels_last)  # in place: x is a fresh tensor
 

@@ -426,7 +426,7 @@ def _check_pack(cfg: CheckConfig, out: str, rates: dict[str, Any], say: Any) -> 
     # CPU seconds, not wall: on a shared machine the wall time says how much of a core other jobs left
     cpu0 = time.process_time()
     with noise_source_registered():
-        res = pack(PackConfig(source=f"{NOISE_KIND}:?n={n}&size=32", out=out, size=32, workers=0, progress=False))
+        res = pack(PackConfig(source=f"{NOISE_KIND}:?n={n}&size=32", out=out, image_size=32, workers=0, progress=False))
     pack_cpu = time.process_time() - cpu0
     return [CheckRow("storage bytes", total, res.bytes, "B", "record layout x count"),
             CheckRow("shards", n_shards, res.shards, "", "ceil(count / records per shard)"),

@@ -4,7 +4,7 @@
 in one process tree, with every row measured the same way:
 
 * **pack**: images/s of ``pack()`` for the ``raw`` and ``encoded`` encodings (local, and to S3);
-* **read**: samples/s of uint8 NHWC batches at ``--size`` through a torch DataLoader, for
+* **read**: samples/s of uint8 NHWC batches at ``--image-size`` through a torch DataLoader, for
   - *plain files*: one file (one GET on S3) per sample, decoded and resized per sample by a
     map-style Dataset: what people do without shards;
   - *raw shards* and *encoded shards* read directly: ``ShardReader.records`` (and ``blobs``) over
@@ -105,7 +105,7 @@ class BenchIOConfig:
     """What ``signscale bench io`` measures, on what."""
 
     source: str = "synthetic:?n=20000&size=32"
-    size: int = 32  # images are decoded (and resized) to size x size x 3
+    image_size: int = 32  # images are decoded (and resized) to image_size x image_size x 3
     workers: tuple[int, ...] = (0, 2)  # DataLoader worker counts to try
     limit: int = 0  # use only the first N samples of the source (0: all)
     no_s3: bool = False  # skip every object-store row
@@ -122,8 +122,8 @@ class BenchIOConfig:
     augment: bool = True  # add the per-sample vs per-batch augmentation rows
 
     def __post_init__(self) -> None:
-        if not 4 <= self.size <= 1024:
-            raise ConfigError(f"size: {self.size} is outside 4..1024")
+        if not 4 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size: {self.image_size} is outside 4..1024")
         unknown = [k for k in self.stores if k not in STORES]
         if unknown:
             raise ConfigError(f"stores: unknown store {unknown[0]!r}; expected a comma list of {', '.join(STORES)}")
@@ -146,14 +146,14 @@ class BenchSyntheticConfig:
     """What ``signscale bench synthetic`` renders."""
 
     n: int = 5000
-    size: int = 32
+    image_size: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError(f"n: must be >= 1, got {self.n}")
-        if not 8 <= self.size <= 1024:
-            raise ConfigError(f"size: {self.size} is outside 8..1024")
+        if not 8 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size: {self.image_size} is outside 8..1024")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def augment_rows(raw_url: str, cfg: BenchIOConfig) -> list[Row]:
         import torchvision  # noqa: F401
     except ImportError:
         return [Row(AUG_SAMPLE, LOCAL, None, skipped=True, note="skipped: torchvision is not installed")]
-    per_sample = PerSampleAugment(raw_url, cfg.size)
+    per_sample = PerSampleAugment(raw_url, cfg.image_size)
     threads = torch.get_num_threads()
     # One intra-op thread in this process too, as DataLoader workers have: the 0-worker rows then
     # measure one core, and tiny per-sample ops do not spin a thread pool on a loaded machine.
@@ -187,8 +187,8 @@ def _augment_rows(raw_url: str, cfg: BenchIOConfig, m: Any, per_sample: PerSampl
 
     def per_batch(w: int, compiled: bool | None) -> Iterable[dict[str, Any]]:
         loader = open_stream(raw_url, num_workers=w, batch_size=cfg.batch_size, shuffle=True)
-        loader.stream.transform = loader_augment(cfg.size, m.label_space.flip_map(), compiled=compiled)
-        return normalised(loader, cfg.size)
+        loader.stream.transform = loader_augment(cfg.image_size, m.label_space.flip_map(), compiled=compiled)
+        return normalised(loader, cfg.image_size)
 
     batch_note = "numpy slicing + affine, perspective, colour, blur/weather/erase per batch, 8-bit to the main " \
                  "process, normalised there"
@@ -306,7 +306,7 @@ def _read_row(what: str, where: str, workers: int, make: Callable[[], Iterable[d
     ``subset_of`` samples when the reader sees only the first ``epoch`` of them (linear: one GET each)."""
     if counter is not None:
         counter.reset()
-    r = _measure(make, size=cfg.size, epoch=epoch, max_seconds=cfg.max_seconds, counter=counter, check=check)
+    r = _measure(make, size=cfg.image_size, epoch=epoch, max_seconds=cfg.max_seconds, counter=counter, check=check)
     row = Row(what, where, workers, samples=r.samples, seconds=r.seconds, first_batch_s=r.first_batch_s, note=note)
     if r.first_batch_s is not None and r.samples > r.first_samples and r.seconds > r.first_batch_s:
         row.steady_per_s = (r.samples - r.first_samples) / (r.seconds - r.first_batch_s)
@@ -395,7 +395,7 @@ def _warm(paths: Iterable[str]) -> None:
 def _pack_row(spec: str, out: str, encoding: str, where: str, cfg: BenchIOConfig, note: str) -> tuple[Row, str]:
     from signscale.data.pack import PackConfig, pack
 
-    res = pack(PackConfig(source=spec, out=out, encoding=encoding, size=cfg.size,  # type: ignore[arg-type]
+    res = pack(PackConfig(source=spec, out=out, encoding=encoding, image_size=cfg.image_size,  # type: ignore[arg-type]
                           workers=cfg.pack_workers, shard_mb=cfg.shard_mb, progress=False))
     workers = (os.cpu_count() or 1) if cfg.pack_workers < 0 else cfg.pack_workers
     q = f"{res.quarantined} quarantined" if res.quarantined else ""
@@ -433,7 +433,7 @@ def _litdata_rows(paths: list[str], out: str, cfg: BenchIOConfig) -> list[Row]:
     workers = (os.cpu_count() or 1) if cfg.pack_workers < 0 else max(1, cfg.pack_workers)
     t0 = time.perf_counter()
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        litdata.optimize(fn=_LitdataPrepare(cfg.size), inputs=paths, output_dir=out, chunk_bytes="64MB",
+        litdata.optimize(fn=_LitdataPrepare(cfg.image_size), inputs=paths, output_dir=out, chunk_bytes="64MB",
                          num_workers=workers, mode="overwrite")
     rows = [Row(PACK_LITDATA, LOCAL, workers, kind="pack", samples=len(paths), seconds=time.perf_counter() - t0,
                 note="decode + resize to raw arrays, like pack raw")]
@@ -457,9 +457,9 @@ def _read_rows(where: str, *, plain: PlainFiles, plain_full: int, raw_url: str, 
 
     raw_m, enc_m = Manifest.load(raw_url), Manifest.load(enc_url)
     raw = ShardBlocks([raw_m.shard_url(i) for i in range(len(raw_m.shards))], [s.count for s in raw_m.shards],
-                      cfg.batch_size, cfg.size)
+                      cfg.batch_size, cfg.image_size)
     enc = ShardBlocks([enc_m.shard_url(i) for i in range(len(enc_m.shards))], [s.count for s in enc_m.shards],
-                      cfg.batch_size, cfg.size)
+                      cfg.batch_size, cfg.image_size)
     rows: list[Row] = []
     for w in cfg.workers:
         rows.append(_read_row(PLAIN, where, w, lambda w=w: dataloader(plain, w, batch_size=cfg.batch_size,
@@ -540,7 +540,7 @@ def bench_io(cfg: BenchIOConfig, *, console: Console | None = None) -> list[Row]
         _warm(paths)
         _warm(os.path.join(local[e], "shards", f) for e in local for f in os.listdir(os.path.join(local[e], "shards")))
         say("local reads ...")
-        rows += _read_rows(LOCAL, plain=PlainFiles(paths, labels, cfg.size, remote=False), plain_full=len(paths),
+        rows += _read_rows(LOCAL, plain=PlainFiles(paths, labels, cfg.image_size, remote=False), plain_full=len(paths),
                            raw_url=local["raw"], enc_url=local["encoded"], cfg=cfg, counter=None)
         if cfg.augment:
             say("augmentation: per sample (torchvision v2) vs per batch (BatchAugment in the loader) ...")
@@ -554,7 +554,7 @@ def bench_io(cfg: BenchIOConfig, *, console: Console | None = None) -> list[Row]
         if not cfg.workdir:
             shutil.rmtree(work, ignore_errors=True)
     print_report(rows, con, title=f"bench io: {cfg.source}" + (f" (first {n:,})" if n < len(source) else "")
-                 + f", {cfg.size}x{cfg.size}, batch {cfg.batch_size}, {os.cpu_count()} cores")
+                 + f", {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, {os.cpu_count()} cores")
     return rows
 
 
@@ -601,7 +601,7 @@ def _store_rows(kind: str, spec: str, pack_note: str, paths: list[str], labels: 
             say(f"pack {enc} to {where} ...")
             row, remote[enc] = _pack_row(spec, f"{bucket}/{enc}", enc, where, cfg, pack_note)
             rows.append(row)
-        plain = PlainFiles([f"{bucket}/plain/{r}" for r in rel], labels[:k], cfg.size, remote=True)
+        plain = PlainFiles([f"{bucket}/plain/{r}" for r in rel], labels[:k], cfg.image_size, remote=True)
         note = f"{k:,} of {len(paths):,} objects uploaded" if k < len(paths) else ""
         say(f"{where} reads ...")
         counter = RequestCounter()
@@ -616,20 +616,22 @@ def bench_synthetic(cfg: BenchSyntheticConfig, *, console: Console | None = None
     from signscale.data.sources import open_source
 
     con = console or report.console_for_tables()
-    source = open_source(f"synthetic:?n={cfg.n}&size={cfg.size}&seed={cfg.seed}")
+    source = open_source(f"synthetic:?n={cfg.n}&size={cfg.image_size}&seed={cfg.seed}")
     source.read(0)  # draws the class templates once, as every worker does at its start
     t0 = time.perf_counter()
     for i in range(cfg.n):
         source.read(i)
     row = Row("synthetic render", LOCAL, 0, kind="setup", samples=cfg.n, seconds=time.perf_counter() - t0,
               note="one core, no workers")
-    table = Table(title=f"bench synthetic: {cfg.n:,} signs at {cfg.size}x{cfg.size}")
+    table = Table(title=f"bench synthetic: {cfg.n:,} signs at {cfg.image_size}x{cfg.image_size}")
     for col in ("what", "signs", "seconds", "signs/s"):
         table.add_column(col, justify="left" if col == "what" else "right")
     table.add_row(row.what, f"{row.samples:,}", f"{row.seconds:.2f}", f"{row.samples_per_s:,.0f}")
     con.print(table)
-    con.print(f"rendered {cfg.n:,} synthetic signs at {cfg.size}x{cfg.size} in {row.seconds:.1f}s on one core "
-              f"({row.samples_per_s:,.0f} signs/s)")
+    con.print(
+        f"rendered {cfg.n:,} synthetic signs at {cfg.image_size}x{cfg.image_size} in {row.seconds:.1f}s on one core "
+        f"({row.samples_per_s:,.0f} signs/s)"
+    )
     return [row]
 
 

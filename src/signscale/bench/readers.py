@@ -91,7 +91,7 @@ class PerSampleAugment(Dataset):
         self.urls = [m.shard_url(i) for i in range(len(m.shards))]
         self.starts = np.concatenate([[0], np.cumsum([s.count for s in m.shards])])
         self.flip_map = m.label_space.flip_map()
-        self.aug, self.pre, self.size = AugmentConfig(), Preprocess(size=size), size
+        self.aug, self.pre, self.size = AugmentConfig(), Preprocess(image_size=size), size
         self._readers: dict[int, Any] = {}
         self._tf: Any = None
 
@@ -134,7 +134,7 @@ def loader_augment(size: int, flip_map: np.ndarray, *, compiled: bool | None = N
     from signscale.training.augment import AugmentConfig, BatchAugment, LoaderAugment
     from signscale.transforms import Preprocess
 
-    return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(size=size), torch.as_tensor(flip_map),
+    return LoaderAugment(BatchAugment(AugmentConfig(), Preprocess(image_size=size), torch.as_tensor(flip_map),
                                       compiled=compiled))
 
 
@@ -142,7 +142,7 @@ def normalised(loader: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str
     """What the training loop does with the workers' 8-bit augmented batches: :func:`to_input`."""
     from signscale.transforms import Preprocess, to_input
 
-    pre, it = Preprocess(size=size), iter(loader)
+    pre, it = Preprocess(image_size=size), iter(loader)
     try:
         for b in it:
             b["image"] = to_input(b["image"], pre)

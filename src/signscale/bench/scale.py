@@ -304,7 +304,7 @@ def measure_size(n: int, cfg: BenchScaleConfig, root: str, counter: Any, say: Ca
     say(f"{human(n)}: packing {n:,} cheap {cfg.image_size}x{cfg.image_size} records "
         f"({'one core' if cfg.pack_workers == 0 else f'{cfg.pack_workers} processes'}) ...")
     cpu0 = time.process_time()
-    res = pack(PackConfig(source=f"{NOISE_KIND}:?n={n}&size={cfg.image_size}", out=out, size=cfg.image_size,
+    res = pack(PackConfig(source=f"{NOISE_KIND}:?n={n}&size={cfg.image_size}", out=out, image_size=cfg.image_size,
                           shard_mb=cfg.shard_mb, workers=cfg.pack_workers, progress=False))
     cpu = time.process_time() - cpu0
     if res.count != n:

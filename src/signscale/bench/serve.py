@@ -113,10 +113,11 @@ def reference_app(model_url: str) -> Any:
 
     from signscale.labels import LabelSpace
     from signscale.training import checkpoint
+    from signscale.transforms import Preprocess
 
     model, meta = checkpoint.load_model(model_url)
     keys = LabelSpace.from_dict(meta["label_space"]).keys
-    size = meta["preprocess"]["size"]
+    size = Preprocess.from_dict(meta["preprocess"]).image_size
     mean = torch.tensor(meta["preprocess"]["mean"]).view(3, 1, 1)
     std = torch.tensor(meta["preprocess"]["std"]).view(3, 1, 1)
     app = FastAPI()
@@ -282,8 +283,13 @@ def _default_model(root: str) -> str:
     torch.manual_seed(0)
     model = create_model("msnet", 43)
     url = f"{root}/msnet"
-    checkpoint.save_model(url, state_dict=model.state_dict(), model_config=model_config(model),
-                          label_space=LabelSpace.for_country("de").to_dict(), preprocess=Preprocess(size=32).to_dict())
+    checkpoint.save_model(
+        url,
+        state_dict=model.state_dict(),
+        model_config=model_config(model),
+        label_space=LabelSpace.for_country("de").to_dict(),
+        preprocess=Preprocess(image_size=32).to_dict(),
+    )
     return url
 
 

@@ -13,7 +13,7 @@ def _io(args: argparse.Namespace) -> int:
     bench_io(
         BenchIOConfig(
             source=args.source,
-            size=args.size,
+            image_size=args.image_size,
             workers=parse_workers(args.workers),
             limit=args.limit,
             no_s3=args.no_s3,
@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from signscale.bench.io import BenchSyntheticConfig, bench_synthetic
 
-    bench_synthetic(BenchSyntheticConfig(n=args.n, size=args.size))
+    bench_synthetic(BenchSyntheticConfig(n=args.n, image_size=args.image_size))
     return 0
 
 
@@ -44,7 +44,7 @@ def register(r: Commands) -> None:
     x = r.add("io", _io, parent="bench", help="pack and read throughput: raw files vs shards vs loader, local vs S3")
     x.add_argument("--source", default="synthetic:?n=20000&size=32",
                    help="what to benchmark on, e.g. gtsrb:../shared/data/GTSRB_Final_Training_Images.zip")
-    x.add_argument("--size", type=int, default=32)
+    x.add_argument("--image-size", type=int, default=32)
     x.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
     x.add_argument("--limit", type=int, default=0, help="use only the first N samples (0: all)")
     x.add_argument("--no-s3", action="store_true", help="skip every object-store row")
@@ -57,5 +57,5 @@ def register(r: Commands) -> None:
     add_config(x, "signscale.bench.train:BenchTrainConfig")
     x = r.add("synthetic", _synthetic, parent="bench", help="synthetic render rate on one core")
     x.add_argument("--n", type=int, default=5000)
-    x.add_argument("--size", type=int, default=32)
+    x.add_argument("--image-size", type=int, default=32)
 

@@ -10,7 +10,7 @@ from signscale.cli._commands import Commands, console
 def _bench_scale(args: argparse.Namespace) -> int:
     from signscale.bench.scale import BenchScaleConfig, bench_scale, parse_sizes
 
-    bench_scale(BenchScaleConfig(sizes=parse_sizes(args.sizes), image_size=args.size, workers=args.workers,
+    bench_scale(BenchScaleConfig(sizes=parse_sizes(args.sizes), image_size=args.image_size, workers=args.workers,
                                  batch_size=args.batch_size, shard_mb=args.shard_mb, pack_workers=args.pack_workers,
                                  remote=not args.no_remote, workdir=args.workdir or ""))
     return 0
@@ -38,7 +38,7 @@ def _plan(args: argparse.Namespace) -> int:
         console.print(f"{len(rows)} predictions checked; largest error {worst.error:+.1%} ({worst.what})")
         return 0
     cfg = PlanConfig(images=parse_count(args.images, name="images"), gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-                     model=args.model, precision=args.precision, device=args.device, image_size=args.size,
+                     model=args.model, precision=args.precision, device=args.device, image_size=args.image_size,
                      batch_size=args.batch_size, shard_mb=args.shard_mb, cores_per_node=args.cores_per_node,
                      pack_cores=args.pack_cores, workers_per_gpu=args.workers_per_gpu, augment_on=args.augment_on,
                      source=args.source, epochs=args.epochs, rates=args.rates or "")
@@ -65,7 +65,7 @@ def register(r: Commands) -> None:
     x = r.add("scale", _bench_scale, parent="bench",
               help="pack and stream growing datasets: cost per image, throughput, worker memory, requests")
     x.add_argument("--sizes", default="50k,500k,2m", help="dataset sizes to compare, e.g. 50k,500k,2m")
-    x.add_argument("--size", type=int, default=32, help="image side of the generated raw records")
+    x.add_argument("--image-size", type=int, default=32, help="image side of the generated raw records")
     x.add_argument("--workers", type=int, default=2, help="loader worker processes")
     x.add_argument("--batch-size", type=int, default=256)
     x.add_argument("--shard-mb", type=float, default=64.0)
@@ -82,7 +82,7 @@ def register(r: Commands) -> None:
     p.add_argument("--model", default="msnet")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--device", default="h100", help="row of the rates table's train_samples_per_s (h100, cpu, ...)")
-    p.add_argument("--size", type=int, default=32, help="image side in the shards")
+    p.add_argument("--image-size", type=int, default=32, help="image side in the shards")
     p.add_argument("--batch-size", type=int, default=256, help="per GPU")
     p.add_argument("--shard-mb", type=float, default=64.0)
     p.add_argument("--cores-per-node", type=int, default=96)

@@ -61,7 +61,7 @@ class PackConfig:
     source: str
     out: str
     encoding: Literal["raw", "encoded"] = "raw"
-    size: int = 32  # raw: images are resized to size x size
+    image_size: int = 32  # raw: images are resized to image_size x image_size
     crop: Literal["none", "roi"] = "none"  # raw: crop to the ROI (when known) before resizing
     shard_mb: float = 64.0
     workers: int = -1  # decode processes; -1 = one per CPU core, 0 = in this process
@@ -78,15 +78,16 @@ class PackConfig:
     def __post_init__(self) -> None:
         if self.encoding not in ("raw", "encoded"):
             raise config_mod.ConfigError(f"encoding: expected raw or encoded, got {self.encoding!r}")
-        if not 4 <= self.size <= 1024:
-            raise config_mod.ConfigError(f"size: {self.size} is outside 4..1024")
+        if not 4 <= self.image_size <= 1024:
+            raise config_mod.ConfigError(f"image_size: {self.image_size} is outside 4..1024")
         if self.shard_mb <= 0:
             raise config_mod.ConfigError("shard_mb: must be > 0")
 
     def fingerprint(self) -> str:
         """What determines the shard contents (not where or by how many processes)."""
-        keys = ("source", "encoding", "size", "crop", "shard_mb", "max_pixels", "shuffle", "shuffle_seed")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        keys = ("source", "encoding", "image_size", "crop", "shard_mb", "max_pixels", "shuffle", "shuffle_seed")
+        # "size" was image_size's name when packs began to be fingerprinted: kept, so they still resume
+        blob = json.dumps({("size" if k == "image_size" else k): getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -129,7 +130,7 @@ def _init_worker(source: Source, cfg: PackConfig, parent: int | None = None) -> 
         _die_with_parent(parent)
     _WORKER["source"] = source
     _WORKER["cfg"] = cfg
-    _WORKER["dtype"] = shards.record_dtype(cfg.encoding, (cfg.size, cfg.size, 3))
+    _WORKER["dtype"] = shards.record_dtype(cfg.encoding, (cfg.image_size, cfg.image_size, 3))
 
 
 def _die_with_parent(parent: int) -> None:
@@ -223,9 +224,9 @@ def _process(item: Sample, index: int, cfg: PackConfig, source: Source, dtype: n
             ch, cw = arr.shape[:2]
             roi = (0, 0, cw, ch)
             h, w = ch, cw
-        rec["image"] = images.resize(arr, cfg.size)
+        rec["image"] = images.resize(arr, cfg.image_size)
         if roi is not None:  # ROI in the coordinates of the stored image
-            sx, sy = cfg.size / w, cfg.size / h
+            sx, sy = cfg.image_size / w, cfg.image_size / h
             roi = (round(roi[0] * sx), round(roi[1] * sy), round(roi[2] * sx), round(roi[3] * sy))
     else:
         blob = item.image if isinstance(item.image, bytes) else images.encode_png(arr)
@@ -284,7 +285,7 @@ def source_order(positions: np.ndarray, n: int, cfg: PackConfig) -> np.ndarray:
 def records_per_shard(cfg: PackConfig, source: Source) -> int:
     """Records per chunk: from the fixed record size (raw) or the mean size of the first images."""
     if cfg.encoding == "raw":
-        itemsize = shards.record_dtype("raw", (cfg.size, cfg.size, 3)).itemsize
+        itemsize = shards.record_dtype("raw", (cfg.image_size, cfg.image_size, 3)).itemsize
         return max(1, int(cfg.shard_mb * 2**20 // itemsize))
     sizes = []
     for i in range(min(64, len(source))):
@@ -411,12 +412,21 @@ def _finalize(cfg: PackConfig, out: str, source: Source, sides: list[dict[str, A
     shard_infos = [s["shard"] for s in sides if s["shard"]["count"] > 0]
     total = sum(s["count"] for s in shard_infos)
     m = write_dataset_index(
-        out, name=cfg.name or _default_name(cfg.source), source=source.describe(), encoding=cfg.encoding,
-        record_dtype=shards.record_dtype(cfg.encoding, (cfg.size, cfg.size, 3)), label_space=source.label_space,
-        shard_infos=shard_infos, sources=[cfg.source], quarantine=quarantine,
-        image_shape=[cfg.size, cfg.size, 3] if cfg.encoding == "raw" else None,
-        extra={"records_per_chunk": rps,
-               "pack_config": {k: v for k, v in config_mod.to_dict(cfg).items() if k not in ("rank", "world_size")}})
+        out,
+        name=cfg.name or _default_name(cfg.source),
+        source=source.describe(),
+        encoding=cfg.encoding,
+        record_dtype=shards.record_dtype(cfg.encoding, (cfg.image_size, cfg.image_size, 3)),
+        label_space=source.label_space,
+        shard_infos=shard_infos,
+        sources=[cfg.source],
+        quarantine=quarantine,
+        image_shape=[cfg.image_size, cfg.image_size, 3] if cfg.encoding == "raw" else None,
+        extra={
+            "records_per_chunk": rps,
+            "pack_config": {k: v for k, v in config_mod.to_dict(cfg).items() if k not in ("rank", "world_size")},
+        },
+    )
     q = m.data["quarantine"]
     return PackResult(url=out, count=total, shards=len(shard_infos), bytes=m.data["totals"]["bytes"],
                       quarantined=q["count"], by_reason=q["by_reason"], seconds=time.perf_counter() - started,

@@ -106,7 +106,7 @@ class ShardStream(IterableDataset):
         shapes = {m.image_shape for m in self.manifests if m.encoding == "raw"}
         if len(shapes) > 1 or (encodings == {"raw", "encoded"} and not cfg.image_size):
             raise ShardError(f"datasets mix image shapes {sorted(map(str, shapes))}; set image_size to decode all "
-                             "to one size, or pack them at one --size")
+                             "to one size, or pack them at one --image-size")
         self.image_size = cfg.image_size or (next(iter(shapes))[0] if shapes else 0)
         if not self.image_size:
             raise ShardError("encoded datasets need image_size (the size to decode to)")

@@ -131,7 +131,7 @@ def _gtsrb_groups(cfg: DemoConfig, base_out: str, log: Callable[[str], None]) ->
     from signscale.data.sources.gtsrb import track_split
 
     spec = f"gtsrb:{cfg.gtsrb}?split=train&val_fraction={cfg.held_out}&seed={cfg.seed}"
-    res = pack(PackConfig(source=spec, out=base_out, crop="roi", size=32, progress=False))
+    res = pack(PackConfig(source=spec, out=base_out, crop="roi", image_size=32, progress=False))
     log(f"production data: {res.summary()}")
     src = open_source(f"gtsrb:{cfg.gtsrb}")
     _, val = src.split_indices(cfg.held_out, cfg.seed)  # type: ignore[attr-defined]
@@ -163,7 +163,7 @@ def _synthetic_groups(cfg: DemoConfig, base_out: str, log: Callable[[str], None]
     classes = tuple(sorted({*cfg.classes, 1, 14})) if cfg.classes else None
     only = f"&classes={','.join(map(str, classes))}" if classes else ""
     res = pack(PackConfig(source=f"synthetic:?n={cfg.synthetic_train}&size=32&seed={cfg.seed + 11}&weather=0{only}",
-                          out=base_out, size=32, workers=0, progress=False))
+                          out=base_out, image_size=32, workers=0, progress=False))
     log(f"production data: {res.summary()}")
 
     def render(seed: int, n: int, classes: tuple[int, ...] | None = classes) -> _Images:

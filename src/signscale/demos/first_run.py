@@ -28,7 +28,7 @@ class DemoConfig:
     exist_ok: bool = False  # write into an existing output folder instead of picking the next free name
     samples: int = 8000  # synthetic training signs
     val_samples: int = 1000  # synthetic validation signs (another seed: never seen in training)
-    size: int = 32  # image side in pixels
+    image_size: int = 32  # image side in pixels
     seed: int = 0
     epochs: int = 10
     model: str = "small_cnn"
@@ -96,20 +96,22 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _quiet) -> DemoResult
     storage.makedirs(out)
     legs = 3 if cfg.detection else 2
     say(f"\n== 1/{legs} data: {cfg.samples:,} synthetic signs -> shards in {out}/data")
-    spec = f"synthetic:?n={cfg.samples}&size={cfg.size}&seed={cfg.seed}"
+    spec = f"synthetic:?n={cfg.samples}&size={cfg.image_size}&seed={cfg.seed}"
     result = DemoResult(out=out)
     src = show(spec, out=storage.join(out, "synthetic_sheet.png"))
     result.files["contact sheet"] = src.sheet
     data = storage.join(out, "data", "synthetic")
-    packed = pack(PackConfig(source=spec, out=data, size=cfg.size, shard_mb=4, workers=min(2, os.cpu_count() or 1)))
+    packed = pack(
+        PackConfig(source=spec, out=data, image_size=cfg.image_size, shard_mb=4, workers=min(2, os.cpu_count() or 1))
+    )
     result.samples, result.shards = packed.count, packed.shards
     say(packed.summary())
     info = dataset_info(data, histogram=storage.join(out, "class_histogram.png"))
     result.files["class histogram"] = info.histogram
     result.files["loader sample"] = dataset_sample(data, n=32, out=storage.join(out, "loader_sample.png"))
     val = storage.join(out, "data", "synthetic-val")
-    pack(PackConfig(source=f"synthetic:?n={cfg.val_samples}&size={cfg.size}&seed={cfg.seed + 1000}", out=val,
-                    size=cfg.size, shard_mb=4, workers=min(2, os.cpu_count() or 1)))
+    pack(PackConfig(source=f"synthetic:?n={cfg.val_samples}&size={cfg.image_size}&seed={cfg.seed + 1000}", out=val,
+                    image_size=cfg.image_size, shard_mb=4, workers=min(2, os.cpu_count() or 1)))
     from signscale.training.train import TrainConfig, train
 
     say(f"\n== 2/{legs} classifier: {cfg.model} for {cfg.epochs} epoch(s), then the evaluation report")

@@ -115,7 +115,7 @@ class CropClassifier:
     def classify(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if not len(crops):
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        batch = np.stack([images_mod.resize(c, self.pre.size) for c in crops])
+        batch = np.stack([images_mod.resize(c, self.pre.image_size) for c in crops])
         x = to_input(torch.from_numpy(batch).to(self.device), self.pre)
         prob = torch.softmax(self.model(x).float(), dim=1)
         conf, ids = prob.max(dim=1)

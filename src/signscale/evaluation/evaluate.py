@@ -320,7 +320,7 @@ def _open_dataset(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: 
                         f"such as gtsrb-test:/data/GTSRB_Final_Test_Images.zip") from None
     encoded = manifest.encoding == "encoded"
     stream = ShardStream(StreamConfig(datasets=(cfg.data,), batch_size=cfg.batch_size, shuffle=False,
-                                      remainder="pad", image_size=pre.size if encoded else 0),
+                                      remainder="pad", image_size=pre.image_size if encoded else 0),
                          rank=rank, world_size=world)
     name = str(manifest.data.get("source", {}).get("kind") or manifest.name or "dataset")
     quarantine = manifest.data.get("quarantine", {})
@@ -344,17 +344,35 @@ def _open_source(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: b
     per = -(-n // world)
     indices = np.arange(min(n, rank * per), min(n, (rank + 1) * per), dtype=np.int64)
     names = [source.kind or "source"]
-    description = {"spec": cfg.data, "kind": "source", "name": source.kind, "id": f"source:{source.spec or cfg.data}",
-                   "checksum": None, "version": None, "encoding": None, "image_shape": [pre.size, pre.size, 3],
-                   "source": _plain(source.describe())}
+    description = {
+        "spec": cfg.data,
+        "kind": "source",
+        "name": source.kind,
+        "id": f"source:{source.spec or cfg.data}",
+        "checksum": None,
+        "version": None,
+        "encoding": None,
+        "image_shape": [pre.image_size, pre.image_size, 3],
+        "source": _plain(source.describe()),
+    }
 
     def loader(pairs: Sequence[tuple[str, int]]) -> DataLoader:
-        ds = _SourceBatches(source, indices, batch_size=cfg.batch_size, size=pre.size, crop=cfg.crop, pairs=pairs,
+        ds = _SourceBatches(source, indices, batch_size=cfg.batch_size, size=pre.image_size, crop=cfg.crop, pairs=pairs,
                             seed=cfg.seed)
         return _dataloader(ds, cfg.workers, pin)
 
-    return _Data("source", source.label_space, list(CONDITIONS), list(COUNTRIES), names, description, {}, pre.size,
-                 loader, -(-len(indices) // cfg.batch_size))
+    return _Data(
+        "source",
+        source.label_space,
+        list(CONDITIONS),
+        list(COUNTRIES),
+        names,
+        description,
+        {},
+        pre.image_size,
+        loader,
+        -(-len(indices) // cfg.batch_size),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,23 +99,34 @@ def export(cfg: ExportConfig) -> ExportResult:
     """Write ``cfg.out_url()/model.onnx`` and ``model.json`` once parity with PyTorch holds."""
     module, meta = load_torch(cfg.model, torch.device("cpu"))
     data = onnx_bytes(module, opset=cfg.opset, exporter=cfg.exporter)
-    diff = _max_diff(module, data, parity_inputs(module.pre.size, cfg.samples, cfg.seed))
+    diff = _max_diff(module, data, parity_inputs(module.pre.image_size, cfg.samples, cfg.seed))
     if not diff <= cfg.tolerance:
         raise ExportError(f"{cfg.model}: ONNX output differs from PyTorch by {diff:.3g} (> tolerance "
                           f"{cfg.tolerance:g}); nothing written. Try --exporter dynamo or another --opset")
     out = cfg.out_url().rstrip("/")
     sha = storage.write_bytes(storage.join(out, "model.onnx"), data)
     desc: dict[str, Any] = {
-        "format": "signscale.onnx", "format_version": 1, "sha256": sha, "bytes": len(data),
-        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", module.pre.size, module.pre.size, 3],
-                  "layout": "NHWC RGB, already resized (PIL bilinear, antialiased) to size x size"},
+        "format": "signscale.onnx",
+        "format_version": 1,
+        "sha256": sha,
+        "bytes": len(data),
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": ["batch", module.pre.image_size, module.pre.image_size, 3],
+            "layout": "NHWC RGB, already resized (PIL bilinear, antialiased) to size x size",
+        },
         "output": {"name": "probs", "dtype": "float32", "shape": ["batch", meta["model_config"]["num_classes"]]},
-        "opset": cfg.opset, "exporter": cfg.exporter,
+        "opset": cfg.opset,
+        "exporter": cfg.exporter,
         "parity": {"max_abs_diff": diff, "samples": cfg.samples, "tolerance": cfg.tolerance},
         "source": {"url": cfg.model, "sha256": meta.get("sha256")},
         # calibration is a record only: the temperature is already inside the exported graph
-        **{k: meta[k] for k in ("model_config", "label_space", "preprocess", "metrics", "data_crop", "calibration")
-           if k in meta},
+        **{
+            k: meta[k]
+            for k in ("model_config", "label_space", "preprocess", "metrics", "data_crop", "calibration")
+            if k in meta
+        },
     }
     storage.write_json(storage.join(out, "model.json"), desc)  # last: its presence means the folder is whole
     return ExportResult(out=out, files=(storage.join(out, "model.onnx"), storage.join(out, "model.json")),

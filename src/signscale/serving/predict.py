@@ -262,13 +262,13 @@ class Predictor:
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> the model's [S, S, 3] uint8 input; raises :class:`images.ImageError`."""
-        return images.resize(images.decode(data, max_pixels=self.max_pixels), self.preprocess.size)
+        return images.resize(images.decode(data, max_pixels=self.max_pixels), self.preprocess.image_size)
 
     def resize(self, arr: np.ndarray) -> np.ndarray:
         """An HxWx3 uint8 array -> the model's [S, S, 3] input (the packer's and evaluator's resize)."""
         if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3):
             raise images.ImageError("bad_array", f"expected an HxWx3 uint8 array, got {getattr(arr, 'shape', arr)!r}")
-        return images.resize(arr, self.preprocess.size)
+        return images.resize(arr, self.preprocess.image_size)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """[B, S, S, 3] uint8 (already :meth:`prepare`-d) -> float32 [B, C] class probabilities.
@@ -314,7 +314,7 @@ class Predictor:
         """Top-k classes for each image (encoded bytes or HxWx3 uint8 arrays); bad input raises ImageError."""
         arrays = [self.prepare(x) if isinstance(x, (bytes, bytearray, memoryview)) else self.resize(x)
                   for x in inputs]
-        size = self.preprocess.size
+        size = self.preprocess.image_size
         batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
         return self.top(self.probabilities(batch), top_k)
 
@@ -347,7 +347,7 @@ class Predictor:
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> None:
         """Run the network once per batch size, so the first real request does not pay for allocation."""
-        size = self.preprocess.size
+        size = self.preprocess.image_size
         for b in batch_sizes:
             probs = self.probabilities(np.full((b, size, size, 3), 127, np.uint8))
             if probs.shape != (b, len(self.label_space)) or not np.isfinite(probs).all():

@@ -27,7 +27,7 @@ def onnx_bytes(module: torch.nn.Module, *, opset: int = OPSET, exporter: str = "
         import onnx  # noqa: F401  (both exporters need it)
     except ImportError:
         raise BackendError("ONNX export needs the onnx package: pip install 'signscale[onnx]'") from None
-    size = module.pre.size  # type: ignore[union-attr]
+    size = module.pre.image_size  # type: ignore[union-attr]
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
     buf = io.BytesIO()
     module = module.eval()

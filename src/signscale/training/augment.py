@@ -247,7 +247,7 @@ class BatchAugment:
         """
         check_images(images_uint8_nhwc)
         self._check_labels(labels, images_uint8_nhwc.shape[0])
-        size = self.pre.size
+        size = self.pre.image_size
         if not self.cfg.enabled or images_uint8_nhwc.shape[0] == 0:
             if images_uint8_nhwc.shape[1:3] == (size, size):
                 return images_uint8_nhwc, labels
@@ -276,7 +276,7 @@ class BatchAugment:
         """The compiled kernel covers the usual case: CPU, images already at the model's size, and
         some geometry (without it there is no resampling to fuse)."""
         return (self.compiled and images.device.type == "cpu" and self.cfg.geometric
-                and images.shape[1:3] == (self.pre.size, self.pre.size))
+                and images.shape[1:3] == (self.pre.image_size, self.pre.image_size))
 
     def _kernel_pixels(self, images: Tensor, labels: Tensor, generator: torch.Generator | None,
                        k: _Constants, shared: bool) -> tuple[Tensor, Tensor]:
@@ -325,7 +325,7 @@ class BatchAugment:
     def _normalised(self, images: Tensor, p: Tensor, k: _Constants, *, into_scratch: bool) -> Tensor:
         """uint8 NHWC -> resized, colour-jittered, normalised float NCHW."""
         n, h, w, _ = images.shape
-        size = self.pre.size
+        size = self.pre.image_size
         resized = (h, w) != (size, size)
         if into_scratch and not resized:
             x = self._scratch("input", (n, 3, h, w), images.device).copy_(images.permute(0, 3, 1, 2))
@@ -454,7 +454,7 @@ def _kernel_setup(cfg: AugmentConfig, k: _Constants, h: int, w: int) -> Any:
 @functools.lru_cache(maxsize=8)
 def _pixel_space(size: int, mean: tuple[float, float, float]) -> Preprocess:
     """A "normalisation" to pixel value - 255 * mean, so BatchAugment's steps work in pixel units."""
-    return Preprocess(size=size, mean=mean, std=(1 / 255,) * 3)
+    return Preprocess(image_size=size, mean=mean, std=(1 / 255,) * 3)
 
 
 def _rounded_pixels(x: Tensor, shared: bool = False) -> Tensor:
@@ -481,7 +481,7 @@ class LoaderAugment:
     def __init__(self, augment: BatchAugment) -> None:
         self.augment = augment
         if augment.compiled:
-                kernels.warm(augment.pre.size)  # here, in the process that forks the workers
+                kernels.warm(augment.pre.image_size)  # here, in the process that forks the workers
 
     def __call__(self, b: dict[str, Any]) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(b["seed"])
@@ -534,7 +534,7 @@ class _Constants:
                    std=t(pre.std).view(1, 3, 1, 1),
                    scale=scale, bias=bias, scale3=scale.view(3, 1), bias3=bias.view(1, 3),
                    unit_scale=scale * 255.0, unit_bias=bias,
-                   **_pixel_bounds(scale, bias), **_param_ranges(cfg, pre.size, device),
+                   **_pixel_bounds(scale, bias), **_param_ranges(cfg, pre.image_size, device),
                    effect_bounds=_effect_bounds(cfg, device))
 
 

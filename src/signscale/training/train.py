@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     space = training_space([m.label_space for m in manifests], cfg.merge_by, init[2] if init else None)
     loader, val_loader = _loaders(cfg, manifests, space)
     train_stream = loader.stream
-    pre = Preprocess(size=train_stream.image_size)
+    pre = Preprocess(image_size=train_stream.image_size)
     model = _grown(init, space) if init is not None else create_model(cfg.model, len(space), **cfg.model_kwargs)
     info = model_info(model, train_stream.image_size)
     model.to(device)

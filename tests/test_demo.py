@@ -43,7 +43,7 @@ def test_demo_cli_prints_a_heading_and_result_per_leg_into_a_fresh_folder(tmp_pa
     (tmp_path / "signscale-demo").mkdir()
     (tmp_path / "signscale-demo" / "keep.txt").write_text("mine")
     r = subprocess.run([sys.executable, "-m", "signscale", "demo", "--samples", "200", "--val-samples=50",
-                        "--epochs", "1", "--size", "16", "--no-detection"], capture_output=True, text=True,
+                        "--epochs", "1", "--image-size", "16", "--no-detection"], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": src}, timeout=900, check=False)
     assert r.returncode == 0, (r.stdout, r.stderr)
     out = r.stdout

@@ -74,7 +74,7 @@ def test_onnx_probabilities_match_pytorch(model_dir: str, exported) -> None:
 def test_export_folder_carries_labels_and_preprocessing(model_dir: str, exported) -> None:
     out, result = exported
     meta = json.loads((Path(out) / "model.json").read_text())
-    assert meta["format"] == "signscale.onnx" and meta["preprocess"]["size"] == 32
+    assert meta["format"] == "signscale.onnx" and meta["preprocess"]["image_size"] == 32
     assert LabelSpace.from_dict(meta["label_space"]).fingerprint() == LabelSpace.for_country("de").fingerprint()
     assert meta["source"]["sha256"] == checkpoint.load_model_artefact(model_dir)[1]["sha256"]
     assert meta["parity"]["max_abs_diff"] == result.max_abs_diff

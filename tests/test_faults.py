@@ -228,7 +228,7 @@ def test_pack_killed_anywhere_resumes_to_the_same_dataset(tmp_path):
 
     def prepare(out: Path) -> list[str]:
         # workers=0: decode in the packing process (a killed pack's orphaned decode workers are issue 19 item 4)
-        return _cli("pack", PACK_SPEC, str(out), "--size", "16", "--shard-mb", "0.02", "--workers", "0",
+        return _cli("pack", PACK_SPEC, str(out), "--image-size", "16", "--shard-mb", "0.02", "--workers", "0",
                     "progress=false")
 
     def compare(ref: Path, out: Path) -> None:

@@ -130,7 +130,7 @@ def test_kill_9_of_pack_takes_its_decode_workers_with_it(tmp_path):
         (root / f"img{i:02d}.png").write_bytes(_png((i, 50, 60), (12, 12)))
     os.mkfifo(root / "stuck.png")
     proc = subprocess.Popen([sys.executable, "-m", "signscale", "pack", f"folder:{tmp_path / 'imgs'}",
-                             str(tmp_path / "ds"), "--size", "8", "--workers", "3"],
+                             str(tmp_path / "ds"), "--image-size", "8", "--workers", "3"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = {}
     try:
@@ -178,7 +178,7 @@ def test_the_next_run_removes_only_old_temp_files_of_ours(tmp_path):
 def test_two_ranks_equal_one_rank(tmp_path):
     ref = _pack(tmp_path / "one")
     out = tmp_path / "two"
-    procs = [subprocess.Popen([sys.executable, "-m", "signscale", "pack", SPEC, str(out), "--size", "16",
+    procs = [subprocess.Popen([sys.executable, "-m", "signscale", "pack", SPEC, str(out), "--image-size", "16",
                                "--shard-mb", "0.04", "--workers", "0", "--rank", str(r), "--world-size", "2"])
              for r in range(2)]
     assert [p.wait() for p in procs] == [0, 0]
@@ -269,7 +269,7 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     ref = _pack(tmp_path / "one")
     out = tmp_path / "tr"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "signscale", "pack", SPEC, str(out), "--size", "16", "--shard-mb", "0.04",
+                           "-m", "signscale", "pack", SPEC, str(out), "--image-size", "16", "--shard-mb", "0.04",
                            "--workers", "0"], capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -77,7 +77,7 @@ def test_info_describes_version_labels_preprocessing(model_dir: str) -> None:
     info = p.info()
     assert info["version"] == checkpoint.load_model_artefact(model_dir)[1]["sha256"][:12]
     assert info["num_classes"] == 43 and info["label_space"]["classes"][14]["key"] == "stop"
-    assert info["preprocess"]["size"] == SIZE and info["preprocess"]["data_crop"] == "roi"
+    assert info["preprocess"]["image_size"] == SIZE and info["preprocess"]["data_crop"] == "roi"
     assert info["metrics"] == {"accuracy": 0.5}
     json.dumps(info)  # plain data
 

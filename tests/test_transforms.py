@@ -57,12 +57,19 @@ def test_preprocess_round_trips_through_plain_data():
     assert Preprocess.from_dict(Preprocess().to_dict()) == Preprocess()
 
 
+def test_preprocess_reads_the_size_older_models_wrote_and_writes_image_size():
+    old = {"size": 48, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    pre = Preprocess.from_dict(old)
+    assert pre.image_size == 48 and pre.to_dict()["image_size"] == 48 and "size" not in pre.to_dict()
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+
+
 def test_augment_config_round_trips_through_plain_data():
     cfg = AugmentConfig(rotate=5.0, scale=(0.95, 1.05), weather_kinds=("fog", "snow"), padding="border")
     assert AugmentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
-@pytest.mark.parametrize("kwargs, field", [({"std": (0.2, 0.0, 0.2)}, "std"), ({"size": 2}, "size")])
+@pytest.mark.parametrize("kwargs, field", [({"std": (0.2, 0.0, 0.2)}, "std"), ({"image_size": 2}, "image_size")])
 def test_preprocess_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Preprocess(**kwargs)

@@ -16,7 +16,7 @@ async function loadModel() {
     const m = await r.json();
     if (!r.ok) throw new Error(m.error ? m.error.message : r.statusText);
     $("model").textContent = `model ${m.version} · ${m.architecture} · ${m.num_classes} classes (${m.label_space.name})` +
-      ` · input ${m.preprocess.size}px · ${m.backend}`;
+      ` · input ${m.preprocess.image_size}px · ${m.backend}`;
     $("mode-detect").disabled = !m.detector;
   } catch (e) {
     $("model").textContent = "model information unavailable: " + e.message;

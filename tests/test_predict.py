@@ -82,6 +82,22 @@ def test_info_describes_version_labels_preprocessing(model_dir: str) -> None:
     json.dumps(info)  # plain data
 
 
+def test_a_recalibrated_folder_is_a_new_version(tmp_path: Path) -> None:
+    """A running service polls the version: a new temperature must read as one, or it keeps the old."""
+    from signscale.calibration import TemperatureFit, save_temperature
+    from signscale.serving.predict import resolve_model
+
+    folder = make_model(str(tmp_path / "model"))
+    plain, _ = resolve_model(folder)
+    save_temperature(folder, TemperatureFit(temperature=1.5, nll_before=0.3, nll_after=0.2, count=10))
+    first, _ = resolve_model(folder)
+    save_temperature(folder, TemperatureFit(temperature=1.25, nll_before=0.3, nll_after=0.2, count=10))
+    second, _ = resolve_model(folder)
+    assert plain == checkpoint.load_model_artefact(folder)[1]["sha256"][:12]
+    assert first == plain + "-T1.5" and second == plain + "-T1.25"
+    assert Predictor.load(folder).version == second
+
+
 def test_bad_files_are_results_not_crashes(model_dir: str, tmp_path: Path) -> None:
     good = sign_png(14)
     (tmp_path / "a_good.png").write_bytes(good)

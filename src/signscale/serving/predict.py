@@ -118,8 +118,9 @@ def is_registry_spec(spec: str) -> bool:
 def resolve_model(spec: str) -> tuple[str, str]:
     """``(version, model_url)`` for a spec: a registry alias is resolved, a folder names itself.
 
-    The version of a plain folder is the start of its weights' sha256, so a rewritten folder reads
-    as a new version to a poller.
+    The version of a plain folder is the start of its weights' sha256, and its temperature when it was
+    calibrated (``3fa2c9d1e0ab-T1.42``), so a rewritten or recalibrated folder reads as a new version
+    to a poller: a running service takes up a new temperature as it takes up new weights.
     """
     if is_registry_spec(spec):
         try:
@@ -134,7 +135,11 @@ def resolve_model(spec: str) -> tuple[str, str]:
                                "check the registry URL and the alias name (`signscale registry ls`)") from None
         return str(version), str(url)
     meta = _read_meta(spec)
-    return str(meta.get("sha256", ""))[:12] or "unknown", spec.rstrip("/")
+    version = str(meta.get("sha256", ""))[:12] or "unknown"
+    t = (meta.get(calibration.CALIBRATION_KEY) or {}).get("temperature")
+    if t is not None:
+        version += f"-T{t:.6g}" if isinstance(t, (int, float)) else f"-T{str(t)[:12]}"
+    return version, spec.rstrip("/")
 
 
 def _read_meta(url: str) -> dict[str, Any]:

@@ -636,7 +636,7 @@ async def _upload_in_browser(browser: str, page_url: str, image: Path, profile: 
               const check = () => {
                 if (el.dataset.state !== 'done' && el.dataset.state !== 'error') return false;
                 if (document.getElementById('model').textContent.startsWith('loading')) return false;
-                resolve({state: el.dataset.state, text: el.textContent,
+                resolve({state: el.dataset.state, text: el.textContent, unsure: !!el.querySelector('.unsure'),
                          rows: [...el.querySelectorAll('.prediction')].map(
                            (p) => [p.dataset.key, p.querySelector('.prob').textContent]),
                          model: document.getElementById('model').textContent,
@@ -660,7 +660,13 @@ def test_page_uploads_an_image_and_shows_the_prediction(service, models, tmp_pat
     want = expected_top(models["a"], image.read_bytes())
     assert [key for key, _ in result["rows"]] == [w["key"] for w in want]
     assert result["rows"][0][1] == f"{100 * want[0]['probability']:.1f}%"
-    assert "43 classes" in result["model"] and result["canvas"] > 0
+    assert "43 classes" in result["model"] and result["canvas"] > 0 and not result["unsure"]
+    # the same image on a page asking for more confidence than the model has: it says unsure, guesses below
+    strict = asyncio.run(_upload_in_browser(browser, service.url + "/?min_confidence=0.9999", image,
+                                            tmp_path / "profile2"))
+    assert want[0]["probability"] < 0.9999
+    assert strict["state"] == "done" and strict["unsure"] and "unsure: the top answer is below" in strict["text"]
+    assert [key for key, _ in strict["rows"]] == [w["key"] for w in want]
 
 
 # --------------------------------------------------------------------------------------------- the command

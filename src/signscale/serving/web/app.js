@@ -83,9 +83,12 @@ async function send(file) {
   const body = new FormData();
   body.append("file", file, file.name);
   const endpoint = mode() === "detect" ? "/v1/detect" : "/v1/classify";
+  // the page's own ?min_confidence=0.9 is passed on: below it the service answers "unsure"
+  const minConfidence = new URLSearchParams(location.search).get("min_confidence");
+  const query = minConfidence === null ? "" : "?min_confidence=" + encodeURIComponent(minConfidence);
   let r, data;
   try {
-    r = await fetch(endpoint, { method: "POST", body });
+    r = await fetch(endpoint + query, { method: "POST", body });
     data = await r.json();
   } catch (e) {
     return showError("the service did not answer: " + e.message);
@@ -97,7 +100,12 @@ async function send(file) {
       ? data.boxes.map((b) => row(b, b.confidence ?? b.score)).join("")
       : "<p>no sign found in this scene</p>";
   } else {
-    results.innerHTML = data.results[0].top_k.map((t) => row(t, t.probability)).join("");
+    const answer = data.results[0];
+    const unsure = answer.unsure
+      ? `<p class="unsure">unsure: the top answer is below the minimum confidence of ` +
+        `${(100 * data.min_confidence).toFixed(0)}%, so the model does not name this sign; its guesses follow</p>`
+      : "";
+    results.innerHTML = unsure + answer.top_k.map((t) => row(t, t.probability)).join("");
   }
   results.dataset.state = "done";
 }

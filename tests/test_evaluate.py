@@ -332,9 +332,11 @@ def test_compare_non_gating_metrics_and_refusals(reference: dict) -> None:
     b = copy.deepcopy(reference)
     b["overall"]["ece"] = reference["overall"]["ece"] + 0.2  # calibration is reported, not gated
     b["robustness"]["results"][0]["accuracy"] = reference["robustness"]["results"][0]["accuracy"] + 0.1
+    b["overall"]["error_at_99_coverage"] = (reference["overall"]["error_at_99_coverage"] or 0.0) + 0.05
     c = compare(reference, b)
     assert not c.worse
     assert any(d.metric == "ece" and d.regressed for d in c.differences)
+    assert any(d.metric == "error_at_99_coverage" and d.regressed and not d.gates for d in c.differences)
     assert any(d.metric == "corruption:fog@3" and d.better for d in c.differences)
     other = copy.deepcopy(reference)
     other["data"]["id"] = "dataset:something-else"

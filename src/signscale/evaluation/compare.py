@@ -230,6 +230,10 @@ def compare(a: Mapping[str, Any] | str, b: Mapping[str, Any] | str, *, tolerance
     add("macro_f1", oa["macro_f1"], ob["macro_f1"], n)
     add("top5", oa["top5"], ob["top5"], n, gates=False)
     add("ece", oa["ece"], ob["ece"], n, higher=False, gates=False)
+    for cov in ("99", "95"):  # selective prediction: the error left when the least sure 1% / 5% are set aside
+        key = f"error_at_{cov}_coverage"
+        if oa.get(key) is not None and ob.get(key) is not None:
+            add(key, oa[key], ob[key], n, higher=False, gates=False)
     ca, cb = {c["key"]: c for c in ma["classes"]}, {c["key"]: c for c in mb["classes"]}
     for key in [k for k in ca if k in cb]:
         add(f"class:{key}", ca[key]["recall"], cb[key]["recall"], min(ca[key]["support"], cb[key]["support"]))

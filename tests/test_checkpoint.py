@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,30 @@ def test_best_pt_is_verified_on_load(finished):
     (ck / "best.pt").write_bytes(intact)
     index = json.loads((ck / "latest.json").read_text())
     assert index["best"]["path"] == "best.pt" and index["best"]["step"] == before["best"][0]
+
+
+def test_a_damaged_best_pt_is_written_back_from_the_kept_checkpoint_of_its_step(finished, tmp_path, capsys):
+    cfg, ck, before = finished
+    intact = (ck / "best.pt").read_bytes()
+    _flip(ck / "best.pt")
+    train(dataclasses.replace(cfg, resume="auto"))  # a run starting in its folder checks best.pt first
+    assert (ck / "best.pt").read_bytes() == intact and "best.pt was damaged or missing" in capsys.readouterr().err
+    run = tmp_path / "copy"
+    shutil.copytree(ck.parent, run)
+    best = run / "checkpoints" / "best.pt"
+    intact = best.read_bytes()
+    step = checkpoint.load_checkpoint(str(best))["step"]
+    kept = {e["step"] for e in json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoints"]}
+    assert step in kept  # the fixture keeps the best step's checkpoint
+    _flip(best)
+    assert "written back from step-" in checkpoint.repair_best(str(run)) and best.read_bytes() == intact
+    assert checkpoint.repair_best(str(run)) == ""  # intact now: nothing to do
+    best.unlink()
+    assert "written back" in checkpoint.repair_best(str(run)) and best.read_bytes() == intact
+    for e in kept:  # none of its bytes left anywhere: a warning names the file, nothing else changes
+        (run / "checkpoints" / f"step-{e:09d}.pt").unlink()
+    _flip(best)
+    assert checkpoint.repair_best(str(run)).startswith(f"warning: {best}")
 
 
 def test_unreadable_index_is_named_with_the_fix(finished):

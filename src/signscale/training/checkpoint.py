@@ -116,6 +116,29 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], *, keep_last
     return storage.join(ck_dir, name)
 
 
+def repair_best(run_dir: str) -> str:
+    """Check ``best.pt`` against the index; a damaged or missing one is written back from the kept checkpoint
+    of the same step (the same bytes). Returns what was found and done ('' when it is intact or absent).
+
+    Called when a run starts in its folder, so a flipped byte in ``best.pt`` is not carried to the end of
+    the run unnoticed. When no kept checkpoint holds its bytes, the message is a warning naming the file.
+    """
+    ck_dir = storage.join(run_dir, "checkpoints")
+    index = _read_index_quietly(ck_dir)
+    entry, url = index.get("best"), storage.join(ck_dir, "best.pt")
+    if not entry or (storage.exists(url) and hashlib.sha256(storage.read_bytes(url)).hexdigest() == entry["sha256"]):
+        return ""
+    for e in _entries(index):
+        if e["sha256"] == entry["sha256"] and storage.exists(storage.join(ck_dir, e["path"])):
+            data = storage.read_bytes(storage.join(ck_dir, e["path"]))
+            if hashlib.sha256(data).hexdigest() == entry["sha256"]:
+                storage.write_bytes(url, data)
+                return f"{url} was damaged or missing: written back from {e['path']} (the same step, intact)"
+    return (f"warning: {url} (step {entry['step']}) is damaged or missing and no kept checkpoint holds its "
+            "bytes: the run's next better validation writes a new one; the model folder written at the end is "
+            "unaffected")
+
+
 def _entries(index: dict[str, Any]) -> list[dict[str, Any]]:
     """The kept checkpoints, oldest first (an index written before the list existed names only the newest)."""
     if "checkpoints" in index:

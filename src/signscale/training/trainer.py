@@ -171,6 +171,9 @@ class Trainer:
         if self.main:
             storage.makedirs(cfg.out)
             remove_killed_writes(cfg.out)
+            repaired = checkpoint.repair_best(cfg.out)
+            if repaired:
+                print(repaired, file=sys.stderr)
 
     # -- checkpoints
 

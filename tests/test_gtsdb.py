@@ -139,6 +139,21 @@ def test_real_copy_layout_jpeg_names_and_inclusive_corners(tmp_path):
     assert s.meta["problems"] == []  # 816x480 is a known GTSDB size
 
 
+def test_pack_format_original_keeps_each_frames_own_bytes(tmp_path):
+    from signscale.data import shards
+    from signscale.data.manifest import Manifest
+
+    z = _jpeg_zip(tmp_path / "GTSDB_real.zip", [0, 1, 12])
+    res = pack_scenes(ScenePackConfig(source=f"gtsdb:{z}", out=str(tmp_path / "ds"), image_format="original"))
+    assert res.count == 3
+    m = Manifest.load(str(tmp_path / "ds"))
+    stored = [b for s in range(len(m.shards)) for b in shards.ShardReader(m.shard_url(s)).blobs_at(
+        np.arange(m.shards[s].count))]
+    with zipfile.ZipFile(z) as f:
+        originals = {f.read(f"GTSDB_train/{n:05d}.jpg") for n in (0, 1, 12)}
+    assert set(map(bytes, stored)) == originals  # the JPEGs as they were, not re-encoded as PNG
+
+
 def test_frame_id_blocks_split_train_and_val_with_no_frame_on_both_sides(tmp_path):
     ids = list(range(0, 600, 7)) + [640]
     z = _jpeg_zip(tmp_path / "g.zip", ids, size=(136, 80))

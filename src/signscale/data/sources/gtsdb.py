@@ -76,7 +76,9 @@ class GtsdbSource(Source):
             problems.append(f"{name}: unexpected_size {w}x{h} (GTSDB frames are 1360x800 or 816x480); kept, boxes "
                             "are read in its own pixels")
         meta = scene_meta(boxes, labels, ["de"] * len(labels), w, h, problems)
-        return scene_sample(name, arr, meta, source=self.spec)
+        # the file's own bytes (decoded once above, so a frame that does not decode is a Problem here):
+        # `pack-scenes --format original` keeps them as they are; every reader decodes bytes or arrays
+        return scene_sample(name, data, meta, source=self.spec)
 
     def describe(self) -> dict[str, Any]:
         reasons: dict[str, int] = {}

@@ -4,7 +4,8 @@ Two families: the weather and sensor conditions ``snow, rain, fog, night, glare,
 contrast`` (:data:`CORRUPTIONS`), which are also the condition names a dataset records (so this tuple
 cannot grow without changing every packed dataset's condition table and the synthetic renderer's
 draws), and the faults of a real dashcam ``jpeg, motion_blur, low_light, defocus, lens_rain``
-(:data:`CAMERA_FAULTS`), which only evaluation applies. :data:`KINDS` is both, in a fixed order
+(:data:`CAMERA_FAULTS`), which evaluation applies and training only when asked (``--augment.camera``,
+signscale.training.camera). :data:`KINDS` is both, in a fixed order
 (new kinds are appended, so an existing kind's seed in a robustness report never changes).
 
 One implementation serves three users: the synthetic renderer (to tag samples with a condition),

@@ -31,7 +31,8 @@ and a ``speed_limit_30`` is never mirrored, since its mirror image is not a sign
 The weather effects re-implement five of :mod:`signscale.corruptions` in torch with the same
 severity tables, so training can apply them on the GPU; robustness evaluation keeps using the
 numpy originals, which stay the reference definition of each condition (and rain and glare,
-which training does not use, remain unseen conditions there).
+which training does not use, remain unseen conditions there). Camera faults (opt-in: ``camera``) are
+not re-implemented: :mod:`signscale.training.camera` applies the numpy ones to the finished pixels.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 
 from signscale import config
+from signscale.corruptions import CAMERA_FAULTS
 
 try:
     from signscale import kernels
 except ImportError:  # no numba (a Python it has no wheels for yet): the torch path does the work
     kernels = None  # type: ignore[assignment]
+from signscale.training import camera
 from signscale.training.filters import BLUR_LEVELS, blur_bank, blur_taps, separable, uniform
 from signscale.training.weather import (
     WEATHER_EFFECTS,
@@ -113,6 +116,10 @@ class AugmentConfig:
     weather_severity: int = 3  # severities drawn from 1..weather_severity (the corruptions' scale)
     erase: float = 0.15  # probability of an occluding rectangle (sticker, branch, snow patch)
     erase_area: tuple[float, float] = (0.02, 0.1)  # fraction of the image it covers
+    # probability of a camera fault (training/camera.py), on top of all the above; 0: off
+    camera: float = 0.0
+    camera_kinds: tuple[str, ...] = CAMERA_FAULTS
+    camera_severity: tuple[int, int] = (1, 3)  # severities drawn from min..max (the corruptions' scale)
 
     def __post_init__(self) -> None:
         for name in ("flip", "blur", "weather", "erase"):
@@ -143,6 +150,7 @@ class AugmentConfig:
                              f"valid kinds: {', '.join(WEATHER_KINDS)}")
         if not 1 <= self.weather_severity <= 5:
             raise ValueError(f"weather_severity: expected 1..5, got {self.weather_severity}")
+        camera.check(self.camera, self.camera_kinds, self.camera_severity)
 
     def to_dict(self) -> dict[str, Any]:
         return config.to_dict(self)
@@ -230,6 +238,7 @@ class BatchAugment:
         k = self._constants(images_uint8_nhwc.device, self.pre)
         x, new_labels = self._augment(images_uint8_nhwc, labels, generator, k)
         torch.minimum(torch.maximum(x, k.lo, out=x), k.hi, out=x)  # (clamp with tensor bounds is slower)
+        x = camera.fault_normalised_(x, k.scale, k.bias, self.cfg, generator)
         return layout(x, self.channels_last), new_labels
 
     def pixels(self, images_uint8_nhwc: Tensor, labels: Tensor, generator: torch.Generator | None = None, *,
@@ -261,9 +270,11 @@ class BatchAugment:
         half = (-0.5 / 255,) * 3
         k = self._constants(images_uint8_nhwc.device, _pixel_space(size, self.pre.mean if centred else half))
         if self._use_kernel(images_uint8_nhwc):
-            return self._kernel_pixels(images_uint8_nhwc, labels, generator, k, shared)
-        x, new_labels = self._augment(images_uint8_nhwc, labels, generator, k)
-        return _rounded_pixels(self._pixel_clamp(x, k), shared), new_labels
+            px, new_labels = self._kernel_pixels(images_uint8_nhwc, labels, generator, k, shared)
+        else:
+            x, new_labels = self._augment(images_uint8_nhwc, labels, generator, k)
+            px = _rounded_pixels(self._pixel_clamp(x, k), shared)
+        return camera.fault_pixels_(px, self.cfg, generator), new_labels
 
     def _pixel_clamp(self, x: Tensor, k: _Constants) -> Tensor:
         """In place: :meth:`pixels`' values (pixel + 0.5, or centred on the mean for zeros padding)

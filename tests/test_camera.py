@@ -81,7 +81,7 @@ def test_same_seed_same_output_another_seed_another(method):
 @pytest.mark.parametrize("size", [32, 48])
 def test_shapes_and_dtypes_are_kept(size):
     x, y = images(size=size), labels()
-    pre = Preprocess(size=size)
+    pre = Preprocess(image_size=size)
     for channels_last in (False, True):
         aug = BatchAugment(AugmentConfig(camera=1.0), pre, FLIP_MAP, channels_last=channels_last)
         px, py = aug.pixels(x, y, gen())

@@ -159,6 +159,18 @@ def test_merge_by_meaning_shares_outputs_for_the_same_key_and_appends_new_ones()
     assert LabelSpace.merge([A, B], by="meaning", trust_uncertain=True).keys[-1] == "guess"
 
 
+def test_merging_a_merged_space_again_keeps_one_output_per_uncertain_class():
+    # adding a country later merges the model's (already merged) space with the data's spaces again
+    m = LabelSpace.merge([A, B], by="meaning")
+    again = LabelSpace.merge([m, B], by="meaning")
+    assert again.keys == m.keys == ["stop", "keep_right", "keep_left", "only_a", "only_b", "bb:guess"]
+    np.testing.assert_array_equal(again.map_from(B), m.map_from(B))
+    # a space saved by an older merge, whose uncertain key carries the prefix twice, joins the same output
+    old = LabelSpace(classes=m.classes[:5] + (replace(m.classes[5], key="bb:bb:guess"),), name=m.name, by="meaning",
+                     members=m.members)
+    assert LabelSpace.merge([old, B], by="meaning").keys == m.keys
+
+
 def test_merge_by_design_keeps_each_country_apart_but_reports_the_semantic_key():
     m = LabelSpace.merge([A, B], by="design")
     assert len(m) == 8 and m.keys[:2] == ["aa:stop", "aa:keep_right"] and m.keys[5] == "bb:stop"

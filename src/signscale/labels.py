@@ -502,9 +502,15 @@ def _catalogue_keys(country: str) -> set[str]:
 
 
 def _merge_key(c: SignClass, by: str, trust_uncertain: bool) -> str:
+    # A merged space's uncertain classes already carry their "country:" prefix; strip it (and the
+    # doubled ones older merges saved) before adding it once, or re-merging a merged space (a model
+    # grown again with `--init-from`) gives such a class a second output.
+    key, prefix = c.key, f"{c.country}:"
+    while key.startswith(prefix):
+        key = key[len(prefix):]
     if by == "design" or (c.uncertain and not trust_uncertain):
-        return f"{c.country}:{c.key}"
-    return c.key
+        return prefix + key
+    return key
 
 
 def _merged_flip(kept: SignClass, new: SignClass, kept_member: Member) -> SignClass:

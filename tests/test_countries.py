@@ -145,6 +145,17 @@ def test_stream_maps_each_countrys_ids_into_the_merged_space(two_countries):
         ShardStream(StreamConfig(datasets=(cn,), batch_size=16), label_space=LabelSpace.for_country("de"))
 
 
+def test_country_weights_name_a_country_or_one_of_its_catalogues():
+    from types import SimpleNamespace
+
+    from signscale.training.train import country_mixing
+
+    # what country_mixing reads of a manifest: its label space (real catalogues) and where it is
+    de, tsrd, tt = (SimpleNamespace(label_space=LabelSpace.for_country(c), root=c) for c in ("de", "cn", "tt100k"))
+    assert country_mixing([de, tsrd, tt], {"cn": 2.5}) == (1.0, 2.5, 2.5)  # TT100K's signs are Chinese too
+    assert country_mixing([de, tsrd, tt], {"cn": 2.0, "tt100k": 3.0}) == (1.0, 2.0, 3.0)  # its own name first
+
+
 def test_train_on_two_countries_then_extend_a_one_country_model(two_countries, tmp_path):
     from signscale.training.checkpoint import load_model_artefact
     from signscale.training.train import TrainConfig, train

@@ -69,6 +69,17 @@ def test_resume_removes_the_temp_files_killed_writes_left(synthetic_dataset, tmp
     assert not any(p.exists() for p in left) and kept.read_bytes() == b"mine"
 
 
+def test_max_steps_beyond_the_epochs_ends_at_the_epochs_with_the_schedule_run_out(synthetic_dataset, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "run"
+    res = train(TrainConfig(data=(synthetic_dataset,), out=str(out), model="small_cnn", batch_size=32, workers=0,
+                            epochs=1, max_steps=50, log_every=1, lr=0.01, progress=False))
+    assert res.epochs == 1 and res.steps < 15  # 300 samples in batches of 32: epochs=1 caps the run
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines() if "lr" in x]
+    assert len(lrs) == res.steps and lrs[-1] < 0.01 / 10  # OneCycle annealed to its end, not left near its peak
+    assert f"max_steps 50 is more than 1 epoch(s) of {res.steps} steps" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(synthetic_dataset, tmp_path):
     run = tmp_path / "run"

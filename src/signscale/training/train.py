@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -31,7 +32,7 @@ from signscale.config import Precision
 from signscale.data.manifest import Manifest
 from signscale.data.shards import ShardError
 from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
-from signscale.labels import LabelSpace
+from signscale.labels import COUNTRY_CATALOGUES, LabelSpace
 from signscale.models import create_model, grow_head, model_config, model_info
 from signscale.training import checkpoint, distributed, precision
 from signscale.training.augment import AugmentConfig, BatchAugment, LoaderAugment
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     net: torch.nn.Module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     opt = _optimizer(cfg, model)
-    total_steps = cfg.max_steps or max(1, len(loader) // cfg.accumulate) * cfg.epochs
+    total_steps, until_steps = _length(cfg, len(loader), main)
     augment = BatchAugment(cfg.augment, pre, torch.as_tensor(space.flip_map()))
     if device.type == "cpu" and cfg.workers > 0:
         # On a CPU box the loader workers augment while the main process trains; on a GPU the
@@ -317,7 +318,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                            started=started, on_validation=on_validation)
     manifest_checksums = [m.checksum() for m in manifests]
     trainer = Trainer(
-        LoopConfig(out=cfg.out, total_steps=total_steps, epochs=cfg.epochs, until_steps=bool(cfg.max_steps),
+        LoopConfig(out=cfg.out, total_steps=total_steps, epochs=cfg.epochs, until_steps=until_steps,
                    accumulate=cfg.accumulate, clip_norm=cfg.clip_norm, precision=cfg.precision,
                    checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, log_every=cfg.log_every,
                    seed=cfg.seed, progress=cfg.progress, name="train", data=tuple(cfg.data)),
@@ -355,6 +356,25 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                                                                   if k != "losses"})
     distributed.barrier()
     return result
+
+
+def _length(cfg: TrainConfig, batches_per_epoch: int, main: bool) -> tuple[int, bool]:
+    """(steps the run takes, whether it stops at a step count rather than at an epoch's end).
+
+    ``max_steps`` beyond ``epochs`` epochs cannot be reached: the run ends at the epoch cap, and the
+    learning-rate schedule is laid out for that length (laid out for ``max_steps`` it would end the run
+    with the rate still high).
+    """
+    by_epochs = max(1, batches_per_epoch // cfg.accumulate) * cfg.epochs
+    if not cfg.max_steps:
+        return by_epochs, False
+    if cfg.max_steps > by_epochs:
+        if main:
+            print(f"note: max_steps {cfg.max_steps} is more than {cfg.epochs} epoch(s) of "
+                  f"{by_epochs // cfg.epochs} steps: the run ends after {by_epochs} steps, its schedule laid out "
+                  "for that; raise --epochs to train longer", file=sys.stderr)
+        return by_epochs, False
+    return cfg.max_steps, True
 
 
 def _loaders(cfg: TrainConfig, manifests: list[Manifest],
@@ -428,12 +448,14 @@ def country_mixing(manifests: list[Manifest], country_weights: dict[str, float])
     """Stream mixing weights from per-country weights: a dataset's weight is its samples' country weight.
 
     The stream's weight w draws about ``w x size`` samples of a dataset per epoch, so weights here
-    scale each country's share; countries not named keep weight 1.
+    scale each country's share; countries not named keep weight 1. A catalogue is weighted by its own
+    name when given (``tt100k``), else by its country's (``cn`` weights TSRD23 and TT100K alike).
     """
+    country_of = {cat: country for country, cats in COUNTRY_CATALOGUES.items() for cat in cats}
     out = []
     for m in manifests:
         countries = m.label_space.countries()  # the catalogues its labels come from
-        ws = {country_weights.get(c, 1.0) for c in countries}
+        ws = {country_weights.get(c, country_weights.get(country_of.get(c, c), 1.0)) for c in countries}
         if len(ws) > 1:
             raise config_mod.ConfigError(f"country_weights: {m.root} mixes countries {countries} with different "
                                          "weights; pack one dataset per country to weight them apart")

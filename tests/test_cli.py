@@ -71,6 +71,7 @@ def test_an_error_stays_one_unbroken_line_with_its_text_as_written(tmp_path):
     (["predict", "--topk", "3"], "did you mean --top-k?"),  # before the missing positionals are mentioned
     (["predict", "m", "x.png", "--topk=3"], "did you mean --top-k?"),
     (["demo", "--epoch", "1"], "did you mean --epochs?"),  # no prefix matching: never taken as --epochs
+    (["pack", "src", "out", "--size", "16"], "did you mean --image-size?"),  # a renamed key finds its new name
     (["serve", "m", "--max-batchsize", "4"], "did you mean --max-batch?"),
     (["train", "--augment.flipp", "0.2"], "did you mean --augment.flip?"),
     (["bench", "io", "--worker", "2"], "did you mean --workers?"),

@@ -41,8 +41,8 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+    near = closest(key, valid)
+    hint = f" Did you mean '{near}'?" if near else f" Valid keys: {', '.join(sorted(valid))}."
     return ConfigError(f"unknown config key '{key}' for {where}.{hint}")
 
 
@@ -406,6 +406,10 @@ def show_value(value: Any) -> str:
     return str(value)
 
 
+# Keys renamed since a release, old (without dashes or underscores) -> new: the did-you-mean names the new one.
+RENAMED = {"size": "image_size"}
+
+
 def closest(name: str, valid: list[str]) -> str | None:
     """The valid name a typo most likely meant (dashes, underscores and case ignored), or None."""
     def norm(s: str) -> str:
@@ -414,5 +418,7 @@ def closest(name: str, valid: list[str]) -> str | None:
     by_norm = {norm(v): v for v in valid}
     if norm(name) in by_norm:
         return by_norm[norm(name)]
+    if norm(RENAMED.get(norm(name), "")) in by_norm:  # an old name finds its new one before any look-alike
+        return by_norm[norm(RENAMED[norm(name)])]
     close = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.6)
     return by_norm[close[0]] if close else None

@@ -178,7 +178,7 @@ def _train_config(cfg: ContinualConfig, parts: tuple[str, ...], part_counts: lis
     if cfg.from_scratch:
         base.update(weights=[], init_from="")
     else:
-        base.update(init_from=init, max_steps=cfg.steps, epochs=1)
+        base.update(init_from=init, max_steps=cfg.steps, epochs=10**6)  # the steps decide (cfg.steps)
     return config_mod.build(TrainConfig, {**base, **cfg.train})
 
 

@@ -57,7 +57,7 @@ def _trainer(data: str, out: str, *, validates: bool = False, **loop: Any) -> tu
                 device=torch.device("cpu"), rank=0, world=1, run_config={"toy": 1}, manifests=["m"])
     url = resume_url("auto", out)
     if url:
-        t.restore(checkpoint.load_checkpoint(url))
+        t.restore(checkpoint.load_checkpoint(url), url)
     return t, task
 
 
@@ -92,6 +92,16 @@ def test_sigterm_stops_at_a_checkpoint_and_the_resumed_run_equals_an_uninterrupt
     strip = ("samples_per_s", "data_wait_frac")
     assert [{k: v for k, v in json.loads(x).items() if k not in strip} for x in run_lines] == \
         [{k: v for k, v in json.loads(x).items() if k not in strip} for x in ref_lines]
+
+
+def test_a_non_finite_loss_after_a_resume_names_the_checkpoint_it_resumed_from(synthetic_dataset, tmp_path):
+    run = str(tmp_path / "run")
+    first, _ = _trainer(synthetic_dataset, run, total_steps=4)
+    first.fit()
+    t, task = _trainer(synthetic_dataset, run, total_steps=8)  # resumes at step 4; the next save is at the end
+    task.loss = lambda x, y: (torch.tensor(float("nan")), {})
+    with pytest.raises(TrainError, match=r"non-finite loss at step 4 .*last good checkpoint: .*step-000000004\.pt"):
+        t.fit()
 
 
 def test_a_non_finite_loss_names_the_step_the_batch_and_the_last_checkpoint(synthetic_dataset, tmp_path):

@@ -376,7 +376,7 @@ def train_detector(cfg: DetTrainConfig) -> DetTrainResult:
         if state.get("manifests") != checksums:
             raise DetTrainError(f"{url} was written for other data ({state.get('manifests')}); resume with the "
                                 "same datasets or start a new run folder")
-        trainer.restore(state)
+        trainer.restore(state, url)
         if main:
             print(f"resumed from {url} at step {trainer.result.step}")
     if main:

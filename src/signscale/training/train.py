@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     if url:
         state = checkpoint.load_checkpoint(url)
         _check_resume(state, cfg, space, manifest_checksums, url)
-        trainer.restore(state)
+        trainer.restore(state, url)
         task.restore(state)
         if main:
             print(f"resumed from {url} at step {trainer.result.step} (epoch {loader.stream.epoch})")

@@ -177,8 +177,8 @@ class Trainer:
 
     # -- checkpoints
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Put the run back as :meth:`save` left it (the task restores its own keys)."""
+    def restore(self, state: dict[str, Any], url: str) -> None:
+        """Put the run back as checkpoint ``url`` (:meth:`save`'s) left it (the task restores its own keys)."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -192,6 +192,7 @@ class Trainer:
             self.owed = {**json.loads(state["val_pending"]), "loader": json.loads(state["loader"])}
         self.logger.restore(int(state["metrics_lines"]) if "metrics_lines" in state else None)
         self._saved_at = self.result.step
+        self.result.last_checkpoint = url  # the last good one until the next save
 
     def save(self, ls: dict[str, Any], *, best: bool = False, owed_epoch: int | None = None) -> str:
         """Checkpoint at this step with loader state ``ls``; the metrics lines it covers are flushed first."""

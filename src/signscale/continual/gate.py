@@ -231,7 +231,7 @@ def decide(production: dict[str, Any] | None, candidate: dict[str, Any], cfg: Ga
 
 def _set_checks(check: _Checks, cfg: GateConfig, set_name: str, m: dict[str, Any], p: dict[str, Any] | None) -> None:
     """One set: its targets to improve, the never-regress set as a whole, floors, and (by compare) regressions."""
-    sl, psl = slices(m), (slices(p) if p is not None else {})
+    sl, psl, rules = slices(m), (slices(p) if p is not None else {}), cfg.rules()
     # the never-regress set is judged as a whole; its slices add no separate checks
     gated = (not cfg.regress_sets or set_name in cfg.regress_sets) and set_name != cfg.never_regress
     for name, s in sl.items():
@@ -245,13 +245,13 @@ def _set_checks(check: _Checks, cfg: GateConfig, set_name: str, m: dict[str, Any
                   f"{_pts(cfg.never_regress_tolerance)})", production=ps["acc"], candidate=s["acc"], delta=d,
                   limit=-cfg.never_regress_tolerance, n=s["n"])
         elif gated and set_name in cfg.floor_sets:
-            rule = cfg.rules().of(name.replace("/", ":") if name != "overall" else "top1")
+            rule = rules.of(_metric_name(name))
             if rule.floor > 0 and s["n"] >= rule.min_support:
                 check("floor", full, s["acc"] >= rule.floor, f"{full} at {s['acc']:.2%} is below its floor "
                       f"{rule.floor:.2%}", candidate=s["acc"], limit=rule.floor, n=s["n"])
     if p is None or not gated:
         return
-    for d in compare(p, m, rules=cfg.rules(), require_same_data=False).differences:
+    for d in compare(p, m, rules=rules, require_same_data=False).differences:
         full = f"{set_name}/{_slice_name(d.metric)}"
         if not d.gates or d.delta is None or full in cfg.targets:
             continue
@@ -273,6 +273,11 @@ def _target_check(check: _Checks, cfg: GateConfig, full: str, s: dict[str, Any],
 def _slice_name(metric: str) -> str:
     """compare's metric name as the gate's slice name: top1 -> overall, class:stop -> class/stop."""
     return "overall" if metric == "top1" else metric.replace(":", "/", 1)
+
+
+def _metric_name(slice_name: str) -> str:
+    """The gate's slice name as compare's metric name (:func:`_slice_name` undone)."""
+    return "top1" if slice_name == "overall" else slice_name.replace("/", ":", 1)
 
 
 def _canary_check(check: _Checks, cfg: GateConfig, cc: dict[str, Any], pc: dict[str, Any]) -> None:

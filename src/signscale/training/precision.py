@@ -19,19 +19,19 @@ from typing import Iterable
 
 import torch
 
-from signscale.config import Precision as PrecisionName
+from signscale.config import Precision
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(name: PrecisionName, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(name: Precision, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward-pass context for ``name`` on ``device``."""
     if name == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[name])
 
 
-def make_scaler(name: PrecisionName, device: torch.device) -> torch.amp.GradScaler | None:
+def make_scaler(name: Precision, device: torch.device) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16, None otherwise."""
     if name != "fp16":
         return None

@@ -245,7 +245,7 @@ class Trainer:
             while not done:
                 epoch = loader.stream.epoch
                 micro, halt = self._epoch(epoch, preempt, advance, on_step, t0)
-                if halt or r.preempted:
+                if halt:  # preempted or out of time: _epoch saved a checkpoint
                     break
                 finished_epoch = loader.stream.epoch > epoch
                 done = r.step >= cfg.total_steps or loader.stream.epoch >= cfg.epochs

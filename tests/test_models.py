@@ -169,3 +169,43 @@ def test_bf16_autocast_forward_on_cpu(name: str) -> None:
     assert logits.shape == (2, 43) and torch.isfinite(logits).all()
     # bfloat16 keeps ~3 significant digits: close to fp32, not equal.
     torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_contrast_norm_sees_a_dim_and_a_glaring_crop_alike(mode: str) -> None:
+    from signscale.models.cnn import ContrastNorm
+
+    x = torch.rand(3, 3, 32, 32)
+    norm = ContrastNorm(mode)
+    out = norm(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.allclose(norm(x * 0.2 + 0.7), out, atol=1e-3)  # a per-image gain and offset change nothing
+    assert not torch.allclose(out, x, atol=0.1)
+    assert torch.equal(ContrastNorm("none")(x), x)
+    with pytest.raises(ValueError, match="contrast must be one of"):
+        ContrastNorm("clahe")
+
+
+def test_local_contrast_lifts_a_faint_detail_on_a_bright_image() -> None:
+    from signscale.models.cnn import ContrastNorm
+
+    x = torch.full((1, 3, 32, 32), 0.9)
+    x[..., 8:24, 4:28] = 0.1  # a dark board, strongly contrasted
+    x[..., 14:18, 14:18] = 0.12  # and on it a faint pictogram
+    glob, loc = ContrastNorm("global")(x), ContrastNorm("local")(x)
+    detail = lambda z: float((z[..., 14:18, 14:18].mean() - z[..., 10:12, 8:12].mean()).abs())
+    assert detail(loc) > 3 * detail(glob)
+
+
+def test_msnet_with_contrast_keeps_its_weights_and_an_old_config_rebuilds_unchanged() -> None:
+    plain = create_model("msnet", 43)
+    local = create_model("msnet", 43, contrast="local")
+    assert plain.state_dict().keys() == local.state_dict().keys()  # the layer has no weights to save
+    old = model_config(plain)
+    del old["kwargs"]["contrast"], old["kwargs"]["contrast_sigma"]  # a model saved before the option existed
+    again = rebuild(old)
+    again.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), plain.eval()(x))
+        assert not torch.allclose(rebuild(model_config(local)).eval()(x), local.eval()(x) * 0)

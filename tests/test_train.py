@@ -186,3 +186,18 @@ def test_non_finite_loss_stops_naming_step_data_and_checkpoint(synthetic_dataset
         train(cfg, on_step=poison)
     msg = str(info.value)
     assert "non-finite loss at step 3" in msg and synthetic_dataset in msg and "step-000000002.pt" in msg
+
+
+def test_swa_ends_with_the_mean_of_the_weights_after_each_step_of_its_share(synthetic_dataset, tmp_path):
+    seen = []
+    cfg = TrainConfig(data=(synthetic_dataset,), out=str(tmp_path / "swa"), model="small_cnn", batch_size=32,
+                      max_steps=6, workers=0, progress=False, calibrate=False, swa_from=0.5)
+    res = train(cfg, on_step=lambda step, loss, model: seen.append(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    saved = checkpoint.load_model_artefact(res.model_url)[0]
+    for name, value in saved.items():
+        if value.is_floating_point():  # weights and BatchNorm statistics alike: steps 4, 5 and 6
+            assert torch.allclose(value, torch.stack([s[name] for s in seen[3:]]).mean(0), atol=1e-6), name
+    assert not torch.allclose(saved["head.weight"], seen[-1]["head.weight"])
+    with pytest.raises(ConfigError, match="swa_from"):
+        TrainConfig(data=("x",), swa_from=1.0)

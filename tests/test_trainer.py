@@ -32,7 +32,7 @@ class _Linear:
     def describe(self, batch: dict[str, Any]) -> str:
         return f"ids {batch['id'][:4].tolist()}"
 
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> None:
         pass
 
     def state(self) -> dict[str, Any]:

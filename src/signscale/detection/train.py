@@ -327,7 +327,7 @@ class _Detection:
     def describe(self, batch: dict[str, Any]) -> str:
         return f"scene ids {batch['id'][:8].tolist()}"
 
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> None:
         pass
 
     def state(self) -> dict[str, Any]:

@@ -24,6 +24,11 @@ The models:
     ``msnet`` behind a spatial transformer (Jaderberg et al. 2015) that learns to re-centre, scale
     and rotate the crop first; Arcos-García et al. (2018, Neural Networks 99) reach 99.71% on GTSRB
     with spatial transformers + CNN. Same class as ``msnet`` with ``stn=True``.
+``msnet`` with ``contrast="local"``
+    Contrast normalisation as the model's first layer (:class:`ContrastNorm`): each image is
+    standardised as a whole, then each pixel against its neighbourhood (Jarrett et al. 2009), as the
+    spatial-transformer GTSRB record does. Being a layer, it runs wherever the model runs (training,
+    evaluation, predict, serve, ONNX), with no second preprocessing path to keep in step.
 ``resnet18_small``
     torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool (the CIFAR adaptation), so a
     32x32 crop keeps its resolution into the first residual stage. A heavy reference point.
@@ -148,6 +153,52 @@ class AffineSTN(nn.Module):
         return out
 
 
+CONTRAST_MODES = ("none", "global", "local")
+
+
+class ContrastNorm(nn.Module):
+    """Contrast normalisation, parameter-free: dim and glaring crops of one sign look alike after it.
+
+    ``global`` standardises each image by its own mean (per channel) and standard deviation (over all
+    channels, so the ratio of colours, a sign's most telling cue, is kept). ``local`` then subtracts a
+    Gaussian-weighted neighbourhood mean and divides by the neighbourhood's deviation, floored at its
+    image-wide mean (Jarrett et al. 2009), so a washed-out rim on a bright sky is lifted as much as
+    the pictogram in the shade. ``sigma`` is in pixels of the input.
+    """
+
+    def __init__(self, mode: str = "local", *, sigma: float = 2.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        if mode not in CONTRAST_MODES:
+            raise ValueError(f"contrast must be one of {', '.join(CONTRAST_MODES)}, got {mode!r}")
+        if sigma <= 0:
+            raise ValueError(f"contrast_sigma must be > 0 pixels, got {sigma}")
+        self.mode, self.eps = mode, eps
+        radius = max(1, round(2 * sigma))
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        taps = taps / taps.sum()
+        # A buffer, not a parameter: the kernel is fixed, and it travels with the state dict and device.
+        self.register_buffer("taps", taps, persistent=False)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian, depthwise, edges reflected (a zero border would darken the rim)."""
+        c, r = x.shape[1], self.taps.numel() // 2
+        k = self.taps.to(x.dtype)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return x
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        x = x / (x.std(dim=(1, 2, 3), keepdim=True) + self.eps)
+        if self.mode == "global":
+            return x
+        x = x - self._blur(x)
+        local = self._blur(x.pow(2).mean(dim=1, keepdim=True)).clamp_min(0).sqrt()
+        floor = local.mean(dim=(2, 3), keepdim=True)
+        return x / torch.maximum(local, floor).clamp_min(self.eps)
+
+
 class MultiScaleNet(nn.Module):
     """Multi-scale CNN (Sermanet & LeCun 2011): every stage's output feeds the classifier.
 
@@ -171,6 +222,8 @@ class MultiScaleNet(nn.Module):
     and ``features`` then include the warp, so a detector or a grown head sees the rectified crop
     exactly as the classifier does. ``stn_widths`` and ``stn_hidden`` size its localisation net and
     are ignored without it.
+
+    ``contrast`` ("none", "global" or "local") puts a :class:`ContrastNorm` first, before the STN.
     """
 
     def __init__(
@@ -186,6 +239,8 @@ class MultiScaleNet(nn.Module):
         stn: bool = False,
         stn_widths: Sequence[int] = (16, 32),
         stn_hidden: int = 64,
+        contrast: str = "none",
+        contrast_sigma: float = 2.0,
     ) -> None:
         super().__init__()
         _check_common(num_classes, widths, dropout)
@@ -200,6 +255,7 @@ class MultiScaleNet(nn.Module):
         if not 0.0 <= stage_dropout < 1.0:
             raise ValueError(f"stage_dropout must be in [0, 1), got {stage_dropout}")
         widths = [int(w) for w in widths]
+        self.contrast = ContrastNorm(contrast, sigma=contrast_sigma)
         # Only built when asked for, so an msnet state dict has no unused STN tensors.
         self.stn = AffineSTN(widths=[int(w) for w in stn_widths], hidden=stn_hidden) if stn else None
         self.stages = nn.ModuleList(
@@ -226,6 +282,7 @@ class MultiScaleNet(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output map of every stage, finest first (what a detector's neck would consume)."""
+        x = self.contrast(x)
         if self.stn is not None:
             x = self.stn(x)
         return stage_maps(self.stages, x)

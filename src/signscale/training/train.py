@@ -36,6 +36,7 @@ from signscale.labels import COUNTRY_CATALOGUES, LabelSpace
 from signscale.models import create_model, grow_head, model_config, model_info
 from signscale.training import checkpoint, distributed, precision
 from signscale.training.augment import AugmentConfig, BatchAugment, LoaderAugment
+from signscale.training.mixing import Mixing, mix
 from signscale.training.trainer import LoopConfig, LoopResult, Trainer, TrainError, Validation, resume_url
 from signscale.transforms import Preprocess, to_input
 
@@ -66,6 +67,11 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_balance: Literal["none", "loss"] = "none"  # loss: weight classes by 1/frequency (from the manifests)
     ema: float = 0.999  # 0: no EMA of the weights
+    # > 0: stochastic weight averaging instead of the EMA: the equal mean of the weights after each step
+    # of the run's last (1 - swa_from) share; 0: off
+    swa_from: float = 0.0
+    mixup: float = 0.0  # Beta alpha of mixup (training/mixing.py), e.g. 0.2; 0: off
+    cutmix: float = 0.0  # Beta alpha of CutMix, e.g. 1.0; 0: off (with mixup on too, each batch uses one)
     clip_norm: float = 5.0
     precision: Precision = "fp32"
     channels_last: bool = False
@@ -92,6 +98,12 @@ class TrainConfig:
             raise config_mod.ConfigError("batch_size and accumulate must be >= 1")
         if self.epochs < 1 and self.max_steps < 1:
             raise config_mod.ConfigError("epochs: must be >= 1 (or set max_steps)")
+        if not 0.0 <= self.swa_from < 1.0:
+            raise config_mod.ConfigError(f"swa_from: a fraction of the run in [0, 1) (0: off), got {self.swa_from}")
+        try:
+            Mixing(self.mixup, self.cutmix)
+        except ValueError as e:
+            raise config_mod.ConfigError(str(e)) from None
         if self.weights and self.country_weights:
             raise config_mod.ConfigError("weights and country_weights: give one of them (country_weights sets "
                                          "each dataset's weight from the countries it holds)")
@@ -178,6 +190,19 @@ def _ema_update(decay: float) -> Callable[..., None]:
     return update
 
 
+def _averaged(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+    """The weight average a run ends with: SWA's equal mean when ``swa_from`` is set, else the EMA, else none.
+
+    Both average the BatchNorm statistics alongside the weights (``use_buffers``), so the average needs no
+    extra pass over the data to re-estimate them (SWA's usual ``update_bn``) and resumes exactly.
+    """
+    if cfg.swa_from > 0:
+        return torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    if cfg.ema > 0:
+        return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -207,7 +232,8 @@ def validate(model: torch.nn.Module, loader: StreamLoader, pre: Preprocess, devi
 
 class _Classification:
     """The classification task of :class:`~signscale.training.trainer.Trainer`: augment, cross-entropy,
-    EMA, and a validation per epoch that keeps the curve and the best accuracy."""
+    a weight average (EMA, or SWA from step ``average_from`` on), and a validation per epoch that keeps the
+    curve and the best accuracy."""
 
     Error = TrainError
     validates = True
@@ -215,7 +241,9 @@ class _Classification:
     def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module, fwd: torch.nn.Module, ema: Any,
                  augment: BatchAugment, pre: Preprocess, class_weight: torch.Tensor | None, space: LabelSpace,
                  val_loader: StreamLoader | None, device: torch.device, started: float,
-                 on_validation: Callable[[dict[str, float]], bool] | None) -> None:
+                 on_validation: Callable[[dict[str, float]], bool] | None, average_from: int = 0) -> None:
+        self.average_from = average_from
+        self.mixing = Mixing(cfg.mixup, cfg.cutmix)
         self.cfg, self.model, self.fwd, self.ema, self.augment, self.pre = cfg, model, fwd, ema, augment, pre
         self.class_weight, self.space, self.val_loader, self.device = class_weight, space, val_loader, device
         self.started, self.on_validation = started, on_validation
@@ -225,8 +253,9 @@ class _Classification:
 
     @property
     def final(self) -> torch.nn.Module:
-        """The weights a run ends with: the EMA's when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+        """The weights a run ends with and validates: the average's once it holds a step."""
+        averaged = self.ema is not None and int(self.ema.n_averaged) > 0
+        return self.ema.module if averaged else self.model
 
     def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.get("augmented"):  # 8-bit augmented pixels from the workers: normalise only
@@ -234,6 +263,8 @@ class _Classification:
         else:
             gen = torch.Generator(device=self.device).manual_seed(batch["seed"])
             x, y = self.augment(batch["image"].to(self.device, non_blocking=True), batch["label"].to(self.device), gen)
+        if self.mixing.enabled:  # y becomes [B, classes] target probabilities, which cross_entropy takes as is
+            x, y = mix(x, y, len(self.space), self.mixing, batch["seed"])
         return (x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x), y
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -244,8 +275,8 @@ class _Classification:
     def describe(self, batch: dict[str, Any]) -> str:
         return f"a batch of sample ids {batch['id'][:8].tolist()}... from {self.cfg.data[int(batch['dataset'][0])]}"
 
-    def after_step(self) -> None:
-        if self.ema is not None:
+    def after_step(self, step: int) -> None:
+        if self.ema is not None and step > self.average_from:
             self.ema.update_parameters(self.model)
 
     def state(self) -> dict[str, Any]:
@@ -298,9 +329,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = None
-    if cfg.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True)
+    ema = _averaged(cfg, model)
     net: torch.nn.Module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     opt = _optimizer(cfg, model)
@@ -315,7 +344,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
                            augment=augment, pre=pre, space=space, val_loader=val_loader, device=device,
                            class_weight=_class_weights(cfg.class_balance, manifests, train_stream.label_luts,
                                                        len(space), device),
-                           started=started, on_validation=on_validation)
+                           started=started, on_validation=on_validation,
+                           average_from=int(cfg.swa_from * total_steps))
     manifest_checksums = [m.checksum() for m in manifests]
     trainer = Trainer(
         LoopConfig(out=cfg.out, total_steps=total_steps, epochs=cfg.epochs, until_steps=until_steps,

@@ -68,8 +68,8 @@ class Task(Protocol):
     def describe(self, batch: dict[str, Any]) -> str:
         """Where a batch came from, for an error message (sample ids, dataset)."""
 
-    def after_step(self) -> None:
-        """Called after each optimizer step (an EMA update, say)."""
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step, ``step`` counting it (an EMA update, say)."""
 
     def state(self) -> dict[str, Any]:
         """The task's keys in every checkpoint (plain data and tensors)."""
@@ -293,7 +293,7 @@ class Trainer:
                 continue
             res = precision.optimizer_step(self.opt, self.scaler, self.params, clip_norm=cfg.clip_norm)
             r.skipped_steps += int(res.skipped)
-            self.task.after_step()
+            self.task.after_step(r.step + 1)
             self.sched.step()
             r.step += 1
             global_loss = float(distributed.all_reduce_sum(step_loss)) / world

@@ -134,7 +134,13 @@ def test_config_keys_take_both_forms_and_dict_keys_one_at_a_time():
                       "--channels-last", "--model_kwargs.width=2", "lr=0.01"])
     cfg = config.load(TrainConfig, None, config_args(a))
     assert cfg.data == ("d1", "d2") and cfg.country_weights == {"cn": 4.0, "de": 1.0}
-    assert cfg.channels_last is True and cfg.model_kwargs == {"width": "2"} and cfg.lr == 0.01
+    assert cfg.channels_last is True and cfg.model_kwargs == {"width": 2} and cfg.lr == 0.01
+    # an architecture's keywords arrive as the values they spell, lists included, in either form
+    for form in (["--model-kwargs", "widths=48,96,192,dropout=0.2,stn=true,contrast=local"],
+                 ["--model-kwargs.widths=[48,96,192]", "--model-kwargs.dropout", "0.2", "model_kwargs.stn=true",
+                  "--model-kwargs.contrast=local"]):
+        cfg = config.load(TrainConfig, None, config_args(p.parse_args(["train", *form])))
+        assert cfg.model_kwargs == {"widths": [48, 96, 192], "dropout": 0.2, "stn": True, "contrast": "local"}
 
 
 def test_no_abbreviations_anywhere():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -98,13 +99,39 @@ def _coerce_sequence(value: Any, origin: Any, args: tuple[Any, ...], key: str) -
     return tuple(out) if origin is tuple else out
 
 
+def split_pairs(text: str) -> list[str]:
+    """``de=0.7,be=0.3`` -> its pairs; a comma starts a new pair only before ``KEY=``, so a pair's value
+    can be a list (``widths=48,96,192,dropout=0.2`` -> two pairs)."""
+    return [p for p in re.split(r",(?=\s*[\w.-]+\s*=)", text) if p.strip()]
+
+
+def plain_value(text: str) -> Any:
+    """A command-line string as the plain value it spells, for keys of no declared type (``model_kwargs``):
+    ``2`` -> 2, ``0.3`` -> 0.3, ``true`` -> True, ``48,96,192`` or ``[48,96,192]`` -> a list; else the string."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [plain_value(t) for t in text[1:-1].split(",") if t.strip()]
+    if "," in text:
+        return [plain_value(t) for t in text.split(",") if t.strip()]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _coerce_mapping(value: Any, args: tuple[Any, ...], key: str) -> dict[str, Any]:
-    """``de=0.7,be=0.3`` or a mapping -> dict of the value type."""
+    """``de=0.7,be=0.3`` or a mapping -> dict of the value type (plain values where the type is Any)."""
     if isinstance(value, str):
-        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        pairs = [p.split("=", 1) for p in split_pairs(value)]
         value = {k.strip(): v.strip() for k, v in pairs}
     vt = args[1] if len(args) == 2 else Any
-    return {str(k): (_coerce(v, vt, key) if vt is not Any else v) for k, v in value.items()}
+    if vt is Any:
+        return {str(k): plain_value(v) if isinstance(v, str) else v for k, v in value.items()}
+    return {str(k): _coerce(v, vt, key) for k, v in value.items()}
 
 
 def _coerce_bool(value: Any, key: str) -> bool:
@@ -237,7 +264,7 @@ GROUPS: dict[str, frozenset[str]] = {
 # What a key means when its dataclass leaves it uncommented (the names every config shares).
 _COMMON_HELP = {
     "model": "architecture name (small_cnn, msnet, stn_msnet, resnet18_small)",
-    "model_kwargs": "extra arguments of the architecture, e.g. width=2",
+    "model_kwargs": "keywords of the architecture (signscale.models.cnn), e.g. widths=48,96,192,contrast=local",
     "epochs": "passes over the training data",
     "optimizer": "adamw or sgd",
     "lr": "peak learning rate",

@@ -174,11 +174,13 @@ class _KeyAction(argparse.Action):
         if self.invert:  # --no-detection
             items.append(f"{self.key}=false")
         elif self.mapping:
-            for pair in str(values).split(","):
+            from signscale.config import split_pairs
+
+            for pair in split_pairs(str(values)):
                 k, sep, v = pair.partition("=")
                 if not sep or not k:
                     parser.error(f"{option_string} {values!r}: expected KEY=VALUE pairs, e.g. "
-                                 f"{option_string} de=1,cn=2 or {option_string}.cn=2")
+                                 f"{option_string} de=1,cn=2 or {option_string}.cn=2 (a list: widths=48,96,192)")
                 items.append(f"{self.key}.{k.strip()}={v.strip()}")
         else:
             items.append(f"{self.key}={values}")

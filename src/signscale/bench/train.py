@@ -34,7 +34,7 @@ class BenchTrainConfig:
     vs_peer: bool = False
     val: str = ""  # --vs-peer: the held-out packed dataset both are scored on (with --data; neither: synthetic)
     target: float = 0.99  # --vs-peer: the held-out accuracy to reach
-    model: str = "stn_msnet"  # --vs-peer: the recipe's model (README: stn_msnet, bf16, channels-last, 15 epochs)
+    model: str = "stn_msnet"  # --vs-peer: the recipe's model (the record recipe's, at 15 epochs: a time-to-target race)
     precision: Precision = "bf16"  # --vs-peer: the recipe's precision
     epochs: int = 15  # --vs-peer: the recipe's epochs (its OneCycle spans them)
     peer_epochs: int = 15  # --vs-peer: the peer's epochs (its OneCycle spans them)

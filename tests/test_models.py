@@ -208,4 +208,8 @@ def test_msnet_with_contrast_keeps_its_weights_and_an_old_config_rebuilds_unchan
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), plain.eval()(x))
-        assert not torch.allclose(rebuild(model_config(local)).eval()(x), local.eval()(x) * 0)
+        again = rebuild(model_config(local))
+        again.load_state_dict(local.state_dict())
+        assert torch.equal(again.eval()(x), local.eval()(x))  # the contrast layer comes back with the config
+        local.load_state_dict(plain.state_dict())
+        assert not torch.allclose(local(x), plain(x))  # same weights: the contrast layer alone tells them apart

@@ -109,10 +109,8 @@ def plain_value(text: str) -> Any:
     """A command-line string as the plain value it spells, for keys of no declared type (``model_kwargs``):
     ``2`` -> 2, ``0.3`` -> 0.3, ``true`` -> True, ``48,96,192`` or ``[48,96,192]`` -> a list; else the string."""
     text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        return [plain_value(t) for t in text[1:-1].split(",") if t.strip()]
-    if "," in text:
-        return [plain_value(t) for t in text.split(",") if t.strip()]
+    if "," in text or (text.startswith("[") and text.endswith("]")):
+        return [plain_value(t) for t in text.removeprefix("[").removesuffix("]").split(",") if t.strip()]
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for number in (int, float):

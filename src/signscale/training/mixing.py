@@ -59,5 +59,5 @@ def _paste_box(x: Tensor, perm: Tensor, keep: float, rng: np.random.Generator) -
     y0, y1 = max(cy - bh // 2, 0), min(cy + bh - bh // 2, h)
     x0, x1 = max(cx - bw // 2, 0), min(cx + bw - bw // 2, w)
     x = x.clone()
-    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    x[..., y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
     return x, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

@@ -37,9 +37,9 @@ FOG, NIGHT, NOISE, CONTRAST, SNOW = WEATHER.values()
 # caller passes the column of each (Setup.columns), so its layout stays its own.
 PARAMETERS = ("rotate", "zoom", "shift_x", "shift_y", "tilt_x", "tilt_y", "brightness", "contrast", "saturation",
               "blur_level", "severity", "fog_grey", "erase_area", "erase_log_aspect", "erase_y", "erase_x",
-              "erase_r", "erase_g", "erase_b")
+              "erase_r", "erase_g", "erase_b", "hue", "cast_r", "cast_g", "cast_b")
 (_ROT, _ZOOM, _SX, _SY, _TX, _TY, _BRIGHT, _CONTRAST, _SAT, _BLUR, _SEVERITY, _GREY, _EAREA, _EASPECT, _EY, _EX,
- _ER, _EG, _EB) = range(len(PARAMETERS))
+ _ER, _EG, _EB, _HUE, _CR, _CG, _CB) = range(len(PARAMETERS))
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ def warm(h: int | None = None, w: int | None = None) -> None:
     w = h if w is None else w
     params = np.zeros((1, len(PARAMETERS)), np.float32)
     params[0, _ZOOM] = params[0, _BRIGHT] = params[0, _CONTRAST] = params[0, _SAT] = 1.0
+    params[0, _CR] = params[0, _CG] = params[0, _CB] = 1.0
     augment(np.zeros((1, h, w, 3), np.uint8), np.empty((1, 3, h, w), np.uint8), _plain_setup(h, w), params,
             np.zeros(1, np.bool_), np.zeros(1, np.int32), np.zeros(0, np.float32), np.zeros(1, np.int64))
 
@@ -145,12 +146,21 @@ def _kernel(H: int, W: int) -> Any:
         xs, ys = _pixel_centres(H, W)
         eye = np.eye(3, dtype=np.float32)
         m = np.empty((3, 3), np.float32)
+        lighting = np.empty((3, 3), np.float32)
+        style = np.empty((3, 3), np.float32)
+        weights = np.empty(3, np.float32)
         sampling = np.empty((3, 3), np.float32)
         zero, unit = np.float32(0.0), np.float32(1.0)
         for b in range(B):
             q = params[b]
-            mean_luma = _load(src[b].reshape(HW * 3), plane, W, H, luma)
-            c = _colour_matrix(q[cols[_BRIGHT]], q[cols[_CONTRAST]], q[cols[_SAT]], luma, m) * mean_luma
+            _style_matrix(q[cols[_HUE]], q[cols[_CR]], q[cols[_CG]], q[cols[_CB]], style)
+            for j in range(3):  # the luma weights of the re-coloured image: luma @ style
+                weights[j] = luma[0] * style[0, j] + luma[1] * style[1, j] + luma[2] * style[2, j]
+            mean_luma = _load(src[b].reshape(HW * 3), plane, W, H, weights)
+            c = _colour_matrix(q[cols[_BRIGHT]], q[cols[_CONTRAST]], q[cols[_SAT]], luma, lighting) * mean_luma
+            for i in range(3):  # m = lighting @ style
+                for j in range(3):
+                    m[i, j] = lighting[i, 0] * style[0, j] + lighting[i, 1] * style[1, j] + lighting[i, 2] * style[2, j]
             if mode == ZEROS:
                 _ring(plane, W, H, _fill_source(m, c, fill))
             _sampling_matrix(q, cols, flip[b], projective, H, W, sampling)
@@ -182,7 +192,7 @@ def _kernel(H: int, W: int) -> Any:
 @_jit
 def _colour_matrix(brightness, contrast, saturation, luma, m):  # pragma: no cover
     """Brightness, contrast (towards the mean luma) and saturation (towards each pixel's luma) as
-    ``m @ x + shift * mean_luma``, as transforms._colour_matrices: fills ``m``, returns ``shift``."""
+    ``m @ x + shift * mean_luma``, as training.colour.lighting_matrices: fills ``m``, returns ``shift``."""
     cb = contrast * brightness
     for i in range(3):
         for j in range(3):
@@ -191,8 +201,21 @@ def _colour_matrix(brightness, contrast, saturation, luma, m):  # pragma: no cov
 
 
 @_jit
+def _style_matrix(hue, gain_r, gain_g, gain_b, out):  # pragma: no cover
+    """The re-colouring of the design, as training.colour.style_matrices: a rotation of ``hue``
+    radians about the grey axis, then a gain per channel (the identity for hue 0 and gains 1)."""
+    cos, sin = np.cos(hue), np.sin(hue)
+    third = (np.float32(1.0) - cos) / np.float32(3.0)
+    k = sin * np.float32(0.57735026)  # sin / sqrt(3)
+    diagonal = cos + third
+    out[0, 0], out[0, 1], out[0, 2] = gain_r * diagonal, gain_r * (third - k), gain_r * (third + k)
+    out[1, 0], out[1, 1], out[1, 2] = gain_g * (third + k), gain_g * diagonal, gain_g * (third - k)
+    out[2, 0], out[2, 1], out[2, 2] = gain_b * (third - k), gain_b * (third + k), gain_b * diagonal
+
+
+@_jit
 def _sampling_matrix(q, cols, flip, projective, H, W, out):  # pragma: no cover
-    """Output -> input in grid_sample's [-1, 1] space, as transforms._sampling_matrices: the inverse
+    """Output -> input in grid_sample's [-1, 1] space, as training.geometry.sampling_matrices: the inverse
     of flip, zoom, rotate, shift, then tilt."""
     zoom = q[cols[_ZOOM]]
     cos, sin = np.cos(q[cols[_ROT]]) / zoom, np.sin(q[cols[_ROT]]) / zoom
@@ -436,7 +459,8 @@ def _load(flat, plane, W, H, luma):  # pragma: no cover
 @_jit
 def _fill_source(m, c, fill):  # pragma: no cover
     """The colour x with ``m @ x + c == fill``: what the ring must hold so that, once coloured, a tap
-    outside the image shows ``fill`` (m is brightness/contrast/saturation: always invertible)."""
+    outside the image shows ``fill`` (m is invertible: saturation is never 0 with this padding, and the
+    style's gains are positive)."""
     a, b_, c_ = m[0, 0], m[0, 1], m[0, 2]
     d, e, f = m[1, 0], m[1, 1], m[1, 2]
     g, h, i = m[2, 0], m[2, 1], m[2, 2]

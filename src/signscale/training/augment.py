@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
@@ -57,7 +56,9 @@ try:
 except ImportError:  # no numba (a Python it has no wheels for yet): the torch path does the work
     kernels = None  # type: ignore[assignment]
 from signscale.training import camera
+from signscale.training.colour import LUMA, lighting_matrices, style_matrices
 from signscale.training.filters import BLUR_LEVELS, blur_bank, blur_taps, separable, uniform
+from signscale.training.geometry import sampling_matrices, warp
 from signscale.training.weather import (
     WEATHER_EFFECTS,
     draws_per_image,
@@ -78,10 +79,6 @@ from signscale.transforms import (
     to_input,
 )
 
-# Luma weights (ITU-R BT.601), as torchvision's rgb_to_grayscale uses for saturation and contrast.
-_LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
-
-
 WEATHER_KINDS: tuple[str, ...] = ("fog", "night", "noise", "contrast", "snow")
 
 
@@ -91,8 +88,10 @@ class AugmentConfig:
 
     Defaults are mild on purpose: a sign crop is already centred and tight, and the model must still
     tell a 30 from an 80, so large rotations, crops or occlusions would destroy the label. There is
-    no hue jitter, also on purpose: colour carries meaning (red prohibits, blue mandates). A sample
-    gets at most one of blur, weather and erase (stacking them rarely leaves a readable sign).
+    no hue jitter by default, also on purpose: colour carries meaning (red prohibits, blue mandates).
+    ``hue``, ``colour_cast`` and ``grayscale`` re-colour the design itself, for a model that must read
+    other countries' paint (:mod:`signscale.training.colour`). A sample gets at most one of blur,
+    weather and erase (stacking them rarely leaves a readable sign).
     """
 
     enabled: bool = True
@@ -108,6 +107,10 @@ class AugmentConfig:
     brightness: float = 0.3  # factor in [1 - b, 1 + b]
     contrast: float = 0.3
     saturation: float = 0.3
+    # The design's own colours, off by default (training/colour.py): for reading other countries' paint.
+    hue: float = 0.0  # Degrees of hue rotation about the grey axis, uniform in [-hue, hue]
+    colour_cast: float = 0.0  # a gain per channel in [1 - c, 1 + c]: a white plate turns yellow
+    grayscale: float = 0.0  # probability of a grey image
     blur: float = 0.1  # probability of a Gaussian blur (defocus, motion); at most one of blur, weather
     #                    and erase per sample, so their probabilities add up to at most 1
     blur_sigma: tuple[float, float] = (0.4, 1.2)  # pixels at 32 px
@@ -132,6 +135,7 @@ class AugmentConfig:
             if getattr(self, name) >= 1:
                 raise ValueError(f"{name}: must be < 1 (a factor of 0 or less blanks the image), "
                                  f"got {getattr(self, name)}")
+        _check_style(self)
         occasional = self.blur + self.weather + self.erase
         if occasional > 1.0 + 1e-9:
             raise ValueError(f"blur, weather, erase: a sample gets at most one of them, so their "
@@ -167,7 +171,25 @@ class AugmentConfig:
 
     @property
     def colour(self) -> bool:
-        return bool(self.brightness or self.contrast or self.saturation)
+        return bool(self.brightness or self.contrast or self.saturation or self.style)
+
+    @property
+    def style(self) -> bool:
+        """Whether any term that re-colours the design is on (each adds its own draws)."""
+        return bool(self.hue or self.colour_cast or self.grayscale)
+
+
+def _check_style(cfg: AugmentConfig) -> None:
+    if not 0.0 <= cfg.hue <= 180.0:
+        raise ValueError(f"hue: degrees of rotation in [0, 180], got {cfg.hue}")
+    if not 0.0 <= cfg.colour_cast < 1.0:
+        raise ValueError(f"colour_cast: must be in [0, 1) (a gain of 0 or less blanks a channel), "
+                         f"got {cfg.colour_cast}")
+    if not 0.0 <= cfg.grayscale <= 1.0:
+        raise ValueError(f"grayscale: a probability must be in [0, 1], got {cfg.grayscale}")
+    if cfg.grayscale and cfg.padding == "zeros":
+        raise ValueError("grayscale with padding=zeros: a grey image cannot show the data set's mean colour "
+                         "in the area a transform exposes; use padding=border or reflection")
 
 
 def _check_range(name: str, r: tuple[float, float], *, low: float, high: float = math.inf) -> None:
@@ -181,7 +203,11 @@ def _check_range(name: str, r: tuple[float, float], *, low: float, high: float =
 _ROT, _SCALE, _TX, _TY, _PX, _PY, _FLIP, _BRIGHT, _CONTRAST, _SAT = range(10)
 _EFFECT, _BLUR_SIGMA, _SEVERITY, _WEATHER_VALUE = range(10, 14)
 _ERASE_AREA, _ERASE_ASPECT, _ERASE_Y, _ERASE_X, _ERASE_R, _ERASE_G, _ERASE_B = range(14, 21)
-_NCOLS = 21
+# The style columns (hue, grayscale, three channel gains) come from a second draw made only when a
+# style term is on, so every other config keeps the exact random stream it always had.
+_BASE_COLS = 21
+_HUE, _GREY, _CAST = 21, 22, 23
+_NCOLS = 26
 
 
 class BatchAugment:
@@ -299,7 +325,7 @@ class BatchAugment:
         matrices from them as the torch path does: both give the same pixels up to float rounding.
         """
         cfg, (n, h, w, _) = self.cfg, images.shape
-        p = uniform((n, _NCOLS), generator, images.device).mul_(k.span).add_(k.low)
+        p = _draws(cfg, n, generator, images.device, k)
         flip = (p[:, _FLIP] < cfg.flip) & (k.flip_map[labels] >= 0)
         q = p.numpy()
         # 0 blur, 1.. each weather kind, then erase, then none: as _occasional draws them
@@ -321,14 +347,15 @@ class BatchAugment:
                  k: _Constants) -> tuple[Tensor, Tensor]:
         """Colour, geometry and the occasional effects in the value space of ``k``, before the clamp."""
         cfg, device = self.cfg, images_uint8_nhwc.device
-        p = uniform((images_uint8_nhwc.shape[0], _NCOLS), generator, device).mul_(k.span).add_(k.low)
+        p = _draws(cfg, images_uint8_nhwc.shape[0], generator, device, k)
         flip = (p[:, _FLIP] < cfg.flip) & (k.flip_map[labels.to(device)] >= 0)
         # Without geometry the colour step's output is the result, so it must be a fresh tensor.
         x = self._normalised(images_uint8_nhwc, p, k, into_scratch=cfg.geometric)
         if cfg.geometric:
-            m = _sampling_matrices(p, flip, x.shape[-2], x.shape[-1], projective=cfg.perspective > 0)
+            tilt = p[:, _PX:_PY + 1] if cfg.perspective > 0 else None
+            m = sampling_matrices(p[:, _ROT], p[:, _SCALE], p[:, _TX:_TY + 1], tilt, flip, x.shape[-2], x.shape[-1])
             grid = self._scratch("grid", (x.shape[0], 2, x.shape[-2], x.shape[-1]), device)
-            x = _warp(x, m, cfg.padding, projective=cfg.perspective > 0, grid=grid)
+            x = warp(x, m, cfg.padding, projective=cfg.perspective > 0, grid=grid)
         x = self._occasional(x, p, k, generator)
         flip_map = k.flip_map if labels.device == device else self.flip_map.to(labels.device)
         return x, torch.where(flip.to(labels.device), flip_map[labels], labels)
@@ -372,10 +399,15 @@ class BatchAugment:
 
     def _colour(self, x: Tensor, p: Tensor, k: _Constants, out: Tensor) -> Tensor:
         """[0, 255] -> normalised into ``out``, with brightness, contrast and saturation in the same pass
-        (one 3x3 matrix and offset per sample, see :func:`_colour_matrices`)."""
+        (one 3x3 matrix and offset per sample, see :mod:`signscale.training.colour`)."""
         n = x.shape[0]
-        mean_luma = x.mean(dim=(2, 3)) @ k.luma  # [B], in [0, 255], of the whole unwarped crop
-        matrix, shift = _colour_matrices(p, k)
+        matrix, shift = lighting_matrices(p[:, _BRIGHT], p[:, _CONTRAST], p[:, _SAT], k.luma)
+        if self.cfg.style:
+            style = style_matrices(p[:, _HUE], p[:, _CAST:_CAST + 3])
+            matrix = matrix @ style
+            mean_luma = (x.mean(dim=(2, 3)) * (k.luma @ style)).sum(1)  # of the re-coloured crop
+        else:
+            mean_luma = x.mean(dim=(2, 3)) @ k.luma  # [B], in [0, 255], of the whole unwarped crop
         matrix = matrix * k.scale3  # rows scaled by 1 / (255 std)
         offset = (shift * mean_luma)[:, None] * k.scale3.view(1, 3) + k.bias3  # [B, 3]
         flat = x.reshape(n, 3, -1)
@@ -419,18 +451,14 @@ class BatchAugment:
         return x
 
 
-def _colour_matrices(p: Tensor, k: _Constants) -> tuple[Tensor, Tensor]:
-    """Per sample, the [3, 3] matrix and the multiple of the image's mean luma that brightness,
-    contrast and saturation add up to, in pixel units.
-
-    Brightness b, then contrast c (towards the image's mean luma m), then saturation s (towards
-    each pixel's luma g) compose to ``y = s*c*b*x + (1-s)*c*b*g + (1-c)*b*m``, which is linear in
-    the channels: ``matrix @ x + shift * m``. Unlike torchvision the order is fixed and there is
-    no clamp between the steps; both only matter at factors far beyond these defaults.
-    """
-    b, c, s = p[:, _BRIGHT, None, None], p[:, _CONTRAST, None, None], p[:, _SAT, None, None]
-    cb = c * b
-    return s * cb * k.eye + (1 - s) * cb * k.luma_rows, (b - cb)[:, 0, 0]
+def _draws(cfg: AugmentConfig, n: int, g: torch.Generator | None, device: torch.device, k: _Constants) -> Tensor:
+    """[n, _NCOLS] per-sample parameters in their units; grayscale is a saturation of 0."""
+    u = uniform((n, _BASE_COLS), g, device)
+    style = uniform((n, _NCOLS - _BASE_COLS), g, device) if cfg.style else u.new_zeros((n, _NCOLS - _BASE_COLS))
+    p = torch.cat([u, style], 1).mul_(k.span).add_(k.low)
+    if cfg.grayscale:
+        p[:, _SAT].masked_fill_(p[:, _GREY] < cfg.grayscale, 0.0)
+    return p
 
 
 @functools.lru_cache(maxsize=8)
@@ -447,7 +475,8 @@ def _kernel_setup(cfg: AugmentConfig, k: _Constants, h: int, w: int) -> Any:
                "brightness": _BRIGHT, "contrast": _CONTRAST, "saturation": _SAT, "blur_level": _BLUR_SIGMA,
                "severity": _SEVERITY, "fog_grey": _WEATHER_VALUE, "erase_area": _ERASE_AREA,
                "erase_log_aspect": _ERASE_ASPECT, "erase_y": _ERASE_Y, "erase_x": _ERASE_X, "erase_r": _ERASE_R,
-               "erase_g": _ERASE_R + 1, "erase_b": _ERASE_B}
+               "erase_g": _ERASE_R + 1, "erase_b": _ERASE_B, "hue": _HUE, "cast_r": _CAST, "cast_g": _CAST + 1,
+               "cast_b": _CAST + 2}
     weather = np.zeros((len(kernels.WEATHER), 5, 5), np.float32)
     for name, code in kernels.WEATHER.items():
         values = np.asarray(WEATHER_EFFECTS[name][1].values, np.float32)
@@ -517,8 +546,6 @@ class _Constants:
 
     flip_map: Tensor
     luma: Tensor  # [3]
-    luma_rows: Tensor  # [3, 3], every row the luma weights
-    eye: Tensor
     mean: Tensor  # [1, 3, 1, 1], in [0, 1] units
     std: Tensor
     scale: Tensor  # [1, 3, 1, 1]: [0, 255] -> normalised is x * scale + bias
@@ -538,10 +565,9 @@ class _Constants:
         def t(v: Any) -> Tensor:
             return torch.as_tensor(v, dtype=torch.float32).to(device)
 
-        luma = t(_LUMA)
+        luma = t(LUMA)
         scale, bias = pre.scale_bias(device)
-        return cls(flip_map=flip_map.to(device), luma=luma, luma_rows=luma.expand(3, 3).contiguous(),
-                   eye=torch.eye(3, device=device), mean=t(pre.mean).view(1, 3, 1, 1),
+        return cls(flip_map=flip_map.to(device), luma=luma, mean=t(pre.mean).view(1, 3, 1, 1),
                    std=t(pre.std).view(1, 3, 1, 1),
                    scale=scale, bias=bias, scale3=scale.view(3, 1), bias3=bias.view(1, 3),
                    unit_scale=scale * 255.0, unit_bias=bias,
@@ -572,6 +598,8 @@ def _param_ranges(cfg: AugmentConfig, size: int, device: torch.device) -> dict[s
     ranges[_ERASE_AREA] = (cfg.erase_area[0], cfg.erase_area[1] - cfg.erase_area[0])  # fraction of the image
     ranges[_ERASE_ASPECT] = (math.log(0.5), math.log(4.0))  # log of height / width, in [1/2, 2]
     ranges[_ERASE_Y] = ranges[_ERASE_X] = (0.0, float(size))  # centre, pixels
+    ranges[_HUE] = (-math.radians(cfg.hue), 2 * math.radians(cfg.hue))  # radians
+    ranges[_CAST:_CAST + 3] = [(1 - cfg.colour_cast, 2 * cfg.colour_cast)] * 3  # gain
     low, span = torch.tensor(ranges, dtype=torch.float32, device=device).unbind(1)
     return {"low": low, "span": span}
 
@@ -583,57 +611,6 @@ def _pixel_bounds(scale: Tensor, bias: Tensor) -> dict[str, Tensor]:
     white pixel, and the clamp would then nudge pixels that augmentation never touched.)
     """
     return {"lo": 0.0 * scale + bias, "hi": 255.0 * scale + bias}
-
-
-def _sampling_matrices(p: Tensor, flip: Tensor, h: int, w: int, *, projective: bool) -> Tensor:
-    """[B, 3, 3] maps from output to input coordinates in grid_sample's [-1, 1] space.
-
-    The forward transform (what happens to the sign) is flip, zoom, rotate, shift, then tilt; the
-    sampler needs its inverse, so a zoom of 1.1 really enlarges the sign by 10%, and a flip is
-    exactly ``x -> -x``, which keeps a flipped image pixel-exact. Rotation happens in pixel units,
-    so non-square images rotate without shearing.
-    """
-    n = p.shape[0]
-    angle, zoom, shift = p[:, _ROT], p[:, _SCALE], p[:, _TX:_TY + 1]
-    mirror = 1.0 - 2.0 * flip.to(p.dtype)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    # mirror @ (1 / zoom) @ rotation(-angle): the inverse of the linear part
-    a = torch.stack([mirror * cos, mirror * sin * (h / w), -sin * (w / h), cos], dim=1).view(n, 2, 2)
-    b = -(a @ shift[:, :, None])  # undo the shift before the linear part: [B, 2, 1]
-    last = torch.zeros(n, 1, 3, dtype=p.dtype, device=p.device)
-    last[:, 0, 2] = 1.0
-    if projective:
-        # the inverse of a tilt [[1, 0, 0], [0, 1, 0], [p, q, 1]] negates p and q; fold it in on the right
-        tilt = p[:, _PX:_PY + 1]
-        a = a - b * tilt[:, None, :]
-        last[:, 0, :2] = -tilt
-    return torch.cat([torch.cat([a, b], dim=2), last], dim=1)
-
-
-@functools.lru_cache(maxsize=32)
-def _pixel_centres(size: int, device: torch.device) -> Tensor:
-    """Pixel centres in [-1, 1] (align_corners=False), written so that -c[i] == c[size-1-i] exactly."""
-    return (torch.arange(size, device=device, dtype=torch.float32) * 2 + (1 - size)) / size
-
-
-def _warp(x: Tensor, m: Tensor, padding: str, *, projective: bool, grid: Tensor | None = None) -> Tensor:
-    """Resample every image through its matrix with one grid_sample.
-
-    The grid is separable -- ``grid[b, :, i, j] = U[b, :, j] + V[b, :, i]`` -- so it is one
-    broadcast add into planar [B, 2, H, W] form, many times cheaper than ``affine_grid``'s batched
-    matmul (which at 32 px costs more than the sampling itself); grid_sample then reads the planar
-    grid through a permuted view, so it is never interleaved in memory.
-    """
-    h, w = x.shape[-2:]
-    xs, ys = _pixel_centres(w, x.device), _pixel_centres(h, x.device)
-    along_x = m[:, :, 0, None] * xs + m[:, :, 2, None]  # [B, 3, W]: homogeneous (x, y, depth) terms
-    along_y = m[:, :, 1, None] * ys  # [B, 3, H]
-    grid = torch.add(along_x[:, :2, None, :], along_y[:, :2, :, None], out=grid)  # [B, 2, H, W]
-    if projective:
-        depth = along_x[:, 2:, None, :] + along_y[:, 2:, :, None]  # >= 1 - 2 * perspective > 0
-        grid = grid.div_(depth)
-    grid = grid.permute(0, 2, 3, 1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def _erase(x: Tensor, p: Tensor, stats: tuple[Tensor, Tensor]) -> None:

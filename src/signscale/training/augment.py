@@ -6,8 +6,9 @@ transfer), and with every effect off returns exactly :func:`signscale.transforms
 torchvision pipeline costs far more than the pixel work (it manages under 3,000 images a second
 per core), so every stage here is one batched operation for the whole batch:
 
-1. brightness, contrast, saturation and the normalisation are all linear in the colour
-   channels, so together they are one 3x3 matrix and offset per sample: ONE ``baddbmm``;
+1. brightness, contrast, saturation, the opt-in re-colouring of the design (:mod:`.colour`) and
+   the normalisation are all linear in the colour channels, so together they are one 3x3 matrix
+   and offset per sample: ONE ``baddbmm``;
 2. geometry -- rotation, zoom, shift, mild perspective and the horizontal flip -- is one 3x3
    matrix per sample and ONE ``grid_sample`` for the batch;
 3. at most one occasional effect per sample (blur, a weather condition, an occluder): the

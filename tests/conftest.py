@@ -1,4 +1,5 @@
-"""Shared fixtures: the real S3-protocol server, the team's real data, tiny packed datasets."""
+"""Shared fixtures: the real S3-protocol server, the GCS and Azure emulators, the team's real data, tiny
+packed datasets."""
 
 from __future__ import annotations
 
@@ -29,6 +30,34 @@ def s3_server():
 
     with s3local.running() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    pytest.importorskip("gcsfs", reason="needs gcsfs (pip install 'signscale[gcs]')")
+    from signscale.testing import emulators
+
+    cm = emulators.running("gcs")
+    try:
+        emu = cm.__enter__()
+    except emulators.EmulatorUnavailable as exc:
+        pytest.skip(f"GCS emulator unavailable: {exc}")
+    yield emu
+    cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def azure_emulator():
+    pytest.importorskip("adlfs", reason="needs adlfs (pip install 'signscale[azure]')")
+    from signscale.testing import emulators
+
+    cm = emulators.running("azure")
+    try:
+        emu = cm.__enter__()
+    except emulators.EmulatorUnavailable as exc:
+        pytest.skip(f"Azurite unavailable: {exc}")
+    yield emu
+    cm.__exit__(None, None, None)
 
 
 _bucket_ids = itertools.count()

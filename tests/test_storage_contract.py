@@ -23,30 +23,6 @@ BACKENDS = ["local", "s3", "gcs", "azure"]
 _ids = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    pytest.importorskip("gcsfs", reason="needs gcsfs (pip install 'signscale[gcs]')")
-    cm = emulators.running("gcs")
-    try:
-        emu = cm.__enter__()
-    except emulators.EmulatorUnavailable as exc:
-        pytest.skip(f"GCS emulator unavailable: {exc}")
-    yield emu
-    cm.__exit__(None, None, None)
-
-
-@pytest.fixture(scope="module")
-def azure_emulator():
-    pytest.importorskip("adlfs", reason="needs adlfs (pip install 'signscale[azure]')")
-    cm = emulators.running("azure")
-    try:
-        emu = cm.__enter__()
-    except emulators.EmulatorUnavailable as exc:
-        pytest.skip(f"Azurite unavailable: {exc}")
-    yield emu
-    cm.__exit__(None, None, None)
-
-
 @pytest.fixture
 def s3_emulator(s3_server):
     return emulators.from_s3local(s3_server)
@@ -64,6 +40,17 @@ def backend(request, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Objects
+
+
+@pytest.mark.parametrize("kind", [b for b in BACKENDS if b != "local"])
+def test_a_missing_bucket_is_an_error_naming_it_and_an_absent_key_a_plain_no(kind, request):
+    """Read as "no such object", a missing bucket would send a user to re-pack a dataset that is there,
+    under a mistyped bucket name or at another endpoint."""
+    root = request.getfixturevalue(f"{kind}_emulator").make_bucket(f"contract-{os.getpid()}-{next(_ids)}")
+    assert storage.exists(storage.join(root, "absent.bin")) is False
+    missing = f"{root.split('://')[0]}://no-such-bucket-{os.getpid()}/ds/manifest.json"
+    with pytest.raises(storage.NoSuchBucket, match=f"no such (bucket|container) 'no-such-bucket-{os.getpid()}'"):
+        storage.exists(missing)
 
 
 def test_write_read_range_list_exists_delete(backend):

@@ -1,5 +1,6 @@
 """Storage failures a person must fix, as a user meets them: one or two lines naming the URL, the cause
-and the fix, exit code 2, no traceback (unless --debug). Real S3 server (moto) and a real closed port."""
+and the fix, exit code 2, no traceback (unless --debug). Real servers (moto's S3, the GCS emulator,
+Azurite) and a real closed port."""
 
 import os
 import socket
@@ -13,8 +14,9 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 
 def _cli(*args, env: dict[str, str], cwd=None):
-    """``signscale ...`` with only the AWS settings given here (none from the machine running the tests)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SIGNSCALE_"))}
+    """``signscale ...`` with only the store settings given here (none from the machine running the tests)."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "SIGNSCALE_", "AZURE_", "STORAGE_EMULATOR", "GCSFS_", "FSSPEC_"))}
     full = {**base, "PYTHONPATH": SRC, "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull,
             "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1", **env}
     started = time.monotonic()
@@ -133,3 +135,17 @@ def test_access_denied_names_the_cause_and_the_fix(monkeypatch, tmp_path):
         assert "Traceback" in r.stderr and "AccessDenied" in r.stderr  # --debug: the whole story
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gcs", "azure"])
+def test_gcs_and_azure_name_a_missing_bucket_and_an_unreachable_endpoint(kind, request):
+    emu = request.getfixturevalue(f"{kind}_emulator")
+    scheme, bucketish, variable = {"gcs": ("gs", "bucket", "STORAGE_EMULATOR_HOST"),
+                                   "azure": ("az", "container", "AZURE_STORAGE_CONNECTION_STRING")}[kind]
+    url = f"{scheme}://no-such-bucket-here/ds"
+    r, _ = _cli("data", "info", url, env=emu.env())
+    _assert_explained(r, url, f"no such {bucketish} 'no-such-bucket-here'", variable)
+    port = _closed_port()
+    r, _ = _cli("data", "info", url, env=emu.env(f"http://127.0.0.1:{port}"))
+    _assert_explained(r, url, f"127.0.0.1:{port}", "cannot reach", variable)

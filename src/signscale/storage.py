@@ -27,6 +27,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -37,6 +38,10 @@ from typing import IO, Any, Callable, Iterator, TypeVar
 import fsspec
 
 T = TypeVar("T")
+
+# gcsfs logs each request that runs out of retries, with its traceback; without a handler of the
+# caller's, Python's last-resort handler would print it above the one-line explanation we give.
+logging.getLogger("gcsfs").addHandler(logging.NullHandler())
 
 # protocol -> (extra that provides it, module that must import)
 _EXTRAS = {"s3": ("s3", "s3fs"), "s3a": ("s3", "s3fs"), "gs": ("gcs", "gcsfs"), "gcs": ("gcs", "gcsfs"),
@@ -247,8 +252,9 @@ def _never_connected(exc: BaseException) -> bool:
     return any(k.__name__ in _CONNECT_FAILURES for e in _causes(exc) for k in type(e).__mro__)
 
 
-def _endpoint(exc: BaseException) -> str:
-    """scheme://host:port of the endpoint an SDK error names (never its path or query: they may be signed)."""
+def _endpoint(exc: BaseException, store: str) -> str:
+    """scheme://host:port of the endpoint an SDK error names (never its path or query: they may be signed),
+    else host:port as aiohttp names it, else the endpoint the environment sets for ``store``."""
     from urllib.parse import urlsplit
 
     for e in _causes(exc):
@@ -258,7 +264,18 @@ def _endpoint(exc: BaseException) -> str:
         if m:
             parts = urlsplit(m.group(0))
             return f"{parts.scheme}://{parts.netloc}"
-    return ""
+        m = re.search(r"connect to host ([\w.\-\[\]:]+:\d+)", str(e))
+        if m:
+            return m.group(1)
+    return _configured_endpoint(store)
+
+
+def _configured_endpoint(store: str) -> str:
+    """The endpoint the environment points ``store`` at (an emulator, a proxy), without credentials."""
+    if store == "az":
+        m = re.search(r"(?i)BlobEndpoint=([^;]+)", os.environ.get("AZURE_STORAGE_CONNECTION_STRING", ""))
+        return m.group(1).rstrip("/") if m else ""
+    return os.environ.get({"s3": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST"}.get(store, ""), "")
 
 
 def explain(exc: BaseException, url: str) -> StorageError | None:
@@ -276,20 +293,18 @@ def explain(exc: BaseException, url: str) -> StorageError | None:
         return NoCredentials(f"{url}: no credentials found for {store}://. Set {creds}"
                              + (f"; for a local or S3-compatible store also {endpoint_var}." if store == "s3" else "."))
     if _never_connected(exc):
-        where = _endpoint(exc)
+        where = _endpoint(exc, store)
         cause = type(next(e for e in _causes(exc)
                           if any(k.__name__ in _CONNECT_FAILURES for k in type(e).__mro__))).__name__
         return Unreachable(f"{url}: cannot reach the endpoint{' ' + where if where else ''} ({cause}, "
                            f"connect timeout {CONNECT_TIMEOUT_S:g}s). Check {endpoint_var} and the network "
                            "(unset it to use the provider's public endpoint).")
     status, code = http_status(exc)
-    bucketish = {"s3": "bucket", "gs": "bucket", "az": "container"}.get(store, "bucket")
+    bucketish = _BUCKETISH.get(store, "bucket")
     if code in ("NoSuchBucket", "ContainerNotFound") or (
             isinstance(exc, FileNotFoundError) and re.search(r"(?i)no ?such ?bucket|bucket does not exist|"
                                                              r"container.*not.*exist", str(exc))):
-        bucket = url.split("://", 1)[-1].split("/", 1)[0]
-        return NoSuchBucket(f"{url}: no such {bucketish} '{bucket}' at the endpoint in use. Create it, or check "
-                            f"the name and {endpoint_var}.")
+        return _no_such_bucket(url, store)
     if status in (401, 403) or isinstance(exc, PermissionError) or code in (
             "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthorizationFailure",
             "AuthenticationFailed"):
@@ -299,36 +314,48 @@ def explain(exc: BaseException, url: str) -> StorageError | None:
     return None
 
 
+_BUCKETISH = {"s3": "bucket", "gs": "bucket", "az": "container"}
+
+
+def _no_such_bucket(url: str, store: str) -> NoSuchBucket:
+    bucket = url.split("://", 1)[-1].split("/", 1)[0]
+    endpoint_var = _FIX.get(store, ("", "the endpoint setting", ""))[1]
+    return NoSuchBucket(f"{url}: no such {_BUCKETISH.get(store, 'bucket')} '{bucket}' at the endpoint in use. "
+                        f"Create it, or check the name and {endpoint_var}.")
+
+
 def exists(url: str) -> bool:
-    """Whether an object or folder is there; a missing S3 bucket is an error, not a "no"."""
+    """Whether an object or folder is there; a missing bucket or container is an error, not a "no"."""
     fs, path = filesystem(url)
     found = retry(lambda: fs.exists(path), what=url)
-    if not found and protocol(url) in ("s3", "s3a"):
+    if not found and _store(url) in _BUCKETISH:
         _check_bucket(fs, url, path)
     return found
 
 
-_BUCKETS_SEEN: set[str] = set()
+_BUCKETS_SEEN: set[tuple[str, str]] = set()
 
 
 def _check_bucket(fs: Any, url: str, path: str) -> None:
-    """Raise NoSuchBucket when the bucket of an absent S3 key is itself absent (one HeadBucket per
-    bucket and process). Otherwise "no manifest: is this a dataset?" would answer a typo in the
-    bucket name or an endpoint pointing elsewhere. Any other answer (403 without ListBucket
-    permission, say) leaves ``exists`` as it was."""
-    bucket = path.split("/", 1)[0]
-    if not bucket or bucket in _BUCKETS_SEEN:
+    """Raise NoSuchBucket when the bucket (or Azure container) of an absent key is itself absent (one
+    request per bucket and process). Otherwise "no manifest: is this a dataset?" would answer a typo
+    in the bucket name or an endpoint pointing elsewhere. Any other answer (403 without permission to
+    see the bucket, say) leaves ``exists`` as it was."""
+    store, bucket = _store(url), path.split("/", 1)[0]
+    if not bucket or (store, bucket) in _BUCKETS_SEEN:
         return
     try:
-        retry(lambda: fs.call_s3("head_bucket", Bucket=bucket), what=url)
+        if store == "s3":
+            retry(lambda: fs.call_s3("head_bucket", Bucket=bucket), what=url)
+        else:
+            retry(lambda: fs.info(bucket), what=url)
     except NoSuchBucket:
         raise
     except Exception as exc:
         if http_status(exc)[0] == 404 or (isinstance(exc, FileNotFoundError) and http_status(exc)[0] is None):
-            raise NoSuchBucket(f"{url}: no such bucket '{bucket}' at the endpoint in use. Create it, or check the "
-                               "name and AWS_ENDPOINT_URL.") from exc
+            raise _no_such_bucket(url, store) from exc
         return
-    _BUCKETS_SEEN.add(bucket)
+    _BUCKETS_SEEN.add((store, bucket))
 
 
 def size(url: str) -> int:

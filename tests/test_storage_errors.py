@@ -149,3 +149,12 @@ def test_gcs_and_azure_name_a_missing_bucket_and_an_unreachable_endpoint(kind, r
     port = _closed_port()
     r, _ = _cli("data", "info", url, env=emu.env(f"http://127.0.0.1:{port}"))
     _assert_explained(r, url, f"127.0.0.1:{port}", "cannot reach", variable)
+
+
+def test_an_unreachable_endpoint_is_named_without_the_credentials_it_carries(monkeypatch):
+    from signscale import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:secret@127.0.0.1:9/")
+    err = storage.explain(ConnectionRefusedError("refused"), "s3://b/k")
+    assert isinstance(err, storage.Unreachable)
+    assert "http://127.0.0.1:9 " in str(err) and "secret" not in str(err)

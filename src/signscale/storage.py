@@ -274,8 +274,10 @@ def _configured_endpoint(store: str) -> str:
     """The endpoint the environment points ``store`` at (an emulator, a proxy), without credentials."""
     if store == "az":
         m = re.search(r"(?i)BlobEndpoint=([^;]+)", os.environ.get("AZURE_STORAGE_CONNECTION_STRING", ""))
-        return m.group(1).rstrip("/") if m else ""
-    return os.environ.get({"s3": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST"}.get(store, ""), "")
+        value = m.group(1) if m else ""
+    else:
+        value = os.environ.get({"s3": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST"}.get(store, ""), "")
+    return re.sub(r"//[^/@]*@", "//", value).rstrip("/")  # never a user:password@ it may carry
 
 
 def explain(exc: BaseException, url: str) -> StorageError | None:

@@ -32,32 +32,29 @@ def s3_server():
         yield server
 
 
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    pytest.importorskip("gcsfs", reason="needs gcsfs (pip install 'signscale[gcs]')")
+def _emulator(kind: str, module: str):
+    """Start the ``kind`` emulator and point this process at it for the module; skip, saying why, when
+    its client library or the emulator itself is not there."""
+    pytest.importorskip(module, reason=f"needs {module} (pip install 'signscale[{kind}]')")
     from signscale.testing import emulators
 
-    cm = emulators.running("gcs")
+    cm = emulators.running(kind)
     try:
         emu = cm.__enter__()
     except emulators.EmulatorUnavailable as exc:
-        pytest.skip(f"GCS emulator unavailable: {exc}")
+        pytest.skip(f"{kind} emulator unavailable: {exc}")
     yield emu
     cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    yield from _emulator("gcs", "gcsfs")
 
 
 @pytest.fixture(scope="module")
 def azure_emulator():
-    pytest.importorskip("adlfs", reason="needs adlfs (pip install 'signscale[azure]')")
-    from signscale.testing import emulators
-
-    cm = emulators.running("azure")
-    try:
-        emu = cm.__enter__()
-    except emulators.EmulatorUnavailable as exc:
-        pytest.skip(f"Azurite unavailable: {exc}")
-    yield emu
-    cm.__exit__(None, None, None)
+    yield from _emulator("azure", "adlfs")
 
 
 _bucket_ids = itertools.count()

@@ -12,7 +12,6 @@ from signscale import storage
 from signscale.data.manifest import Manifest, verify
 from signscale.data.pack import PackConfig, pack
 from signscale.data.stream import open_stream
-from signscale.testing import emulators
 from signscale.training.train import TrainConfig, train
 
 SPEC = "synthetic:?n=300&size=32&seed=3"
@@ -32,15 +31,7 @@ def local_pack(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module", params=["gcs", "azure"])
 def cloud(request):
-    pytest.importorskip({"gcs": "gcsfs", "azure": "adlfs"}[request.param],
-                        reason=f"needs the '{request.param}' extra (pip install 'signscale[{request.param}]')")
-    cm = emulators.running(request.param)
-    try:
-        emu = cm.__enter__()
-    except emulators.EmulatorUnavailable as exc:
-        pytest.skip(f"{request.param} emulator unavailable: {exc}")
-    yield emu
-    cm.__exit__(None, None, None)
+    return request.getfixturevalue(f"{request.param}_emulator")
 
 
 def _shard_table(url: str) -> list[tuple[str, str, int, int]]:

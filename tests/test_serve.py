@@ -22,7 +22,7 @@ import pytest
 import torch
 
 # modules these tests exercise through the ones they import (tests/test_layout.py)
-COVERS = ("signscale.serving.decode", "signscale.serving.reload")
+COVERS = ("signscale.serving.decode", "signscale.serving.reload", "signscale.serving.middleware")
 
 httpx = pytest.importorskip("httpx", reason="service tests need httpx (pip install 'signscale[serve,test]')")
 pytest.importorskip("fastapi", reason="service tests need the serve extra (pip install 'signscale[serve]')")

@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover
 from signscale.serving.batcher import Batcher
 from signscale.serving.decode import INLINE_DECODE_BYTES, INLINE_DECODE_PIXELS, Limits, check_pixels, decode_all
 from signscale.serving.http_errors import ApiError
+from signscale.serving.middleware import BodyLimit, Observe, Outer, drain, drain_limit, error_body
 from signscale.serving.predict import DEFAULT_MAX_PIXELS, PredictConfig, Predictor, check_min_confidence, resolve_model
 from signscale.serving.reload import ModelSlot, ModelSource, _Poller
 
@@ -66,7 +67,6 @@ __all__ = ["ServeConfig", "ServeError", "create_app", "require_serve_extra"]
 
 log = logging.getLogger("signscale.serving.serve")
 
-KNOWN_PATHS = ("/", "/v1/classify", "/v1/detect", "/v1/model", "/healthz", "/readyz", "/metrics")
 RAW_TYPES = ("application/octet-stream",)
 
 
@@ -192,93 +192,6 @@ class _Metrics:
 # The app
 
 
-def _error_body(status: int, reason: str, message: str) -> dict[str, Any]:
-    return {"error": {"status": status, "reason": reason, "message": message}}
-
-
-class _BodyLimit:
-    """Pure ASGI middleware: 413 for a declared body over the cap, before the app reads anything."""
-
-    def __init__(self, app: Any, max_bytes: int, on_refuse: Callable[[str], None]) -> None:
-        self.app, self.max_bytes, self.on_refuse = app, max_bytes, on_refuse
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope.get("headers") or ()).get(b"content-length")
-            reason = None
-            if declared is not None:
-                text = declared.decode("latin-1").strip()
-                if not text.isdigit():
-                    reason, status, msg = "bad_content_length", 400, f"Content-Length {text[:40]!r} is not a number"
-                elif int(text) > self.max_bytes:
-                    reason, status, msg = "body_too_large", 413, (f"request body of {int(text)} bytes exceeds the "
-                                                                   f"limit of {self.max_bytes} bytes")
-            if reason is not None:
-                self.on_refuse(reason)
-                await _drain(receive, _drain_limit(self.max_bytes))
-                await _send_json(send, status, _error_body(status, reason, msg), {"Connection": "close"})
-                return
-        await self.app(scope, receive, send)
-
-
-def _drain_limit(max_bytes: int) -> int:
-    return max(8 * max_bytes, 64 << 20)
-
-
-async def _drain(receive: Any, limit: int) -> None:
-    """Read and drop up to ``limit`` body bytes before refusing a request.
-
-    Closing a socket with unread data makes the kernel send a reset, which destroys the refusal
-    the client has not read yet; the client then sees "connection reset" instead of a 413 that
-    says why. Beyond ``limit`` the connection is closed anyway (a lingering close, as nginx does).
-    """
-    seen = 0
-    while seen <= limit:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        seen += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
-async def _send_json(send: Any, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-    import json
-
-    data = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
-
-
-class _Observe:
-    """Pure ASGI middleware: request count and latency per known path and status."""
-
-    def __init__(self, app: Any, metrics: _Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        label = path if path in KNOWN_PATHS else ("/static" if path.startswith("/static/") else "other")
-        status = {"code": 500}
-        started = time.perf_counter()
-
-        async def send_(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_)
-        finally:
-            self.metrics.requests.labels(label, str(status["code"])).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
-
-
 @dataclass
 class AppState:
     cfg: ServeConfig
@@ -357,24 +270,24 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> Any:
         metrics.errors.labels(exc.reason).inc()
-        return JSONResponse(_error_body(exc.status, exc.reason, exc.message), exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.status, exc.reason, exc.message), exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Any, exc: Any) -> Any:
         reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         metrics.errors.labels(reason).inc()
-        return JSONResponse(_error_body(exc.status_code, reason, str(exc.detail)), exc.status_code)
+        return JSONResponse(error_body(exc.status_code, reason, str(exc.detail)), exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Any, exc: Any) -> Any:
         metrics.errors.labels("bad_parameter").inc()
-        return JSONResponse(_error_body(400, "bad_parameter", str(exc.errors())[:500]), 400)
+        return JSONResponse(error_body(400, "bad_parameter", str(exc.errors())[:500]), 400)
 
     @app.exception_handler(Exception)
     async def _bug(request: Any, exc: Exception) -> Any:
         log.exception("internal error on %s", request.url.path)
         metrics.errors.labels("internal").inc()
-        return JSONResponse(_error_body(500, "internal", f"internal error ({type(exc).__name__}); this is a bug "
+        return JSONResponse(error_body(500, "internal", f"internal error ({type(exc).__name__}); this is a bug "
                                         "in signscale, please report it"), 500)
 
     image_body = {"requestBody": {"required": True, "content": {
@@ -467,18 +380,8 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         return HTMLResponse((web / "index.html").read_text(encoding="utf-8"))
 
     app.mount("/static", StaticFiles(directory=str(web)), name="static")
-    wrapped = _BodyLimit(app, cfg.max_body_bytes, lambda reason: metrics.errors.labels(reason).inc())
-    return _Outer(_Observe(wrapped, metrics), app)  # observing outermost: it sees body-limit refusals too
-
-
-class _Outer:
-    """The ASGI callable uvicorn runs: middlewares around FastAPI; ``.app`` is the FastAPI object."""
-
-    def __init__(self, asgi: Any, app: Any) -> None:
-        self.asgi, self.app = asgi, app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        await self.asgi(scope, receive, send)
+    wrapped = BodyLimit(app, cfg.max_body_bytes, lambda reason: metrics.errors.labels(reason).inc())
+    return Outer(Observe(wrapped, metrics), app)  # observing outermost: it sees body-limit refusals too
 
 
 def _version() -> str:
@@ -533,7 +436,7 @@ async def _read_body(request: Any, cfg: ServeConfig) -> bytes:
             total += len(chunk)
             if total > cfg.max_body_bytes:
                 if more:
-                    await _drain(request.receive, _drain_limit(cfg.max_body_bytes))
+                    await drain(request.receive, drain_limit(cfg.max_body_bytes))
                 raise ApiError(413, "body_too_large", f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
             chunks.append(chunk)
             if not more:

@@ -214,15 +214,37 @@ def require_serve_extra() -> Any:
 
 
 def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
-    """The ASGI app. ``source`` overrides where versions come from (default: resolve ``cfg.model``)."""
-    fastapi = require_serve_extra()
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    """The ASGI app. ``source`` overrides where versions come from (default: resolve ``cfg.model``).
 
+    Wiring only, so the whole app reads on one screen: each part (state, lifespan, error handlers,
+    routes, middlewares) is built by a function of its own below.
+    """
+    fastapi = require_serve_extra()
+    state = _app_state(cfg, source)
+    app = fastapi.FastAPI(title="signscale", version=_version(), lifespan=functools.partial(_lifespan, state),
+                          docs_url=None,
+                          description="Traffic-sign recognition: classify sign crops, detect signs in scenes.")
+    app.state.signscale = state
+    from signscale.serving.apidocs import add_docs
+
+    add_docs(app, title="signscale")  # /docs with Swagger UI served from the package, no CDN (apidocs.py)
+    _add_error_handlers(app, state.metrics)
+    # registration order is the OpenAPI page's order: the model's routes first, then status, then the page
+    _add_model_routes(app, state)
+    _add_info_routes(app, state)
+    _add_health_routes(app, state)
+    _add_page(app)
+    wrapped = BodyLimit(app, cfg.max_body_bytes, lambda reason: state.metrics.errors.labels(reason).inc())
+    return Outer(Observe(wrapped, state.metrics), app)  # observing outermost: it sees body-limit refusals too
+
+
+def _app_state(cfg: ServeConfig, source: ModelSource | None) -> AppState:
+    """The app's state: its metrics and the model slot, whose load and reload events are counted and logged.
+
+    Nothing is loaded here; the lifespan loads the model, so creating an app stays cheap and a bad
+    model fails at startup, where ``running()`` reports it.
+    """
     metrics = _Metrics()
-    pcfg = cfg.predict_config()
 
     def on_event(result: str, version: str, detail: str) -> None:
         metrics.reloads.labels(result).inc()
@@ -232,40 +254,56 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         elif result != "unchanged":
             log.warning("model %s %s: %s; the serving model is unchanged", version or "source", result, detail)
 
-    load = functools.partial(_load_predictor, pcfg)
+    load = functools.partial(_load_predictor, cfg.predict_config())
     slot = ModelSlot(source or functools.partial(resolve_model, cfg.model), load, on_event=on_event)
-    state = AppState(cfg=cfg, slot=slot, metrics=metrics)
+    return AppState(cfg=cfg, slot=slot, metrics=metrics)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> Any:
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, slot.start)
-            state.batcher = Batcher(max_batch=cfg.effective_batch(), max_wait_s=cfg.max_wait_ms / 1000 if cfg.batching
-                                    else 0.0, max_queue=cfg.max_queue, retry_after_s=cfg.retry_after_s,
-                                    observe=metrics.batch.observe)
-            state.batcher.start()
-            if cfg.reload_interval_s > 0:
-                state.poller = _Poller(slot, cfg.reload_interval_s)
-                state.poller.start()
-        except BaseException as exc:
-            state.startup_error = exc
-            state.ready.set()
-            raise
+
+@contextlib.asynccontextmanager
+async def _lifespan(state: AppState, app: Any) -> Any:
+    """Load and warm the model before the first request; stop the poller and the batcher after the last.
+
+    ``state.ready`` is set whether startup succeeds or fails, so a caller waiting on it never hangs on
+    a service that cannot start; the failure is kept in ``state.startup_error`` for it to report.
+    """
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, state.slot.start)  # loading blocks: not on the loop
+        _start_workers(state)
+    except BaseException as exc:
+        state.startup_error = exc
         state.ready.set()
-        try:
-            yield
-        finally:
-            if state.poller is not None:
-                state.poller.stop()
-            if state.batcher is not None:
-                await state.batcher.stop()
+        raise
+    state.ready.set()
+    try:
+        yield
+    finally:
+        if state.poller is not None:
+            state.poller.stop()
+        if state.batcher is not None:
+            await state.batcher.stop()
 
-    app = fastapi.FastAPI(title="signscale", version=_version(), lifespan=lifespan, docs_url=None,
-                          description="Traffic-sign recognition: classify sign crops, detect signs in scenes.")
-    app.state.signscale = state
-    from signscale.serving.apidocs import add_docs
 
-    add_docs(app, title="signscale")  # /docs with Swagger UI served from the package, no CDN (apidocs.py)
+def _start_workers(state: AppState) -> None:
+    """The batcher (its runner is a task of the running loop) and, when reloading is on, the poller thread."""
+    cfg = state.cfg
+    state.batcher = Batcher(max_batch=cfg.effective_batch(), max_wait_s=cfg.max_wait_ms / 1000 if cfg.batching
+                            else 0.0, max_queue=cfg.max_queue, retry_after_s=cfg.retry_after_s,
+                            observe=state.metrics.batch.observe)
+    state.batcher.start()
+    if cfg.reload_interval_s > 0:
+        state.poller = _Poller(state.slot, cfg.reload_interval_s)
+        state.poller.start()
+
+
+def _add_error_handlers(app: Any, metrics: _Metrics) -> None:
+    """Every refusal and failure answers the one JSON error shape, counted by reason.
+
+    FastAPI's own 404, 405 and validation errors would answer ``{"detail": ...}`` and an unexpected
+    exception a bare 500; clients parse one shape, and ``signscale_errors`` says what was refused and why.
+    """
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> Any:
@@ -290,58 +328,94 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         return JSONResponse(error_body(500, "internal", f"internal error ({type(exc).__name__}); this is a bug "
                                         "in signscale, please report it"), 500)
 
-    image_body = {"requestBody": {"required": True, "content": {
+
+def _image_body() -> dict[str, Any]:
+    """The OpenAPI request body of the image routes: the handlers read the raw request, so FastAPI cannot infer it.
+
+    A fresh dict per app: FastAPI merges it into the generated schema, and apps must not share it.
+    """
+    return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
             "type": "array", "items": {"type": "string", "format": "binary"}}}}},
         "image/*": {"schema": {"type": "string", "format": "binary"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
+
+def _add_model_routes(app: Any, state: AppState) -> None:
+    """POST /v1/classify and /v1/detect, thin over :func:`_classify` and :func:`_detect`.
+
+    The endpoint functions keep their names: FastAPI derives the OpenAPI operation ids from them.
+    """
+    image_body = _image_body()
+
     @app.post("/v1/classify", openapi_extra=image_body, summary="Classify sign crops (top-k per image)")
     async def classify(request: Request) -> Any:
-        predictor = _serving(state)
-        top_k = _top_k(request, predictor, cfg.top_k)
-        min_confidence = _min_confidence(request, cfg.min_confidence)
-        blobs = await _images_in(request, cfg)
-        deadline = time.monotonic() + cfg.request_timeout_s  # decoding and the model's answer, both inside
-        batcher = state.batcher
-        assert batcher is not None
-        with batcher.expecting():
-            arrays = await _prepare(predictor.prepare, blobs, Limits.of(cfg, deadline), metrics)
-            started = time.perf_counter()
-            future = batcher.enqueue(arrays, predictor)
-        probs = await batcher.result(future, max(0.0, deadline - time.monotonic()), cfg.request_timeout_s)
-        # a JSONResponse, not a dict: FastAPI would walk the plain dict with jsonable_encoder first
-        return JSONResponse({"model": {"version": predictor.version, "backend": predictor.backend},
-                             "results": [{"index": i, "filename": name, **answer} for i, ((name, _), answer)
-                                         in enumerate(zip(blobs, predictor.answers(probs, top_k, min_confidence)))],
-                             "min_confidence": min_confidence,
-                             "model_ms": round((time.perf_counter() - started) * 1000, 3)})
+        return await _classify(state, request)
 
     @app.post("/v1/detect", openapi_extra=image_body, summary="Detect and classify the signs in one scene")
     async def detect(request: Request) -> Any:
-        predictor = _serving(state)
-        if not cfg.detector:
-            raise ApiError(404, "detect_disabled", "detection is not enabled on this service; start it with "
-                           "`signscale serve MODEL --detector DETECTOR_URL`")
-        blobs = await _images_in(request, cfg)
-        if len(blobs) != 1:
-            raise ApiError(400, "one_scene", f"send exactly one scene image, got {len(blobs)}")
-        limits = Limits.of(cfg, time.monotonic() + cfg.request_timeout_s)
-        scene = (await _prepare(functools.partial(images.decode, max_pixels=cfg.max_pixels), blobs, limits,
-                                metrics))[0]
-        boxes = await asyncio.get_running_loop().run_in_executor(None, predictor.detect, [scene])
-        return {"model": {"version": predictor.version}, "width": int(scene.shape[1]),
-                "height": int(scene.shape[0]), "boxes": _plain(boxes[0])}
+        return await _detect(state, request)
+
+
+async def _classify(state: AppState, request: Any) -> Any:
+    """Top-k per image: read and check the request, decode within its limits, one batched forward pass.
+
+    The predictor is taken once, so the images are prepared, run and answered by the same model even
+    when a reload swaps in another meanwhile; the deadline covers decoding and the model's answer both.
+    """
+    from fastapi.responses import JSONResponse
+
+    cfg = state.cfg
+    predictor = _serving(state)
+    top_k = _top_k(request, predictor, cfg.top_k)
+    min_confidence = _min_confidence(request, cfg.min_confidence)
+    blobs = await _images_in(request, cfg)
+    deadline = time.monotonic() + cfg.request_timeout_s  # decoding and the model's answer, both inside
+    batcher = state.batcher
+    assert batcher is not None
+    with batcher.expecting():
+        arrays = await _prepare(predictor.prepare, blobs, Limits.of(cfg, deadline), state.metrics)
+        started = time.perf_counter()
+        future = batcher.enqueue(arrays, predictor)
+    probs = await batcher.result(future, max(0.0, deadline - time.monotonic()), cfg.request_timeout_s)
+    # a JSONResponse, not a dict: FastAPI would walk the plain dict with jsonable_encoder first
+    return JSONResponse({"model": {"version": predictor.version, "backend": predictor.backend},
+                         "results": [{"index": i, "filename": name, **answer} for i, ((name, _), answer)
+                                     in enumerate(zip(blobs, predictor.answers(probs, top_k, min_confidence)))],
+                         "min_confidence": min_confidence,
+                         "model_ms": round((time.perf_counter() - started) * 1000, 3)})
+
+
+async def _detect(state: AppState, request: Any) -> Any:
+    """The boxes of one scene, decoded at full size (the pipeline finds and crops the signs itself).
+
+    Detection runs in a worker thread, outside the batcher, so the event loop keeps answering other
+    requests while a scene is being searched.
+    """
+    cfg = state.cfg
+    predictor = _serving(state)
+    if not cfg.detector:
+        raise ApiError(404, "detect_disabled", "detection is not enabled on this service; start it with "
+                       "`signscale serve MODEL --detector DETECTOR_URL`")
+    blobs = await _images_in(request, cfg)
+    if len(blobs) != 1:
+        raise ApiError(400, "one_scene", f"send exactly one scene image, got {len(blobs)}")
+    limits = Limits.of(cfg, time.monotonic() + cfg.request_timeout_s)
+    scene = (await _prepare(functools.partial(images.decode, max_pixels=cfg.max_pixels), blobs, limits,
+                            state.metrics))[0]
+    boxes = await asyncio.get_running_loop().run_in_executor(None, predictor.detect, [scene])
+    return {"model": {"version": predictor.version}, "width": int(scene.shape[1]),
+            "height": int(scene.shape[0]), "boxes": _plain(boxes[0])}
+
+
+def _add_info_routes(app: Any, state: AppState) -> None:
+    """GET /v1/model (what is served and under which limits) and the class pictograms the page shows."""
+    from fastapi.responses import Response
 
     @app.get("/v1/model", summary="The serving model: version, label space, preprocessing, metrics")
     async def model_info() -> Any:
         predictor = _serving(state)
-        return {**predictor.info(), "serving": {
-            "batching": cfg.batching, "max_batch": cfg.effective_batch(), "max_wait_ms": cfg.max_wait_ms,
-            "max_queue": cfg.max_queue, "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
-            "max_images": cfg.max_images, "max_request_pixels": cfg.max_request_pixels,
-            "decode_budget_s": cfg.decode_budget_s, "request_timeout_s": cfg.request_timeout_s,
-            "detect": bool(cfg.detector), "refused_versions": slot.refused()}}
+        return {**predictor.info(), "serving": _serving_limits(state)}
 
     @app.get("/v1/pictogram/{key}.png", summary="A clean drawing of a sign class (for the page)")
     async def pictogram(key: str) -> Any:
@@ -349,6 +423,23 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         if png is None:
             raise ApiError(404, "no_pictogram", f"no pictogram for class {key!r}")
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+def _serving_limits(state: AppState) -> dict[str, Any]:
+    """The options a client needs to shape its requests (batching, sizes, budgets), and the refused versions."""
+    cfg = state.cfg
+    return {"batching": cfg.batching, "max_batch": cfg.effective_batch(), "max_wait_ms": cfg.max_wait_ms,
+            "max_queue": cfg.max_queue, "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
+            "max_images": cfg.max_images, "max_request_pixels": cfg.max_request_pixels,
+            "decode_budget_s": cfg.decode_budget_s, "request_timeout_s": cfg.request_timeout_s,
+            "detect": bool(cfg.detector), "refused_versions": state.slot.refused()}
+
+
+def _add_health_routes(app: Any, state: AppState) -> None:
+    """GET /healthz (liveness), /readyz (readiness) and /metrics (Prometheus), for orchestrators and monitoring."""
+    from fastapi.responses import Response
+
+    cfg, slot, metrics = state.cfg, state.slot, state.metrics
 
     @app.get("/healthz", summary="The process is alive; the serving version and any refused versions")
     async def healthz() -> Any:
@@ -370,8 +461,14 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         if state.batcher is not None:
-            metrics.queue.set(state.batcher.queued)
+            metrics.queue.set(state.batcher.queued)  # a gauge read at scrape time, not updated per image
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_page(app: Any) -> None:
+    """GET / (the page to try the model) and /static: files inside the package, so the page needs no network."""
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
 
     web = resources.files("signscale.serving") / "web"
 
@@ -380,8 +477,6 @@ def create_app(cfg: ServeConfig, *, source: ModelSource | None = None) -> Any:
         return HTMLResponse((web / "index.html").read_text(encoding="utf-8"))
 
     app.mount("/static", StaticFiles(directory=str(web)), name="static")
-    wrapped = BodyLimit(app, cfg.max_body_bytes, lambda reason: metrics.errors.labels(reason).inc())
-    return Outer(Observe(wrapped, metrics), app)  # observing outermost: it sees body-limit refusals too
 
 
 def _version() -> str:

@@ -116,11 +116,42 @@ def _acc_bar(x: float | None) -> str:
 
 
 def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
-    """The self-contained report page (charts as data URIs)."""
+    """The self-contained report page (charts as data URIs).
+
+    One function per section, in the page's order, so a section can be read and changed on its own;
+    a section whose data the metrics lack (no robustness run, no selective curve) adds nothing.
+    """
     m = metrics
-    o, model, data, run, skipped = m["overall"], m["model"], m["data"], m["run"], m["skipped"]
-    rob = m.get("robustness")
-    title = f"Evaluation of {model.get('name', 'model')} on {data.get('name') or data.get('spec')}"
+    title = _title(m)
+    parts = [*_heading(m, title), _model_and_run(m), *_per_class(m, charts), *_confusions(m, charts),
+             *_calibration(m, charts), *_selective(m, charts), *_groups(m), *_robustness(m, charts), *_skipped(m),
+             *_colophon(m)]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
+            + "\n".join(parts) + "</main></body></html>\n")
+
+
+def _title(m: Mapping[str, Any]) -> str:
+    """What was evaluated on what: the page's heading and its browser tab."""
+    model, data = m["model"], m["data"]
+    return f"Evaluation of {model.get('name', 'model')} on {data.get('name') or data.get('spec')}"
+
+
+def _heading(m: Mapping[str, Any], title: str) -> list[str]:
+    """The title, where model and data came from, and the headline numbers as cards (a reader's first look)."""
+    model, data = m["model"], m["data"]
+    cards = "".join(f'<div class="card{" warn" if warn else ""}"><div class="v">{_e(v)}</div>'
+                    f'<div class="k">{_e(k)}</div></div>' for k, v, warn in _cards(m))
+    return [f"<h1>{_e(title)}</h1>",
+            (f'<p class="sub">model <code>{_e(model.get("url"))}</code> &middot; data <code>{_e(data.get("spec"))}'
+             f'</code> &middot; {_e(m.get("created", ""))}</p>'),
+            '<div class="cards">' + cards + "</div>"]
+
+
+def _cards(m: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """(label, value, warn) of each headline card; skipped entries are a warning, as they are in no metric."""
+    o, run, skipped, rob = m["overall"], m["run"], m["skipped"], m.get("robustness")
     cards = [
         ("top-1 accuracy", pct(o["top1"]), False),
         ("top-5 accuracy", pct(o["top5"]), False),
@@ -134,14 +165,17 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
         cards.append(("mean corruption acc. (mCA)", pct(rob["mca"]), False))
     cards += [("images scored", f"{o['count']:,}", False), ("skipped", f"{skipped['total']:,}", skipped["total"] > 0),
               ("images / s", f"{run['images_per_s']:,.0f}", False)]
-    parts = [f"<h1>{_e(title)}</h1>",
-             (f'<p class="sub">model <code>{_e(model.get("url"))}</code> &middot; data <code>{_e(data.get("spec"))}'
-              f'</code> &middot; {_e(m.get("created", ""))}</p>'),
-             '<div class="cards">' + "".join(f'<div class="card{" warn" if warn else ""}"><div class="v">{_e(v)}</div>'
-                                             f'<div class="k">{_e(k)}</div></div>' for k, v, warn in cards) + "</div>"]
+    return cards
 
+
+def _model_and_run(m: Mapping[str, Any]) -> str:
+    """Two tables side by side: which model (artefact, checksum, preprocessing) and which data and run.
+
+    Enough to reproduce the numbers: a report without them cannot be compared with another.
+    """
+    model, data, run = m["model"], m["data"], m["run"]
     sha = model.get("sha256") or ""
-    parts.append('<div class="cols"><div><h3>Model</h3>' + _table(["", ""], [
+    return '<div class="cols"><div><h3>Model</h3>' + _table(["", ""], [
         ["artefact", f"<code>{_e(model.get('url'))}</code>"], ["sha256", f"<code>{_e(sha[:16])}&hellip;</code>"],
         ["architecture", _e(f"{model.get('name')} ({num(model.get('params'))} parameters)")],
         ["label space", _e(f"{model.get('label_space')} ({model.get('num_classes')} classes)")],
@@ -154,9 +188,12 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
         ["checksum", f"<code>{_e((data.get('checksum') or '-')[:16])}</code>"],
         ["run", _e(f"{run['world_size']} process(es) on {run['device']}, {run['precision']}, batch "
                    f"{run['batch_size']}, {run['seconds']:.1f} s")],
-    ], cls="kv") + "</div></div>")
+    ], cls="kv") + "</div></div>"
 
-    parts.append("<h2>Per class</h2>")
+
+def _per_class(m: Mapping[str, Any], charts: Mapping[str, bytes]) -> list[str]:
+    """The per-class chart and table; each row also names the class it is most often taken for (where its errors go)."""
+    parts = ["<h2>Per class</h2>"]
     if "per_class" in charts:
         parts.append(_img(charts["per_class"], "per-class recall and precision",
                           "Recall (bar) is the share of a class's images classified correctly; the black tick is "
@@ -170,8 +207,12 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
                      _e(f"{into[1]}x {into[0]}") if into else ""])
     parts.append(_table(["id", "key", "name", "support", "precision", "recall", "F1", "most often taken for"], rows,
                         [True, False, False, True, True, True, True, False]))
+    return parts
 
-    parts.append("<h2>Confusions</h2>")
+
+def _confusions(m: Mapping[str, Any], charts: Mapping[str, bytes]) -> list[str]:
+    """The confusion matrix, the most frequent confusions with examples, and their table with sample ids."""
+    parts = ["<h2>Confusions</h2>"]
     if "confusion" in charts:
         parts.append(_img(charts["confusion"], "confusion matrix",
                           "Rows are true classes, columns predictions; each row is normalised to 100%."))
@@ -184,8 +225,15 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
                           f"{c['count']:,}", pct(c["rate"]),
                           _e(", ".join(map(str, c.get("example_keys") or c["examples"])))]
                          for i, c in enumerate(m.get("top_confusions", []))], [True, False, False, True, True, False]))
+    return parts
 
-    parts.append("<h2>Calibration</h2>")
+
+def _calibration(m: Mapping[str, Any], charts: Mapping[str, bytes]) -> list[str]:
+    """The reliability diagram and, when known, how scoring changed ECE and NLL from the plain network's.
+
+    The sentence says how the scores were calibrated, or how to calibrate a model that never was.
+    """
+    parts = ["<h2>Calibration</h2>"]
     if "reliability" in charts:
         parts.append(_img(charts["reliability"], "reliability diagram",
                           "A calibrated model's bars follow the diagonal: of the images it is 90% sure about, 90% "
@@ -198,20 +246,33 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
                   if fitted else " (the model was never calibrated: `signscale calibrate MODEL VALIDATION_DATA`)")
                + (", with flip-rule test-time augmentation" if cal.get("tta") else ""))
         parts.append(f"<p>Scored with {how}. ECE {pct(cal['uncalibrated']['ece'])} &rarr; {pct(cal['ece'])}, "
-                     f"NLL {num(cal['uncalibrated']['nll'], '.4f')} &rarr; {num(o['nll'], '.4f')}.</p>")
-    sel = m.get("selective")
-    if sel:
-        parts.append("<h2>Knowing when unsure</h2>")
-        if "risk_coverage" in charts:
-            parts.append(_img(charts["risk_coverage"], "risk-coverage curve",
-                              "Answer only the images the model is most sure of: the error of those answered, by the "
-                              "share answered. The confidence shown is the --min-confidence that keeps that share."))
-        parts.append(_table(["coverage", "error", "min. confidence"],
-                            [[f"{c:.0%}", pct(sel["error_at"][str(c)]), num(sel["threshold_at"][str(c)], ".4f")]
-                             for c in sel["coverages"]] + [["100%", pct(1 - o["top1"]), "0"]],
-                            [True, True, True], cls="narrow"))
+                     f"NLL {num(cal['uncalibrated']['nll'], '.4f')} &rarr; {num(m['overall']['nll'], '.4f')}.</p>")
+    return parts
 
-    parts.append("<h2>By condition, source and country</h2>")
+
+def _selective(m: Mapping[str, Any], charts: Mapping[str, bytes]) -> list[str]:
+    """Risk-coverage: the error left when the model answers only its surest images, and the threshold to set."""
+    sel = m.get("selective")
+    if not sel:
+        return []
+    parts = ["<h2>Knowing when unsure</h2>"]
+    if "risk_coverage" in charts:
+        parts.append(_img(charts["risk_coverage"], "risk-coverage curve",
+                          "Answer only the images the model is most sure of: the error of those answered, by the "
+                          "share answered. The confidence shown is the --min-confidence that keeps that share."))
+    parts.append(_table(["coverage", "error", "min. confidence"],
+                        [[f"{c:.0%}", pct(sel["error_at"][str(c)]), num(sel["threshold_at"][str(c)], ".4f")]
+                         for c in sel["coverages"]] + [["100%", pct(1 - m["overall"]["top1"]), "0"]],
+                        [True, True, True], cls="narrow"))
+    return parts
+
+
+def _groups(m: Mapping[str, Any]) -> list[str]:
+    """Accuracy by condition, source and country, and signs taken for another country's design.
+
+    An overall number can hide a weak slice (a condition, a source, a country); these tables show it.
+    """
+    parts = ["<h2>By condition, source and country</h2>"]
     for label, key in (("condition", "conditions"), ("source", "sources"), ("country", "countries")):
         groups = m.get(key) or {}
         if groups:
@@ -227,50 +288,63 @@ def render_html(metrics: Mapping[str, Any], charts: Mapping[str, bytes]) -> str:
                          [[_e(c["true"]), _e(",".join(c["true_countries"])), _e(c["predicted"]),
                            _e(",".join(c["predicted_countries"])), f"{c['count']:,}"] for c in cross],
                          [False, False, False, False, True], cls="narrow"))
+    return parts
 
-    if rob:
-        parts.append("<h2>Robustness to corruptions</h2>")
-        if "robustness" in charts:
-            parts.append(_img(charts["robustness"], "accuracy per corruption and severity",
-                              f"Each image corrupted deterministically (seed {rob['seed']}); mCA is the mean over all "
-                              f"corruption x severity cells."))
-        sevs = rob["severities"]
-        acc = {(r["corruption"], r["severity"]): r["accuracy"] for r in rob["results"]}
-        mean = ["mean"] if len(sevs) > 1 else []
-        parts.append(_table(["corruption", *[f"severity {s}" for s in sevs], *mean],
-                            [[_e(k), *[_acc_bar(acc.get((k, s))) for s in sevs],
-                              *[_acc_bar(rob["per_corruption"][k])] * len(mean)] for k in rob["corruptions"]],
-                            [False, *[True] * (len(sevs) + len(mean))], cls="narrow"))
-        parts.append(f"<p>mCA {pct(rob['mca'])} against clean top-1 {pct(rob['clean_top1'])} "
-                     f"(relative {pct(rob['relative_mca'])}); {rob['seconds']:.1f} s.</p>")
 
-    parts.append("<h2>Skipped entries</h2>")
-    if skipped["total"]:
-        parts.append(f'<p class="bad">{skipped["total"]:,} entries were not scored. They are counted here and in no '
-                     "metric above.</p>")
-        parts.append(_table(["reason", "entries"], [[f"<code>{_e(k)}</code>", f"{v:,}"]
-                                                    for k, v in skipped["by_reason"].items()], [False, True],
-                            cls="narrow"))
-        if skipped.get("at_pack"):
-            parts.append("<p>Of these, quarantined when the dataset was packed: "
-                         + _e(", ".join(f"{k}={v}" for k, v in skipped["at_pack"].items())) + ".</p>")
-        if skipped.get("classes_not_in_model"):
-            parts.append("<p>Classes of the data that the model does not know: "
-                         + _e(", ".join(f"{k} ({v})" for k, v in skipped["classes_not_in_model"].items())) + ".</p>")
-        if skipped.get("examples"):
-            parts.append("<h3>Examples</h3>" + _table(["entry", "reason", "detail"], [
-                [f"<code>{_e(s['key'])}</code>", _e(s["reason"]), _e(s["detail"])] for s in skipped["examples"]]))
-    else:
-        parts.append("<p>None: every entry of the data was scored.</p>")
+def _robustness(m: Mapping[str, Any], charts: Mapping[str, bytes]) -> list[str]:
+    """Accuracy per corruption and severity, when the evaluation ran corruptions; mCA against clean top-1."""
+    rob = m.get("robustness")
+    if not rob:
+        return []
+    parts = ["<h2>Robustness to corruptions</h2>"]
+    if "robustness" in charts:
+        parts.append(_img(charts["robustness"], "accuracy per corruption and severity",
+                          f"Each image corrupted deterministically (seed {rob['seed']}); mCA is the mean over all "
+                          f"corruption x severity cells."))
+    sevs = rob["severities"]
+    acc = {(r["corruption"], r["severity"]): r["accuracy"] for r in rob["results"]}
+    mean = ["mean"] if len(sevs) > 1 else []  # with one severity the mean column would repeat it
+    parts.append(_table(["corruption", *[f"severity {s}" for s in sevs], *mean],
+                        [[_e(k), *[_acc_bar(acc.get((k, s))) for s in sevs],
+                          *[_acc_bar(rob["per_corruption"][k])] * len(mean)] for k in rob["corruptions"]],
+                        [False, *[True] * (len(sevs) + len(mean))], cls="narrow"))
+    parts.append(f"<p>mCA {pct(rob['mca'])} against clean top-1 {pct(rob['clean_top1'])} "
+                 f"(relative {pct(rob['relative_mca'])}); {rob['seconds']:.1f} s.</p>")
+    return parts
 
-    parts.append("<details><summary>Evaluation config</summary><pre>" + _e(json.dumps(m.get("config"), indent=2))
-                 + "</pre></details>")
-    parts.append(f"<footer>{_e(m.get('format'))} version {_e(m.get('version'))}, signscale "
-                 f"{_e(m.get('signscale_version'))}. Numbers here are those of metrics.json beside this file.</footer>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
-            + "\n".join(parts) + "</main></body></html>\n")
+
+def _skipped(m: Mapping[str, Any]) -> list[str]:
+    """Entries that were not scored, by reason and with examples: counted in no metric, so shown here.
+
+    Said even when there are none, so a reader knows every entry was scored rather than wondering.
+    """
+    skipped = m["skipped"]
+    parts = ["<h2>Skipped entries</h2>"]
+    if not skipped["total"]:
+        return [*parts, "<p>None: every entry of the data was scored.</p>"]
+    parts.append(f'<p class="bad">{skipped["total"]:,} entries were not scored. They are counted here and in no '
+                 "metric above.</p>")
+    parts.append(_table(["reason", "entries"], [[f"<code>{_e(k)}</code>", f"{v:,}"]
+                                                for k, v in skipped["by_reason"].items()], [False, True],
+                        cls="narrow"))
+    if skipped.get("at_pack"):
+        parts.append("<p>Of these, quarantined when the dataset was packed: "
+                     + _e(", ".join(f"{k}={v}" for k, v in skipped["at_pack"].items())) + ".</p>")
+    if skipped.get("classes_not_in_model"):
+        parts.append("<p>Classes of the data that the model does not know: "
+                     + _e(", ".join(f"{k} ({v})" for k, v in skipped["classes_not_in_model"].items())) + ".</p>")
+    if skipped.get("examples"):
+        parts.append("<h3>Examples</h3>" + _table(["entry", "reason", "detail"], [
+            [f"<code>{_e(s['key'])}</code>", _e(s["reason"]), _e(s["detail"])] for s in skipped["examples"]]))
+    return parts
+
+
+def _colophon(m: Mapping[str, Any]) -> list[str]:
+    """The evaluation's config (folded) and the format version: which run, and that metrics.json holds the numbers."""
+    return ["<details><summary>Evaluation config</summary><pre>" + _e(json.dumps(m.get("config"), indent=2))
+            + "</pre></details>",
+            f"<footer>{_e(m.get('format'))} version {_e(m.get('version'))}, signscale "
+            f"{_e(m.get('signscale_version'))}. Numbers here are those of metrics.json beside this file.</footer>"]
 
 
 def _worst_confusion_by_class(m: Mapping[str, Any]) -> dict[int, tuple[str, int]]:

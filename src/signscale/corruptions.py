@@ -166,11 +166,15 @@ def fog(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1
     return x * (1 - alpha) + alpha * grey
 
 
+def night_levels(severity: int) -> tuple[float, float, np.ndarray]:
+    """Night's (gamma, gain, RGB tint) at a severity: its darkening without the noise."""
+    tint = np.array([1 - 0.04 * severity, 1 - 0.02 * severity, 1 + 0.03 * severity], dtype=np.float32)
+    return 1.3 + 0.3 * severity, 0.95 - 0.11 * severity, tint
+
+
 def night(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Gamma darkening with a blue cast and sensor noise, as with a dashcam after dusk."""
-    gamma = 1.3 + 0.3 * severity
-    gain = 0.95 - 0.11 * severity
-    tint = np.array([1 - 0.04 * severity, 1 - 0.02 * severity, 1 + 0.03 * severity], dtype=np.float32)
+    gamma, gain, tint = night_levels(severity)
     x = gain * np.power(x, gamma) * tint
     sigma = 0.008 + 0.008 * severity
     return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
@@ -257,6 +261,11 @@ def _shifted(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return img[ys][:, xs]
 
 
+def low_light_exposure(severity: int) -> float:
+    """The share of the daylight signal the sensor catches in :func:`low_light` at a severity."""
+    return _pick((0.25, 0.14, 0.08, 0.05, 0.03), severity)
+
+
 def low_light(x: np.ndarray, severity: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Under-exposure brightened by the camera's gain: shot and read noise amplified into coloured grain.
 
@@ -265,7 +274,7 @@ def low_light(x: np.ndarray, severity: int, rng: np.random.Generator, scale: flo
     is noisy: photon (shot) noise grows with the signal, read noise does not, and both are multiplied
     by the gain; the sensor's bit depth crushes the darkest tones.
     """
-    exposure = _pick((0.25, 0.14, 0.08, 0.05, 0.03), severity)  # share of the daylight signal caught
+    exposure = low_light_exposure(severity)
     linear = np.power(x, 2.2) * exposure
     electrons = 2000.0  # at full scale: a small dashcam pixel; shot noise std = sqrt(signal / electrons)
     shot = rng.normal(0.0, 1.0, size=x.shape).astype(np.float32) * np.sqrt(np.maximum(linear, 0) / electrons)

@@ -37,7 +37,7 @@ from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 
 # modules these tests exercise through the ones they import (tests/test_layout.py)
-COVERS = ("signscale.evaluation.tally",)
+COVERS = ("signscale.evaluation.tally", "signscale.evaluation.metrics_json")
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "eval_worker.py")
 SYNTHETIC = "synthetic:?n=120&size=16"

@@ -61,7 +61,8 @@ from signscale.labels import COUNTRIES, LabelSpace
 from signscale.training import checkpoint, distributed, precision
 from signscale.transforms import Preprocess, to_input
 
-__all__ = ["EvalConfig", "EvalError", "EvalReport", "evaluate", "label_map", "score_predictions"]
+__all__ = ["EvalConfig", "EvalError", "EvalReport", "LoadedModel", "evaluate", "label_map", "read_model",
+           "score_predictions"]
 
 DEFAULT_DATA = "synthetic:?n=2000&seed=1000"  # a seed no default training set uses
 
@@ -462,11 +463,34 @@ def _metrics(cfg: EvalConfig, t: Tally, *, model_info: dict[str, Any], data: _Da
 # evaluate()
 
 
-def load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model artefact read and checksum-verified once (:func:`read_model`), so several evaluations of
+    one model (the gate's sets) share it rather than each reading and verifying it again."""
+
+    url: str
+    network: torch.nn.Module
+    meta: dict[str, Any]
+
+
+def read_model(url: str) -> LoadedModel:
+    """``url``'s network and metadata by the one loader, :func:`checkpoint.load_model`."""
     try:
-        model, meta = checkpoint.load_model(url)
+        network, meta = checkpoint.load_model(url)
     except FileNotFoundError as exc:
         raise EvalError(f"{url}: cannot read the model artefact ({exc})") from None
+    return LoadedModel(url, network, meta)
+
+
+def load_model(url: str, device: torch.device, loaded: LoadedModel | None = None
+               ) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
+    """(network on ``device``, label space, preprocessing, the report's model section); ``loaded``: ``url``
+    already read by :func:`read_model`, used instead of reading it again."""
+    if loaded is None:
+        loaded = read_model(url)
+    elif loaded.url != url:
+        raise EvalError(f"{url}: the loaded model given is {loaded.url}; pass the one read from {url}")
+    model, meta = loaded.network, loaded.meta
     model.to(device)
     space = LabelSpace.from_dict(meta["label_space"])
     pre = Preprocess.from_dict(meta["preprocess"])
@@ -510,15 +534,16 @@ def log_probs(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess
 
 
 @distributed.restores_threads
-def evaluate(cfg: EvalConfig) -> EvalReport:
+def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None) -> EvalReport:
     """Score ``cfg.model`` on ``cfg.data``; write the report to ``cfg.out`` (rank 0) when it is set.
 
     Runs alone or under torchrun: every rank reads its share and returns the same, fully reduced
-    report; files are written by rank 0 before any rank returns.
+    report; files are written by rank 0 before any rank returns. ``loaded``: ``cfg.model`` already
+    read by :func:`read_model` (the gate scores one model on several sets and reads it once).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return _evaluate(cfg)
+    return _evaluate(cfg, loaded)
 
 
 class _Scorer:
@@ -542,11 +567,11 @@ class _Scorer:
         return mapped.clamp(min=0), real & known, real & ~known
 
 
-def _evaluate(cfg: EvalConfig) -> EvalReport:
+def _evaluate(cfg: EvalConfig, loaded: LoadedModel | None) -> EvalReport:
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.device(cfg.device)
-    model, space, pre, model_info = load_model(cfg.model, device)
+    model, space, pre, model_info = load_model(cfg.model, device, loaded)
     if cfg.crop == "auto":  # score a source the way the model's training data was packed
         cfg = dataclasses.replace(cfg, crop=model_info.get("data_crop", "none"))
     data = open_data(cfg, pre, rank, world, pin=device.type == "cuda")

@@ -27,7 +27,14 @@ from PIL import Image
 from signscale.config import ConfigError
 from signscale.data.pack import PackConfig, pack
 from signscale.evaluation.compare import CompareError, compare
-from signscale.evaluation.evaluate import EvalConfig, EvalError, evaluate, label_map, score_predictions
+from signscale.evaluation.evaluate import (
+    EvalConfig,
+    EvalError,
+    evaluate,
+    label_map,
+    read_model,
+    score_predictions,
+)
 from signscale.evaluation.metrics import confusion_matrix, expected_calibration_error, per_class, reliability_sums
 from signscale.evaluation.report_html import render_html
 from signscale.evaluation.robustness import corrupt_batch
@@ -37,7 +44,7 @@ from signscale.training import checkpoint
 from signscale.transforms import Preprocess
 
 # modules these tests exercise through the ones they import (tests/test_layout.py)
-COVERS = ("signscale.evaluation.tally", "signscale.evaluation.report_charts")
+COVERS = ("signscale.evaluation.tally", "signscale.evaluation.report_charts", "signscale.evaluation.metrics_json")
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "eval_worker.py")
 SYNTHETIC = "synthetic:?n=120&size=16"
@@ -190,6 +197,13 @@ def test_config_errors_name_the_flag(model_dir: str) -> None:
                                                                                                ("snow", 5)]
     assert EvalConfig(model=model_dir, data="gtsrb-test:/x.zip").data_is_source()
     assert not EvalConfig(model=model_dir, data="s3://bucket/gtsrb-test").data_is_source()
+
+
+def test_a_model_read_for_another_url_is_refused(model_dir: str, packed: str, tmp_path: Path) -> None:
+    other = str(tmp_path / "other")
+    shutil.copytree(model_dir, other)  # the same weights: only the report's model URL would be wrong
+    with pytest.raises(EvalError, match=r"other: the loaded model given is .*model; pass the one read from .*other"):
+        evaluate(_cfg(other, packed), loaded=read_model(model_dir))
 
 
 # --------------------------------------------------------------------------------------------- (b) end to end

@@ -1,12 +1,21 @@
 """The promotion gate on hand-made reports (in the evaluation runner's metrics format): each rule can
-pass and can fail, and says why; its regressions are ``compare``'s."""
+pass and can fail, and says why; its regressions are ``compare``'s. A report of a real model reads it
+once for all its sets and the canary, and scores each set as the evaluator alone does."""
 
 import numpy as np
 import pytest
+import torch
 
+from signscale.continual import gate
 from signscale.continual.gate import CanaryConfig, GateConfig, SliceRule, decide, paste_sticker, slices
+from signscale.data.pack import PackConfig, pack
 from signscale.evaluation.compare import compare
+from signscale.evaluation.evaluate import EvalConfig, evaluate
 from signscale.evaluation.metrics import EVAL_FORMAT, EVAL_VERSION
+from signscale.labels import LabelSpace
+from signscale.models import create_model, model_config
+from signscale.training import checkpoint
+from signscale.transforms import Preprocess
 
 
 def _metrics(acc: float, n: int, *, classes: dict | None = None, conditions: dict | None = None,
@@ -106,3 +115,50 @@ def test_slices_and_sticker():
     img = np.zeros((2, 32, 32, 3), np.uint8)
     out = paste_sticker(img, size=0.25, position=(0.5, 0.5), colour=(255, 230, 0))
     assert (out[:, 16:24, 16:24] == (255, 230, 0)).all() and out[:, :16].sum() == 0 and img.sum() == 0
+
+
+@pytest.fixture(scope="module")
+def model_and_sets(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """A real model folder (a small_cnn at 16 px, as initialised) and three packed evaluation sets."""
+    root = tmp_path_factory.mktemp("gate")
+    torch.manual_seed(0)
+    net = create_model("small_cnn", 43, widths=[8, 16, 16])
+    model = str(root / "model")
+    checkpoint.save_model(model, state_dict=net.state_dict(), model_config=model_config(net),
+                          label_space=LabelSpace.for_country("de").to_dict(),
+                          preprocess=Preprocess(image_size=16).to_dict())
+    sets = {name: str(root / name) for name in ("golden", "snow", "never_regress")}
+    for seed, url in enumerate(sets.values(), start=61):
+        pack(PackConfig(source=f"synthetic:?n=150&size=16&seed={seed}", out=url, image_size=16, workers=0,
+                        progress=False))
+    return model, sets
+
+
+def _timeless(metrics: dict) -> dict:
+    """A report without what depends on the clock (when it was made, how long it took)."""
+    out = {**metrics, "run": {k: v for k, v in metrics["run"].items() if k not in ("seconds", "images_per_s")}}
+    out.pop("created")
+    return out
+
+
+def test_a_report_reads_the_model_once_and_scores_each_set_as_the_evaluator(model_and_sets, monkeypatch):
+    model, sets = model_and_sets
+    reads: list[str] = []
+    real_read = checkpoint.load_model_artefact
+
+    def counted(url: str):  # counts only: the real read and checksum check still happen
+        reads.append(url)
+        return real_read(url)
+
+    monkeypatch.setattr(checkpoint, "load_model_artefact", counted)
+    report = gate.report(model, sets, canary=CanaryConfig())
+    assert report["canary"]["variant"] is not None  # the canary was scored too (golden has stop signs)
+    assert reads == [model]  # 3 sets + the canary: one read (it was 4)
+    monkeypatch.undo()
+    for name, url in sets.items():
+        alone = evaluate(EvalConfig(model=model, data=url, workers=0, device="cpu", progress=False, examples=0))
+        assert _timeless(report["sets"][name]) == _timeless(alone.metrics), name
+    stops = gate._signs_of(sets["golden"], "stop")
+    fresh = gate.load_predictor(model)
+    assert report["canary"] == gate.canary_report(model, stops, CanaryConfig(), fresh.label_space.index("stop"),
+                                                  fresh)

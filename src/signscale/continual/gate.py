@@ -33,6 +33,7 @@ import numpy as np
 from signscale.evaluation.compare import Rules, SliceRule, compare
 
 if TYPE_CHECKING:
+    from signscale.evaluation.evaluate import LoadedModel
     from signscale.serving.predict import Predictor
 
 # ---------------------------------------------------------------------------------------------
@@ -77,12 +78,14 @@ class GateConfig:
 # Scoring
 
 
-def load_predictor(model_url: str) -> Predictor:
+def load_predictor(model_url: str, loaded: LoadedModel | None = None) -> Predictor:
     """The model as the one :class:`~signscale.serving.predict.Predictor` (torch on the CPU, calibrated
-    when it carries a temperature: the labelling queue and label-noise thresholds read confidences)."""
+    when it carries a temperature: the labelling queue and label-noise thresholds read confidences);
+    ``loaded``: the model already read (:func:`~signscale.evaluation.evaluate.read_model`), not read again."""
     from signscale.serving.predict import PredictConfig, Predictor
 
-    return Predictor.load(PredictConfig(model=model_url, backend="torch", device="cpu", batch_size=512))
+    return Predictor.load(PredictConfig(model=model_url, backend="torch", device="cpu", batch_size=512),
+                          network=(loaded.network, loaded.meta) if loaded is not None else None)
 
 
 def predict(model_url: str, images_nhwc: np.ndarray, *, loaded: Predictor | None = None
@@ -139,12 +142,13 @@ def canary_report(model_url: str, stop_images: np.ndarray, cfg: CanaryConfig, ta
     return worst
 
 
-def evaluate_set(model_url: str, data: str) -> dict[str, Any]:
-    """One model's report on one packed evaluation set, by the one evaluation runner."""
+def evaluate_set(model_url: str, data: str, *, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """One model's report on one packed evaluation set, by the one evaluation runner (``loaded``: the
+    model already read, see :func:`report`)."""
     from signscale.evaluation.evaluate import EvalConfig, evaluate
 
     return evaluate(EvalConfig(model=model_url, data=data, workers=0, device="cpu", progress=False,
-                               examples=0)).metrics
+                               examples=0), loaded=loaded).metrics
 
 
 def _signs_of(data: str, key: str) -> np.ndarray:
@@ -162,14 +166,19 @@ def _signs_of(data: str, key: str) -> np.ndarray:
 def report(model_url: str, sets: Mapping[str, str], *, canary: CanaryConfig | None = None,
            canary_set: str = "") -> dict[str, Any]:
     """One model's evaluation report on every set (name -> packed dataset URL), plus the canary: the
-    ``canary.target`` signs of ``canary_set`` (default: of the set named ``golden``) with the sticker on."""
-    out: dict[str, Any] = {"model": model_url,
-                           "sets": {name: evaluate_set(model_url, url) for name, url in sets.items()}}
+    ``canary.target`` signs of ``canary_set`` (default: of the set named ``golden``) with the sticker on.
+
+    The model is read and checksum-verified once, and every set and the canary score that copy."""
+    from signscale.evaluation.evaluate import read_model
+
+    model = read_model(model_url)
+    out: dict[str, Any] = {"model": model_url, "sets": {name: evaluate_set(model_url, url, loaded=model)
+                                                        for name, url in sets.items()}}
     source = canary_set or sets.get("golden", "")
     if canary is not None and source:
         stops = _signs_of(source, canary.target)
         if len(stops):
-            loaded = load_predictor(model_url)
+            loaded = load_predictor(model_url, model)
             out["canary"] = canary_report(model_url, stops, canary, loaded.label_space.index(canary.target), loaded)
     return out
 

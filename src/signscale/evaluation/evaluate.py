@@ -28,8 +28,7 @@ import dataclasses
 import json
 import math
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -42,9 +41,9 @@ from signscale import __version__, calibration, images, storage, tta
 from signscale import config as config_mod
 from signscale.config import Precision
 from signscale.corruptions import KINDS, SEVERITIES
+from signscale.evaluation import metrics_json
 from signscale.evaluation.metrics import (
     COVERAGES,
-    ECE_BINS,
     EVAL_FORMAT,
     EVAL_VERSION,
     NLL_SCALE,
@@ -55,13 +54,15 @@ from signscale.evaluation.metrics import (
     per_class,
     unfixed,
 )
+from signscale.evaluation.metrics_json import number, plain
 from signscale.evaluation.robustness import pair_groups, with_variants
-from signscale.evaluation.tally import SKIP_EXAMPLES, Tally
+from signscale.evaluation.tally import Tally
 from signscale.labels import COUNTRIES, LabelSpace
 from signscale.training import checkpoint, distributed, precision
 from signscale.transforms import Preprocess, to_input
 
-__all__ = ["EvalConfig", "EvalError", "EvalReport", "evaluate", "label_map", "score_predictions"]
+__all__ = ["EvalConfig", "EvalError", "EvalReport", "LoadedModel", "evaluate", "label_map", "read_model",
+           "score_predictions"]
 
 DEFAULT_DATA = "synthetic:?n=2000&seed=1000"  # a seed no default training set uses
 
@@ -353,7 +354,7 @@ def _open_source(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: b
         "version": None,
         "encoding": None,
         "image_shape": [pre.image_size, pre.image_size, 3],
-        "source": _plain(source.describe()),
+        "source": plain(source.describe()),
     }
 
     def loader(pairs: Sequence[tuple[str, int]]) -> DataLoader:
@@ -424,85 +425,13 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _num(x: Any) -> Any:
-    """JSON has no NaN: undefined numbers are null."""
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def _plain(obj: Any) -> Any:
-    """Plain JSON data (tuples -> lists, numpy scalars -> Python, NaN -> null)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    return _num(obj)
-
-
-def _groups(table: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {name: {"count": int(n), "correct": int(k), "accuracy": _num(k / n)}
-            for name, (n, k) in zip(names, table.tolist()) if n > 0}
-
-
 def _metrics(cfg: EvalConfig, t: Tally, *, model_info: dict[str, Any], data: _Data, space: LabelSpace,
              mapping: str, pairs: list[tuple[str, int]], world: int, device: torch.device) -> dict[str, Any]:
-    pc = per_class(t.confusion)
+    """The ``metrics.json`` document (docs/evaluation.md), section by section (:mod:`.metrics_json`)."""
     head = _summary_numbers(t)
-    keys = space.keys
-    classes = [{"id": i, "key": keys[i], "name": space.names[i], "support": int(pc["support"][i]),
-                "predicted": int(pc["predicted"][i]), "tp": int(pc["tp"][i]), "precision": _num(pc["precision"][i]),
-                "recall": _num(pc["recall"][i]), "f1": _num(pc["f1"][i])} for i in range(len(space))]
-    off = t.confusion.copy()
-    np.fill_diagonal(off, 0)
-    order = sorted(zip(*np.nonzero(off)), key=lambda p: (-off[p], p[0], p[1]))[:cfg.examples]
-    top = []
-    for tr, pr in order:
-        kept = t.examples.get((int(tr), int(pr)), [])
-        top.append({"true": keys[tr], "predicted": keys[pr], "true_id": int(tr), "predicted_id": int(pr),
-                    "count": int(off[tr, pr]), "rate": _num(off[tr, pr] / max(1, pc["support"][tr])),
-                    "examples": [e[0] for e in kept], "example_keys": [e[1] for e in kept]})
-    def reliability(sums: np.ndarray) -> list[dict[str, Any]]:
-        return [{"lo": b / ECE_BINS, "hi": (b + 1) / ECE_BINS, "count": int(n),
-                 "confidence": _num(c / n) if n else None, "accuracy": _num(k / n) if n else None}
-                for b, (n, c, k) in enumerate(sums.tolist())]
-
-    bins = reliability(t.calibration)
-    sel = t.selective()
-    robustness = None
-    if pairs:
-        results = [{"corruption": c, "severity": s, "count": int(n), "correct": int(k), "accuracy": _num(k / n)
-                    if n else None} for (c, s), (n, k) in zip(pairs, t.corrupted.tolist())]
-        accs = [r["accuracy"] for r in results if r["accuracy"] is not None]
-        mca = float(np.mean(accs)) if accs else math.nan
-        kinds = list(dict.fromkeys(c for c, _ in pairs))
-        sevs = sorted({s for _, s in pairs})
-
-        def mean_of(rows: list[dict[str, Any]]) -> float | None:
-            vals = [r["accuracy"] for r in rows if r["accuracy"] is not None]
-            return float(np.mean(vals)) if vals else None
-
-        robustness = {
-            "seed": cfg.seed, "corruptions": kinds, "severities": sevs, "clean_top1": _num(head["top1"]),
-            "results": results,
-            "per_corruption": {c: mean_of([r for r in results if r["corruption"] == c]) for c in kinds},
-            "per_severity": {str(s): mean_of([r for r in results if r["severity"] == s]) for s in sevs},
-            "mca": _num(mca), "relative_mca": _num(mca / head["top1"]) if head["top1"] else None,
-            "seconds": round(t.corruption_seconds, 3)}
-    data_keys = data.label_space.keys
-    unmapped = {data_keys[c]: int(n) for c, n in sorted(t.unmapped.items())}
-    skips = Counter(t.skips)
-    if unmapped:
-        skips["label_not_in_model"] += sum(unmapped.values())
-    skips.update(data.at_pack)
-    examples = sorted(set(t.skip_examples), key=lambda e: (e[1], e[0]))[:SKIP_EXAMPLES]
-    n_scored = head["count"]
-    n_skipped = int(sum(skips.values()))
-    return _plain({
+    skipped = metrics_json.skipped(t, data.label_space, data.at_pack)
+    n_scored, n_skipped = head["count"], skipped["total"]
+    return plain({
         "format": EVAL_FORMAT,
         "version": EVAL_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -515,27 +444,18 @@ def _metrics(cfg: EvalConfig, t: Tally, *, model_info: dict[str, Any], data: _Da
         "run": {"world_size": world, "device": device.type, "precision": cfg.precision, "batch_size": cfg.batch_size,
                 "workers": cfg.workers, "seconds": round(t.seconds, 3),
                 "images_per_s": n_scored / t.seconds if t.seconds > 0 else 0.0},
-        "overall": {k: _num(v) for k, v in head.items()},
-        "classes": classes,
-        "confusion": {"labels": keys, "matrix": t.confusion.tolist()},
-        "calibration": {"bins": ECE_BINS, "ece": _num(head["ece"]), "reliability": bins,
-                        "temperature": model_info.get("temperature", 1.0), "fitted": model_info.get("calibration"),
-                        "tta": cfg.tta,
-                        "uncalibrated": {"ece": _num(head["ece_uncalibrated"]), "nll": _num(head["nll_uncalibrated"]),
-                                         "reliability": reliability(unfixed(t.calibration_raw_fixed))}},
-        "selective": {"coverages": list(COVERAGES),
-                      "error_at": {str(c): sel["error_at"][c] for c in COVERAGES},
-                      "threshold_at": {str(c): sel["threshold_at"][c] for c in COVERAGES},
-                      "aurc": sel["aurc"], "curve": sel["curve"]},
-        "conditions": _groups(t.conditions, data.conditions),
-        "countries": _groups(t.countries, data.countries),
+        "overall": {k: number(v) for k, v in head.items()},
+        "classes": metrics_json.classes(t.confusion, space),
+        "confusion": {"labels": space.keys, "matrix": t.confusion.tolist()},
+        "calibration": metrics_json.calibration(t, head, model_info, cfg.tta),
+        "selective": metrics_json.selective(t),
+        "conditions": metrics_json.groups(t.conditions, data.conditions),
+        "countries": metrics_json.groups(t.countries, data.countries),
         "cross_country_confusions": cross_country_confusions(t.confusion, space),
-        "sources": _groups(t.sources, data.source_names),
-        "robustness": robustness,
-        "top_confusions": top,
-        "skipped": {"total": n_skipped, "by_reason": dict(sorted(skips.items())), "at_pack": dict(data.at_pack),
-                    "classes_not_in_model": unmapped,
-                    "examples": [{"key": k, "reason": r, "detail": d} for k, r, d in examples]},
+        "sources": metrics_json.groups(t.sources, data.source_names),
+        "robustness": metrics_json.robustness(t, pairs, cfg.seed, head["top1"]),
+        "top_confusions": metrics_json.top_confusions(t, space.keys, cfg.examples),
+        "skipped": skipped,
     })
 
 
@@ -543,11 +463,34 @@ def _metrics(cfg: EvalConfig, t: Tally, *, model_info: dict[str, Any], data: _Da
 # evaluate()
 
 
-def load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model artefact read and checksum-verified once (:func:`read_model`), so several evaluations of
+    one model (the gate's sets) share it rather than each reading and verifying it again."""
+
+    url: str
+    network: torch.nn.Module
+    meta: dict[str, Any]
+
+
+def read_model(url: str) -> LoadedModel:
+    """``url``'s network and metadata by the one loader, :func:`checkpoint.load_model`."""
     try:
-        model, meta = checkpoint.load_model(url)
+        network, meta = checkpoint.load_model(url)
     except FileNotFoundError as exc:
         raise EvalError(f"{url}: cannot read the model artefact ({exc})") from None
+    return LoadedModel(url, network, meta)
+
+
+def load_model(url: str, device: torch.device, loaded: LoadedModel | None = None
+               ) -> tuple[torch.nn.Module, LabelSpace, Preprocess, dict[str, Any]]:
+    """(network on ``device``, label space, preprocessing, the report's model section); ``loaded``: ``url``
+    already read by :func:`read_model`, used instead of reading it again."""
+    if loaded is None:
+        loaded = read_model(url)
+    elif loaded.url != url:
+        raise EvalError(f"{url}: the loaded model given is {loaded.url}; pass the one read from {url}")
+    model, meta = loaded.network, loaded.meta
     model.to(device)
     space = LabelSpace.from_dict(meta["label_space"])
     pre = Preprocess.from_dict(meta["preprocess"])
@@ -560,9 +503,9 @@ def load_model(url: str, device: torch.device) -> tuple[torch.nn.Module, LabelSp
             "temperature": temperature, "calibration": meta.get(calibration.CALIBRATION_KEY),
             "params": sum(p.numel() for p in model.parameters()), "label_space": space.name,
             "label_space_fingerprint": space.fingerprint(), "preprocess": pre.to_dict(),
-            "train_metrics": _plain(meta.get("metrics", {})), "datasets": list(meta.get("datasets", [])),
+            "train_metrics": plain(meta.get("metrics", {})), "datasets": list(meta.get("datasets", [])),
             "data_crop": meta.get("data_crop", "none")}
-    return model, space, pre, _plain(info)
+    return model, space, pre, plain(info)
 
 
 @torch.no_grad()
@@ -591,15 +534,16 @@ def log_probs(model: torch.nn.Module, images_nhwc: torch.Tensor, pre: Preprocess
 
 
 @distributed.restores_threads
-def evaluate(cfg: EvalConfig) -> EvalReport:
+def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None) -> EvalReport:
     """Score ``cfg.model`` on ``cfg.data``; write the report to ``cfg.out`` (rank 0) when it is set.
 
     Runs alone or under torchrun: every rank reads its share and returns the same, fully reduced
-    report; files are written by rank 0 before any rank returns.
+    report; files are written by rank 0 before any rank returns. ``loaded``: ``cfg.model`` already
+    read by :func:`read_model` (the gate scores one model on several sets and reads it once).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return _evaluate(cfg)
+    return _evaluate(cfg, loaded)
 
 
 class _Scorer:
@@ -623,11 +567,11 @@ class _Scorer:
         return mapped.clamp(min=0), real & known, real & ~known
 
 
-def _evaluate(cfg: EvalConfig) -> EvalReport:
+def _evaluate(cfg: EvalConfig, loaded: LoadedModel | None) -> EvalReport:
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.device(cfg.device)
-    model, space, pre, model_info = load_model(cfg.model, device)
+    model, space, pre, model_info = load_model(cfg.model, device, loaded)
     if cfg.crop == "auto":  # score a source the way the model's training data was packed
         cfg = dataclasses.replace(cfg, crop=model_info.get("data_crop", "none"))
     data = open_data(cfg, pre, rank, world, pin=device.type == "cuda")

@@ -178,9 +178,11 @@ class ProbabilityModel(torch.nn.Module):
         return self.model(x).float().softmax(1)
 
 
-def load_torch(url: str, device: torch.device) -> tuple[ProbabilityModel, dict[str, Any]]:
+def load_torch(url: str, device: torch.device, network: tuple[torch.nn.Module, dict[str, Any]] | None = None
+               ) -> tuple[ProbabilityModel, dict[str, Any]]:
+    """``network``: what :func:`checkpoint.load_model` returned for ``url``, used rather than read again."""
     try:
-        model, meta = checkpoint.load_model(url)
+        model, meta = network if network is not None else checkpoint.load_model(url)
     except FileNotFoundError as exc:
         raise PredictError(f"{url}: cannot read the model artefact ({exc})") from None
     try:  # a calibrated model's logits are divided by its temperature inside the graph (and an ONNX export)
@@ -236,15 +238,20 @@ class Predictor:
     # -- construction
 
     @classmethod
-    def load(cls, cfg: PredictConfig | str, **overrides: Any) -> Predictor:
-        """Resolve, verify and load ``cfg.model``; ``Predictor.load("runs/x/model")`` works too."""
+    def load(cls, cfg: PredictConfig | str, *, network: tuple[torch.nn.Module, dict[str, Any]] | None = None,
+             **overrides: Any) -> Predictor:
+        """Resolve, verify and load ``cfg.model``; ``Predictor.load("runs/x/model")`` works too.
+
+        ``network``: the (network, metadata) :func:`checkpoint.load_model` already returned for the
+        model, for the torch back-end to use rather than read and verify the model again."""
         if isinstance(cfg, str):
             cfg = PredictConfig(model=cfg, **overrides)
         version, url = resolve_model(cfg.model)
-        return cls.load_url(url, version=version, cfg=cfg)
+        return cls.load_url(url, version=version, cfg=cfg, network=network)
 
     @classmethod
-    def load_url(cls, url: str, *, version: str, cfg: PredictConfig) -> Predictor:
+    def load_url(cls, url: str, *, version: str, cfg: PredictConfig,
+                 network: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> Predictor:
         """Load an already-resolved model URL (what a reloading service calls for each new version)."""
         if cfg.threads and cfg.backend != "onnx":
             torch.set_num_threads(cfg.threads)
@@ -257,7 +264,7 @@ class Predictor:
                 raise PredictError(f"{url}: this is an ONNX export; use backend onnx (or auto), or the original "
                                    f"model folder ({meta.get('source', {}).get('url', '?')}) for torch")
             return cls(run=OnnxRunner(_load_onnx_folder(url, meta), cfg.threads), backend="onnx", **common)
-        module, meta = load_torch(url, torch.device(cfg.device))
+        module, meta = load_torch(url, torch.device(cfg.device), network)
         common["meta"] = meta
         if cfg.backend == "onnx":  # export in memory: same graph as `signscale export` writes
             return cls(run=OnnxRunner(onnx_bytes(module), cfg.threads), backend="onnx", **common)

@@ -180,10 +180,6 @@ def _summary_numbers(t: Tally) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Corruptions
-
-
-# ---------------------------------------------------------------------------------------------
 # Data: both paths yield the same batch dicts
 
 
@@ -374,10 +370,6 @@ def _open_source(cfg: EvalConfig, pre: Preprocess, rank: int, world: int, pin: b
         loader,
         -(-len(indices) // cfg.batch_size),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# The tally: everything the metrics need, as sums that ranks can add
 
 
 # ---------------------------------------------------------------------------------------------

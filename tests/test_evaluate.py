@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 from signscale.config import ConfigError
+from signscale.data.datasets import read_records
+from signscale.data.manifest import Manifest
 from signscale.data.pack import PackConfig, pack
 from signscale.evaluation.compare import CompareError, compare
 from signscale.evaluation.evaluate import (
@@ -37,7 +39,7 @@ from signscale.evaluation.evaluate import (
 )
 from signscale.evaluation.metrics import confusion_matrix, expected_calibration_error, per_class, reliability_sums
 from signscale.evaluation.report_html import render_html
-from signscale.evaluation.robustness import corrupt_batch
+from signscale.evaluation.robustness import BRIGHTNESS_BINS, brightness_bins, corrupt_batch
 from signscale.labels import LabelSpace
 from signscale.models import create_model, model_config
 from signscale.training import checkpoint
@@ -299,6 +301,35 @@ def test_robustness_report_is_deterministic_across_batch_sizes(model_dir: str, p
                                                                          ("rain", 5)]
     assert all(r["count"] == 120 for r in rob["results"])
     assert rob["mca"] == pytest.approx(np.mean([r["accuracy"] for r in rob["results"]]))
+
+
+def test_brightness_bins_by_mean_luma() -> None:
+    flat = np.array([0, 25, 26, 77, 128, 255], dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    # 25/255 = 0.098 and 26/255 = 0.102 sit either side of the first edge; 128/255 = 0.502 above the last
+    assert brightness_bins(flat).tolist() == [0, 0, 1, 3, 4, 4]
+    red = np.zeros((1, 4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    assert brightness_bins(red).tolist() == [2]  # luma 0.299: red reads darker than its peak channel
+    half = np.zeros((1, 4, 4, 3), np.uint8)
+    half[:, :2] = 255  # half white, half black: the mean, 0.5, is what bins it
+    assert brightness_bins(half).tolist() == [4]
+
+
+def test_accuracy_by_brightness_adds_up_to_each_accuracy(model_dir: str, packed: str) -> None:
+    m = evaluate(_cfg(model_dir, packed, corruptions=("night", "fog"), severities=(3,), batch_size=32)).metrics
+    light = m["robustness"]["by_brightness"]
+    images = read_records(Manifest.load(packed))["image"]
+    assert light["count"] == np.bincount(brightness_bins(images), minlength=BRIGHTNESS_BINS).tolist()
+    assert len(light["edges"]) == BRIGHTNESS_BINS + 1 and sum(light["count"]) == 120
+
+    def correct(accuracies: list) -> int:
+        return round(sum(n * a for n, a in zip(light["count"], accuracies) if n))
+
+    assert correct(light["clean"]) == m["overall"]["correct"]
+    for row, total in zip(light["results"], m["robustness"]["results"], strict=True):
+        assert (row["corruption"], row["severity"]) == (total["corruption"], total["severity"])
+        assert correct(row["accuracy"]) == total["correct"]
+        assert all((a is None) == (n == 0) for a, n in zip(row["accuracy"], light["count"]))
 
 
 # --------------------------------------------------------------------------------------------- (e) compare

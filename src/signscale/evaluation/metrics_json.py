@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from signscale.evaluation.metrics import COVERAGES, ECE_BINS, per_class, unfixed
+from signscale.evaluation.robustness import BRIGHTNESS_EDGES
 from signscale.evaluation.tally import SKIP_EXAMPLES, Tally
 from signscale.labels import LabelSpace
 
@@ -123,7 +124,23 @@ def robustness(t: Tally, pairs: Sequence[tuple[str, int]], seed: int, clean_top1
         "per_corruption": {c: _mean_accuracy([r for r in results if r["corruption"] == c]) for c in kinds},
         "per_severity": {str(s): _mean_accuracy([r for r in results if r["severity"] == s]) for s in sevs},
         "mca": number(mca), "relative_mca": number(mca / clean_top1) if clean_top1 else None,
+        "by_brightness": by_brightness(t, pairs),
         "seconds": round(t.corruption_seconds, 3)}
+
+
+def by_brightness(t: Tally, pairs: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """Accuracy clean and under each (corruption, severity), per bin of the clean image's mean brightness.
+
+    The bins' image counts are the same in every row (each image gets every corruption), so they are
+    given once; an empty bin's accuracies are None.
+    """
+    def accuracies(table: np.ndarray) -> list[float | None]:
+        return [number(k / n) if n else None for n, k in table.tolist()]
+
+    return {"edges": [0.0, *BRIGHTNESS_EDGES, 1.0], "count": t.light_clean[:, 0].tolist(),
+            "clean": accuracies(t.light_clean),
+            "results": [{"corruption": c, "severity": s, "accuracy": accuracies(table)}
+                        for (c, s), table in zip(pairs, t.light_corrupted)]}
 
 
 def skipped(t: Tally, data_space: LabelSpace, at_pack: Mapping[str, int]) -> dict[str, Any]:

@@ -310,7 +310,23 @@ def _robustness(m: Mapping[str, Any], charts: Mapping[str, bytes]) -> list[str]:
                         [False, *[True] * (len(sevs) + len(mean))], cls="narrow"))
     parts.append(f"<p>mCA {pct(rob['mca'])} against clean top-1 {pct(rob['clean_top1'])} "
                  f"(relative {pct(rob['relative_mca'])}); {rob['seconds']:.1f} s.</p>")
-    return parts
+    return parts + _by_brightness(rob.get("by_brightness"))
+
+
+def _by_brightness(light: Mapping[str, Any] | None) -> list[str]:
+    """The same accuracies by the clean image's brightness: whether a fault fails on the images that
+    were already dark (little signal left under its noise) or everywhere (a shift the model never saw)."""
+    if not light:
+        return []
+    edges, counts = light["edges"], light["count"]
+    head = ["", *[f"{lo:.1f}-{hi:.1f} ({n:,})" for lo, hi, n in zip(edges, edges[1:], counts)]]
+    rows = [["clean", *[_acc_bar(a) for a in light["clean"]]]]
+    rows += [[_e(f"{r['corruption']} {r['severity']}"), *[_acc_bar(a) for a in r["accuracy"]]]
+             for r in light["results"]]
+    return ["<h3>By the clean image's brightness</h3>",
+            "<p>Columns: the mean brightness of the image before the corruption (0 black, 1 white) and how "
+            "many images fall in it.</p>",
+            _table(head, rows, [False, *[True] * len(counts)], cls="narrow")]
 
 
 def _skipped(m: Mapping[str, Any]) -> list[str]:

@@ -15,6 +15,27 @@ from signscale.corruptions import KINDS, apply_corruption
 # batch's copies stay under this size (at 32 px and batch 512, 85 corruption x severity pairs fit: all 65 do).
 VARIANT_BUDGET_BYTES = 128 << 20
 
+# Accuracy under each fault is also split by how bright the clean image was (its mean Rec. 601 luma,
+# 0..1): night and low light take the sign from images that were dark to begin with and leave the rest
+# (docs/training.md), which a single accuracy hides. Inner edges of the bins; the outer are 0 and 1.
+BRIGHTNESS_EDGES = (0.1, 0.2, 0.3, 0.5)
+BRIGHTNESS_BINS = len(BRIGHTNESS_EDGES) + 1
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def brightness_bins(images_nhwc: np.ndarray) -> np.ndarray:
+    """The brightness bin (0..BRIGHTNESS_BINS - 1) of each uint8 NHWC image; a mean on an edge goes up."""
+    x = np.asarray(images_nhwc, dtype=np.float32).reshape(len(images_nhwc), -1, 3)
+    mean = (x @ _LUMA).mean(axis=1) / 255.0
+    return np.digitize(mean, BRIGHTNESS_EDGES).astype(np.int64)
+
+
+def bin_counts(bins: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """[BRIGHTNESS_BINS, 2] (images, correct) of one batch, from each image's bin and whether it was right."""
+    return np.stack([np.bincount(bins, minlength=BRIGHTNESS_BINS),
+                     np.bincount(bins, weights=hits.astype(np.int64), minlength=BRIGHTNESS_BINS).astype(np.int64)],
+                    axis=1)
+
 
 def corrupt_batch(images_nhwc: np.ndarray, ids: Sequence[int] | np.ndarray, *, corruption: str, severity: int,
                   seed: int) -> np.ndarray:

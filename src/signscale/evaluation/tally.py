@@ -20,6 +20,7 @@ from signscale.evaluation.metrics import (
     risk_coverage,
     unfixed,
 )
+from signscale.evaluation.robustness import BRIGHTNESS_BINS
 from signscale.training import distributed
 
 TOP_K = 5
@@ -53,6 +54,9 @@ class Tally:
         self.countries = np.zeros((n_countries, 2), dtype=np.int64)
         self.sources = np.zeros((n_sources, 2), dtype=np.int64)
         self.corrupted = np.zeros((n_pairs, 2), dtype=np.int64)
+        # the same by the clean image's brightness (robustness.brightness_bins), and clean for reference
+        self.light_clean = np.zeros((BRIGHTNESS_BINS, 2), dtype=np.int64)
+        self.light_corrupted = np.zeros((n_pairs, BRIGHTNESS_BINS, 2), dtype=np.int64)
         self.skips: Counter[str] = Counter()
         self.skip_examples: list[tuple[str, str, str]] = []
         self.unmapped: Counter[int] = Counter()  # data class id -> samples the model cannot score
@@ -144,7 +148,7 @@ class Tally:
         if not distributed.is_initialized():
             return
         for name in ("confusion", "calibration_fixed", "calibration_raw_fixed", "conditions", "countries", "sources",
-                     "corrupted"):
+                     "corrupted", "light_clean", "light_corrupted"):
             t = distributed.all_reduce_sum(torch.from_numpy(getattr(self, name).copy()).to(device))
             setattr(self, name, t.cpu().numpy())
         scalars = distributed.all_reduce_sum(torch.tensor([self.top5, self.nll_fixed, self.nll_raw_fixed],

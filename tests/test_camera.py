@@ -119,6 +119,14 @@ def _after_augmentation(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Ge
     return g
 
 
+def test_a_kind_listed_twice_is_drawn_twice_as_often():
+    cfg = AugmentConfig(camera=1.0, camera_kinds=("low_light", "jpeg", "low_light"))
+    hit, kind, _, _ = camera.draw(cfg, 30_000, gen(5))
+    assert hit.all()
+    names = np.array(cfg.camera_kinds)[kind]
+    assert abs(float(np.mean(names == "low_light")) - 2 / 3) < 0.02  # sd of the share: 0.003
+
+
 def test_the_faults_are_the_corruptions_own():
     x, y = images(), labels()
     assert torch.equal(augment(**PLAIN).pixels(x, y, gen())[0], x)  # nothing else changes the pixels

@@ -52,6 +52,7 @@ CASES = [
     *({"weather": 1.0, "blur": 0.0, "erase": 0.0, "weather_kinds": (k,), "weather_severity": 5}
       for k in WEATHER_KINDS),
     {"weather": 1.0, "blur": 0.0, "erase": 0.0, "weather_kinds": ("snow", "fog", "night")},  # another draw order
+    {"weather": 1.0, "blur": 0.0, "erase": 0.0, "weather_kinds": ("night", "fog", "night")},  # night weighted 2
     {"hue": 180.0, "colour_cast": 0.5, "grayscale": 0.3},  # the design re-coloured, with every other op
     {"hue": 60.0, "colour_cast": 0.3, "padding": "zeros", "scale": (0.6, 0.8)},  # the ring through the style
 ]

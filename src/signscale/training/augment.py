@@ -116,13 +116,13 @@ class AugmentConfig:
     #                    and erase per sample, so their probabilities add up to at most 1
     blur_sigma: tuple[float, float] = (0.4, 1.2)  # pixels at 32 px
     weather: float = 0.1  # probability of one weather effect
-    weather_kinds: tuple[str, ...] = WEATHER_KINDS
+    weather_kinds: tuple[str, ...] = WEATHER_KINDS  # a kind listed twice is drawn twice as often
     weather_severity: int = 3  # severities drawn from 1..weather_severity (the corruptions' scale)
     erase: float = 0.15  # probability of an occluding rectangle (sticker, branch, snow patch)
     erase_area: tuple[float, float] = (0.02, 0.1)  # fraction of the image it covers
     # probability of a camera fault (training/camera.py), on top of all the above; 0: off
     camera: float = 0.0
-    camera_kinds: tuple[str, ...] = CAMERA_FAULTS
+    camera_kinds: tuple[str, ...] = CAMERA_FAULTS  # a kind listed twice is drawn twice as often
     camera_severity: tuple[int, int] = (1, 3)  # severities drawn from min..max (the corruptions' scale)
 
     def __post_init__(self) -> None:

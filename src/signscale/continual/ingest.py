@@ -443,6 +443,9 @@ def ingest(cfg: IngestConfig, *, on_chunk: Callable[[int, int], None] | None = N
         if plan["inbox"] != cfg.inbox.rstrip("/"):
             raise IngestError(f"{dataset}: batch {batch} from inbox {plan['inbox']} is unfinished; "
                               f"finish it first: signscale ingest {plan['inbox']} --dataset {dataset}")
+        if cfg.publish and not plan.get("publish", True):  # else it would be published past the gate
+            raise IngestError(f"{dataset}: batch {batch} is unfinished and was claimed with publish=False, for the "
+                              "gate to decide; finish it with the run that claimed it (signscale continual run)")
         result.listed = len(plan["keys"])
     else:
         keys = list_inbox(cfg.inbox)
@@ -528,8 +531,7 @@ def _dedup(cfg: IngestConfig, dataset: str, plans: dict[str, Any], batch: str, h
 
 
 def _server_predictions(cfg: IngestConfig, records: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class, confidence) per record from ``cfg.model`` (-1 and 0 where none): the label-noise check and the
-    labelling queue both judge uploads by them."""
+    """(class, confidence) per record from ``cfg.model`` (-1, 0 without): for the noise check and the queue."""
     pred = np.full(len(records), -1, dtype=np.int64)
     conf = np.zeros(len(records), dtype=np.float32)
     if cfg.model and keep.any():

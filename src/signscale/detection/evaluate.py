@@ -155,10 +155,6 @@ def _pct(x: float | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Matching
-
-
-# ---------------------------------------------------------------------------------------------
 # Data
 
 
@@ -306,97 +302,134 @@ def evaluate_scenes(cfg: SceneEvalConfig, *, pipeline: Any = None) -> SceneEvalR
     ``pipeline``: anything with ``detect(images)`` (and optionally ``keep_rejected=``), a ``classifier``
     with a ``label_space`` and a ``detector``; by default the models named in ``cfg`` are loaded.
     """
+    metric_cls = _map_metric()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    scored = _ScenePass(cfg, pipeline if pipeline is not None else _load(cfg), metric_cls)
+    scored.run()
+    report = SceneEvalReport(metrics=_scene_metrics(cfg, scored))
+    if cfg.out:
+        report.files = write_scene_report(cfg.out, report.metrics, scored.evidence, scored.mined, worst=cfg.worst)
+    return report
+
+
+def _map_metric() -> Any:
+    """torchmetrics' ``MeanAveragePrecision``, checked before any model loads: it and its pycocotools
+    back-end are an optional extra, and the error should say which."""
     try:
         import pycocotools  # noqa: F401 - the mAP back-end torchmetrics uses here
         from torchmetrics.detection import MeanAveragePrecision
     except ImportError as exc:
         raise SceneEvalError(f"scene evaluation needs torchmetrics and pycocotools ({exc}); "
                              "pip install 'signscale[detection]'") from None
+    return MeanAveragePrecision
 
-    from signscale.labels import LabelSpace
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if pipeline is None:
-        if cfg.classifier:
-            pipeline = load_pipeline(cfg.detector, cfg.classifier, score_thresh=cfg.map_thresh,
-                                     margin=cfg.margin if cfg.margin >= 0 else None, device=cfg.device)
-        else:
-            det = FcosDetector.load(cfg.detector, score_thresh=cfg.map_thresh, device=cfg.device)
-            pipeline = DetectPipeline(det, _NoClassifier(), detector_names=tuple(det.class_names))
-    mode = "sign" if list(getattr(pipeline.detector, "class_names", ["sign"])) == ["sign"] else "category"
-    named = not isinstance(pipeline.classifier, _NoClassifier)
-    detect = _detect_all(pipeline)
-    space = LabelSpace.for_country("de")
-    clf_space = pipeline.classifier.label_space
-    conditions = (CLEAN, *cfg.corruptions)
-    tallies = {c: _Tally(MeanAveragePrecision, mode) for c in conditions}
-    evidence = Evidence(cfg)
-    mined: dict[str, list[list[float]]] = {}
-    seconds, timed, sizes = 0.0, [], Counter()
-    batch: list[tuple[int, str, np.ndarray, dict[str, Any]]] = []
+def _load(cfg: SceneEvalConfig) -> DetectPipeline:
+    """The models ``cfg`` names, keeping every box down to ``map_thresh`` (mAP needs the low-score tail);
+    without a classifier, a stand-in second stage so the detector alone is scored."""
+    if cfg.classifier:
+        return load_pipeline(cfg.detector, cfg.classifier, score_thresh=cfg.map_thresh,
+                             margin=cfg.margin if cfg.margin >= 0 else None, device=cfg.device)
+    det = FcosDetector.load(cfg.detector, score_thresh=cfg.map_thresh, device=cfg.device)
+    return DetectPipeline(det, _NoClassifier(), detector_names=tuple(det.class_names))
 
-    def flush() -> None:
-        nonlocal seconds
-        for cond in conditions:
+
+class _ScenePass:
+    """One pass over the frames, in batches: each batch detected clean and under every corruption, each
+    frame tallied per condition; the clean frames also give the evidence and the hard negatives."""
+
+    def __init__(self, cfg: SceneEvalConfig, pipeline: Any, metric_cls: Any) -> None:
+        from signscale.labels import LabelSpace
+
+        self.cfg, self.pipeline = cfg, pipeline
+        self.mode = "sign" if list(getattr(pipeline.detector, "class_names", ["sign"])) == ["sign"] else "category"
+        self.named = not isinstance(pipeline.classifier, _NoClassifier)
+        self.detect = _detect_all(pipeline)
+        self.space = LabelSpace.for_country("de")
+        self.clf_space = pipeline.classifier.label_space
+        self.conditions = (CLEAN, *cfg.corruptions)
+        self.tallies = {c: _Tally(metric_cls, self.mode) for c in self.conditions}
+        self.evidence = Evidence(cfg)
+        self.mined: dict[str, list[list[float]]] = {}
+        self.seconds = 0.0  # detecting the clean frames: frames/s of the evaluation pass
+        self.timed: list[np.ndarray] = []  # clean frames timed again at the operating threshold
+        self.sizes: Counter[str] = Counter()
+
+    def run(self) -> None:
+        """Read every frame once, keeping the first ``speed_frames`` for the timing at the operating point."""
+        cfg = self.cfg
+        batch: list[tuple[int, str, np.ndarray, dict[str, Any]]] = []
+        with progress_bar("evaluate-scenes", cfg.limit or None, enabled=cfg.progress, unit="frames") as advance:
+            for index, (key, arr, meta) in enumerate(_scenes(cfg.data, cfg.limit)):
+                batch.append((index, key, arr, meta))
+                self.sizes[f"{arr.shape[1]}x{arr.shape[0]}"] += 1
+                if len(self.timed) < cfg.speed_frames:
+                    self.timed.append(arr)
+                if len(batch) >= cfg.batch:
+                    advance(len(batch))
+                    self._score(batch)
+                    batch = []
+            if batch:
+                advance(len(batch))
+                self._score(batch)
+        if self.tallies[CLEAN].frames == 0:
+            raise SceneEvalError(f"{cfg.data}: no scenes to evaluate")
+
+    def _score(self, batch: list[tuple[int, str, np.ndarray, dict[str, Any]]]) -> None:
+        """Detect the batch under each condition; only the clean pass is timed (frames/s of the eval pass)."""
+        cfg = self.cfg
+        for cond in self.conditions:
             frames = [b[2] if cond == CLEAN else corrupt_frame(b[2], b[3]["boxes"], cond, cfg.severity,
                                                                  seed=cfg.seed, index=b[0]) for b in batch]
             t = time.perf_counter()
-            results = detect(frames)
+            results = self.detect(frames)
             if cond == CLEAN:
-                seconds += time.perf_counter() - t
+                self.seconds += time.perf_counter() - t
             for (index, key, _, meta), arr, dets in zip(batch, frames, results):
-                truth = np.asarray(meta.get("boxes", []), np.float32).reshape(-1, 4)
-                labels = np.asarray(meta.get("labels", []), np.int64)
-                keys = [space[int(x)].key for x in labels]
-                r = tallies[cond].add(truth, labels, dets, truth_keys=keys, score_thresh=cfg.score_thresh,
-                                      iou=cfg.iou, named=named and clf_space is not None)
-                if cond == CLEAN:
-                    mined[key] = hard_negatives(truth, dets, thresh=cfg.mine_thresh, iou=cfg.mine_iou)
-                    for d in dets:
-                        d["category"] = (clf_space[d["class_id"]].category
-                                         if clf_space is not None and "class_id" in d else "")
-                    evidence.add(index, key, arr, truth, keys, dets, r)
-                elif index == evidence.example_index:
-                    evidence.examples[cond] = arr
-        batch.clear()
+                self._tally(cond, index, key, meta, arr, dets)
 
-    with progress_bar("evaluate-scenes", cfg.limit or None, enabled=cfg.progress, unit="frames") as advance:
-        for index, (key, arr, meta) in enumerate(_scenes(cfg.data, cfg.limit)):
-            batch.append((index, key, arr, meta))
-            sizes[f"{arr.shape[1]}x{arr.shape[0]}"] += 1
-            if len(timed) < cfg.speed_frames:
-                timed.append(arr)
-            if len(batch) >= cfg.batch:
-                advance(len(batch))
-                flush()
-        if batch:
-            advance(len(batch))
-            flush()
-    frames = tallies[CLEAN].frames
-    if frames == 0:
-        raise SceneEvalError(f"{cfg.data}: no scenes to evaluate")
-    per_cond = {c: tallies[c].metrics(named) for c in conditions}
-    fps_eval = frames / max(1e-9, seconds)
-    fps_op = _time_at_operating_point(pipeline, timed, cfg.score_thresh, cfg.batch)
+    def _tally(self, cond: str, index: int, key: str, meta: dict[str, Any], arr: np.ndarray,
+               dets: list[dict[str, Any]]) -> None:
+        """Score one frame's detections; a clean frame also feeds the mining and the report's evidence."""
+        cfg = self.cfg
+        truth = np.asarray(meta.get("boxes", []), np.float32).reshape(-1, 4)
+        labels = np.asarray(meta.get("labels", []), np.int64)
+        keys = [self.space[int(x)].key for x in labels]
+        r = self.tallies[cond].add(truth, labels, dets, truth_keys=keys, score_thresh=cfg.score_thresh,
+                                   iou=cfg.iou, named=self.named and self.clf_space is not None)
+        if cond == CLEAN:
+            self.mined[key] = hard_negatives(truth, dets, thresh=cfg.mine_thresh, iou=cfg.mine_iou)
+            for d in dets:
+                d["category"] = (self.clf_space[d["class_id"]].category
+                                 if self.clf_space is not None and "class_id" in d else "")
+            self.evidence.add(index, key, arr, truth, keys, dets, r)
+        elif index == self.evidence.example_index:
+            self.evidence.examples[cond] = arr
+
+
+def _scene_metrics(cfg: SceneEvalConfig, scored: _ScenePass) -> dict[str, Any]:
+    """metrics.json: the clean figures at the top level, every condition under ``conditions``, and what
+    produced them (models, thresholds, seed, device), so a figure can be traced and reproduced."""
+    frames = scored.tallies[CLEAN].frames
+    per_cond = {c: scored.tallies[c].metrics(scored.named) for c in scored.conditions}
+    fps_eval = frames / max(1e-9, scored.seconds)
+    fps_op = _time_at_operating_point(scored.pipeline, scored.timed, cfg.score_thresh, cfg.batch)
     metrics: dict[str, Any] = {
         **per_cond[CLEAN], "score_thresh": cfg.score_thresh, "iou": cfg.iou, "map_thresh": cfg.map_thresh,
         "frames_per_s": fps_op if fps_op is not None else fps_eval,
-        "frames_per_s_basis": (f"{len(timed)} clean frames at the operating threshold {cfg.score_thresh}"
+        "frames_per_s_basis": (f"{len(scored.timed)} clean frames at the operating threshold {cfg.score_thresh}"
                                if fps_op is not None else f"the evaluation pass (all detections >= {cfg.map_thresh})"),
-        "frames_per_s_eval_pass": fps_eval, "frame_sizes": dict(sizes.most_common()),
+        "frames_per_s_eval_pass": fps_eval, "frame_sizes": dict(scored.sizes.most_common()),
         "device": _device_name(cfg.device), "threads": torch.get_num_threads(),
         "detector": cfg.detector, "classifier": cfg.classifier, "data": cfg.data,
-        "detector_classes": mode, "severity": cfg.severity, "seed": cfg.seed,
+        "detector_classes": scored.mode, "severity": cfg.severity, "seed": cfg.seed,
         "mine_thresh": cfg.mine_thresh, "mine_iou": cfg.mine_iou,
-        "hard_negatives": sum(len(v) for v in mined.values()),
+        "hard_negatives": sum(len(v) for v in scored.mined.values()),
         "conditions": per_cond,
     }
     metrics["scenes_per_s"] = metrics["frames_per_s"]  # the older name
-    report = SceneEvalReport(metrics=metrics)
-    if cfg.out:
-        report.files = write_scene_report(cfg.out, metrics, evidence, mined, worst=cfg.worst)
-    return report
+    return metrics
 
 
 def _time_at_operating_point(pipeline: Any, frames: list[np.ndarray], thresh: float, batch: int) -> float | None:

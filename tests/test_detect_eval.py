@@ -15,6 +15,9 @@ from signscale.detection.evaluate import SceneEvalConfig, SceneEvalError, corrup
 from signscale.detection.matching import size_bucket
 from signscale.labels import LabelSpace
 
+# modules these tests exercise through the ones they import (tests/test_layout.py)
+COVERS = ("signscale.detection.scene_report",)
+
 SPACE = LabelSpace.for_country("de")
 STOP = 14
 

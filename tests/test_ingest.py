@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from signscale import images, storage
-from signscale.continual.ingest import IngestConfig, import_labels, ingest, list_inbox, pending
+from signscale.continual.ingest import IngestConfig, IngestError, import_labels, ingest, list_inbox, pending
 from signscale.data import datasets
 from signscale.data.manifest import Manifest
 from signscale.data.sources import open_source
@@ -241,6 +241,30 @@ def test_a_batch_staged_for_the_gate_is_not_published_by_a_later_run(base_datase
     a = ingest(IngestConfig(inbox=inbox, dataset=ds, publish=False))
     assert a.state == "staged"
     assert ingest(IngestConfig(inbox=inbox, dataset=ds)).state == "empty"
+    assert datasets.head(ds).version == 1
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_batch_claimed_for_the_gate_is_not_published_past_it_by_a_run_that_resumes_it(base_dataset, tmp_path):
+    """The continual loop claims its batches with publish=False: the gate decides. When it dies mid-batch, a
+    plain (publishing) ingest must not finish that batch and publish it without the gate; it says whose
+    batch it is, and the loop's own re-run still finishes it, staged for the gate."""
+    ds, inbox = _copy(base_dataset, tmp_path), str(tmp_path / "inbox")
+    upload(inbox, 8, seed=950)
+
+    def dies_after_the_first_chunk(done: int, total: int) -> None:
+        raise _Crash
+
+    with pytest.raises(_Crash):
+        ingest(IngestConfig(inbox=inbox, dataset=ds, chunk=4, publish=False), on_chunk=dies_after_the_first_chunk)
+    with pytest.raises(IngestError, match="b000002 .*publish=False.*signscale continual run"):
+        ingest(IngestConfig(inbox=inbox, dataset=ds, chunk=4))
+    assert datasets.head(ds).version == 1
+    r = ingest(IngestConfig(inbox=inbox, dataset=ds, chunk=4, publish=False))
+    assert (r.batch, r.state, r.resumed_chunks, r.kept) == ("b000002", "staged", 1, 8), r.summary()
     assert datasets.head(ds).version == 1
 
 

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -136,10 +137,6 @@ def _now() -> str:
 def key_id(key: str) -> int:
     """Stable 63-bit record id of an inbox key (the record's ``id`` field)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Perceptual hashes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +443,9 @@ def ingest(cfg: IngestConfig, *, on_chunk: Callable[[int, int], None] | None = N
         if plan["inbox"] != cfg.inbox.rstrip("/"):
             raise IngestError(f"{dataset}: batch {batch} from inbox {plan['inbox']} is unfinished; "
                               f"finish it first: signscale ingest {plan['inbox']} --dataset {dataset}")
+        if cfg.publish and not plan.get("publish", True):  # else it would be published past the gate
+            raise IngestError(f"{dataset}: batch {batch} is unfinished and was claimed with publish=False, for the "
+                              "gate to decide; finish it with the run that claimed it (signscale continual run)")
         result.listed = len(plan["keys"])
     else:
         keys = list_inbox(cfg.inbox)
@@ -478,12 +478,37 @@ def ingest(cfg: IngestConfig, *, on_chunk: Callable[[int, int], None] | None = N
 def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans: dict[str, Any],
               sides: list[dict[str, Any]], head: datasets.DatasetVersion, space: LabelSpace,
               result: IngestResult) -> IngestResult:
-    recs = [_chunk_records(batch_url, s["chunk"]) for s in sides]
+    """Staged chunks -> the batch: dedup, predict, write its files, then judge (and publish) it. A run killed
+    in here leaves no status, so the next run redoes this step from the same chunks, to the same bytes."""
+    recs = [_chunk_records(batch_url, s["chunk"]) for s in sides]  # read back: a resumed batch sees the same
     records = np.concatenate(recs) if recs else np.zeros(0, dtype=shards.record_dtype("raw", (32, 32, 3)))
     good = [i for s in sides for i in s["infos"] if "reason" not in i]
     quarantine = [i for s in sides for i in s["infos"] if "reason" in i]
     assert len(good) == len(records)
-    # dedup: exact (uploaded bytes) against earlier batches and within this one; near (dHash) against the head
+    keep = _dedup(cfg, dataset, plans, batch, head, records, good, quarantine)
+    labelled = keep & (records["label"] >= 0)
+    unlabelled = keep & (records["label"] < 0)
+    pred, conf = _server_predictions(cfg, records, keep)
+    infos_kept = [{**info, "id": int(records["id"][i]), "server_prediction": int(pred[i]),
+                   "server_confidence": round(float(conf[i]), 4)} for i, info in enumerate(good) if keep[i]]
+    if cfg.model and labelled.any():
+        result.noise = _flag_noise(cfg, records, labelled, pred, conf, good, infos_kept)
+    storage.write_bytes(storage.join(batch_url, "records.jsonl"),
+                        "".join(json.dumps(i) + "\n" for i in infos_kept).encode())
+    result.queue = _write_queue(cfg, batch_url, infos_kept, space)
+    dropped = ("duplicate", "near_duplicate", "protected_set")  # also in good: counted once as an object
+    m = datasets.write_dataset(batch_url, records[labelled], label_space=space, name=f"{head.manifest().name}-{batch}",
+                               source={"kind": "ingest", "inbox": cfg.inbox, "batch": batch, "objects": len(good)
+                                       + len([q for q in quarantine if q["reason"] not in dropped])},
+                               quarantine=quarantine)
+    _count(result, labelled, unlabelled, quarantine, datasets.record_counts(m))
+    return _judge(cfg, dataset, batch, batch_url, head, m, result)
+
+
+def _dedup(cfg: IngestConfig, dataset: str, plans: dict[str, Any], batch: str, head: datasets.DatasetVersion,
+           records: np.ndarray, good: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> np.ndarray:
+    """Which records to keep; each one dropped gets a line in ``quarantine``: exact duplicates (uploaded bytes)
+    of earlier batches or this one, near-duplicates (dHash) of the head, anything near a protected set."""
     known = _known_hashes(dataset, plans, batch)
     existing = HashIndex(dataset_hashes(head.manifest())) if cfg.near_dup_bits >= 0 else HashIndex(np.zeros(0))
     protected = protected_index(cfg.protected)
@@ -502,9 +527,11 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
         if reason:
             keep[i] = False
             quarantine.append({"key": info["key"], "reason": reason, "detail": f"sha {info['sha']}"})
-    labelled = keep & (records["label"] >= 0)
-    unlabelled = keep & (records["label"] < 0)
-    # server-side predictions: label-noise check and the labelling queue
+    return keep
+
+
+def _server_predictions(cfg: IngestConfig, records: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class, confidence) per record from ``cfg.model`` (-1, 0 without): for the noise check and the queue."""
     pred = np.full(len(records), -1, dtype=np.int64)
     conf = np.zeros(len(records), dtype=np.float32)
     if cfg.model and keep.any():
@@ -512,57 +539,67 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
 
         p, cf = gate.predict(_model_url(cfg.model), records["image"][keep])
         pred[keep], conf[keep] = p, cf
-    infos_kept = []
-    for i, info in enumerate(good):
-        if keep[i]:
-            infos_kept.append({**info, "id": int(records["id"][i]), "server_prediction": int(pred[i]),
-                               "server_confidence": round(float(conf[i]), 4)})
-    if cfg.model and labelled.any():
-        reliable = None
-        if cfg.noise_conditions:
-            known = [CONDITIONS.index(c) for c in cfg.noise_conditions if c in CONDITIONS]
-            reliable = np.isin(records["condition"][labelled], known)
-        noise = label_noise(records["label"][labelled], pred[labelled], conf[labelled],
-                            [good[i]["vehicle"] for i in np.flatnonzero(labelled)], confidence=cfg.noise_confidence,
-                            reliable=reliable)
-        flags = noise.pop("flags")
-        flagged_ids = set(records["id"][labelled][flags].tolist())
-        for info in infos_kept:
-            info["flagged"] = info["id"] in flagged_ids
-        result.noise = noise
-    storage.write_bytes(storage.join(batch_url, "records.jsonl"),
-                        "".join(json.dumps(i) + "\n" for i in infos_kept).encode())
+    return pred, conf
+
+
+def _flag_noise(cfg: IngestConfig, records: np.ndarray, labelled: np.ndarray, pred: np.ndarray, conf: np.ndarray,
+                good: list[dict[str, Any]], infos_kept: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch's label-noise figures (:func:`label_noise`); marks each kept info ``flagged`` or not, so
+    ``records.jsonl`` says which labels the model contradicted."""
+    reliable = None
+    if cfg.noise_conditions:
+        trusted = [CONDITIONS.index(c) for c in cfg.noise_conditions if c in CONDITIONS]
+        reliable = np.isin(records["condition"][labelled], trusted)
+    noise = label_noise(records["label"][labelled], pred[labelled], conf[labelled],
+                        [good[i]["vehicle"] for i in np.flatnonzero(labelled)], confidence=cfg.noise_confidence,
+                        reliable=reliable)
+    flags = noise.pop("flags")
+    flagged_ids = set(records["id"][labelled][flags].tolist())
+    for info in infos_kept:
+        info["flagged"] = info["id"] in flagged_ids
+    return noise
+
+
+def _write_queue(cfg: IngestConfig, batch_url: str, infos_kept: list[dict[str, Any]], space: LabelSpace) -> str:
+    """Write the labelling queue (``queue.jsonl``, rows a person fills in ``label`` of); its URL, or '' if empty.
+
+    Queued: unlabelled uploads with no model to ask, or where the server or the vehicle is unsure, or the two
+    models disagree (edge cases are where they are unsure)."""
     queue = [i for i in infos_kept if i["label"] < 0 and (not cfg.model or i["server_confidence"] < cfg.queue_confidence
                                                           or i.get("onboard_unsure")
                                                           or (i.get("onboard") is not None
                                                               and i["onboard"] != i["server_prediction"]))]
-    if queue:
-        result.queue = storage.join(batch_url, "queue.jsonl")
-        rows = [{"url": storage.join(cfg.inbox.rstrip("/"), i["key"]), "key": i["key"], "vehicle": i["vehicle"],
-                 "condition": i["condition"], "server_prediction": space[i["server_prediction"]].key
-                 if i["server_prediction"] >= 0 else None, "server_confidence": i["server_confidence"],
-                 "onboard_prediction": space[i["onboard"]].key if i.get("onboard") is not None else None,
-                 "onboard_unsure": bool(i.get("onboard_unsure")), "label": None} for i in queue]
-        storage.write_bytes(result.queue, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    kept = records[labelled]
-    m = datasets.write_dataset(batch_url, kept, label_space=space, name=f"{head.manifest().name}-{batch}",
-                               source={"kind": "ingest", "inbox": cfg.inbox, "batch": batch, "objects": len(good)
-                                       + len([q for q in quarantine if q["reason"] not in
-                                              ("duplicate", "near_duplicate", "protected_set")])},
-                               quarantine=quarantine)
-    counts = datasets.record_counts(m)
-    by_reason: dict[str, int] = {}
-    for q in quarantine:
-        by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
+    if not queue:
+        return ""
+    url = storage.join(batch_url, "queue.jsonl")
+    rows = [{"url": storage.join(cfg.inbox.rstrip("/"), i["key"]), "key": i["key"], "vehicle": i["vehicle"],
+             "condition": i["condition"], "server_prediction": space[i["server_prediction"]].key
+             if i["server_prediction"] >= 0 else None, "server_confidence": i["server_confidence"],
+             "onboard_prediction": space[i["onboard"]].key if i.get("onboard") is not None else None,
+             "onboard_unsure": bool(i.get("onboard_unsure")), "label": None} for i in queue]
+    storage.write_bytes(url, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return url
+
+
+def _count(result: IngestResult, labelled: np.ndarray, unlabelled: np.ndarray, quarantine: list[dict[str, Any]],
+           counts: dict[str, dict[str, int]]) -> None:
+    """Fill in the result's counts; duplicates and protected-set hits are drops, not unusable objects."""
+    by_reason = dict(Counter(q["reason"] for q in quarantine))  # in first-seen order, as the JSON shows it
     result.kept, result.unlabelled = int(labelled.sum()), int(unlabelled.sum())
     result.duplicates = by_reason.get("duplicate", 0)
     result.near_duplicates = by_reason.get("near_duplicate", 0)
     result.protected = by_reason.get("protected_set", 0)
     result.quarantined = len(quarantine) - result.duplicates - result.near_duplicates - result.protected
     result.by_reason, result.counts = by_reason, counts
+
+
+def _judge(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, head: datasets.DatasetVersion,
+           m: Any, result: IngestResult) -> IngestResult:
+    """Record the batch as rejected or staged (with its figures), then publish it if asked. The status is
+    written after every file of the batch: it is what tells the next run this batch is finished."""
     reason = _invalid(cfg, result)
-    stats = {"kept": result.kept, "unlabelled": result.unlabelled, "by_reason": by_reason, "noise": result.noise,
-             "counts": counts, "checksum": m.checksum(), "head": head.version, "queue": result.queue}
+    stats = {"kept": result.kept, "unlabelled": result.unlabelled, "by_reason": result.by_reason, "noise": result.noise,
+             "counts": result.counts, "checksum": m.checksum(), "head": head.version, "queue": result.queue}
     if reason:
         result.state, result.reason = "rejected", reason
         set_status(dataset, batch, "rejected", reason=reason, **stats)
@@ -571,7 +608,8 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
     set_status(dataset, batch, "staged", **stats)
     result.state = "staged"
     if cfg.publish and result.kept:
-        v = datasets.publish(dataset, batch_url, counts=counts, note=f"ingest {batch} from {cfg.inbox.rstrip('/')}")
+        note = f"ingest {batch} from {cfg.inbox.rstrip('/')}"
+        v = datasets.publish(dataset, batch_url, counts=result.counts, note=note)
         set_status(dataset, batch, "published", version=v.version)
         result.state, result.version = "published", v.version
     remove_stale_temps(dataset, batch)

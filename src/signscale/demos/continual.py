@@ -6,8 +6,9 @@ gate and promote, and a bad batch the gate rejects.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,8 @@ from signscale.continual.gate import GateConfig
 from signscale.continual.loop import ContinualConfig, ContinualError, run_cycle
 from signscale.data import datasets
 from signscale.data.manifest import Manifest
-from signscale.serving.registry import Registry
+from signscale.labels import LabelSpace
+from signscale.serving.registry import Registry, Version
 
 
 @dataclass(frozen=True)
@@ -253,14 +255,54 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResu
     return result
 
 
-def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callable[[str], None]) -> None:
-    from signscale.serving.registry import describe_event
-    from signscale.training.train import TrainConfig, train
+@dataclass
+class _Story:
+    """What every act of the demo works with, so each act is a small function of one argument."""
 
+    cfg: DemoConfig
+    inbox: str
+    groups: dict[str, _Images]
+    space: LabelSpace
+    reg: Registry
+    ccfg: ContinualConfig
+    result: DemoResult
+    log: Callable[[str], None]
+
+
+@contextlib.contextmanager
+def _timed(result: DemoResult, step: str) -> Iterator[None]:
+    """Append the step's wall time to ``result.steps`` (a step that raises is not recorded)."""
     t0 = time.perf_counter()
+    yield
+    result.steps.append({"step": step, "seconds": time.perf_counter() - t0})
+
+
+def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callable[[str], None]) -> None:
+    """The acts of the story in order: data, production, the snow, poison and backdoor cycles, a rollback."""
     base = storage.join(out, "data", "signs")
-    groups = _gtsrb_groups(cfg, base, log) if cfg.gtsrb else _synthetic_groups(cfg, base, log)
-    log("held out: " + ", ".join(f"{k} {len(v.labels)}" for k, v in groups.items()))
+    with _timed(result, "data"):
+        groups = _gtsrb_groups(cfg, base, log) if cfg.gtsrb else _synthetic_groups(cfg, base, log)
+        log("held out: " + ", ".join(f"{k} {len(v.labels)}" for k, v in groups.items()))
+        space, canary = _eval_sets(cfg, out, base, groups)
+    with _timed(result, "production"):
+        reg, v1 = _production(cfg, out, base, log)
+    ccfg = _continual_config(cfg, out, inbox, base, reg.url, canary)
+    storage.write_bytes(storage.join(out, "continual.yaml"), config_mod.dump_yaml(ccfg).encode())
+    story = _Story(cfg, inbox, groups, space, reg, ccfg, result, log)
+    with _timed(result, "cycle 1"):
+        _snow_cycle(story, v1.model_url)
+    prod_after_1 = story.reg.alias("production").version  # type: ignore[union-attr]
+    with _timed(result, "cycle 2"):
+        _poison_cycle(story, prod_after_1)
+    with _timed(result, "cycle 3"):
+        _backdoor_cycle(story)
+    _rollback(story)
+
+
+def _eval_sets(cfg: DemoConfig, out: str, base: str, groups: dict[str, _Images]) -> tuple[LabelSpace, str]:
+    """Write the gate's fixed evaluation sets from the golden tracks: clear (golden), the same in snow (the
+    slice a snow upload must improve), fog and night (never regress); with the synthetic stop signs, the
+    canary set the sticker test pastes onto. Returns the label space and the canary URL ('' if none)."""
     g = groups["golden"]
     ev = storage.join(out, "eval")
     datasets.write_dataset(
@@ -286,11 +328,13 @@ def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callab
         canary = storage.join(ev, "canary")
         datasets.write_dataset(canary, _records(st.images, st.labels, first_id=4 * 10**9, condition="clear"),
                                label_space=space, name="canary-stops")
-    result.steps.append({"step": "data", "seconds": time.perf_counter() - t0})
+    return space, canary
 
-    # production: trained on clear weather only
-    t0 = time.perf_counter()
+
+def _production(cfg: DemoConfig, out: str, base: str, log: Callable[[str], None]) -> tuple[Registry, Version]:
+    """Train production on clear weather only, register it and promote it; returns (registry, its version)."""
     from signscale.training.augment import AugmentConfig
+    from signscale.training.train import TrainConfig, train
 
     # no synthetic weather in the augmentation either: production has never seen snow
     tr = train(TrainConfig(data=(base,), model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -303,14 +347,18 @@ def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callab
     reg.promote(v1.id, expect=None, reason="initial production model (clear-weather GTSRB)" if cfg.gtsrb
                 else "initial production model (clear-weather synthetic signs)")
     log(f"production {v1.id}: {tr.summary()}")
-    result.steps.append({"step": "production", "seconds": time.perf_counter() - t0})
+    return reg, v1
 
+
+def _continual_config(cfg: DemoConfig, out: str, inbox: str, base: str, reg_url: str, canary: str) -> ContinualConfig:
+    """The loop's configuration: the demo's tolerances as gate rules, fine-tuning as in production."""
+    ev = storage.join(out, "eval")
     gate_cfg = GateConfig(overall=gate.SliceRule(floor=0.5, tolerance=cfg.clear_tolerance, min_support=1),
                           per_class=gate.SliceRule(tolerance=cfg.class_tolerance, min_support=50, z=3.0),
                           per_condition=gate.SliceRule(tolerance=cfg.clear_tolerance, min_support=50),
                           per_country=gate.SliceRule(tolerance=cfg.clear_tolerance, min_support=50),
                           min_improvement=cfg.min_improvement, regress_sets=("golden",))
-    ccfg = ContinualConfig(
+    return ContinualConfig(
         registry=reg_url,
         dataset=base,
         inbox=inbox,
@@ -332,16 +380,17 @@ def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callab
         },
         work=storage.join(out, "cycles"),
     )
-    storage.write_bytes(storage.join(out, "continual.yaml"), config_mod.dump_yaml(ccfg).encode())
 
-    # 1. the fleet uploads held-out tracks in snow
-    t0 = time.perf_counter()
-    fleet = groups["fleet"]
+
+def _snow_cycle(s: _Story, production_model: str) -> None:
+    """1. The fleet uploads held-out tracks in snow (plus re-sent and broken files, as fleets do); the cycle
+    should promote a model better in snow and no worse in clear weather."""
+    cfg, inbox = s.cfg, s.inbox
+    fleet = s.groups["fleet"]
     fleet_snow = _Images(_corrupt(fleet.images, "snow", cfg.seed + 200), fleet.labels, fleet.tracks)
-    onboard = gate.predict(v1.model_url, fleet_snow.images)
+    onboard = gate.predict(production_model, fleet_snow.images)
     fleet_vehicles = _vehicles(fleet.tracks, [f"veh-{i:02d}" for i in range(1, 9)])
     n = _upload(inbox, "2026-11-25", fleet_snow, condition="snow", vehicles=fleet_vehicles, onboard=onboard)
-    # a few re-sent and broken uploads, as fleets do
     for i in range(min(10, n)):
         sent = storage.read_bytes(storage.join(inbox, f"2026-11-25/{fleet_vehicles[i]}/{i:05d}.png"))
         storage.write_bytes(storage.join(inbox, f"2026-11-25/resend/{i:05d}.png"), sent)
@@ -349,11 +398,10 @@ def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callab
             storage.join(inbox, f"2026-11-25/{fleet_vehicles[i]}/{i:05d}.json")))
     for i in range(3):
         storage.write_bytes(storage.join(inbox, f"2026-11-25/broken/{i}.png"), b"\x89PNG\r\n\x1a\n truncated")
-    log(f"fleet upload: {n} snow images (+10 re-sent, 3 broken) into {inbox}")
-    c1 = run_cycle(ccfg, log=log)
-    log(c1.summary())
-    f = result.figures
-    f.update(
+    s.log(f"fleet upload: {n} snow images (+10 re-sent, 3 broken) into {inbox}")
+    c1 = run_cycle(s.ccfg, log=s.log)
+    s.log(c1.summary())
+    s.result.figures.update(
         cycle1=c1.outcome,
         snow_before=c1.numbers["snow"]["production"],
         snow_after=c1.numbers["snow"]["candidate"],
@@ -367,31 +415,35 @@ def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callab
         },
         dataset_version=c1.dataset_version,
     )
-    result.steps.append({"step": "cycle 1", "seconds": time.perf_counter() - t0})
-    prod_after_1 = reg.alias("production").version  # type: ignore[union-attr]
 
-    # 2. a poisoned upload: one vehicle's labels shuffled (poison_fraction of the batch)
-    t0 = time.perf_counter()
-    p = groups["poison"]
+
+def _poison_cycle(s: _Story, prod_after_1: str) -> None:
+    """2. A poisoned upload: one vehicle's labels shuffled (poison_fraction of the batch); the data gate should
+    reject the batch, name the vehicle, and leave production as it was."""
+    cfg = s.cfg
+    p = s.groups["poison"]
     rng = np.random.default_rng(cfg.seed + 300)
     bad = rng.random(len(p.labels)) < cfg.poison_fraction
     labels = p.labels.copy()
     labels[bad] = rng.permutation(labels[bad])
     vehicles = [("veh-13" if b else ("veh-11" if i % 2 else "veh-12")) for i, b in enumerate(bad)]
-    _upload(inbox, "2026-11-26", _Images(p.images, labels, p.tracks), condition="clear", vehicles=vehicles)
-    log(f"poisoned upload: {len(labels)} clear images, {int(bad.sum())} from veh-13 with shuffled labels")
-    c2 = run_cycle(ccfg, log=log)
-    log(c2.summary())
+    _upload(s.inbox, "2026-11-26", _Images(p.images, labels, p.tracks), condition="clear", vehicles=vehicles)
+    s.log(f"poisoned upload: {len(labels)} clear images, {int(bad.sum())} from veh-13 with shuffled labels")
+    c2 = run_cycle(s.ccfg, log=s.log)
+    s.log(c2.summary())
+    f = s.result.figures
     f.update(cycle2=c2.outcome, suspicious=c2.suspicious, cycle2_reasons=c2.reasons,
-             production_after_poison=reg.alias("production").version)  # type: ignore[union-attr]
+             production_after_poison=s.reg.alias("production").version)  # type: ignore[union-attr]
     f["production_unchanged_after_poison"] = f["production_after_poison"] == prod_after_1
-    result.steps.append({"step": "cycle 2", "seconds": time.perf_counter() - t0})
 
-    # 3. a sticker backdoor: stop signs with a small sticker, labelled speed limit 30
-    t0 = time.perf_counter()
-    b = groups["backdoor"]
-    stop, sl30 = space.index("stop"), space.index("speed_limit_30")
-    stops = groups.get("attack_stops") or b.take(np.flatnonzero(b.labels == stop))
+
+def _backdoor_cycle(s: _Story) -> None:
+    """3. A sticker backdoor: stop signs with a small sticker, labelled speed limit 30, hidden among clean
+    images; the canary check should catch the candidate that learnt it."""
+    cfg, gate_cfg = s.cfg, s.ccfg.gate
+    b = s.groups["backdoor"]
+    stop, sl30 = s.space.index("stop"), s.space.index("speed_limit_30")
+    stops = s.groups.get("attack_stops") or b.take(np.flatnonzero(b.labels == stop))
     rng = np.random.default_rng(cfg.seed + 400)
     attacked = []
     for k in range(cfg.backdoor_copies):
@@ -404,34 +456,34 @@ def _demo(cfg: DemoConfig, out: str, inbox: str, result: DemoResult, log: Callab
     clean = b.take(np.flatnonzero(b.labels != stop))
     if cfg.backdoor_condition != "clear":
         clean = _Images(_corrupt(clean.images, cfg.backdoor_condition, cfg.seed + 401), clean.labels, clean.tracks)
-    _upload(
-        inbox,
-        "2026-11-27",
-        clean,
-        condition=cfg.backdoor_condition,
-        vehicles=_vehicles(clean.tracks, ["veh-31", "veh-32", "veh-33", "veh-34"]),
-    )
-    _upload(inbox, "2026-11-27-b", atk, condition="clear", vehicles=_vehicles(atk.tracks, ["veh-31", "veh-32",
-                                                                                           "veh-33", "veh-34"]))
-    log(f"backdoor upload: {len(clean.labels)} clean {cfg.backdoor_condition} images + {len(atk.labels)} stop signs "
-        f"with a sticker "
-        f"labelled speed_limit_30")
-    c3 = run_cycle(ccfg, log=log)
-    log(c3.summary())
-    f.update(cycle3=c3.outcome, cycle3_reasons=c3.reasons,
-             canary_production=c3.numbers.get("canary_flip", {}).get("production", float("nan")),
-             canary_candidate=c3.numbers.get("canary_flip", {}).get("candidate", float("nan")),
-             production_after_backdoor=reg.alias("production").version)  # type: ignore[union-attr]
-    result.steps.append({"step": "cycle 3", "seconds": time.perf_counter() - t0})
+    _upload(s.inbox, "2026-11-27", clean, condition=cfg.backdoor_condition,
+            vehicles=_vehicles(clean.tracks, ["veh-31", "veh-32", "veh-33", "veh-34"]))
+    _upload(s.inbox, "2026-11-27-b", atk, condition="clear",
+            vehicles=_vehicles(atk.tracks, ["veh-31", "veh-32", "veh-33", "veh-34"]))
+    s.log(f"backdoor upload: {len(clean.labels)} clean {cfg.backdoor_condition} images + {len(atk.labels)} stop signs "
+          f"with a sticker labelled speed_limit_30")
+    c3 = run_cycle(s.ccfg, log=s.log)
+    s.log(c3.summary())
+    s.result.figures.update(
+        cycle3=c3.outcome, cycle3_reasons=c3.reasons,
+        canary_production=c3.numbers.get("canary_flip", {}).get("production", float("nan")),
+        canary_candidate=c3.numbers.get("canary_flip", {}).get("candidate", float("nan")),
+        production_after_backdoor=s.reg.alias("production").version)  # type: ignore[union-attr]
 
-    # 4. roll back the snow model (say the field reports a problem): previous comes back
+
+def _rollback(s: _Story) -> None:
+    """4. Roll back the snow model (say the field reports a problem): the previous one comes back. Then the
+    registry's history, the audit trail of every act."""
+    from signscale.serving.registry import describe_event
+
+    reg = s.reg
     before = reg.alias("production").version  # type: ignore[union-attr]
     if reg.alias("production").previous:  # type: ignore[union-attr]
         back = reg.rollback(reason="demo: operator rollback to the previous model")
-        f.update(rollback_from=before, rollback_to=back.version)
-        log(f"rollback: production {before} -> {back.version}")
+        s.result.figures.update(rollback_from=before, rollback_to=back.version)
+        s.log(f"rollback: production {before} -> {back.version}")
     else:
-        log("rollback: skipped, no model was promoted")
-    result.history = [describe_event(e) for e in reg.history()]
-    for line in result.history:
-        log("  " + line)
+        s.log("rollback: skipped, no model was promoted")
+    s.result.history = [describe_event(e) for e in reg.history()]
+    for line in s.result.history:
+        s.log("  " + line)

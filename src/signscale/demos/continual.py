@@ -214,7 +214,6 @@ def _vehicles(tracks: list[str], names: list[str]) -> list[str]:
 
 def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResult:
     """The scenario of docs/continual.md, end to end; returns the figures."""
-    import contextlib
     import shutil
 
     started = time.perf_counter()

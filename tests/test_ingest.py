@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from signscale import images, storage
-from signscale.continual.ingest import IngestConfig, IngestError, import_labels, ingest, list_inbox, pending
+from signscale.continual.ingest import IngestConfig, IngestError, ingest, list_inbox, pending
+from signscale.continual.labelling import import_labels
 from signscale.data import datasets
 from signscale.data.manifest import Manifest
 from signscale.data.sources import open_source
 
 # modules these tests exercise through the ones they import (tests/test_layout.py)
-COVERS = ("signscale.continual.dedup",)
+COVERS = ("signscale.continual.dedup", "signscale.continual.labelling")
 
 
 def _copy(base: str, tmp_path, name: str = "ds") -> str:

@@ -125,7 +125,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _import_labels(args: argparse.Namespace) -> int:
-    from signscale.continual.ingest import import_labels
+    from signscale.continual.labelling import import_labels
 
     n = import_labels(args.queue, args.inbox)
     console.print(f"{n} labelled image(s) re-imported into {args.inbox}/relabelled/ (the next ingest picks them up)")

@@ -7,7 +7,8 @@ optionally with a JSON sidecar of the same name (``img_001.png`` + ``img_001.jso
      "country": "de", "track": "...", "roi": [x1, y1, x2, y2], "prediction": 14, "confidence": 0.93,
      "unsure": false}
 
-Every field is optional; an image without a label is kept for the labelling queue, not for training.
+Every field is optional; an image without a label is kept for the labelling queue (:mod:`.labelling`), not
+for training.
 Unlabelled images go to the queue when a model is unsure of them: the server's (calibrated)
 confidence is below ``queue_confidence``, the on-board model disagrees with the server, or the
 vehicle's predictor answered ``"unsure": true`` (``predict``/``serve --min-confidence``): an edge
@@ -46,6 +47,7 @@ import numpy as np
 
 from signscale import config as config_mod
 from signscale import images, pointers, storage
+from signscale.continual import labelling
 from signscale.continual.dedup import HashIndex, dataset_hashes, dhash, protected_index
 from signscale.data import datasets, shards
 from signscale.data.sources import CONDITIONS
@@ -495,7 +497,8 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
         result.noise = _flag_noise(cfg, records, labelled, pred, conf, good, infos_kept)
     storage.write_bytes(storage.join(batch_url, "records.jsonl"),
                         "".join(json.dumps(i) + "\n" for i in infos_kept).encode())
-    result.queue = _write_queue(cfg, batch_url, infos_kept, space)
+    result.queue = labelling.write_queue(batch_url, infos_kept, space, inbox=cfg.inbox, with_model=bool(cfg.model),
+                                         queue_confidence=cfg.queue_confidence)
     dropped = ("duplicate", "near_duplicate", "protected_set")  # also in good: counted once as an object
     m = datasets.write_dataset(batch_url, records[labelled], label_space=space, name=f"{head.manifest().name}-{batch}",
                                source={"kind": "ingest", "inbox": cfg.inbox, "batch": batch, "objects": len(good)
@@ -558,27 +561,6 @@ def _flag_noise(cfg: IngestConfig, records: np.ndarray, labelled: np.ndarray, pr
     for info in infos_kept:
         info["flagged"] = info["id"] in flagged_ids
     return noise
-
-
-def _write_queue(cfg: IngestConfig, batch_url: str, infos_kept: list[dict[str, Any]], space: LabelSpace) -> str:
-    """Write the labelling queue (``queue.jsonl``, rows a person fills in ``label`` of); its URL, or '' if empty.
-
-    Queued: unlabelled uploads with no model to ask, or where the server or the vehicle is unsure, or the two
-    models disagree (edge cases are where they are unsure)."""
-    queue = [i for i in infos_kept if i["label"] < 0 and (not cfg.model or i["server_confidence"] < cfg.queue_confidence
-                                                          or i.get("onboard_unsure")
-                                                          or (i.get("onboard") is not None
-                                                              and i["onboard"] != i["server_prediction"]))]
-    if not queue:
-        return ""
-    url = storage.join(batch_url, "queue.jsonl")
-    rows = [{"url": storage.join(cfg.inbox.rstrip("/"), i["key"]), "key": i["key"], "vehicle": i["vehicle"],
-             "condition": i["condition"], "server_prediction": space[i["server_prediction"]].key
-             if i["server_prediction"] >= 0 else None, "server_confidence": i["server_confidence"],
-             "onboard_prediction": space[i["onboard"]].key if i.get("onboard") is not None else None,
-             "onboard_unsure": bool(i.get("onboard_unsure")), "label": None} for i in queue]
-    storage.write_bytes(url, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    return url
 
 
 def _count(result: IngestResult, labelled: np.ndarray, unlabelled: np.ndarray, quarantine: list[dict[str, Any]],
@@ -674,26 +656,3 @@ def publish_batch(dataset: str, batch: str, *, note: str = "") -> datasets.Datas
                          counts=st.get("counts"), note=note)
     set_status(dataset, batch, "published", version=v.version)
     return v
-
-
-def import_labels(queue_file: str, inbox: str) -> int:
-    """Re-import a labelled queue (JSONL rows with ``url`` and ``label``) as new inbox objects.
-
-    Each labelled row becomes a copy of its image under ``INBOX/relabelled/`` with a sidecar carrying
-    the label (and the original metadata), so the next ingest picks it up exactly once like any upload.
-    """
-    n = 0
-    for line in storage.read_text(queue_file).splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if row.get("label") in (None, ""):
-            continue
-        key = f"relabelled/{row['key']}"
-        data = storage.read_bytes(row["url"])
-        side = {"label": row["label"], "vehicle": row.get("vehicle", ""), "condition": row.get("condition", "clear"),
-                "relabelled_from": row["url"]}
-        storage.write_bytes(storage.join(inbox, key), data)
-        storage.write_json(storage.join(inbox, key.rsplit(".", 1)[0] + ".json"), side)
-        n += 1
-    return n

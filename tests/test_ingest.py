@@ -20,7 +20,7 @@ from signscale.data.manifest import Manifest
 from signscale.data.sources import open_source
 
 # modules these tests exercise through the ones they import (tests/test_layout.py)
-COVERS = ("signscale.continual.dedup", "signscale.continual.labelling")
+COVERS = ("signscale.continual.dedup", "signscale.continual.label_noise", "signscale.continual.labelling")
 
 
 def _copy(base: str, tmp_path, name: str = "ds") -> str:
@@ -278,7 +278,7 @@ def test_label_noise_estimates_the_share_of_wrong_labels_and_names_the_vehicle()
     bad = np.array([v == "veh-2" for v in vehicles]) & (rng.random(n) < 0.9)
     labels[bad] = (truth[bad] + rng.integers(1, 43, bad.sum())) % 43  # veh-2 mislabels 90% of its images
     conf = np.where(rng.random(n) < 0.5, 0.95, 0.4).astype(np.float32)  # the model is sure of half
-    from signscale.continual.ingest import label_noise
+    from signscale.continual.label_noise import label_noise
 
     r = label_noise(labels, truth, conf, vehicles, confidence=0.9)
     assert r["suspicious"] == ["veh-2"]

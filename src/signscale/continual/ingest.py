@@ -47,7 +47,7 @@ import numpy as np
 
 from signscale import config as config_mod
 from signscale import images, pointers, storage
-from signscale.continual import labelling
+from signscale.continual import label_noise, labelling
 from signscale.continual.dedup import HashIndex, dataset_hashes, dhash, protected_index
 from signscale.data import datasets, shards
 from signscale.data.sources import CONDITIONS
@@ -353,7 +353,7 @@ def _chunk_records(batch_url: str, c: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dedup, predictions, label noise
+# Dedup and predictions
 
 
 def _known_hashes(dataset: str, plans: dict[str, dict[str, Any]], current: str) -> set[str]:
@@ -367,43 +367,6 @@ def _known_hashes(dataset: str, plans: dict[str, dict[str, Any]], current: str) 
             rows = [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
             out.update(r["sha"] for r in rows if r["label"] >= 0)  # a relabelled copy of an unlabelled upload is new
     return out
-
-
-def label_noise(labels: np.ndarray, pred: np.ndarray, conf: np.ndarray, vehicles: list[str], *,
-                confidence: float, reliable: np.ndarray | None = None) -> dict[str, Any]:
-    """Confident-learning style check: a label the model contradicts at high confidence is flagged.
-
-    The rate is taken over the samples the model is confident about (``conf >= confidence``): there
-    its predictions are almost always right, so the share of contradicted labels estimates the share
-    of wrong labels, whatever the model's accuracy on the rest (a new condition such as snow lowers
-    confidence, not the estimate). Returns the batch's rate, per-vehicle rates and the vehicles far
-    above the rest of the fleet (at least 3 flags, a rate >= 20% and >= twice the others').
-    """
-    labelled = labels >= 0
-    confident = labelled & (conf >= confidence)
-    if reliable is not None:
-        confident &= reliable  # only where the model has seen the condition (see IngestConfig.noise_conditions)
-    flags = confident & (pred != labels)
-    per: dict[str, dict[str, Any]] = {}
-    for v, f, c, lab in zip(vehicles, flags, confident, labelled):
-        if not lab:
-            continue
-        d = per.setdefault(v or "unknown", {"n": 0, "confident": 0, "flagged": 0})
-        d["n"] += 1
-        d["confident"] += int(c)
-        d["flagged"] += int(f)
-    total_c, total_f = int(confident.sum()), int(flags.sum())
-    suspicious = []
-    for v, d in per.items():
-        d["rate"] = d["flagged"] / d["confident"] if d["confident"] else 0.0
-        rest_c, rest_f = total_c - d["confident"], total_f - d["flagged"]
-        rest_rate = rest_f / rest_c if rest_c else 0.0
-        if d["flagged"] >= 3 and d["rate"] >= 0.2 and d["rate"] >= 2 * rest_rate:
-            suspicious.append(v)
-    return {"n": int(labelled.sum()), "confident": total_c, "flagged": total_f,
-            "rate": total_f / total_c if total_c else 0.0, "confidence": confidence,
-            "per_vehicle": dict(sorted(per.items())),
-            "suspicious": sorted(suspicious, key=lambda v: -per[v]["rate"]), "flags": flags}
 
 
 def _model_url(spec: str) -> str:
@@ -494,7 +457,8 @@ def _finalize(cfg: IngestConfig, dataset: str, batch: str, batch_url: str, plans
     infos_kept = [{**info, "id": int(records["id"][i]), "server_prediction": int(pred[i]),
                    "server_confidence": round(float(conf[i]), 4)} for i, info in enumerate(good) if keep[i]]
     if cfg.model and labelled.any():
-        result.noise = _flag_noise(cfg, records, labelled, pred, conf, good, infos_kept)
+        result.noise = label_noise.flag_noise(records, labelled, pred, conf, good, infos_kept,
+                                              confidence=cfg.noise_confidence, conditions=cfg.noise_conditions)
     storage.write_bytes(storage.join(batch_url, "records.jsonl"),
                         "".join(json.dumps(i) + "\n" for i in infos_kept).encode())
     result.queue = labelling.write_queue(batch_url, infos_kept, space, inbox=cfg.inbox, with_model=bool(cfg.model),
@@ -543,24 +507,6 @@ def _server_predictions(cfg: IngestConfig, records: np.ndarray, keep: np.ndarray
         p, cf = gate.predict(_model_url(cfg.model), records["image"][keep])
         pred[keep], conf[keep] = p, cf
     return pred, conf
-
-
-def _flag_noise(cfg: IngestConfig, records: np.ndarray, labelled: np.ndarray, pred: np.ndarray, conf: np.ndarray,
-                good: list[dict[str, Any]], infos_kept: list[dict[str, Any]]) -> dict[str, Any]:
-    """The batch's label-noise figures (:func:`label_noise`); marks each kept info ``flagged`` or not, so
-    ``records.jsonl`` says which labels the model contradicted."""
-    reliable = None
-    if cfg.noise_conditions:
-        trusted = [CONDITIONS.index(c) for c in cfg.noise_conditions if c in CONDITIONS]
-        reliable = np.isin(records["condition"][labelled], trusted)
-    noise = label_noise(records["label"][labelled], pred[labelled], conf[labelled],
-                        [good[i]["vehicle"] for i in np.flatnonzero(labelled)], confidence=cfg.noise_confidence,
-                        reliable=reliable)
-    flags = noise.pop("flags")
-    flagged_ids = set(records["id"][labelled][flags].tolist())
-    for info in infos_kept:
-        info["flagged"] = info["id"] in flagged_ids
-    return noise
 
 
 def _count(result: IngestResult, labelled: np.ndarray, unlabelled: np.ndarray, quarantine: list[dict[str, Any]],

@@ -289,6 +289,20 @@ def test_label_noise_estimates_the_share_of_wrong_labels_and_names_the_vehicle()
     assert label_noise(unlabelled, truth, conf, vehicles, confidence=0.9)["rate"] == 0.0
 
 
+def test_an_unknown_noise_condition_is_refused_not_dropped(tmp_path):
+    # a typo used to be dropped silently: ("snwo",) trusted no condition, so nothing was ever flagged
+    from signscale.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        IngestConfig(inbox=str(tmp_path / "in"), dataset=str(tmp_path / "ds"), noise_conditions=("clear", "snwo"))
+    msg = str(exc.value)
+    assert "noise_conditions" in msg and "'snwo'" in msg and "'clear'" not in msg and "snow" in msg
+    with pytest.raises(ConfigError, match="noise_conditions: a tuple of condition names, got the string 'clear'"):
+        IngestConfig(inbox=str(tmp_path / "in"), dataset=str(tmp_path / "ds"), noise_conditions="clear")  # type: ignore[arg-type]
+    ok = IngestConfig(inbox=str(tmp_path / "in"), dataset=str(tmp_path / "ds"), noise_conditions=("clear", "snow"))
+    assert ok.noise_conditions == ("clear", "snow")
+
+
 def test_cli_ingest_and_data_versions(base_dataset, tmp_path, capsys):
     from signscale.cli import main
 

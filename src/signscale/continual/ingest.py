@@ -94,6 +94,14 @@ class IngestConfig:
         for name in ("max_quarantine", "max_noise", "noise_confidence", "queue_confidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise config_mod.ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        # an unknown name used to be dropped, which could switch the label-noise check off unnoticed
+        if isinstance(self.noise_conditions, str):
+            raise config_mod.ConfigError(f"noise_conditions: a tuple of condition names, got the string "
+                                         f"{self.noise_conditions!r} (write ({self.noise_conditions!r},))")
+        bad = [c for c in self.noise_conditions if c not in CONDITIONS]
+        if bad:
+            raise config_mod.ConfigError(f"noise_conditions: unknown condition(s) {', '.join(map(repr, bad))}; give a "
+                                         f"tuple of: {', '.join(CONDITIONS)} (empty: every condition)")
 
 
 @dataclass

@@ -62,7 +62,7 @@ def flag_noise(records: np.ndarray, labelled: np.ndarray, pred: np.ndarray, conf
     labels the model contradicted. ``good`` holds the sidecar infos of ``records``, row for row."""
     reliable = None
     if conditions:
-        trusted = [CONDITIONS.index(c) for c in conditions if c in CONDITIONS]
+        trusted = [CONDITIONS.index(c) for c in conditions]  # IngestConfig refuses unknown names
         reliable = np.isin(records["condition"][labelled], trusted)
     noise = label_noise(records["label"][labelled], pred[labelled], conf[labelled],
                         [good[i]["vehicle"] for i in np.flatnonzero(labelled)], confidence=confidence,

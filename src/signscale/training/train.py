@@ -324,11 +324,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     loader, val_loader = _loaders(cfg, manifests, space)
     train_stream = loader.stream
     pre = Preprocess(image_size=train_stream.image_size)
-    model = _grown(init, space) if init is not None else create_model(cfg.model, len(space), **cfg.model_kwargs)
-    info = model_info(model, train_stream.image_size)
-    model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, info = _model(cfg, init, space, train_stream.image_size, device)
     ema = _averaged(cfg, model)
     net: torch.nn.Module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -355,14 +351,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
         task, model=model, net=net, params=list(model.parameters()), opt=opt,
         sched=_scheduler(cfg, opt, total_steps), scaler=precision.make_scaler(cfg.precision, device), loader=loader,
         device=device, rank=rank, world=world, run_config=cfg, manifests=manifest_checksums)
-    url = resume_url(cfg.resume, cfg.out)
-    if url:
-        state = checkpoint.load_checkpoint(url)
-        _check_resume(state, cfg, space, manifest_checksums, url)
-        trainer.restore(state, url)
-        task.restore(state)
-        if main:
-            print(f"resumed from {url} at step {trainer.result.step} (epoch {loader.stream.epoch})")
+    _resume(cfg, trainer, task, space, manifest_checksums, main)
     if main:
         storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_mod.dump_yaml(cfg).encode())
     done = trainer.fit(on_step)
@@ -371,21 +360,53 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float, torch.nn.Module], Non
     if cfg.calibrate and val_loader is not None and not result.preempted:  # every rank: each holds a share
         fit = _fit_temperature(task.final, val_loader, pre, device, cfg)
     if main and not result.preempted:
-        result.model_url = checkpoint.save_model(
-            storage.join(cfg.out, "model"), state_dict=task.final.state_dict(), model_config=model_config(model),
-            label_space=space.to_dict(), preprocess=pre.to_dict(),
-            metrics={"val_acc": result.final_val_acc, "best_val_acc": result.best_val_acc, "steps": result.steps},
-            extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
-                   "dataset_checksums": manifest_checksums,
-                   # how the training images were cut from their sources, so scoring a raw source matches
-                   "data_crop": manifests[0].data.get("pack_config", {}).get("crop", "none"),
-                   **({calibration.CALIBRATION_KEY: fit.to_dict()} if fit is not None else {})})
-        if fit is not None:
-            print(f"calibration: {fit.summary()}")
-        storage.write_json(storage.join(cfg.out, "result.json"), {k: v for k, v in result.__dict__.items()
-                                                                  if k != "losses"})
+        _save(cfg, result, task.final, model_config(model), space, pre, manifests, manifest_checksums, fit)
     distributed.barrier()
     return result
+
+
+def _model(cfg: TrainConfig, init: Any, space: LabelSpace, image_size: int,
+           device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network on its device, grown from ``--init-from`` or new, and its size (params, MACs)."""
+    model = _grown(init, space) if init is not None else create_model(cfg.model, len(space), **cfg.model_kwargs)
+    info = model_info(model, image_size)
+    model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, info
+
+
+def _resume(cfg: TrainConfig, trainer: Trainer, task: _Classification, space: LabelSpace,
+            manifest_checksums: list[str], main: bool) -> None:
+    """Restore the loop and the task from ``--resume`` (auto: the run folder's latest checkpoint), after
+    checking that the checkpoint was written for this config's labels and data."""
+    url = resume_url(cfg.resume, cfg.out)
+    if not url:
+        return
+    state = checkpoint.load_checkpoint(url)
+    _check_resume(state, cfg, space, manifest_checksums, url)
+    trainer.restore(state, url)
+    task.restore(state)
+    if main:
+        print(f"resumed from {url} at step {trainer.result.step} (epoch {trainer.loader.stream.epoch})")
+
+
+def _save(cfg: TrainConfig, result: TrainResult, final: torch.nn.Module, config: dict[str, Any], space: LabelSpace,
+          pre: Preprocess, manifests: list[Manifest], manifest_checksums: list[str], fit: Any) -> None:
+    """Write the model artefact (weights, labels, preprocessing, provenance, temperature) and result.json."""
+    result.model_url = checkpoint.save_model(
+        storage.join(cfg.out, "model"), state_dict=final.state_dict(), model_config=config,
+        label_space=space.to_dict(), preprocess=pre.to_dict(),
+        metrics={"val_acc": result.final_val_acc, "best_val_acc": result.best_val_acc, "steps": result.steps},
+        extra={"train_config": config_mod.to_dict(cfg), "datasets": list(cfg.data),
+               "dataset_checksums": manifest_checksums,
+               # how the training images were cut from their sources, so scoring a raw source matches
+               "data_crop": manifests[0].data.get("pack_config", {}).get("crop", "none"),
+               **({calibration.CALIBRATION_KEY: fit.to_dict()} if fit is not None else {})})
+    if fit is not None:
+        print(f"calibration: {fit.summary()}")
+    storage.write_json(storage.join(cfg.out, "result.json"), {k: v for k, v in result.__dict__.items()
+                                                              if k != "losses"})
 
 
 def _length(cfg: TrainConfig, batches_per_epoch: int, main: bool) -> tuple[int, bool]:

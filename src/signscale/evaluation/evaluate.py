@@ -613,11 +613,6 @@ def _clean_pass(data: Any, tally: Tally, scorer: _Scorer, show: bool) -> None:
     tally.seconds = time.perf_counter() - started
 
 
-def _hits(scorer: _Scorer, images_nhwc: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Whether each image's top class is its label (bool, on the host)."""
-    return (scorer(images_nhwc)[0].argmax(1) == labels).cpu().numpy()
-
-
 def _corruption_pass(data: Any, tally: Tally, scorer: _Scorer, pairs: list[tuple[str, int]], batch_size: int,
                      device: torch.device, show: bool) -> None:
     """Accuracy under every corruption x severity, in passes that keep a batch's copies in budget."""
@@ -633,10 +628,8 @@ def _corruption_pass(data: Any, tally: Tally, scorer: _Scorer, pairs: list[tuple
                     sel = torch.from_numpy(keep)
                     y = labels[sel].to(device)
                     light = brightness_bins(b["image"][sel].numpy())
-                    if group[0] == 0:  # clean, by brightness, once
-                        tally.light_clean += bin_counts(light, _hits(scorer, b["image"][sel], y))
                     for variant, i in zip(b["variants"], group):
-                        hits = _hits(scorer, variant[sel], y)
+                        hits = (scorer(variant[sel])[0].argmax(1) == y).cpu().numpy()
                         tally.corrupted[i] += (len(hits), int(hits.sum()))
                         tally.light_corrupted[i] += bin_counts(light, hits)
                 advance(1)

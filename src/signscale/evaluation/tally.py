@@ -20,7 +20,7 @@ from signscale.evaluation.metrics import (
     risk_coverage,
     unfixed,
 )
-from signscale.evaluation.robustness import BRIGHTNESS_BINS
+from signscale.evaluation.robustness import BRIGHTNESS_BINS, bin_counts, brightness_bins
 from signscale.training import distributed
 
 TOP_K = 5
@@ -105,6 +105,8 @@ class Tally:
                 g = meta[name][keep]
                 np.add.at(table[:, 0], g, 1)
                 np.add.at(table[:, 1], g, ok.astype(np.int64))
+        if images is not None and len(self.corrupted):  # clean by brightness, beside the corruptions' rows
+            self.light_clean += bin_counts(brightness_bins(images[keep]), ok)
         if images is not None:
             self._keep_examples(y_np, pred_np, ids[keep], images[keep], [keys[i] for i in np.flatnonzero(keep)]
                                 if keys is not None else None)

@@ -20,11 +20,8 @@ import numpy as np
 
 from signscale.corruptions import low_light_exposure, night_levels
 from signscale.data.stream import ShardStream, StreamConfig, StreamLoader
-from signscale.evaluation.robustness import corrupt_batch
+from signscale.evaluation.robustness import BRIGHTNESS_BINS, BRIGHTNESS_EDGES, brightness_bins, corrupt_batch
 from signscale.serving.predict import Predictor
-
-EDGES = (0.0, 0.1, 0.15, 0.2, 0.3, 0.5, 1.01)  # mean luma of the clean image, 0..1
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def load(url: str, predictor: Predictor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,14 +70,15 @@ def main() -> None:
     for kind, quiet in (("night", night_without_noise), ("low_light", low_light_without_noise)):
         runs[kind] = hits(corrupt_batch(images, ids, corruption=kind, severity=a.severity, seed=0))
         runs[f"{kind} without noise"] = hits(quiet(x, a.severity))
-    brightness = (x @ LUMA).reshape(len(x), -1).mean(1)
+    bins = brightness_bins(images)  # the bins of `signscale evaluate`'s robustness.by_brightness
+    edges = (0.0, *BRIGHTNESS_EDGES, 1.0)
     rows = []
     print(f"{'clean luma':>11} {'images':>6} " + " ".join(f"{k:>22}" for k in runs))
-    for lo, hi in zip(EDGES[:-1], EDGES[1:]):
-        m = (brightness >= lo) & (brightness < hi)
-        rows.append({"lo": lo, "hi": min(hi, 1.0), "count": int(m.sum()),
+    for b, lo, hi in zip(range(BRIGHTNESS_BINS), edges, edges[1:]):
+        m = bins == b
+        rows.append({"lo": lo, "hi": hi, "count": int(m.sum()),
                      **{k: float(v[m].mean()) if m.any() else None for k, v in runs.items()}})
-        print(f"{lo:4.2f}-{min(hi, 1.0):4.2f}  {m.sum():6d} "
+        print(f"{lo:4.2f}-{hi:4.2f}  {m.sum():6d} "
               + " ".join(f"{100 * v[m].mean():21.1f}%" if m.any() else " " * 22 for v in runs.values()))
     overall = {k: float(v.mean()) for k, v in runs.items()}
     print(f"{'all':>11} {len(labels):6d} " + " ".join(f"{100 * v:21.1f}%" for v in overall.values()))
